@@ -1,0 +1,142 @@
+"""Per-example gradient features: the building block of the Jacobian-free kernel, the
+loss-gradient (LESS/TracIn) kernel, lpNTK and the selection scores.
+
+Conventions (as in neural-tangents' ``empirical.py``):
+
+* ``f(params, x)`` maps a batch ``x`` (any pytree whose leaves share the leading axis n) to
+  outputs ``(n, *out_shape)``.
+* A *scalar function* ``s(params, x) -> (n,)`` gives one scalar per example (for example the
+  sum of logits, or the per-example loss); its per-example gradients are the features.
+* Features are returned as a ``(n, P)`` matrix (flattened gradients, leaves in
+  ``jax.tree.leaves`` order) or, with a :class:`RandomProjection`, as ``(n, p)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.utils import progress
+
+PyTree = Any
+ScalarFn = Callable[[PyTree, PyTree], jax.Array]
+
+
+def batch_size_of(x: PyTree, name: str = "x") -> int:
+    """The common leading-axis length of every leaf of ``x``.
+
+    Raises ``ValueError`` if ``x`` has no array leaf, if a leaf is a scalar, or if the leading
+    axes disagree (the message lists them).
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(x)
+    if not leaves:
+        raise ValueError(f"{name} has no array leaves")
+    sizes = {}
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(f"{name}{jax.tree_util.keystr(path)} is a scalar; every leaf needs a leading batch axis")
+        sizes[jax.tree_util.keystr(path) or "<root>"] = shape[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{name} leaves have mismatched leading (batch) axes: {sizes}")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"{name} is an empty batch (leading axis 0)")
+    return n
+
+
+def slice_batch(x: PyTree, start: int, stop: int) -> PyTree:
+    return jax.tree.map(lambda a: a[start:stop], x)
+
+
+def pad_batch(x: PyTree, size: int) -> PyTree:
+    """Pads the leading axis to ``size`` by repeating the first example (results for padded
+    rows are discarded; this keeps one compiled shape for every block)."""
+    n = batch_size_of(x)
+    if n == size:
+        return x
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], size - n, axis=0)], axis=0), x)
+
+
+def sum_of_outputs(f: Callable) -> ScalarFn:
+    """``s(params, x) = Σ_k f_k(params, x)``, summing every output axis: ``(n,)``."""
+
+    def s(params, x):
+        out = f(params, x)
+        return out.reshape(out.shape[0], -1).sum(axis=1)
+
+    return s
+
+
+def per_example_grads(scalar_fn: ScalarFn, params: PyTree, x: PyTree) -> PyTree:
+    """Gradients of ``scalar_fn`` for each example separately.
+
+    Returns a pytree like ``params`` whose leaves have a leading axis n:
+    ``leaf[i] = ∂ scalar_fn(params, x[i:i+1])[0] / ∂ leaf``.
+    """
+
+    def one(xi):
+        xi = jax.tree.map(lambda a: a[None], xi)
+        return jax.grad(lambda p: scalar_fn(p, xi)[0])(params)
+
+    return jax.vmap(one)(x)
+
+
+def flatten_per_example(grads: PyTree) -> jax.Array:
+    """Per-example gradient pytree (leaves ``(n, ...)``) → ``(n, P)``."""
+    leaves = jax.tree.leaves(grads)
+    n = leaves[0].shape[0]
+    return jnp.concatenate([g.reshape(n, -1) for g in leaves], axis=1)
+
+
+def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = None,
+                    transform: Callable[[PyTree], PyTree] | None = None) -> Callable:
+    """A jitted ``features(params, x) -> (n, P | p)`` for one batch.
+
+    Args:
+      scalar_fn: ``s(params, x) -> (n,)``.
+      projection: optional JL projection applied to each example's gradient.
+      transform: optional map applied to the per-example gradient pytree before projection
+        (e.g. an Adam preconditioner ``g -> m'/(sqrt(v')+eps)``; leaves carry the batch axis).
+    """
+
+    @jax.jit
+    def features(params, x):
+        g = per_example_grads(scalar_fn, params, x)
+        if transform is not None:
+            g = transform(g)
+        if projection is None:
+            return flatten_per_example(g)
+        return projection(g)
+
+    return features
+
+
+def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
+                      projection: RandomProjection | None = None, batch_size: int | None = None,
+                      transform: Callable | None = None, progress_desc: str | None = None) -> np.ndarray:
+    """Per-example gradient features of ``scalar_fn`` over ``params``.
+
+    Args:
+      scalar_fn: ``s(params, x) -> (n,)`` one scalar per example.
+      params: the parameters the gradient is taken over (θ_train).
+      x: batch pytree with leading axis n.
+      projection: optional :class:`RandomProjection` (p = ``projection.dim``).
+      batch_size: examples per compiled call (memory ∝ batch_size × P); default all.
+      transform: optional per-example gradient transform (see :func:`make_feature_fn`).
+
+    Returns:
+      ``(n, P)`` or ``(n, p)`` numpy array (host memory).
+    """
+    n = batch_size_of(x)
+    bs = min(batch_size or n, n)
+    fn = make_feature_fn(scalar_fn, projection, transform)
+    out = []
+    for start in progress(range(0, n, bs), desc=progress_desc or "features", total=-(-n // bs)):
+        stop = min(start + bs, n)
+        feats = fn(params, pad_batch(slice_batch(x, start, stop), bs))
+        out.append(np.asarray(feats[: stop - start]))
+    return np.concatenate(out, axis=0)

@@ -1,0 +1,289 @@
+"""Empirical neural tangent kernels of ``f(params, x)`` with respect to ``params``.
+
+Notation (SPEC §1–2): ``f(θ, x) ∈ R^O`` per example, ``J(x) = ∂f/∂θ ∈ R^{O×P}`` over the
+parameters passed in (θ_train; take a subset with :func:`ntk_jax.models.subset.param_subset`).
+
+* :func:`empirical_ntk` — exact ``Θ(x, x') = J(x) J(x')ᵀ``: ``(n1, n2, O, O)``, or
+  ``(n1, n2)`` with the output axis traced (``Σ_k Θ_kk``). Three independent methods:
+  ``"jacobian"`` (per-example reverse-mode Jacobians, contracted), ``"ntk_vp"``
+  (NTK-vector products ``J(x)(J(x')ᵀ e_b)`` by ``vjp`` then ``jvp``; J is never formed) and
+  ``"neural_tangents"`` (the neural-tangents library, as an oracle).
+* :func:`jacobian_free_ntk` — ``Θ̃(x, x') = ⟨∇θ Σ_k f_k(x), ∇θ Σ_k f_k(x')⟩`` (NTK-Selector
+  Def. 2), exact or through a seeded JL projection.
+* :func:`loss_gradient_kernel` — ``⟨∇θ L(x), ∇θ L(x')⟩`` (LESS/TracIn style).
+
+All drivers accept ``block_size``: the kernel is computed in (rows × columns) blocks of that
+many examples, so device memory is bounded by the block, not by n; results are assembled in
+host memory (numpy). Blocks are padded to one shape, so each driver compiles once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_jax.kernels import nt_compat
+from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
+                                      slice_batch, sum_of_outputs)
+from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.utils import progress
+
+PyTree = Any
+METHODS = ("jacobian", "ntk_vp", "neural_tangents")
+
+
+class NonFiniteKernelError(ValueError):
+    """A kernel (or its features) contains NaN or inf."""
+
+
+def check_finite(K: np.ndarray, what: str = "kernel") -> np.ndarray:
+    """Raises :class:`NonFiniteKernelError` naming how many entries are NaN/inf."""
+    bad = ~np.isfinite(K)
+    if bad.any():
+        raise NonFiniteKernelError(
+            f"{what} has {int(bad.sum())} non-finite entries (nan/inf) out of {K.size}; "
+            f"first at index {tuple(int(i) for i in np.argwhere(bad)[0])}. Check the model outputs "
+            f"and parameters for overflow (try float32/float64 instead of bfloat16).")
+    return K
+
+
+def output_size(f: Callable, params: PyTree, x: PyTree) -> int:
+    """O = prod(out_shape) of ``f``, checking that ``f`` keeps the batch axis."""
+    x1 = slice_batch(x, 0, 1)
+    out = jax.eval_shape(f, params, x1)
+    if not out.shape or out.shape[0] != 1:
+        raise ValueError(f"f(params, x) must return (n, *out_shape) with the batch axis first; "
+                         f"for a batch of 1 it returned shape {out.shape}")
+    return int(math.prod(out.shape[1:]))
+
+
+# --- one block, as pure jittable functions -------------------------------------------------
+
+
+def _flat(f: Callable) -> Callable:
+    """``f`` with outputs flattened to ``(n, O)``."""
+    return lambda p, x: f(p, x).reshape(batch_size_of(x), -1)
+
+
+def per_example_jacobians(f: Callable, params: PyTree, x: PyTree) -> PyTree:
+    """``J(x_i)`` for every example: a pytree like ``params`` with leaves ``(n, O, *leaf)``."""
+
+    def one(xi):
+        xi = jax.tree.map(lambda a: a[None], xi)
+        return jax.jacrev(lambda p: f(p, xi).reshape(-1))(params)
+
+    return jax.vmap(one)(x)
+
+
+def contract_jacobians(j1: PyTree, j2: PyTree, trace: bool) -> jax.Array:
+    """Σ over leaves of ``J1 J2ᵀ``: ``(n1, n2)`` if ``trace`` else ``(n1, n2, O, O)``."""
+    total = None
+    for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)):
+        a = a.reshape(a.shape[0], a.shape[1], -1)
+        b = b.reshape(b.shape[0], b.shape[1], -1)
+        if trace:
+            k = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
+        else:
+            k = jnp.einsum("iap,jbp->ijab", a, b)
+        total = k if total is None else total + k
+    return total
+
+
+def _jacobian_block(f, trace):
+    def block(params, x1, x2):
+        return contract_jacobians(per_example_jacobians(f, params, x1),
+                                  per_example_jacobians(f, params, x2), trace)
+
+    return block
+
+
+def _ntk_vp_block(f, trace, O, basis_batch):
+    f_flat = _flat(f)
+
+    def block(params, x1, x2):
+        n2 = batch_size_of(x2)
+        # J(x1) t for a parameter tangent t, sharing one linearised forward pass over x1.
+        _, jvp1 = jax.linearize(lambda p: f_flat(p, x1), params)
+        # Per-example VJPs over x2 without summing across examples: give every example its
+        # own copy of the parameters and take the VJP w.r.t. the stack.
+        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (n2,) + a.shape), params)
+        per_ex = jax.vmap(lambda p, xj: f(p, jax.tree.map(lambda a: a[None], xj)).reshape(-1))
+        out2, vjp2 = jax.vjp(lambda ps: per_ex(ps, x2), stacked)
+
+        def column(b):
+            e = jnp.broadcast_to(jax.nn.one_hot(b, O, dtype=out2.dtype), (n2, O))
+            (cts,) = vjp2(e)  # leaves (n2, *leaf): J(x2_j)ᵀ e_b
+            cols = jax.vmap(jvp1)(cts)  # (n2, n1, O): J(x1_i) J(x2_j)ᵀ e_b
+            return cols[:, :, b] if trace else cols
+
+        res = jax.lax.map(column, jnp.arange(O), batch_size=basis_batch)
+        if trace:
+            return res.sum(axis=0).T  # (O, n2, n1) → (n1, n2)
+        return jnp.transpose(res, (2, 1, 3, 0))  # (b, j, i, a) → (i, j, a, b)
+
+    return block
+
+
+def _neural_tangents_block(f, trace, implementation, O):
+    kernel_fn = nt_compat.empirical_ntk_fn(_flat(f), trace_axes=(-1,) if trace else (),
+                                           vmap_axes=0, implementation=implementation)
+
+    def block(params, x1, x2):
+        # neural-tangents *averages* over traced axes; this library's trace is the sum.
+        k = kernel_fn(x1, x2, params)
+        return k * O if trace else k
+
+    return block
+
+
+def ntk_fn(f: Callable, *, trace: bool = True, method: str = "jacobian",
+           nt_implementation: str = "jacobian_contraction", output_dim: int | None = None,
+           basis_batch: int = 16) -> Callable:
+    """A pure, jittable ``kernel(params, x1, x2)`` (no blocking, no checks).
+
+    ``output_dim`` (O) is required for ``method="ntk_vp"`` and ``"neural_tangents"``; ``basis_batch`` output basis
+    vectors are pushed through ``vjp``/``jvp`` at a time there.
+    """
+    if method == "jacobian":
+        return _jacobian_block(f, trace)
+    if method == "ntk_vp":
+        if output_dim is None:
+            raise ValueError("method='ntk_vp' needs output_dim (O)")
+        return _ntk_vp_block(f, trace, output_dim, min(basis_batch, output_dim))
+    if method == "neural_tangents":
+        if output_dim is None:
+            raise ValueError("method='neural_tangents' needs output_dim (O)")
+        return _neural_tangents_block(f, trace, nt_implementation, output_dim)
+    raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}")
+
+
+# --- blocked drivers -----------------------------------------------------------------------
+
+
+def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | None,
+                   block_size: int | None, *, full: bool = False, desc: str = "kernel blocks") -> np.ndarray:
+    """Evaluates ``block_fn(params, xa, xb)`` over row × column blocks into a host array.
+
+    With ``x2=None`` the kernel is symmetric and only blocks on or above the diagonal are
+    computed (mirrored, transposing the output axes too when ``full``).
+    """
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    n1, n2 = batch_size_of(x1, "x1"), batch_size_of(x2, "x2")
+    fn = jax.jit(block_fn)
+    if block_size is None:
+        return np.asarray(fn(params, x1, x2))
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    b1, b2 = min(block_size, n1), min(block_size, n2)
+    blocks = [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2) if not symmetric or j >= i]
+    K = None
+    for i, j in progress(blocks, desc=desc):
+        i1, j1 = min(i + b1, n1), min(j + b2, n2)
+        kb = np.asarray(fn(params, pad_batch(slice_batch(x1, i, i1), b1), pad_batch(slice_batch(x2, j, j1), b2)))
+        kb = kb[: i1 - i, : j1 - j]
+        if K is None:
+            K = np.zeros((n1, n2) + kb.shape[2:], kb.dtype)
+        K[i:i1, j:j1] = kb
+        if symmetric and j > i:
+            K[j:j1, i:i1] = np.swapaxes(np.swapaxes(kb, 0, 1), 2, 3) if full else kb.T
+    return K
+
+
+def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
+                  trace: bool = True, method: str = "jacobian", block_size: int | None = None,
+                  nt_implementation: str = "jacobian_contraction", basis_batch: int = 16,
+                  check: bool = True) -> np.ndarray:
+    """The exact empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` over ``params``.
+
+    Args:
+      f: ``f(params, x) -> (n, *out_shape)``; ``x`` is any pytree with leading batch axis n.
+      params: pytree of the parameters the kernel is taken over.
+      x1: batch of n1 examples. x2: batch of n2 examples, or ``None`` for ``x2 = x1``.
+      trace: ``True`` → ``(n1, n2)`` = Σ_k Θ_kk (trace over the O output entries);
+        ``False`` → ``(n1, n2, O, O)`` with ``O = prod(out_shape)``.
+      method: ``"jacobian"``, ``"ntk_vp"`` or ``"neural_tangents"``.
+      block_size: examples per row/column block (bounds device memory); ``None`` = one block.
+      nt_implementation: neural-tangents mode, ``"jacobian_contraction"`` or
+        ``"ntk_vector_products"``.
+      basis_batch: output basis vectors per ``vjp``/``jvp`` batch (``ntk_vp`` only).
+      check: raise :class:`NonFiniteKernelError` on NaN/inf.
+
+    Returns:
+      numpy array ``(n1, n2)`` or ``(n1, n2, O, O)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}")
+    n1 = batch_size_of(x1, "x1")
+    if x2 is not None:
+        batch_size_of(x2, "x2")
+        t1 = jax.tree.structure(x1)
+        if t1 != jax.tree.structure(x2):
+            raise ValueError(f"x1 and x2 must have the same pytree structure; got {t1} and {jax.tree.structure(x2)}")
+    if not jax.tree.leaves(params):
+        raise ValueError("params is empty: the kernel needs at least one parameter")
+    O = output_size(f, params, x1)
+    block = ntk_fn(f, trace=trace, method=method, nt_implementation=nt_implementation,
+                   output_dim=O, basis_batch=basis_batch)
+    K = blocked_kernel(block, params, x1, x2, block_size, full=not trace, desc=f"eNTK ({method})")
+    del n1
+    return check_finite(K, f"eNTK ({method})") if check else K
+
+
+def feature_kernel(F1: np.ndarray, F2: np.ndarray | None = None, *, normalize: bool = False) -> np.ndarray:
+    """Gram matrix ``F1 F2ᵀ`` of feature rows ``(n1, d)``, ``(n2, d)`` → ``(n1, n2)``.
+
+    ``normalize`` scales every row to unit norm first (cosine kernel, as LESS does).
+    """
+    F1 = np.asarray(F1)
+    F2 = F1 if F2 is None else np.asarray(F2)
+    if F1.ndim != 2 or F2.ndim != 2 or F1.shape[1] != F2.shape[1]:
+        raise ValueError(f"feature matrices must be (n1, d) and (n2, d); got {F1.shape} and {F2.shape}")
+    check_finite(F1, "features")
+    check_finite(F2, "features")
+    if normalize:
+        F1 = F1 / np.maximum(np.linalg.norm(F1, axis=1, keepdims=True), 1e-30)
+        F2 = F2 / np.maximum(np.linalg.norm(F2, axis=1, keepdims=True), 1e-30)
+    return F1 @ F2.T
+
+
+def gradient_kernel(scalar_fn: ScalarFn, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
+                    projection_dim: int | None = None, seed: int = 0, kind: str = "rademacher",
+                    block_size: int | None = None, normalize: bool = False) -> np.ndarray:
+    """``⟨∇θ s(x), ∇θ s(x')⟩`` for a per-example scalar function ``s(params, x) -> (n,)``.
+
+    With ``projection_dim = p`` gradients are JL-projected to ``p`` dims first (seeded by
+    ``seed``; identical matrix for x1 and x2). ``block_size`` examples are differentiated per
+    compiled call. Returns ``(n1, n2)``.
+    """
+    proj = RandomProjection(projection_dim, seed=seed, kind=kind) if projection_dim else None
+    F1 = gradient_features(scalar_fn, params, x1, projection=proj, batch_size=block_size)
+    F2 = None if x2 is None else gradient_features(scalar_fn, params, x2, projection=proj, batch_size=block_size)
+    return check_finite(feature_kernel(F1, F2, normalize=normalize), "gradient kernel")
+
+
+def jacobian_free_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
+                      projection_dim: int | None = None, seed: int = 0, block_size: int | None = None,
+                      kind: str = "rademacher") -> np.ndarray:
+    """The Jacobian-free (sum-of-logits) kernel ``⟨∇θ Σ_k f_k(x), ∇θ Σ_k f_k(x')⟩``: ``(n1, n2)``.
+
+    Equals ``tr Θ(x, x') + Σ_{k≠m} ⟨∇f_k(x), ∇f_m(x')⟩``; one backward pass per example
+    instead of O. For language models, pass an ``f`` that already averages the logits over
+    the positions that count (:func:`ntk_jax.kernels.outputs.masked_mean_logits`).
+    """
+    return gradient_kernel(sum_of_outputs(f), params, x1, x2, projection_dim=projection_dim,
+                           seed=seed, kind=kind, block_size=block_size)
+
+
+def loss_gradient_kernel(loss_fn: ScalarFn, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
+                         projection_dim: int | None = None, seed: int = 0, block_size: int | None = None,
+                         normalize: bool = False) -> np.ndarray:
+    """``⟨∇θ L(x), ∇θ L(x')⟩`` with ``loss_fn(params, x) -> (n,)`` per-example losses.
+
+    ``normalize=True`` gives the cosine form used by LESS. Returns ``(n1, n2)``.
+    """
+    return gradient_kernel(loss_fn, params, x1, x2, projection_dim=projection_dim, seed=seed,
+                           block_size=block_size, normalize=normalize)

@@ -1,0 +1,62 @@
+"""Dispatches a config to its experiments (``experiments/<name>.py``, each with
+``run(config, workdir, context) -> report``)."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+from ntk_jax.launcher.config_lib import EXPERIMENTS
+from ntk_jax.launcher.context import prepare_context
+from ntk_jax.utils import read_json, write_json
+
+
+def check_config(config) -> None:
+    unknown = [e for e in config.experiments if e not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; known: {list(EXPERIMENTS)}")
+    if not config.experiments:
+        raise ValueError("config.experiments is empty: nothing to run")
+
+
+def run(config, workdir: str) -> dict:
+    """Runs ``config.experiments`` in order; returns ``{name: report}``.
+
+    A finished experiment (its ``report.json`` exists) is not run again, so a killed job
+    restarted with the same workdir resumes where it stopped; delete the report to rerun.
+    """
+    check_config(config)
+    if config.enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+        fh.write(config.to_json_best_effort(indent=2))
+    t0 = time.time()
+    context = prepare_context(config, workdir)
+    timings = {"prepare_model_s": time.time() - t0}
+    reports = {}
+    for name in config.experiments:
+        out_dir = os.path.join(workdir, name)
+        report_path = os.path.join(out_dir, "report.json")
+        if os.path.exists(report_path):
+            logging.info("%s: report exists, skipping (%s)", name, report_path)
+            reports[name] = read_json(report_path)
+            continue
+        os.makedirs(out_dir, exist_ok=True)
+        t = time.time()
+        module = importlib.import_module(f"experiments.{name}")
+        report = module.run(config, out_dir, context)
+        report["elapsed_s"] = time.time() - t
+        write_json(report_path, report)
+        timings[f"{name}_s"] = report["elapsed_s"]
+        reports[name] = report
+        print(f"[ntk_jax] {name}: {json.dumps(module.summary(report))}", flush=True)
+    timings["total_s"] = time.time() - t0
+    write_json(os.path.join(workdir, "timings.json"), timings)
+    print(f"[ntk_jax] done in {timings['total_s']:.1f}s; reports under {workdir}", flush=True)
+    return reports

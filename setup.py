@@ -1,0 +1,32 @@
+"""ntk_jax: neural tangent kernels of transformers and NTK-based data selection in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ntk_jax",
+    version="0.1.0",
+    description="Exact and Jacobian-free empirical NTKs of Flax NNX transformers, "
+    "theory validation, and NTK-based data selection for LLM fine-tuning.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ntk_jax", "ntk_jax.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+        "transformers==5.23.0",
+        "safetensors",
+        "tokenizers",
+        # neural-tangents 0.6.5 is installed with --no-deps (its deps pull TensorFlow);
+        # this is its one runtime dependency that jax does not bring.
+        "frozendict",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext"],
+    },
+)

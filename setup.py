@@ -27,6 +27,8 @@ setup(
         "frozendict",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext"],
+        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext",
+                 # PyTorch transformers models are the reference in the port tests only.
+                 "torch==2.13.0"],
     },
 )

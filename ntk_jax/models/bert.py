@@ -49,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ntk_jax.models.gpt2 import (LayerNorm, SafetensorsCheckpoint, _lora_config, _mask_value,
-                                 _resolve_dtype, effective_kernels, get_activation, load_hf_params,
-                                 read_hf_config, save_hf_safetensors)
+from ntk_jax.models.gpt2 import (LayerNorm, SafetensorsCheckpoint, _dtype_overrides, _lora_config,
+                                 _mask_value, _resolve_dtype, effective_kernels, get_activation,
+                                 load_hf_params, read_hf_config, save_hf_safetensors)
 from ntk_jax.models.lora import LoRALinear, apply_lora
 
 Array = jax.Array
@@ -387,11 +387,12 @@ class BertModel(nnx.Module):
         return mean_pool(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, lora=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
                         rngs: nnx.Rngs | None = None, add_pooling_layer: bool | None = None) -> "BertModel":
         """Loads the encoder of any BERT/RoBERTa checkpoint (base, classification or MLM);
         ``add_pooling_layer=None`` keeps the pooler exactly when the checkpoint has one."""
-        return _load(cls, path, dtype=dtype, lora=lora, rngs=rngs, add_pooling_layer=add_pooling_layer)
+        return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
+                     add_pooling_layer=add_pooling_layer)
 
 
 RobertaModel = BertModel
@@ -424,9 +425,13 @@ class BertForSequenceClassification(nnx.Module):
         return _logits(self.classifier(pooled))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, lora=None, rngs: nnx.Rngs | None = None,
-                        num_labels: int | None = None, new_head: bool = False) -> "BertForSequenceClassification":
-        return _load(cls, path, dtype=dtype, lora=lora, rngs=rngs, num_labels=num_labels, new_head=new_head)
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
+                        rngs: nnx.Rngs | None = None, num_labels: int | None = None,
+                        new_head: bool = False) -> "BertForSequenceClassification":
+        """See :func:`from_pretrained` (``num_labels`` overrides the config's; ``new_head``
+        initialises a head the checkpoint lacks)."""
+        return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
+                     num_labels=num_labels, new_head=new_head)
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -463,9 +468,13 @@ class RobertaForSequenceClassification(nnx.Module):
         return _logits(self.classifier(h))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, lora=None, rngs: nnx.Rngs | None = None,
-                        num_labels: int | None = None, new_head: bool = False) -> "RobertaForSequenceClassification":
-        return _load(cls, path, dtype=dtype, lora=lora, rngs=rngs, num_labels=num_labels, new_head=new_head)
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
+                        rngs: nnx.Rngs | None = None, num_labels: int | None = None,
+                        new_head: bool = False) -> "RobertaForSequenceClassification":
+        """See :func:`from_pretrained` (``num_labels`` overrides the config's; ``new_head``
+        initialises a head the checkpoint lacks)."""
+        return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
+                     num_labels=num_labels, new_head=new_head)
 
 
 # =======================================================================================
@@ -479,8 +488,8 @@ def _hf_leaf(name: str) -> str:
     return re.sub(r"\.(kernel|embedding)$", ".weight", name)
 
 
-def _load(cls, path, *, dtype=None, lora=None, rngs=None, add_pooling_layer=None, num_labels=None,
-          new_head=False):
+def _load(cls, path, *, dtype=None, param_dtype=None, lora=None, rngs=None, add_pooling_layer=None,
+          num_labels=None, new_head=False):
     path = os.fspath(path)
     hf = read_hf_config(path)
     ckpt = SafetensorsCheckpoint(path)
@@ -489,10 +498,7 @@ def _load(cls, path, *, dtype=None, lora=None, rngs=None, add_pooling_layer=None
     if prefix is None:
         raise ValueError(f"{path}: checkpoint is missing tensor 'embeddings.word_embeddings.weight' "
                          f"(looked for prefixes {[p for p in _BASE_PREFIXES if p]} too)")
-    overrides: dict[str, Any] = {}
-    if dtype is not None:
-        dt = jnp.dtype(dtype).name
-        overrides.update(dtype=dt, param_dtype=dt)
+    overrides: dict[str, Any] = _dtype_overrides(dtype, param_dtype)
     if num_labels is not None:
         overrides["num_labels"] = int(num_labels)
     if cls is BertModel:
@@ -535,14 +541,16 @@ def _load(cls, path, *, dtype=None, lora=None, rngs=None, add_pooling_layer=None
     return model
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype=None, lora=None, rngs: nnx.Rngs | None = None,
-                    task: str | None = None, num_labels: int | None = None, new_head: bool = False):
+def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
+                    rngs: nnx.Rngs | None = None, task: str | None = None, num_labels: int | None = None,
+                    new_head: bool = False):
     """Loads a ``transformers`` BERT/RoBERTa checkpoint (``config.json`` + ``model.safetensors``
     or a sharded ``model.safetensors.index.json``) from a local directory.
 
     Args:
       path: the checkpoint directory.
-      dtype: parameter and compute dtype; ``None`` = float32.
+      dtype: compute dtype; ``None`` = float32. Classification logits are float32.
+      param_dtype: parameter dtype; ``None`` = float32 whatever the checkpoint's dtype.
       lora: a :class:`~ntk_jax.models.lora.LoRAConfig` (or its dict) attached after loading.
       rngs: random streams for LoRA factors and a new head (default ``nnx.Rngs(0)``).
       task: ``"base"`` (:class:`BertModel`) or ``"sequence_classification"``
@@ -564,12 +572,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, lora=None, rngs: nnx
     if task == "base":
         if num_labels is not None or new_head:
             raise ValueError("num_labels / new_head apply to task='sequence_classification' only")
-        return BertModel.from_pretrained(path, dtype=dtype, lora=lora, rngs=rngs)
+        return BertModel.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
     if task != "sequence_classification":
         raise ValueError(f"task must be 'base' or 'sequence_classification', got {task!r}")
     cls = RobertaForSequenceClassification if hf.get("model_type") in ROBERTA_MODEL_TYPES \
         else BertForSequenceClassification
-    return cls.from_pretrained(path, dtype=dtype, lora=lora, rngs=rngs, num_labels=num_labels, new_head=new_head)
+    return cls.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
+                               num_labels=num_labels, new_head=new_head)
 
 
 def to_hf_state_dict(model) -> dict[str, np.ndarray]:

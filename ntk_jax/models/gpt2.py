@@ -345,6 +345,15 @@ def save_hf_safetensors(tensors: dict[str, Any], config: dict, directory: str | 
     save_file(arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+def _dtype_overrides(dtype, param_dtype) -> dict[str, str]:
+    out = {}
+    if dtype is not None:
+        out["dtype"] = jnp.dtype(dtype).name
+    if param_dtype is not None:
+        out["param_dtype"] = jnp.dtype(param_dtype).name
+    return out
+
+
 def _lora_config(lora) -> LoRAConfig | None:
     if lora is None or isinstance(lora, LoRAConfig):
         return lora
@@ -552,9 +561,10 @@ class GPT2LMHeadModel(nnx.Module):
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, lora=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
                         rngs: nnx.Rngs | None = None) -> "GPT2LMHeadModel":
-        return from_pretrained(path, dtype=dtype, lora=lora, rngs=rngs)
+        """See :func:`from_pretrained`."""
+        return from_pretrained(path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
 
 
 # =======================================================================================
@@ -563,7 +573,7 @@ class GPT2LMHeadModel(nnx.Module):
 _GPT2_IGNORE = (r"(^|\.)attn\.(bias|masked_bias)$",)
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype=None, lora=None,
+def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
                     rngs: nnx.Rngs | None = None) -> GPT2LMHeadModel:
     """Loads a ``transformers`` GPT-2 checkpoint (``config.json`` + ``model.safetensors`` or a
     sharded ``model.safetensors.index.json``) from a local directory.
@@ -571,7 +581,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, lora=None,
     Args:
       path: the checkpoint directory (``GPT2LMHeadModel`` / ``GPT2Model`` ``save_pretrained``
         output; tensor names with or without the ``transformer.`` prefix).
-      dtype: parameter and compute dtype (e.g. ``"bfloat16"``); ``None`` = float32.
+      dtype: compute dtype (e.g. ``"bfloat16"``); ``None`` = float32. Logits are float32.
+      param_dtype: parameter dtype; ``None`` = float32 whatever the checkpoint's dtype
+        (``"bfloat16"`` keeps a bf16 checkpoint in bf16).
       lora: a :class:`~ntk_jax.models.lora.LoRAConfig` (or its dict) to attach adapters
         after loading; targets ``c_attn``, ``c_proj``, ``c_fc`` (and ``lm_head`` if untied).
       rngs: random streams for the LoRA factors (default ``nnx.Rngs(0)``).
@@ -581,11 +593,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, lora=None,
     mask buffers and a tied ``lm_head.weight``) are reported with a warning.
     """
     path = os.fspath(path)
-    overrides = {}
-    if dtype is not None:
-        dt = jnp.dtype(dtype).name
-        overrides = {"dtype": dt, "param_dtype": dt}
-    config = GPT2Config.from_hf_dict(read_hf_config(path), **overrides)
+    config = GPT2Config.from_hf_dict(read_hf_config(path), **_dtype_overrides(dtype, param_dtype))
     ckpt = SafetensorsCheckpoint(path)
     prefix = "transformer." if "transformer.wte.weight" in ckpt else ""
     model = nnx.eval_shape(lambda: GPT2LMHeadModel(config, rngs=nnx.Rngs(0)))

@@ -13,11 +13,27 @@ Mistral checkpoints can be loaded into it by renaming tensors only:
 * SwiGLU MLP ``down_proj(silu(gate_proj(x)) * up_proj(x))``;
 * optional tied input/output embeddings.
 
+Config switches cover the HF variants without copies of the decoder (see
+:mod:`ntk_jax.models.hf_loading` for the ``config.json`` converters):
+
+* ``attention_bias`` — biases on ``q/k/v_proj`` (Qwen2; Llama/Qwen3 ``attention_bias``);
+  ``o_proj_bias`` — a bias on ``o_proj`` (Llama/Qwen3 ``attention_bias``, *not* Qwen2);
+  ``mlp_bias`` — biases on the MLP projections (Llama ``mlp_bias``);
+* ``qk_norm`` — Qwen3's RMSNorm over ``head_dim`` of every query and key head
+  (``self_attn.q_norm`` / ``self_attn.k_norm``, weight ``(head_dim,)``), before RoPE;
+* ``rope_scaling`` — ``None`` or HF's ``{"rope_type": "linear", "factor"}`` /
+  ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+  "original_max_position_embeddings"}`` (other types raise ``ValueError``);
+* ``sliding_window`` / ``layer_types`` — Mistral/Qwen sliding-window attention: query ``i``
+  sees key ``j`` iff ``i - window < j <= i`` (sequence indices, HF's ``sliding_window_overlay``),
+  on every layer (``layer_types=None``) or on the layers marked ``"sliding_attention"``.
+
 Module tree (NNX paths; HF names without the ``model.`` prefix)::
 
     embed_tokens                      nnx.Embed        .embedding (vocab, hidden)
     layers[i].input_layernorm         RMSNorm          .weight (hidden,)
     layers[i].self_attn.{q,k,v,o}_proj LoRALinear       .kernel (in, out) [.bias]
+    layers[i].self_attn.{q,k}_norm    RMSNorm (qk_norm) .weight (head_dim,)
     layers[i].post_attention_layernorm RMSNorm
     layers[i].mlp.{gate,up,down}_proj  LoRALinear
     norm                              RMSNorm
@@ -35,13 +51,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import FrozenDict
 
 from ntk_jax.models.lora import LoRALinear
 
@@ -59,6 +77,7 @@ __all__ = [
     "DecoderBlock",
     "DecoderLM",
     "rope_inv_freq",
+    "ROPE_SCALING_TYPES",
     "rope_cos_sin",
     "rotate_half",
     "apply_rope",
@@ -73,6 +92,56 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # Config
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# rope_type -> required keys (besides "rope_type"); HF names (``modeling_rope_utils``).
+ROPE_SCALING_TYPES: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _normalize_rope_scaling(rs: Mapping[str, Any] | None) -> FrozenDict | None:
+    """Validates HF-style RoPE scaling and returns it as a hashable ``FrozenDict``.
+
+    Accepts the type under ``"rope_type"`` or HF's legacy ``"type"``; ``None`` and
+    ``"default"`` mean no scaling. Unknown types, missing or unknown keys raise ``ValueError``.
+    """
+    if rs is None:
+        return None
+    if not isinstance(rs, Mapping):
+        raise ValueError(f"rope_scaling must be a dict or None, got {type(rs).__name__}")
+    d = dict(rs)
+    rtype = d.pop("rope_type", None)
+    legacy = d.pop("type", None)
+    rtype = rtype if rtype is not None else legacy
+    if rtype is None:
+        raise ValueError(f"rope_scaling {dict(rs)} has no 'rope_type'")
+    if rtype == "default":
+        if d:
+            raise ValueError(f"rope_scaling of type 'default' takes no parameters, got {sorted(d)}")
+        return None
+    if rtype not in ROPE_SCALING_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {rtype!r}; supported: "
+                         f"{sorted(ROPE_SCALING_TYPES)} (or None / 'default')")
+    required = ROPE_SCALING_TYPES[rtype]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rtype!r} is missing {missing}")
+    unknown = sorted(set(d) - set(required))
+    if unknown:
+        raise ValueError(f"rope_scaling of type {rtype!r} has unsupported keys {unknown}; "
+                         f"expected exactly {list(required)}")
+    out: dict[str, Any] = {"rope_type": rtype}
+    for k in required:
+        v = d[k]
+        out[k] = int(v) if k == "original_max_position_embeddings" else float(v)
+        if out[k] <= 0:
+            raise ValueError(f"rope_scaling[{k!r}] must be positive, got {v!r}")
+    if rtype == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+    return FrozenDict(out)
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -83,6 +152,13 @@ class DecoderConfig:
     always holds explicit values. ``initializer_range=None`` uses LeCun-normal kernels and
     Flax's default embedding init; a float uses ``normal(initializer_range)`` everywhere
     (HF's init).
+
+    HF-variant switches (all off by default): ``attention_bias`` (q/k/v biases),
+    ``o_proj_bias``, ``mlp_bias``, ``qk_norm`` (Qwen3), ``rope_scaling`` (a dict, stored as an
+    immutable ``FrozenDict`` with the type under ``"rope_type"``; ``{"rope_type": "default"}``
+    is normalised to ``None``), ``sliding_window`` (int window, ``None`` = full causal
+    attention) and ``layer_types`` (``None``: every layer uses ``sliding_window``; else one of
+    ``"full_attention"`` / ``"sliding_attention"`` per layer).
     """
 
     vocab_size: int
@@ -100,6 +176,12 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float | None = None
+    qk_norm: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    rope_scaling: Mapping[str, Any] | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -128,6 +210,28 @@ class DecoderConfig:
                 raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r} is not a dtype name") from e
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        object.__setattr__(self, "rope_scaling", _normalize_rope_scaling(self.rope_scaling))
+        if self.sliding_window is not None:
+            w = self.sliding_window
+            if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w <= 0:
+                raise ValueError(f"sliding_window must be a positive int or None, got {w!r}")
+            object.__setattr__(self, "sliding_window", int(w))
+        if self.layer_types is not None:
+            lt = tuple(str(t) for t in self.layer_types)
+            bad = sorted(set(lt) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types {bad} not supported; use {list(LAYER_TYPES)}")
+            if len(lt) != self.num_layers:
+                raise ValueError(f"layer_types has {len(lt)} entries for num_layers={self.num_layers}")
+            if self.sliding_window is None and "sliding_attention" in lt:
+                raise ValueError("layer_types marks sliding_attention layers but sliding_window is None")
+            object.__setattr__(self, "layer_types", lt)
+
+    def uses_sliding_window(self, layer: int) -> bool:
+        """Whether layer ``layer`` restricts attention to the last ``sliding_window`` keys."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     @property
     def compute_dtype(self):
@@ -138,7 +242,13 @@ class DecoderConfig:
         return jnp.dtype(self.param_dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict (``rope_scaling`` a dict, ``layer_types`` a list)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if d["rope_scaling"] is not None:
+            d["rope_scaling"] = dict(d["rope_scaling"])
+        if d["layer_types"] is not None:
+            d["layer_types"] = list(d["layer_types"])
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "DecoderConfig":
@@ -169,9 +279,33 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(dtype) * h.astype(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> Array:
-    """HF's ``inv_freq = 1 / theta^(arange(0, d, 2) / d)`` (float32, shape (d/2,))."""
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | None = None) -> Array:
+    """HF's ``inv_freq = 1 / theta^(arange(0, d, 2) / d)`` (float32, shape (d/2,)).
+
+    ``rope_scaling`` (see :data:`ROPE_SCALING_TYPES`) rescales it as ``transformers`` does,
+    in float32: ``"linear"`` divides by ``factor``; ``"llama3"`` divides the low frequencies
+    (wavelength > ``original_max_position_embeddings / low_freq_factor``) by ``factor``, keeps
+    the high ones (wavelength < ``original / high_freq_factor``) and interpolates smoothly in
+    between. Both have attention factor 1 (cos/sin are not rescaled).
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    rs = _normalize_rope_scaling(rope_scaling)
+    if rs is None:
+        return inv_freq
+    factor = rs["factor"]
+    if rs["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3 (transformers.modeling_rope_utils._compute_llama3_parameters)
+    low, high = rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, inv_freq_llama)
 
 
 def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
@@ -226,15 +360,25 @@ class Attention(nnx.Module):
         self.q_proj = LoRALinear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.attention_bias, **kw)
         self.k_proj = LoRALinear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.attention_bias, **kw)
         self.v_proj = LoRALinear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.attention_bias, **kw)
-        self.o_proj = LoRALinear(c.num_heads * c.head_dim, c.hidden_size, use_bias=False, **kw)
+        self.o_proj = LoRALinear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_proj_bias, **kw)
+        if c.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=c.params_dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=c.params_dtype)
+        else:
+            self.q_norm = None
+            self.k_norm = None
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
         """``x`` (B, T, hidden); ``mask`` (B, T_q, T_k) bool, True where attention is allowed."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         rep = H // KV
-        q = apply_rope(self.q_proj(x).reshape(B, T, H, D), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(B, T, KV, D), cos, sin)
+        q = self.q_proj(x).reshape(B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         v = self.v_proj(x).reshape(B, T, KV, D)
         # Query head h = g * rep + r uses key/value head g (HF repeat_kv), without materialising it.
         q = q.reshape(B, T, KV, rep, D)
@@ -252,7 +396,7 @@ class MLP(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         c = config
         kw = dict(rngs=rngs, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-                  kernel_init=_kernel_init(c))
+                  kernel_init=_kernel_init(c), use_bias=c.mlp_bias)
         self.gate_proj = LoRALinear(c.hidden_size, c.intermediate_size, **kw)
         self.up_proj = LoRALinear(c.hidden_size, c.intermediate_size, **kw)
         self.down_proj = LoRALinear(c.intermediate_size, c.hidden_size, **kw)
@@ -308,14 +452,26 @@ class DecoderLM(nnx.Module):
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}")
         positions = position_ids_from_mask(attention_mask, B, T)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config.head_dim, self.config.rope_theta))
-        mask = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
-        if attention_mask is not None:
-            mask = mask & (attention_mask[:, None, :] != 0)
-        mask = jnp.broadcast_to(mask, (B, T, T))
+        c = self.config
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+        keys_ok = None if attention_mask is None else (attention_mask[:, None, :] != 0)
+
+        def full(m):
+            m = m[None]
+            if keys_ok is not None:
+                m = m & keys_ok
+            return jnp.broadcast_to(m, (B, T, T))
+
+        mask = full(causal)
+        sliding = None
+        if c.sliding_window is not None and c.sliding_window < T:
+            # HF sliding_window_overlay: key j visible from query i iff j > i - window
+            idx = jnp.arange(T)
+            sliding = full(causal & (idx[None, :] > idx[:, None] - c.sliding_window))
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, sliding if sliding is not None and c.uses_sliding_window(i) else mask)
         return self.norm(x)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
@@ -397,8 +553,12 @@ def load_config(directory: str | os.PathLike) -> DecoderConfig:
     return DecoderConfig.from_dict(d)
 
 
-def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None) -> DecoderLM:
+def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None,
+                    dtype: Any = None, param_dtype: Any = None) -> DecoderLM:
     """Loads a model written by :func:`save_pretrained`.
+
+    ``dtype`` / ``param_dtype`` (dtype names or objects) override the saved config's compute
+    and parameter dtypes when given.
 
     Without ``rngs`` the model skeleton is built abstractly (no random init); with ``rngs`` it
     is initialised with them first (useful if LoRA adapters are attached afterwards with the
@@ -410,6 +570,10 @@ def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = Non
 
     directory = os.fspath(directory)
     config = load_config(directory)
+    overrides = {k: jnp.dtype(v).name for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
+                 if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
     wpath = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")

@@ -1,0 +1,586 @@
+"""Load local Hugging Face checkpoints (``config.json`` + safetensors) into NNX models.
+
+Public API::
+
+    model = from_pretrained("/path/to/ckpt")             # dispatches on config.json's model_type
+    model = from_pretrained(path, lora=LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
+    tok = load_tokenizer(path)                            # transformers.AutoTokenizer, local only
+    cfg = config_from_hf(json.load(open(path + "/config.json")))
+    tensors = load_safetensors_dir(path)                  # {hf name: np.ndarray}
+
+Supported ``model_type`` values: ``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"`` (all
+into :class:`~ntk_jax.models.transformer.DecoderLM`) and this repo's own
+``"ntk_jax_decoder"`` (via :func:`~ntk_jax.models.transformer.load_pretrained`). Other
+model families plug in through the registry (see :func:`register_architecture`).
+
+Loading never initialises the model randomly: the module tree is built abstractly with
+``nnx.eval_shape`` and the parameters are then filled tensor by tensor from the checkpoint
+(cast to the config's ``param_dtype``, float32 unless ``param_dtype=`` says otherwise; bf16 /
+fp16 / fp32 checkpoints are read with ``safetensors``' numpy backend, bf16 as
+``ml_dtypes.bfloat16``). Errors are ``FileNotFoundError`` for a missing file and
+``ValueError`` naming the tensor for a missing, unexpected or wrongly shaped tensor.
+
+HF → NNX names for the decoder (``transformers``' ``*ForCausalLM``; a checkpoint of the base
+``*Model`` without the ``model.`` prefix is accepted too)::
+
+    model.embed_tokens.weight (V, H)                 -> embed_tokens.embedding (V, H)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight -> layers.{i}.self_attn.{q,k,v,o}_proj.kernel  (transposed)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.bias   -> ... .bias
+    model.layers.{i}.self_attn.{q,k}_norm.weight     -> layers.{i}.self_attn.{q,k}_norm.weight  (Qwen3)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> layers.{i}.mlp.{gate,up,down}_proj.kernel  (transposed)
+    model.layers.{i}.{input,post_attention}_layernorm.weight -> same without "model."
+    model.norm.weight                                -> norm.weight
+    lm_head.weight (V, H)                            -> lm_head.kernel (H, V)  (transposed; absent when tied)
+
+Ignored if present: ``*.rotary_emb.inv_freq`` buffers and, with tied embeddings,
+``lm_head.weight``.
+
+Registry
+--------
+``register_architecture(model_type, config_fn, build_fn, weight_map_fn)`` makes
+:func:`from_pretrained` / :func:`config_from_hf` handle a new ``model_type``:
+
+* ``config_fn(hf_config: dict) -> config`` — a dataclass with ``dtype`` and ``param_dtype``
+  fields (overridden by ``from_pretrained(dtype=, param_dtype=)`` via ``dataclasses.replace``);
+* ``build_fn(config, *, rngs: nnx.Rngs) -> nnx.Module`` — the model constructor (run under
+  ``nnx.eval_shape``; non-parameter state such as dropout RNG streams is then created by a
+  jitted constructor whose parameter initialisers XLA discards);
+* ``weight_map_fn(config, hf_names: set[str]) -> WeightMap`` — for every base parameter
+  (``nnx.Param`` but not ``nnx.LoRAParam``, flat dotted NNX path) the HF tensor it comes from
+  (:class:`TensorMap`: ``transpose=True`` for ``nn.Linear`` weights, or any ``transform``,
+  e.g. a slice of a fused tensor) plus regexes of HF tensors that may be present and are
+  dropped. ``hf_names`` lets the map adapt to prefixes (``model.`` / ``transformer.``).
+
+Alternatively ``register_architecture(model_type, load_fn=f)`` registers a complete loader
+``f(path, *, dtype=None, param_dtype=None, lora=None, rngs=None) -> model``.
+Modules named in :data:`LAZY_MODULES` (``gpt2``, ``bert``, ``roberta``) are imported on first
+use of their model type, so they can register themselves at import time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ntk_jax.models import transformer as _tr
+from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.models.transformer import DecoderConfig, DecoderLM, flatten_state, unflatten_state
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+__all__ = [
+    "TensorMap",
+    "WeightMap",
+    "Architecture",
+    "register_architecture",
+    "supported_model_types",
+    "get_architecture",
+    "LAZY_MODULES",
+    "read_hf_config",
+    "config_from_hf",
+    "decoder_config_from_hf",
+    "decoder_weight_map",
+    "SafetensorsDir",
+    "load_safetensors_dir",
+    "load_weights",
+    "from_pretrained",
+    "load_tokenizer",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Weight maps and the architecture registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One NNX parameter taken from one HF tensor.
+
+    ``transpose=True``: the parameter is ``tensor.T`` (PyTorch ``nn.Linear.weight`` (out, in)
+    -> ``kernel`` (in, out)). ``transform``: any other ``np.ndarray -> np.ndarray`` (e.g. a
+    slice of a fused qkv tensor); mutually exclusive with ``transpose``.
+    """
+
+    hf_name: str
+    nnx_name: str
+    transpose: bool = False
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __post_init__(self):
+        if self.transpose and self.transform is not None:
+            raise ValueError(f"TensorMap {self.hf_name!r}: give transpose or transform, not both")
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            return arr.T
+        if self.transform is not None:
+            return self.transform(arr)
+        return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightMap:
+    """Every base parameter's source tensor, and HF tensors that may be present but unused."""
+
+    tensors: tuple[TensorMap, ...]
+    ignore: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    config_fn: Callable[[dict], Any] | None = None
+    build_fn: Callable[..., nnx.Module] | None = None
+    weight_map_fn: Callable[[Any, set[str]], WeightMap] | None = None
+    load_fn: Callable[..., nnx.Module] | None = None
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+# model_type -> module imported on first use (it may call register_architecture at import).
+LAZY_MODULES: dict[str, str] = {
+    "gpt2": "ntk_jax.models.gpt2",
+    "bert": "ntk_jax.models.bert",
+    "roberta": "ntk_jax.models.bert",
+}
+
+
+def register_architecture(model_type: str, config_fn: Callable[[dict], Any] | None = None,
+                          build_fn: Callable[..., nnx.Module] | None = None,
+                          weight_map_fn: Callable[[Any, set[str]], WeightMap] | None = None, *,
+                          load_fn: Callable[..., nnx.Module] | None = None,
+                          overwrite: bool = False) -> Architecture:
+    """Registers how to load checkpoints whose ``config.json`` has ``model_type``.
+
+    Give either ``config_fn``, ``build_fn`` and ``weight_map_fn`` (the generic loader of this
+    module is used; see the module docstring for their signatures) or ``load_fn`` (a complete
+    ``load_fn(path, *, dtype, param_dtype, lora, rngs)``; ``config_fn`` is then optional and
+    only used by :func:`config_from_hf`). Re-registering a type raises ``ValueError`` unless
+    ``overwrite=True``.
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
+    if model_type == _tr.MODEL_TYPE:
+        raise ValueError(f"{model_type!r} is this repo's own format and cannot be re-registered")
+    if load_fn is None and None in (config_fn, build_fn, weight_map_fn):
+        raise ValueError(f"register_architecture({model_type!r}): give config_fn, build_fn and "
+                         "weight_map_fn, or load_fn")
+    if model_type in _REGISTRY and not overwrite:
+        raise ValueError(f"model_type {model_type!r} is already registered (pass overwrite=True)")
+    arch = Architecture(model_type, config_fn, build_fn, weight_map_fn, load_fn)
+    _REGISTRY[model_type] = arch
+    return arch
+
+
+def supported_model_types() -> list[str]:
+    """Registered model types plus ``"ntk_jax_decoder"`` (lazily importable ones not included)."""
+    return sorted(set(_REGISTRY) | {_tr.MODEL_TYPE})
+
+
+def get_architecture(model_type: str | None) -> Architecture:
+    """The registry entry of ``model_type`` (importing its module from :data:`LAZY_MODULES`
+    on first use); ``ValueError`` listing the supported types otherwise."""
+    if model_type not in _REGISTRY and model_type in LAZY_MODULES:
+        try:
+            importlib.import_module(LAZY_MODULES[model_type])
+        except ImportError:
+            pass
+    if model_type not in _REGISTRY:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported_model_types()}")
+    return _REGISTRY[model_type]
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def _check_dir(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist (only local "
+                                "directories are supported; no hub access)")
+    return path
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint directory as a dict."""
+    path = _check_dir(path)
+    cpath = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cpath):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+    with open(cpath) as f:
+        return json.load(f)
+
+
+class SafetensorsDir:
+    """Lazy read access to the tensors of a checkpoint directory: ``model.safetensors`` or
+    the shards of ``model.safetensors.index.json``. Tensors come back as numpy arrays
+    (``safe_open(framework="numpy")``; bf16 as ``ml_dtypes.bfloat16``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = _check_dir(path)
+        single = os.path.join(self.path, WEIGHTS_NAME)
+        index = os.path.join(self.path, WEIGHTS_INDEX_NAME)
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        if os.path.isfile(single):
+            files = {single: None}
+        elif os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' dict")
+            files = {}
+            for name, shard in weight_map.items():
+                spath = os.path.join(self.path, shard)
+                if not os.path.isfile(spath):
+                    raise FileNotFoundError(f"{index} lists shard {shard!r} (for {name!r}), which is "
+                                            f"not in {self.path!r}")
+                files[spath] = None
+        else:
+            hint = ""
+            if any(os.path.isfile(os.path.join(self.path, n))
+                   for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+                hint = " (only PyTorch .bin weights found: re-save them with safe_serialization=True)"
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {self.path!r}{hint}")
+        for fpath in files:
+            h = safe_open(fpath, framework="numpy")
+            self._files[fpath] = h
+            for name in h.keys():
+                if name in self._where:
+                    raise ValueError(f"tensor {name!r} is in both {self._where[name]!r} and {fpath!r}")
+                self._where[name] = fpath
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._files[self._where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._files[self._where[name]].get_tensor(name)
+
+
+def load_safetensors_dir(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of ``model.safetensors`` (or of the shards listed in
+    ``model.safetensors.index.json``) as ``{name: np.ndarray}`` in their stored dtype
+    (bf16 as ``ml_dtypes.bfloat16``)."""
+    src = SafetensorsDir(path)
+    return {name: src.get(name) for name in sorted(src.names)}
+
+
+# ---------------------------------------------------------------------------------------
+# Generic loading
+
+
+def _base_params_filter():
+    return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.ndarray],
+                 weight_map: WeightMap, *, where: str = "checkpoint") -> None:
+    """Fills every base parameter of ``model`` (possibly abstract, from ``nnx.eval_shape``)
+    from ``source`` following ``weight_map``, in place, casting to each parameter's dtype.
+
+    Raises ``ValueError`` naming the tensor(s) for missing tensors, unexpected tensors (not
+    used and not matched by ``weight_map.ignore``) and shape mismatches (both shapes given).
+    """
+    if isinstance(source, Mapping):
+        tensors = dict(source)
+        names, shape_of, get = set(tensors), (lambda n: tuple(tensors[n].shape)), tensors.__getitem__
+    else:
+        names, shape_of, get = source.names, source.shape, source.get
+    state = nnx.state(model, _base_params_filter())
+    expected = flatten_state(nnx.to_pure_dict(state))
+    by_nnx: dict[str, TensorMap] = {}
+    for t in weight_map.tensors:
+        if t.nnx_name in by_nnx:
+            raise ValueError(f"weight map gives parameter {t.nnx_name!r} twice")
+        by_nnx[t.nnx_name] = t
+    unmapped, unknown = sorted(set(expected) - set(by_nnx)), sorted(set(by_nnx) - set(expected))
+    if unmapped or unknown:
+        raise ValueError(f"weight map does not match {type(model).__name__}: parameters without a source "
+                         f"tensor {unmapped}; mapped names the model lacks {unknown}")
+    missing = sorted({t.hf_name for t in weight_map.tensors if t.hf_name not in names})
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {missing}")
+    ignore = [re.compile(p) for p in weight_map.ignore]
+    used = {t.hf_name for t in weight_map.tensors}
+    unexpected = sorted(n for n in names - used if not any(r.search(n) for r in ignore))
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensor(s) {unexpected} (not used by {type(model).__name__}; "
+                         "does config.json match the weights?)")
+    # Shapes from the headers first, so a mismatch is reported before anything is read.
+    for t in weight_map.tensors:
+        if t.transform is None:
+            want = tuple(expected[t.nnx_name].shape)
+            want = want[::-1] if t.transpose else want
+            got = shape_of(t.hf_name)
+            if got != want:
+                raise ValueError(f"{where}: tensor {t.hf_name!r} has shape {got}, expected {want} "
+                                 f"(-> parameter {t.nnx_name!r}; does config.json match the weights?)")
+    loaded: dict[str, Any] = {}
+    cache: tuple[str, np.ndarray] | None = None
+    for t in sorted(weight_map.tensors, key=lambda t: t.hf_name):
+        if cache is None or cache[0] != t.hf_name:
+            cache = (t.hf_name, get(t.hf_name))
+        arr = t.apply(cache[1])
+        ref = expected[t.nnx_name]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ValueError(f"{where}: tensor {t.hf_name!r} (shape {tuple(cache[1].shape)}) converts to shape "
+                             f"{tuple(arr.shape)}, expected {tuple(ref.shape)} for parameter {t.nnx_name!r}")
+        loaded[t.nnx_name] = jnp.asarray(np.asarray(arr).astype(ref.dtype, copy=False))
+    cache = None
+    nnx.replace_by_pure_dict(state, unflatten_state(loaded))
+    nnx.update(model, state)
+
+
+def _with_dtypes(config: Any, dtype: Any, param_dtype: Any) -> Any:
+    overrides = {k: jnp.dtype(v).name for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
+                 if v is not None}
+    if not overrides:
+        return config
+    if not dataclasses.is_dataclass(config) or not all(
+            k in {f.name for f in dataclasses.fields(config)} for k in overrides):
+        raise ValueError(f"{type(config).__name__} has no {sorted(overrides)} fields to override")
+    return dataclasses.replace(config, **overrides)
+
+
+def _lora_config(lora: Any) -> LoRAConfig | None:
+    if lora is None or isinstance(lora, LoRAConfig):
+        return lora
+    if isinstance(lora, Mapping) or hasattr(lora, "keys"):
+        return LoRAConfig.from_dict(lora)
+    raise TypeError(f"lora must be a LoRAConfig, a dict or None, got {type(lora).__name__}")
+
+
+def _build_loaded(arch: Architecture, config: Any, source: SafetensorsDir,
+                  rngs: nnx.Rngs | None) -> nnx.Module:
+    model = nnx.eval_shape(lambda: arch.build_fn(config, rngs=nnx.Rngs(0)))
+    wmap = arch.weight_map_fn(config, source.names)
+    load_weights(model, source, wmap, where=source.path)
+    rest = nnx.state(model, nnx.Not(_base_params_filter()))
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest)):
+        # Non-parameter state (e.g. dropout RNG streams): run the constructor under jit and
+        # keep only that state; XLA drops the unused parameter initialisers.
+        @nnx.jit
+        def make_rest(r):
+            return nnx.state(arch.build_fn(config, rngs=r), nnx.Not(_base_params_filter()))
+
+        nnx.update(model, make_rest(rngs if rngs is not None else nnx.Rngs(0)))
+    left = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+            if isinstance(x, jax.ShapeDtypeStruct)]
+    if left:
+        raise RuntimeError(f"state left uninitialised after loading: {left}")
+    return model
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> Any:
+    """The model config for a ``config.json`` dict, by its ``model_type``
+    (:class:`~ntk_jax.models.transformer.DecoderConfig` for llama / mistral / qwen2 / qwen3 /
+    ntk_jax_decoder). ``ValueError`` for an unsupported type or setting."""
+    d = dict(hf_config)
+    mt = d.get("model_type")
+    if mt == _tr.MODEL_TYPE:
+        return DecoderConfig.from_dict({k: v for k, v in d.items() if k != "model_type"})
+    arch = get_architecture(mt)
+    if arch.config_fn is None:
+        raise ValueError(f"model_type {mt!r} is registered without a config converter")
+    return arch.config_fn(d)
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                    lora: LoRAConfig | Mapping | None = None, rngs: nnx.Rngs | None = None,
+                    mesh: Any = None) -> nnx.Module:
+    """Loads the checkpoint in directory ``path`` into an NNX model.
+
+    Args:
+      path: a local directory with ``config.json`` and ``model.safetensors`` (or a sharded
+        ``model.safetensors.index.json``), e.g. written by ``transformers``' ``save_pretrained``.
+      dtype: compute dtype (default: the config's, float32 for HF checkpoints).
+      param_dtype: parameter dtype (default float32 whatever the checkpoint's dtype; pass
+        ``"bfloat16"`` to keep a bf16 checkpoint in bf16).
+      lora: a :class:`~ntk_jax.models.lora.LoRAConfig` (or dict): adapters attached after
+        loading (with ``B = 0`` the model's logits are the checkpoint's).
+      rngs: random streams for the LoRA factors and any non-parameter state (default
+        ``nnx.Rngs(0)``).
+      mesh: reserved for sharded loading; must be ``None`` for now.
+
+    Raises ``FileNotFoundError`` (missing directory / file), ``ValueError`` (unsupported
+    ``model_type`` or setting; missing, unexpected or wrongly shaped tensor, named).
+    """
+    if mesh is not None:
+        raise NotImplementedError("from_pretrained(mesh=...): sharded loading is not implemented yet")
+    path = _check_dir(path)
+    hf = read_hf_config(path)
+    mt = hf.get("model_type")
+    lcfg = _lora_config(lora)
+    if mt == _tr.MODEL_TYPE:
+        model = _tr.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    else:
+        arch = get_architecture(mt)
+        if arch.load_fn is not None:
+            return arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
+        config = _with_dtypes(arch.config_fn(hf), dtype, param_dtype)
+        model = _build_loaded(arch, config, SafetensorsDir(path), rngs)
+    if lcfg is not None:
+        apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs):
+    """``transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)``."""
+    from transformers import AutoTokenizer
+
+    path = _check_dir(path)
+    kwargs.setdefault("local_files_only", True)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Llama-family decoders -> DecoderLM
+
+_DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _hf_rope(d: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a v5 ``rope_parameters`` or a v4 ``rope_theta`` +
+    ``rope_scaling`` config."""
+    rp = d.get("rope_parameters")
+    if rp is None:
+        rp = d.get("rope_scaling")
+    rp = dict(rp or {})
+    if rp and all(isinstance(v, Mapping) for v in rp.values()):
+        raise ValueError(f"per-layer-type rope parameters are not supported: {sorted(rp)}")
+    theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    prf = rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if prf is not None and float(prf) != 1.0:
+        raise ValueError(f"partial_rotary_factor={prf} is not supported (only 1.0)")
+    if not rp:
+        return theta, None
+    if rp.get("rope_type", rp.get("type")) == "default":
+        return theta, None
+    return theta, rp  # validated (unknown types -> ValueError) by DecoderConfig
+
+
+def decoder_config_from_hf(d: Mapping[str, Any]) -> DecoderConfig:
+    """:class:`DecoderConfig` from a llama / mistral / qwen2 / qwen3 ``config.json`` dict
+    (``transformers`` v4 or v5 layout)."""
+    d = dict(d)
+    mt = d.get("model_type")
+    if mt not in _DECODER_TYPES:
+        raise ValueError(f"decoder_config_from_hf: model_type {mt!r} is not one of {list(_DECODER_TYPES)}")
+    missing = [k for k in _REQUIRED if d.get(k) is None]
+    if missing:
+        raise ValueError(f"{mt} config is missing {missing}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+    heads = int(d["num_attention_heads"])
+    head_dim = d.get("head_dim")
+    if head_dim is None:  # HF's Qwen3Config defaults head_dim to 128, the others to hidden / heads
+        head_dim = 128 if mt == "qwen3" else int(d["hidden_size"]) // heads
+    theta, rope_scaling = _hf_rope(d)
+
+    sliding_window, layer_types = None, None
+    if mt == "mistral":
+        sliding_window = d.get("sliding_window")
+    elif mt in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
+        sliding_window = d.get("sliding_window")
+        if sliding_window is not None:
+            layer_types = d.get("layer_types")
+            if layer_types is None:
+                mwl = int(d.get("max_window_layers", 28))
+                layer_types = ["sliding_attention" if i >= mwl else "full_attention"
+                               for i in range(int(d["num_hidden_layers"]))]
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        sliding_window, layer_types = None, None
+
+    attention_bias = bool(d.get("attention_bias", False))
+    if mt == "qwen2":
+        qkv_bias, o_bias = True, False  # hard-coded in transformers' Qwen2Attention
+    elif mt == "mistral":
+        qkv_bias, o_bias = False, False
+    else:  # llama, qwen3: attention_bias covers q, k, v and o
+        qkv_bias, o_bias = attention_bias, attention_bias
+    mlp_bias = bool(d.get("mlp_bias", False)) if mt == "llama" else False
+    init = d.get("initializer_range")
+    return DecoderConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(d["intermediate_size"]),
+        max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+        rope_theta=theta,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias,
+        o_proj_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=(mt == "qwen3"),
+        rope_scaling=rope_scaling,
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        layer_types=None if layer_types is None else tuple(layer_types),
+        initializer_range=None if init is None else float(init),
+    )
+
+
+def decoder_weight_map(config: DecoderConfig, hf_names: Iterable[str]) -> WeightMap:
+    """HF ``*ForCausalLM`` tensor names for every parameter of ``DecoderLM(config)``."""
+    hf_names = set(hf_names)
+    pre = "" if ("embed_tokens.weight" in hf_names and "model.embed_tokens.weight" not in hf_names) else "model."
+    maps: list[TensorMap] = [TensorMap(pre + "embed_tokens.weight", "embed_tokens.embedding")]
+
+    def linear(hf: str, nn: str, bias: bool):
+        maps.append(TensorMap(hf + ".weight", nn + ".kernel", transpose=True))
+        if bias:
+            maps.append(TensorMap(hf + ".bias", nn + ".bias"))
+
+    for i in range(config.num_layers):
+        h, n = f"{pre}layers.{i}.", f"layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            maps.append(TensorMap(h + norm + ".weight", n + norm + ".weight"))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            linear(h + "self_attn." + proj, n + "self_attn." + proj, config.attention_bias)
+        linear(h + "self_attn.o_proj", n + "self_attn.o_proj", config.o_proj_bias)
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                maps.append(TensorMap(h + "self_attn." + norm + ".weight", n + "self_attn." + norm + ".weight"))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear(h + "mlp." + proj, n + "mlp." + proj, config.mlp_bias)
+    maps.append(TensorMap(pre + "norm.weight", "norm.weight"))
+    ignore = [r"(^|\.)rotary_emb\.inv_freq$"]
+    if config.tie_word_embeddings:
+        ignore.append(r"^lm_head\.weight$")
+    else:
+        maps.append(TensorMap("lm_head.weight", "lm_head.kernel", transpose=True))
+    return WeightMap(tuple(maps), tuple(ignore))
+
+
+def _build_decoder(config: DecoderConfig, *, rngs: nnx.Rngs) -> DecoderLM:
+    return DecoderLM(config, rngs=rngs)
+
+
+for _mt in _DECODER_TYPES:
+    register_architecture(_mt, decoder_config_from_hf, _build_decoder, decoder_weight_map)
+del _mt

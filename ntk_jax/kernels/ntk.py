@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_jax.kernels import nt_compat
+from ntk_jax.kernels.checks import NonFiniteKernelError, check_finite  # noqa: F401 (re-exported)
 from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
                                       slice_batch, sum_of_outputs)
 from ntk_jax.kernels.projection import RandomProjection
@@ -33,21 +34,6 @@ from ntk_jax.utils import progress
 
 PyTree = Any
 METHODS = ("jacobian", "ntk_vp", "neural_tangents")
-
-
-class NonFiniteKernelError(ValueError):
-    """A kernel (or its features) contains NaN or inf."""
-
-
-def check_finite(K: np.ndarray, what: str = "kernel") -> np.ndarray:
-    """Raises :class:`NonFiniteKernelError` naming how many entries are NaN/inf."""
-    bad = ~np.isfinite(K)
-    if bad.any():
-        raise NonFiniteKernelError(
-            f"{what} has {int(bad.sum())} non-finite entries (nan/inf) out of {K.size}; "
-            f"first at index {tuple(int(i) for i in np.argwhere(bad)[0])}. Check the model outputs "
-            f"and parameters for overflow (try float32/float64 instead of bfloat16).")
-    return K
 
 
 def output_size(f: Callable, params: PyTree, x: PyTree) -> int:

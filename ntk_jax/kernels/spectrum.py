@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from ntk_jax.kernels.checks import check_finite
+
 __all__ = [
     "check_kernel",
     "symmetrize",
@@ -65,10 +67,7 @@ def check_kernel(K, name: str = "kernel") -> np.ndarray:
         if np.issubdtype(K.dtype, np.complexfloating):
             raise ValueError(f"{name} must be real, got dtype {K.dtype}")
         K = K.astype(np.float64)
-    n_bad = int(np.size(K) - np.count_nonzero(np.isfinite(K)))
-    if n_bad:
-        raise ValueError(f"{name} has {n_bad} non-finite entries (nan/inf)")
-    return K
+    return check_finite(K, name)
 
 
 def _check_sigma(sigma) -> float:
@@ -244,6 +243,17 @@ def empirical_risk(K, y, sigma) -> float:
     return kernel_regression(K, y, sigma)["risk"]
 
 
+def _bound_terms(K, y, sigma) -> tuple[float, float, float, int, float]:
+    """Validated ``(σ, λ_min, λ_max, n, ‖y‖²)`` for the risk bounds."""
+    sigma = _check_sigma(sigma)
+    K = check_kernel(K)
+    y = _check_targets(y, K.shape[0])
+    lam = eigenvalues(K)
+    lam_min, lam_max = float(lam[0]), float(lam[-1])
+    _check_psd_within_sigma(lam_min, sigma)
+    return sigma, lam_min, lam_max, K.shape[0], float(np.sum(y**2))
+
+
 def risk_bounds(K, y, sigma) -> tuple[float, float, float]:
     """Correct spectral bounds on the kernel-regression risk, ``(lower, risk, upper)``.
 
@@ -263,14 +273,7 @@ def risk_bounds(K, y, sigma) -> tuple[float, float, float]:
     Raises:
       ValueError: bad ``sigma``/shapes, or ``λ_min + σ <= 0`` (not PSD to within σ).
     """
-    sigma = _check_sigma(sigma)
-    K = check_kernel(K)
-    y = _check_targets(y, K.shape[0])
-    lam = eigenvalues(K)
-    lam_min, lam_max = float(lam[0]), float(lam[-1])
-    _check_psd_within_sigma(lam_min, sigma)
-    n = K.shape[0]
-    y2 = float(np.sum(y**2))
+    sigma, lam_min, lam_max, n, y2 = _bound_terms(K, y, sigma)
     lower = (sigma / (sigma + lam_max)) ** 2 * y2 / n
     upper = (sigma / (sigma + lam_min)) ** 2 * y2 / n
     risk = empirical_risk(K, y, sigma)
@@ -288,14 +291,7 @@ def paper_printed_bounds(K, y, sigma) -> tuple[float, float]:
     Kept only so experiments can show where the printed statement fails; use
     :func:`risk_bounds` for the correct bounds.
     """
-    sigma = _check_sigma(sigma)
-    K = check_kernel(K)
-    y = _check_targets(y, K.shape[0])
-    lam = eigenvalues(K)
-    lam_min, lam_max = float(lam[0]), float(lam[-1])
-    _check_psd_within_sigma(lam_min, sigma)
-    n = K.shape[0]
-    y2 = float(np.sum(y**2))
+    sigma, lam_min, lam_max, n, y2 = _bound_terms(K, y, sigma)
     return sigma * y2 / (n * (sigma + lam_max)), sigma * y2 / (n * (sigma + lam_min))
 
 

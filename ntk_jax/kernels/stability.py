@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ntk_jax.kernels.checks import check_finite
+
 __all__ = [
     "frobenius_cosine",
     "kernel_scale",
@@ -40,11 +42,7 @@ def _as_real(A, name: str) -> np.ndarray:
     A = np.asarray(A)
     if np.issubdtype(A.dtype, np.complexfloating):
         raise ValueError(f"{name} must be real, got dtype {A.dtype}")
-    A = A.astype(np.float64)
-    n_bad = int(np.size(A) - np.count_nonzero(np.isfinite(A)))
-    if n_bad:
-        raise ValueError(f"{name} has {n_bad} non-finite entries (nan/inf)")
-    return A
+    return check_finite(A.astype(np.float64), name)
 
 
 def _pair(A, B, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:

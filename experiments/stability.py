@@ -20,7 +20,7 @@ from flax import nnx
 
 from experiments.plotting import save, subplots
 from ntk_jax.data.synthetic import generate_task
-from ntk_jax.kernels.ntk import check_finite, ntk_fn
+from ntk_jax.kernels.ntk import check_finite, ntk_fn, output_size
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.stability import stability_summary, theorem1_bound
 from ntk_jax.models.lora import LoRAConfig
@@ -43,7 +43,7 @@ def run(config, out_dir: str, ctx) -> dict:
 
     subset = param_subset(model, nnx.LoRAParam)
     f = lm_output_fn(subset)
-    kernel = jax.jit(ntk_fn(f, trace=True, method="jacobian"))
+    kernel = jax.jit(ntk_fn(f, trace=True, method="jacobian", output_dim=output_size(f, subset.params, probe)))
     outputs = jax.jit(f)
 
     @jax.jit
@@ -60,7 +60,7 @@ def run(config, out_dir: str, ctx) -> dict:
             return
         if step == 0:
             start["params"] = params
-        K = check_finite(np.asarray(kernel(params, probe, probe)), f"Θ_{step}")
+        K = check_finite(np.asarray(kernel(params, probe, None)), f"Θ_{step}")
         f_t = np.asarray(outputs(params, probe))
         f_lin = np.asarray(linearised(start["params"], params))
         f_0 = np.asarray(outputs(start["params"], probe))

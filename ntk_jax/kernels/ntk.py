@@ -78,29 +78,66 @@ def contract_jacobians(j1: PyTree, j2: PyTree, trace: bool) -> jax.Array:
     return total
 
 
-def _jacobian_block(f, trace):
-    def block(params, x1, x2):
-        return contract_jacobians(per_example_jacobians(f, params, x1),
-                                  per_example_jacobians(f, params, x2), trace)
+def per_example_vjp(f: Callable, params: PyTree, x: PyTree):
+    """``v ↦ (J(x_i)ᵀ v_i)_i`` for cotangents ``v (n, O)``, from one forward pass over the batch.
 
-    return block
+    Per-example VJPs without summing across examples: every example gets its own copy of the
+    parameters (a broadcast, not a copy in memory) and the VJP is taken w.r.t. the stack.
+    Returns ``(vjp, outputs (n, O))``; ``vjp(v)`` is a 1-tuple of a pytree with leaves
+    ``(n, *leaf)``.
+    """
+    n = batch_size_of(x)
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), params)
+    per_ex = jax.vmap(lambda p, xj: f(p, jax.tree.map(lambda a: a[None], xj)).reshape(-1))
+    out, vjp = jax.vjp(lambda ps: per_ex(ps, x), stacked)
+    return vjp, out
+
+
+def _gram(c1: PyTree, c2: PyTree) -> jax.Array:
+    """Σ over leaves of ``c1 c2ᵀ`` for leaves ``(n1, ...)``, ``(n2, ...)`` → ``(n1, n2)``."""
+    return sum(a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
+               for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)))
+
+
+def _jacobian_block(f, trace, O, basis_batch):
+    """Jacobian contraction. Traced: ``Σ_b ⟨J(x1)ᵀe_b, J(x2)ᵀe_b⟩`` with ``basis_batch``
+    output rows of the per-example Jacobians alive at a time (faster than forming all
+    ``(n, O, P)`` rows and bounds memory). Full: whole per-example Jacobians, contracted.
+    ``x2=None`` reuses ``x1``'s Jacobian rows."""
+
+    def traced(params, x1, x2):
+        vjp1, out1 = per_example_vjp(f, params, x1)
+        vjp2, out2 = (vjp1, out1) if x2 is None else per_example_vjp(f, params, x2)
+
+        def rows(b):
+            e = jax.nn.one_hot(b, O, dtype=out1.dtype)
+            (c1,) = vjp1(jnp.broadcast_to(e, out1.shape))
+            if x2 is None:
+                return _gram(c1, c1)
+            (c2,) = vjp2(jnp.broadcast_to(e, out2.shape))
+            return _gram(c1, c2)
+
+        return jax.lax.map(rows, jnp.arange(O), batch_size=basis_batch).sum(axis=0)
+
+    def full(params, x1, x2):
+        j1 = per_example_jacobians(f, params, x1)
+        j2 = j1 if x2 is None else per_example_jacobians(f, params, x2)
+        return contract_jacobians(j1, j2, trace=False)
+
+    return traced if trace else full
 
 
 def _ntk_vp_block(f, trace, O, basis_batch):
     f_flat = _flat(f)
 
     def block(params, x1, x2):
-        n2 = batch_size_of(x2)
+        x2 = x1 if x2 is None else x2
         # J(x1) t for a parameter tangent t, sharing one linearised forward pass over x1.
         _, jvp1 = jax.linearize(lambda p: f_flat(p, x1), params)
-        # Per-example VJPs over x2 without summing across examples: give every example its
-        # own copy of the parameters and take the VJP w.r.t. the stack.
-        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (n2,) + a.shape), params)
-        per_ex = jax.vmap(lambda p, xj: f(p, jax.tree.map(lambda a: a[None], xj)).reshape(-1))
-        out2, vjp2 = jax.vjp(lambda ps: per_ex(ps, x2), stacked)
+        vjp2, out2 = per_example_vjp(f, params, x2)
 
         def column(b):
-            e = jnp.broadcast_to(jax.nn.one_hot(b, O, dtype=out2.dtype), (n2, O))
+            e = jnp.broadcast_to(jax.nn.one_hot(b, O, dtype=out2.dtype), out2.shape)
             (cts,) = vjp2(e)  # leaves (n2, *leaf): J(x2_j)ᵀ e_b
             cols = jax.vmap(jvp1)(cts)  # (n2, n1, O): J(x1_i) J(x2_j)ᵀ e_b
             return cols[:, :, b] if trace else cols
@@ -125,25 +162,31 @@ def _neural_tangents_block(f, trace, implementation, O):
     return block
 
 
+# Output basis vectors per step: jacobian groups rows (8 was fastest on CPU in
+# benchmarks/ntk_speed.py); ntk_vp is fastest one at a time.
+DEFAULT_BASIS_BATCH = {"jacobian": 8, "ntk_vp": 1}
+
+
 def ntk_fn(f: Callable, *, trace: bool = True, method: str = "jacobian",
            nt_implementation: str = "jacobian_contraction", output_dim: int | None = None,
-           basis_batch: int = 16) -> Callable:
-    """A pure, jittable ``kernel(params, x1, x2)`` (no blocking, no checks).
+           basis_batch: int | None = None) -> Callable:
+    """A pure, jittable ``kernel(params, x1, x2)`` (no blocking, no checks); ``x2=None``
+    means ``x2 = x1`` (the ``jacobian`` method then differentiates x1 once).
 
-    ``output_dim`` (O) is required for ``method="ntk_vp"`` and ``"neural_tangents"``; ``basis_batch`` output basis
-    vectors are pushed through ``vjp``/``jvp`` at a time there.
+    ``output_dim`` (O) is required for every method but ``jacobian`` with ``trace=False``;
+    ``basis_batch`` output basis vectors are pushed through ``vjp``/``jvp`` at a time
+    (default :data:`DEFAULT_BASIS_BATCH`).
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}")
+    if output_dim is None and (trace or method != "jacobian"):
+        raise ValueError(f"method={method!r} needs output_dim (O)")
+    bb = min(basis_batch or DEFAULT_BASIS_BATCH.get(method, 1), output_dim or 1)
     if method == "jacobian":
-        return _jacobian_block(f, trace)
+        return _jacobian_block(f, trace, output_dim, bb)
     if method == "ntk_vp":
-        if output_dim is None:
-            raise ValueError("method='ntk_vp' needs output_dim (O)")
-        return _ntk_vp_block(f, trace, output_dim, min(basis_batch, output_dim))
-    if method == "neural_tangents":
-        if output_dim is None:
-            raise ValueError("method='neural_tangents' needs output_dim (O)")
-        return _neural_tangents_block(f, trace, nt_implementation, output_dim)
-    raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}")
+        return _ntk_vp_block(f, trace, output_dim, bb)
+    return _neural_tangents_block(f, trace, nt_implementation, output_dim)
 
 
 # --- blocked drivers -----------------------------------------------------------------------
@@ -154,14 +197,15 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     """Evaluates ``block_fn(params, xa, xb)`` over row × column blocks into a host array.
 
     With ``x2=None`` the kernel is symmetric and only blocks on or above the diagonal are
-    computed (mirrored, transposing the output axes too when ``full``).
+    computed (mirrored, transposing the output axes too when ``full``); diagonal blocks are
+    evaluated as ``block_fn(params, xa, None)``, which ``block_fn`` must read as ``xb = xa``.
     """
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
     n1, n2 = batch_size_of(x1, "x1"), batch_size_of(x2, "x2")
     fn = jax.jit(block_fn)
     if block_size is None:
-        return np.asarray(fn(params, x1, x2))
+        return np.asarray(fn(params, x1, None if symmetric else x2))
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     b1, b2 = min(block_size, n1), min(block_size, n2)
@@ -169,7 +213,9 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     K = None
     for i, j in progress(blocks, desc=desc):
         i1, j1 = min(i + b1, n1), min(j + b2, n2)
-        kb = np.asarray(fn(params, pad_batch(slice_batch(x1, i, i1), b1), pad_batch(slice_batch(x2, j, j1), b2)))
+        xa = pad_batch(slice_batch(x1, i, i1), b1)
+        xb = None if symmetric and i == j else pad_batch(slice_batch(x2, j, j1), b2)
+        kb = np.asarray(fn(params, xa, xb))
         kb = kb[: i1 - i, : j1 - j]
         if K is None:
             K = np.zeros((n1, n2) + kb.shape[2:], kb.dtype)
@@ -181,7 +227,7 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
 
 def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
                   trace: bool = True, method: str = "jacobian", block_size: int | None = None,
-                  nt_implementation: str = "jacobian_contraction", basis_batch: int = 16,
+                  nt_implementation: str = "jacobian_contraction", basis_batch: int | None = None,
                   check: bool = True) -> np.ndarray:
     """The exact empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` over ``params``.
 
@@ -195,7 +241,8 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
       block_size: examples per row/column block (bounds device memory); ``None`` = one block.
       nt_implementation: neural-tangents mode, ``"jacobian_contraction"`` or
         ``"ntk_vector_products"``.
-      basis_batch: output basis vectors per ``vjp``/``jvp`` batch (``ntk_vp`` only).
+      basis_batch: output basis vectors per ``vjp``/``jvp`` step (``jacobian`` traced and
+        ``ntk_vp``); default :data:`DEFAULT_BASIS_BATCH`.
       check: raise :class:`NonFiniteKernelError` on NaN/inf.
 
     Returns:

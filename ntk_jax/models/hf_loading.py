@@ -53,8 +53,13 @@ Registry
 
 Alternatively ``register_architecture(model_type, load_fn=f)`` registers a complete loader
 ``f(path, *, dtype=None, param_dtype=None, lora=None, rngs=None) -> model``.
-Modules named in :data:`LAZY_MODULES` (``gpt2``, ``bert``, ``roberta``) are imported on first
-use of their model type, so they can register themselves at import time.
+Modules named in :data:`LAZY_MODULES` are imported on first use of their model type, so they
+can register themselves at import time: :mod:`ntk_jax.models.gpt2` (``"gpt2"``) and
+:mod:`ntk_jax.models.bert` (``"bert"``, ``"roberta"``, ``"xlm-roberta"``, ``"camembert"``).
+Such loaders build on the pieces here: :class:`SafetensorsDir`, :func:`rename_weight_map`
+(a weight map from a renaming function), :func:`load_weights` / :func:`load_model` (with
+``unexpected="warn"`` and fresh initialisation of parameters a checkpoint may lack) and
+:func:`save_hf_safetensors`.
 """
 from __future__ import annotations
 
@@ -63,7 +68,9 @@ import importlib
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+import struct
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +78,10 @@ import numpy as np
 from flax import nnx
 
 from ntk_jax.models import transformer as _tr
-from ntk_jax.models.lora import LoRAConfig, apply_lora
-from ntk_jax.models.transformer import DecoderConfig, DecoderLM, flatten_state, unflatten_state
+from ntk_jax.models.layers import with_dtypes
+from ntk_jax.models.lora import LoRAConfig, apply_lora, iter_linears
+from ntk_jax.models.transformer import (DecoderConfig, DecoderLM, _base_params_filter, flatten_state,
+                                        unflatten_state)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -92,7 +101,12 @@ __all__ = [
     "decoder_weight_map",
     "SafetensorsDir",
     "load_safetensors_dir",
+    "rename_weight_map",
     "load_weights",
+    "load_model",
+    "as_lora_config",
+    "effective_kernels",
+    "save_hf_safetensors",
     "from_pretrained",
     "load_tokenizer",
 ]
@@ -134,6 +148,8 @@ class WeightMap:
 
     tensors: tuple[TensorMap, ...]
     ignore: tuple[str, ...] = ()
+    # Parameters with no tensor in this checkpoint, initialised afresh (load_weights' init_fresh).
+    fresh: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +168,8 @@ LAZY_MODULES: dict[str, str] = {
     "gpt2": "ntk_jax.models.gpt2",
     "bert": "ntk_jax.models.bert",
     "roberta": "ntk_jax.models.bert",
+    "xlm-roberta": "ntk_jax.models.bert",
+    "camembert": "ntk_jax.models.bert",
 }
 
 
@@ -274,7 +292,32 @@ class SafetensorsDir:
         return tuple(int(d) for d in self._files[self._where[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._files[self._where[name]].get_tensor(name)
+        fpath = self._where[name]
+        try:
+            return self._files[fpath].get_tensor(name)
+        except TypeError:  # a safetensors without numpy bf16 support: read the raw bytes
+            return _read_raw(fpath, name)
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool"}
+
+
+def _read_raw(path: str, name: str) -> np.ndarray:
+    import ml_dtypes  # a jax dependency
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(n))[name]
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        buf = f.read(end - start)
+    dt = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dt is None:
+        raise TypeError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    dtype = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
+    return np.frombuffer(buf, dtype=dtype).reshape(info["shape"]).copy()
 
 
 def load_safetensors_dir(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -289,18 +332,44 @@ def load_safetensors_dir(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # Generic loading
 
 
-def _base_params_filter():
-    return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+def rename_weight_map(model: nnx.Module, hf_names: Iterable[str],
+                      rename: Callable[[str], tuple[Sequence[str], bool]], *, ignore: Iterable[str] = (),
+                      optional: Callable[[str], bool] | None = None) -> WeightMap:
+    """A :class:`WeightMap` for ``model``'s base parameters from a renaming function.
+
+    ``rename(nnx_name)`` gives the candidate HF names of a parameter (the first one in
+    ``hf_names`` is used; the first one is reported if none is) and whether the tensor is
+    transposed (PyTorch ``nn.Linear`` layout). Parameters for which ``optional(nnx_name)`` is
+    true and that have no tensor go to ``WeightMap.fresh``. ``ignore``: as ``WeightMap.ignore``.
+    """
+    hf_names = set(hf_names)
+    maps, fresh = [], []
+    for nnx_name in flatten_state(nnx.to_pure_dict(nnx.state(model, _base_params_filter()))):
+        candidates, transpose = rename(nnx_name)
+        hit = next((c for c in candidates if c in hf_names), None)
+        if hit is None and optional is not None and optional(nnx_name):
+            fresh.append(nnx_name)
+            continue
+        maps.append(TensorMap(candidates[0] if hit is None else hit, nnx_name, transpose=transpose))
+    return WeightMap(tuple(maps), tuple(ignore), tuple(fresh))
 
 
 def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.ndarray],
-                 weight_map: WeightMap, *, where: str = "checkpoint") -> None:
+                 weight_map: WeightMap, *, where: str = "checkpoint", unexpected: str = "error",
+                 init_fresh: Callable[[str, Any], Any] | None = None) -> None:
     """Fills every base parameter of ``model`` (possibly abstract, from ``nnx.eval_shape``)
     from ``source`` following ``weight_map``, in place, casting to each parameter's dtype.
 
-    Raises ``ValueError`` naming the tensor(s) for missing tensors, unexpected tensors (not
-    used and not matched by ``weight_map.ignore``) and shape mismatches (both shapes given).
+    Raises ``ValueError`` naming the tensor(s) for missing tensors and shape mismatches (both
+    shapes given), and for unexpected tensors (not used and not matched by
+    ``weight_map.ignore``) with ``unexpected="error"``; ``unexpected="warn"`` reports them
+    with a ``UserWarning`` instead. The parameters in ``weight_map.fresh`` are set to
+    ``init_fresh(nnx_name, abstract_param)`` (called in that order).
     """
+    if unexpected not in ("error", "warn"):
+        raise ValueError(f"unexpected must be 'error' or 'warn', got {unexpected!r}")
+    if weight_map.fresh and init_fresh is None:
+        raise ValueError(f"weight map has parameters to initialise {list(weight_map.fresh)} but no init_fresh")
     if isinstance(source, Mapping):
         tensors = dict(source)
         names, shape_of, get = set(tensors), (lambda n: tuple(tensors[n].shape)), tensors.__getitem__
@@ -308,11 +377,12 @@ def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.nda
         names, shape_of, get = source.names, source.shape, source.get
     state = nnx.state(model, _base_params_filter())
     expected = flatten_state(nnx.to_pure_dict(state))
-    by_nnx: dict[str, TensorMap] = {}
-    for t in weight_map.tensors:
-        if t.nnx_name in by_nnx:
-            raise ValueError(f"weight map gives parameter {t.nnx_name!r} twice")
-        by_nnx[t.nnx_name] = t
+    by_nnx: dict[str, TensorMap | None] = {}
+    for t in weight_map.tensors + tuple(weight_map.fresh):
+        n = t if isinstance(t, str) else t.nnx_name
+        if n in by_nnx:
+            raise ValueError(f"weight map gives parameter {n!r} twice")
+        by_nnx[n] = t
     unmapped, unknown = sorted(set(expected) - set(by_nnx)), sorted(set(by_nnx) - set(expected))
     if unmapped or unknown:
         raise ValueError(f"weight map does not match {type(model).__name__}: parameters without a source "
@@ -322,10 +392,14 @@ def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.nda
         raise ValueError(f"{where}: missing tensor(s) {missing}")
     ignore = [re.compile(p) for p in weight_map.ignore]
     used = {t.hf_name for t in weight_map.tensors}
-    unexpected = sorted(n for n in names - used if not any(r.search(n) for r in ignore))
-    if unexpected:
-        raise ValueError(f"{where}: unexpected tensor(s) {unexpected} (not used by {type(model).__name__}; "
+    unused = sorted(n for n in names - used if not any(r.search(n) for r in ignore))
+    if unused and unexpected == "error":
+        raise ValueError(f"{where}: unexpected tensor(s) {unused} (not used by {type(model).__name__}; "
                          "does config.json match the weights?)")
+    if unused:
+        shown = unused if len(unused) <= 10 else unused[:10] + [f"... ({len(unused) - 10} more)"]
+        warnings.warn(f"{where}: checkpoint tensors not used by {type(model).__name__}: {shown}",
+                      stacklevel=3)
     # Shapes from the headers first, so a mismatch is reported before anything is read.
     for t in weight_map.tensors:
         if t.transform is None:
@@ -347,22 +421,14 @@ def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.nda
                              f"{tuple(arr.shape)}, expected {tuple(ref.shape)} for parameter {t.nnx_name!r}")
         loaded[t.nnx_name] = jnp.asarray(np.asarray(arr).astype(ref.dtype, copy=False))
     cache = None
+    for n in weight_map.fresh:
+        loaded[n] = jnp.asarray(init_fresh(n, expected[n]), dtype=expected[n].dtype)
     nnx.replace_by_pure_dict(state, unflatten_state(loaded))
     nnx.update(model, state)
 
 
-def _with_dtypes(config: Any, dtype: Any, param_dtype: Any) -> Any:
-    overrides = {k: jnp.dtype(v).name for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
-                 if v is not None}
-    if not overrides:
-        return config
-    if not dataclasses.is_dataclass(config) or not all(
-            k in {f.name for f in dataclasses.fields(config)} for k in overrides):
-        raise ValueError(f"{type(config).__name__} has no {sorted(overrides)} fields to override")
-    return dataclasses.replace(config, **overrides)
-
-
-def _lora_config(lora: Any) -> LoRAConfig | None:
+def as_lora_config(lora: Any) -> LoRAConfig | None:
+    """``lora`` (a :class:`LoRAConfig`, its dict, or ``None``) as a ``LoRAConfig`` or ``None``."""
     if lora is None or isinstance(lora, LoRAConfig):
         return lora
     if isinstance(lora, Mapping) or hasattr(lora, "keys"):
@@ -370,25 +436,59 @@ def _lora_config(lora: Any) -> LoRAConfig | None:
     raise TypeError(f"lora must be a LoRAConfig, a dict or None, got {type(lora).__name__}")
 
 
-def _build_loaded(arch: Architecture, config: Any, source: SafetensorsDir,
-                  rngs: nnx.Rngs | None) -> nnx.Module:
-    model = nnx.eval_shape(lambda: arch.build_fn(config, rngs=nnx.Rngs(0)))
-    wmap = arch.weight_map_fn(config, source.names)
-    load_weights(model, source, wmap, where=source.path)
+def load_model(build_fn: Callable[..., nnx.Module], config: Any, source: SafetensorsDir,
+               weight_map_fn: Callable[[nnx.Module, set[str]], WeightMap], *,
+               rngs: nnx.Rngs | None = None, lora: LoRAConfig | Mapping | None = None,
+               unexpected: str = "error", init_fresh: Callable[[str, Any], Any] | None = None) -> nnx.Module:
+    """``build_fn(config, rngs=...)`` built abstractly, its parameters loaded from ``source``
+    following ``weight_map_fn(abstract_model, source.names)`` (see :func:`load_weights` for
+    ``unexpected`` and ``init_fresh``), its non-parameter state initialised, and LoRA
+    adapters attached if ``lora`` is given (with ``rngs``, default ``nnx.Rngs(0)``)."""
+    lcfg = as_lora_config(lora)
+    model = nnx.eval_shape(lambda: build_fn(config, rngs=nnx.Rngs(0)))
+    load_weights(model, source, weight_map_fn(model, source.names), where=source.path,
+                 unexpected=unexpected, init_fresh=init_fresh)
     rest = nnx.state(model, nnx.Not(_base_params_filter()))
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest)):
         # Non-parameter state (e.g. dropout RNG streams): run the constructor under jit and
         # keep only that state; XLA drops the unused parameter initialisers.
         @nnx.jit
         def make_rest(r):
-            return nnx.state(arch.build_fn(config, rngs=r), nnx.Not(_base_params_filter()))
+            return nnx.state(build_fn(config, rngs=r), nnx.Not(_base_params_filter()))
 
         nnx.update(model, make_rest(rngs if rngs is not None else nnx.Rngs(0)))
     left = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
             if isinstance(x, jax.ShapeDtypeStruct)]
     if left:
         raise RuntimeError(f"state left uninitialised after loading: {left}")
+    if lcfg is not None:
+        apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
     return model
+
+
+def effective_kernels(model: nnx.Module) -> dict[str, jax.Array]:
+    """Flat NNX name -> value of every base parameter, with LoRA adapters folded into their
+    kernels (``W + (alpha/r) A B``); the model is not modified."""
+    flat = flatten_state(nnx.to_pure_dict(nnx.state(model, _base_params_filter())))
+    for path, lin in iter_linears(model):
+        if lin.lora is not None:
+            name = ".".join(str(p) for p in path) + ".kernel"
+            delta = (lin.lora.lora_a[...] @ lin.lora.lora_b[...]) * lin.lora.scale
+            flat[name] = (flat[name] + delta).astype(flat[name].dtype)
+    return flat
+
+
+def save_hf_safetensors(tensors: Mapping[str, Any], config: dict, directory: str | os.PathLike) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (numpy; ``format: pt`` metadata so
+    ``transformers`` loads it)."""
+    from safetensors.numpy import save_file
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> Any:
@@ -430,18 +530,18 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     path = _check_dir(path)
     hf = read_hf_config(path)
     mt = hf.get("model_type")
-    lcfg = _lora_config(lora)
+    lcfg = as_lora_config(lora)
     if mt == _tr.MODEL_TYPE:
         model = _tr.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
-    else:
-        arch = get_architecture(mt)
-        if arch.load_fn is not None:
-            return arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
-        config = _with_dtypes(arch.config_fn(hf), dtype, param_dtype)
-        model = _build_loaded(arch, config, SafetensorsDir(path), rngs)
-    if lcfg is not None:
-        apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-    return model
+        if lcfg is not None:
+            apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+        return model
+    arch = get_architecture(mt)
+    if arch.load_fn is not None:
+        return arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
+    config = with_dtypes(arch.config_fn(hf), dtype, param_dtype)
+    return load_model(arch.build_fn, config, SafetensorsDir(path),
+                      lambda _model, names: arch.weight_map_fn(config, names), rngs=rngs, lora=lcfg)
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs):

@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
+from ntk_jax.models.layers import ConfigMixin, with_dtypes
 from ntk_jax.models.lora import LoRALinear
 
 Array = jax.Array
@@ -144,7 +145,7 @@ def _normalize_rope_scaling(rs: Mapping[str, Any] | None) -> FrozenDict | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ConfigMixin):
     """Hyper-parameters of :class:`DecoderLM` (names follow HF's ``LlamaConfig`` loosely).
 
     ``num_kv_heads=None`` means ``num_heads`` (multi-head attention) and ``head_dim=None``
@@ -233,14 +234,6 @@ class DecoderConfig:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (``rope_scaling`` a dict, ``layer_types`` a list)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -249,16 +242,6 @@ class DecoderConfig:
         if d["layer_types"] is not None:
             d["layer_types"] = list(d["layer_types"])
         return d
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "DecoderConfig":
-        """Builds from a dict / ``ConfigDict``; unknown keys raise ``ValueError`` naming them."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DecoderConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,7 +315,7 @@ def position_ids_from_mask(attention_mask: Array | None, batch: int, length: int
     """``cumsum(mask) - 1`` clipped at 0, or ``arange(T)`` without a mask: (B, T) int32."""
     if attention_mask is None:
         return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    m = attention_mask.astype(jnp.int32)
+    m = jnp.asarray(attention_mask).astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
@@ -569,11 +552,7 @@ def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = Non
     from safetensors import safe_open
 
     directory = os.fspath(directory)
-    config = load_config(directory)
-    overrides = {k: jnp.dtype(v).name for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
-                 if v is not None}
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
+    config = with_dtypes(load_config(directory), dtype, param_dtype)
     wpath = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")

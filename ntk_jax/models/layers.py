@@ -1,0 +1,105 @@
+"""Small pieces shared by the model ports (:mod:`~ntk_jax.models.transformer`,
+:mod:`~ntk_jax.models.gpt2`, :mod:`~ntk_jax.models.bert`): HF-style ``LayerNorm``, HF
+activation names, and the dtype / dict helpers of their config dataclasses.
+
+Imports only jax / flax, so every model module can import it without cycles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+__all__ = ["LayerNorm", "get_activation", "resolve_dtype", "with_dtypes", "ConfigMixin"]
+
+
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` (HF ``nn.LayerNorm``), computed in
+    (at least) float32 and returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        h = x.astype(jnp.promote_types(dtype, jnp.float32))
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        h = h * self.weight[...].astype(h.dtype) + self.bias[...].astype(h.dtype)
+        return h.astype(dtype)
+
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """The activation HF names ``name`` (``ACT2FN``): ``gelu`` is exact (erf), ``gelu_new`` /
+    ``gelu_pytorch_tanh`` / ``gelu_fast`` the tanh approximation."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+def resolve_dtype(name: Any, field: str) -> str:
+    """The canonical name of dtype ``name``; ``ValueError`` naming ``field`` if it is none."""
+    try:
+        return jnp.dtype(name).name
+    except TypeError as e:
+        raise ValueError(f"{field}={name!r} is not a dtype name") from e
+
+
+def with_dtypes(config: Any, dtype: Any = None, param_dtype: Any = None) -> Any:
+    """``config`` with its ``dtype`` / ``param_dtype`` fields replaced by those given (dtype
+    names or objects; ``None`` keeps the config's)."""
+    overrides = {k: jnp.dtype(v).name for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
+                 if v is not None}
+    if not overrides:
+        return config
+    if not dataclasses.is_dataclass(config) or not all(
+            k in {f.name for f in dataclasses.fields(config)} for k in overrides):
+        raise ValueError(f"{type(config).__name__} has no {sorted(overrides)} fields to override")
+    return dataclasses.replace(config, **overrides)
+
+
+class ConfigMixin:
+    """Shared methods of the frozen config dataclasses (fields ``dtype`` / ``param_dtype``)."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any):
+        """Builds from a dict / ``ConfigDict``; unknown keys raise ``ValueError`` naming them."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+        return cls(**d)

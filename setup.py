@@ -22,6 +22,8 @@ setup(
         "transformers==5.23.0",
         "safetensors",
         "tokenizers",
+        # Local Hugging Face `datasets` directories (save_to_disk) as selection pools.
+        "datasets==5.2.0",
         # neural-tangents 0.6.5 is installed with --no-deps (its deps pull TensorFlow);
         # this is its one runtime dependency that jax does not bring.
         "frozendict",
@@ -29,6 +31,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext",
                  # PyTorch transformers models are the reference in the port tests only.
-                 "torch==2.13.0"],
+                 "torch==2.13.0",
+                 # Round-trip of exported LoRA adapters into the PyTorch stack.
+                 "peft==0.21.2"],
     },
 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+# The validation experiments the default job runs (SPEC §3). Any job with a section in
+# SECTIONS below can be listed in ``config.experiments``.
 EXPERIMENTS = ("stability", "spectrum", "approximation")
 
 # The tasks the embedded default model is pre-trained on (ntk_jax.data.synthetic.TASKS).
@@ -101,6 +103,16 @@ def approximation_config() -> ml_collections.ConfigDict:
     ))
 
 
+# Job name (``experiments/<name>.py``) -> builder of its config section ``config.<name>``.
+# A new job adds its ``<name>_config()`` here; every section is always present, so any
+# ``--config.<name>.<key>=...`` override is checked against the defaults.
+SECTIONS = {
+    "stability": stability_config,
+    "spectrum": spectrum_config,
+    "approximation": approximation_config,
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.experiments = list(EXPERIMENTS)
@@ -108,7 +120,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.enable_x64 = False
     c.model = model_config()
     c.pretrain = pretrain_config()
-    c.stability = stability_config()
-    c.spectrum = spectrum_config()
-    c.approximation = approximation_config()
+    for name, section in SECTIONS.items():
+        c[name] = section()
     return c

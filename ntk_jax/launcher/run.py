@@ -10,15 +10,15 @@ import time
 import jax
 from absl import logging
 
-from ntk_jax.launcher.config_lib import EXPERIMENTS
+from ntk_jax.launcher.config_lib import SECTIONS
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.utils import read_json, write_json
 
 
 def check_config(config) -> None:
-    unknown = [e for e in config.experiments if e not in EXPERIMENTS]
+    unknown = [e for e in config.experiments if e not in SECTIONS]
     if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; known: {list(EXPERIMENTS)}")
+        raise ValueError(f"unknown experiment(s) {unknown}; known: {list(SECTIONS)}")
     if not config.experiments:
         raise ValueError("config.experiments is empty: nothing to run")
 

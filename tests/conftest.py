@@ -1,0 +1,29 @@
+"""Fixtures shared across test files."""
+import os
+
+import pytest
+
+from ntk_jax.launcher.config_lib import base_config
+from ntk_jax.training.pretrain import pretrain_default_model
+
+
+def tiny_pretrain_config():
+    """A shrunken version of the default job's pre-training (a few seconds on 2 cores)."""
+    c = base_config()
+    c.model.arch.hidden_size = 32
+    c.model.arch.intermediate_size = 64
+    c.pretrain.n_per_task = 200
+    c.pretrain.train.total_steps = 150
+    c.pretrain.train.batch_size = 32
+    c.pretrain.train.checkpoint_every = 0
+    return c
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Directory of a small pre-trained embedded-default model (``config.json``, weights,
+    char tokenizer), made once per test session. Treat it as read-only."""
+    c = tiny_pretrain_config()
+    directory = os.path.join(str(tmp_path_factory.mktemp("tiny_model")), "base_model")
+    pretrain_default_model(c.pretrain, c.model.arch, directory, seed=0)
+    return directory

@@ -103,6 +103,23 @@ def approximation_config() -> ml_collections.ConfigDict:
     ))
 
 
+def distributed_config() -> ml_collections.ConfigDict:
+    """``jax.distributed`` settings (see :mod:`ntk_jax.launcher.distributed`)."""
+    return ml_collections.ConfigDict(dict(
+        mode="auto",                # auto | on | off
+        coordinator_address="",     # host:port of process 0 (or JAX_COORDINATOR_ADDRESS)
+        num_processes=0,            # 0: from JAX_NUM_PROCESSES / the cluster
+        process_id=-1,              # -1: from JAX_PROCESS_ID / the cluster
+        cpu_collectives="gloo",     # CPU backend's cross-process collectives ("" = JAX default)
+    ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """The device mesh each process builds from its local devices: ``data`` × ``model``
+    (-1: all remaining devices)."""
+    return ml_collections.ConfigDict(dict(data=-1, model=1))
+
+
 # Job name (``experiments/<name>.py``) -> builder of its config section ``config.<name>``.
 # A new job adds its ``<name>_config()`` here; every section is always present, so any
 # ``--config.<name>.<key>=...`` override is checked against the defaults.
@@ -120,6 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.enable_x64 = False
     c.model = model_config()
     c.pretrain = pretrain_config()
+    c.distributed = distributed_config()
+    c.mesh = mesh_config()
     for name, section in SECTIONS.items():
         c[name] = section()
     return c

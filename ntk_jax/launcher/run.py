@@ -10,6 +10,7 @@ import time
 import jax
 from absl import logging
 
+from ntk_jax.launcher import distributed
 from ntk_jax.launcher.config_lib import SECTIONS
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.utils import read_json, write_json
@@ -28,16 +29,28 @@ def run(config, workdir: str) -> dict:
 
     A finished experiment (its ``report.json`` exists) is not run again, so a killed job
     restarted with the same workdir resumes where it stopped; delete the report to rerun.
+
+    Run as one of several processes (``config.distributed``, see
+    :mod:`ntk_jax.launcher.distributed`), every process calls this with the same config and a
+    shared ``workdir``: jobs whose module sets ``DISTRIBUTED = True`` split their work across
+    the processes; any other job runs on process 0 while the others wait.
     """
     check_config(config)
     if config.enable_x64:
         jax.config.update("jax_enable_x64", True)
+    process = distributed.initialize(config.distributed)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        fh.write(config.to_json_best_effort(indent=2))
+    if process.is_primary:
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            fh.write(config.to_json_best_effort(indent=2))
     t0 = time.time()
-    context = prepare_context(config, workdir)
+    if process.is_primary:
+        context = prepare_context(config, workdir)
+    distributed.barrier("ntk_jax.prepare_context")
+    if not process.is_primary:
+        context = prepare_context(config, workdir)  # reads what process 0 prepared
+    context.process = process
     timings = {"prepare_model_s": time.time() - t0}
     reports = {}
     for name in config.experiments:
@@ -50,13 +63,21 @@ def run(config, workdir: str) -> dict:
         os.makedirs(out_dir, exist_ok=True)
         t = time.time()
         module = importlib.import_module(f"experiments.{name}")
-        report = module.run(config, out_dir, context)
-        report["elapsed_s"] = time.time() - t
-        write_json(report_path, report)
+        if getattr(module, "DISTRIBUTED", False) or process.is_primary:
+            report = module.run(config, out_dir, context)
+        if process.is_primary:
+            report["elapsed_s"] = time.time() - t
+            write_json(report_path, report)
+        distributed.barrier(f"ntk_jax.experiment.{name}")
+        if not process.is_primary:
+            reports[name] = read_json(report_path)
+            continue
         timings[f"{name}_s"] = report["elapsed_s"]
         reports[name] = report
         print(f"[ntk_jax] {name}: {json.dumps(module.summary(report))}", flush=True)
     timings["total_s"] = time.time() - t0
+    if not process.is_primary:
+        return reports
     write_json(os.path.join(workdir, "timings.json"), timings)
     print(f"[ntk_jax] done in {timings['total_s']:.1f}s; reports under {workdir}", flush=True)
     return reports

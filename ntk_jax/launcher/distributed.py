@@ -1,0 +1,123 @@
+"""Multi-process runs on JAX's own distributed runtime (``jax.distributed``).
+
+A job started as one of several processes (one per host, or one per GPU) calls
+:func:`initialize` before anything touches a device. Where the processes come from:
+
+* explicit settings — ``config.distributed.coordinator_address`` / ``num_processes`` /
+  ``process_id`` (the launcher's ``--coordinator_address``, ``--num_processes``,
+  ``--process_id`` flags set these), or the environment variables
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``;
+* a cluster JAX detects by itself — SLURM (``srun``, ``SLURM_NTASKS > 1``), Open MPI
+  (``mpirun``, ``OMPI_COMM_WORLD_SIZE > 1``), Cloud TPU slices with several hosts
+  (``TPU_WORKER_HOSTNAMES``) — then ``jax.distributed.initialize()`` is called without
+  arguments and JAX reads the cluster.
+
+``config.distributed.mode``: ``"auto"`` (initialise when either applies), ``"on"`` (always;
+error if nothing says how) or ``"off"``. On the CPU backend the cross-process collectives use
+gloo. Work is split across processes by deterministic shard assignment (shard ``k`` to process
+``k % process_count``; see :mod:`ntk_jax.selection.store` and
+:mod:`ntk_jax.kernels.sharded`); within a process, the ``data`` × ``model`` mesh of its
+local devices shards each computation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from absl import logging
+
+MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process stands: ``process_index`` of ``process_count``; ``initialized``
+    says whether ``jax.distributed`` was started (by this call or earlier)."""
+
+    process_index: int
+    process_count: int
+    initialized: bool
+
+    @property
+    def is_primary(self) -> bool:
+        return self.process_index == 0
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    if value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def cluster_detected() -> str | None:
+    """The name of a multi-process cluster environment JAX can read by itself, or ``None``."""
+    if (_int_env("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_ID"):
+        return "slurm"
+    if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "openmpi"
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return "cloud_tpu"
+    return None
+
+
+def explicit_settings(cfg) -> dict | None:
+    """``coordinator_address``/``num_processes``/``process_id`` from the config, falling back
+    to ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``; ``None`` if no
+    coordinator is named. ``ValueError`` if a coordinator is named but the rest is incomplete."""
+    address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not address:
+        return None
+    num = cfg.num_processes if cfg.num_processes > 0 else _int_env("JAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id >= 0 else _int_env("JAX_PROCESS_ID")
+    if num is None or pid is None:
+        raise ValueError(f"coordinator {address!r} given but num_processes/process_id are not "
+                         "(set --num_processes/--process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    if not 0 <= pid < num:
+        raise ValueError(f"process_id {pid} out of range for num_processes {num}")
+    return {"coordinator_address": address, "num_processes": int(num), "process_id": int(pid)}
+
+
+def initialize(cfg) -> ProcessInfo:
+    """Starts ``jax.distributed`` as ``cfg`` (``config.distributed``) and the environment say.
+
+    Must run before the first computation on a device. Idempotent.
+    """
+    if cfg.mode not in MODES:
+        raise ValueError(f"config.distributed.mode must be one of {MODES}, got {cfg.mode!r}")
+    if jax.distributed.is_initialized():
+        return ProcessInfo(jax.process_index(), jax.process_count(), True)
+    if cfg.mode == "off":
+        return ProcessInfo(0, 1, False)
+    settings = explicit_settings(cfg)
+    cluster = None if settings else cluster_detected()
+    if settings is None and cluster is None:
+        if cfg.mode == "on":
+            raise ValueError("config.distributed.mode='on' but no coordinator address is set and no "
+                             "SLURM/Open MPI/Cloud TPU environment was detected")
+        return ProcessInfo(0, 1, False)
+    if settings is not None and settings["num_processes"] == 1:
+        return ProcessInfo(0, 1, False)
+    if cfg.cpu_collectives:
+        # Cross-process collectives of the CPU backend (barriers, gathers); no effect on GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    if settings is not None:
+        logging.info("jax.distributed: process %d/%d, coordinator %s", settings["process_id"],
+                     settings["num_processes"], settings["coordinator_address"])
+        jax.distributed.initialize(**settings)
+    else:
+        logging.info("jax.distributed: %s environment detected", cluster)
+        jax.distributed.initialize()
+    return ProcessInfo(jax.process_index(), jax.process_count(), True)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches ``barrier(name)`` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

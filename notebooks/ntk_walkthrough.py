@@ -68,7 +68,8 @@ K = {m: empirical_ntk(f, subset.params, batch, method=m) for m in ("jacobian", "
 for m, k in K.items():
     print(f"{m:16s} max rel diff vs jacobian: {np.abs(k - K['jacobian']).max() / np.abs(K['jacobian']).max():.2e}")
 K_blocked = empirical_ntk(f, subset.params, batch, block_size=5)
-print("blocked (5×5 blocks) equal:", np.allclose(K_blocked, K["jacobian"], rtol=1e-5, atol=1e-6))
+# float32: entries agree to ~1e-7 of the kernel's scale (blocks are padded, so XLA may order sums differently)
+print("blocked (5×5 blocks) equal:", np.allclose(K_blocked, K["jacobian"], rtol=1e-5, atol=1e-6 * np.abs(K["jacobian"]).max()))
 
 # %% [markdown]
 # ## Spectrum, condition number and the kernel-regression risk bounds

@@ -17,6 +17,7 @@ LIBRARY_METHODS = ("jacobian", "ntk_vp", "neural_tangents_jacobian_contraction",
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_ntk_speed_quick():
     env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, SCRIPT, "--quick"], cwd=ROOT, env=env,

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 

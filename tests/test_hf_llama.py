@@ -298,7 +298,7 @@ def test_load_errors(tmp_path):
         from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(NotImplementedError, match="mesh"):
+    with pytest.raises(TypeError, match="mesh"):
         from_pretrained(tmp_path, mesh=object())
 
 

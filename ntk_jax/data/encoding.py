@@ -22,6 +22,22 @@ So ``loss_mask`` has ``R + 1`` ones per row (``R`` without eos), at positions
 Prompt and response are tokenized separately (``add_special_tokens=False``) and
 concatenated, so the prompt/response boundary is exact for any tokenizer (for a
 subword tokenizer this can differ from tokenizing the joined string).
+
+A *text* record ``{"text": t}`` (no ``prompt``/``response``) is encoded as
+``[bos] + t + [eos]`` with every token after the bos scored (as a record with an empty
+prompt and response ``t``).
+
+Truncation (``truncation=`` of :func:`encode_examples` / :func:`pack_sequences`), for a
+sequence of length ``L > max_len``:
+
+* ``"error"`` (default): ValueError naming the record id and its length.
+* ``"left"``: drop prompt tokens from the left (after the bos, if any) until it fits;
+  ValueError if the bos + response (+ eos) alone exceed ``max_len``.
+* ``"right"``: keep the first ``max_len`` tokens (the response tail and the eos are
+  lost); ValueError if no scored token is left.
+
+:func:`pack_sequences` builds the arrays from already-tokenized sequences (used by
+:mod:`ntk_jax.data.records` for chat-template encodings).
 """
 from __future__ import annotations
 
@@ -29,7 +45,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["encode_record", "encode_examples", "max_length", "iterate_batches", "pad_to_batches"]
+__all__ = ["encode_record", "encode_examples", "pack_sequences", "truncate_sequence", "max_length",
+           "iterate_batches", "pad_to_batches", "TRUNCATION_POLICIES"]
+
+TRUNCATION_POLICIES = ("error", "left", "right")
 
 
 def _record_id(record: Mapping, index: int) -> str:
@@ -50,16 +69,25 @@ def encode_record(tokenizer, record: Mapping, *, add_bos: bool = True, add_eos: 
     """Ids of one record and where its response starts.
 
     Returns ``(ids, response_start)`` with ``ids = [bos] + prompt + response + [eos]``
-    (bos/eos per the flags) and ``ids[response_start:]`` the response (+ eos).
-    ValueError if ``record`` lacks a string ``prompt``/``response``, or if no
+    (bos/eos per the flags) and ``ids[response_start:]`` the response (+ eos). A text
+    record (``"text"``, no ``prompt``/``response``) is ``[bos] + text + [eos]`` with
+    ``response_start`` right after the bos.
+    ValueError if ``record`` lacks a string ``prompt``/``response`` (or ``text``), or if no
     position would be scored (empty response and ``add_eos=False``).
     """
     rid = _record_id(record, index)
-    for key in ("prompt", "response"):
-        if not isinstance(record.get(key), str):
-            raise ValueError(f"record {rid}: missing or non-string {key!r}")
-    prompt = list(tokenizer.encode(record["prompt"], add_special_tokens=False))
-    response = list(tokenizer.encode(record["response"], add_special_tokens=False))
+    if "prompt" not in record and "response" not in record and "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"record {rid}: non-string 'text'")
+        prompt, response = [], list(tokenizer.encode(record["text"], add_special_tokens=False))
+        if not response and not add_eos:
+            raise ValueError(f"record {rid}: text encodes to zero tokens and add_eos=False (zero loss tokens)")
+    else:
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"record {rid}: missing or non-string {key!r}")
+        prompt = list(tokenizer.encode(record["prompt"], add_special_tokens=False))
+        response = list(tokenizer.encode(record["response"], add_special_tokens=False))
     if not response and not add_eos:
         raise ValueError(f"record {rid}: response encodes to zero tokens and add_eos=False (zero loss tokens)")
     head = [_special_id(tokenizer, "bos_token_id", "add_bos=True")] if add_bos else []
@@ -69,7 +97,12 @@ def encode_record(tokenizer, record: Mapping, *, add_bos: bool = True, add_eos: 
     if start == 0:
         # The first token is never a target: a sequence with no bos and no prompt
         # cannot score its first response token.
-        raise ValueError(f"record {rid}: empty prompt with add_bos=False leaves the first response token unscored")
+        if "prompt" not in record:
+            start = 1  # a text record without bos: every token but the first is scored
+            if len(ids) < 2:
+                raise ValueError(f"record {rid}: text without bos needs at least two tokens (zero loss tokens)")
+        else:
+            raise ValueError(f"record {rid}: empty prompt with add_bos=False leaves the first response token unscored")
     return ids, start
 
 
@@ -79,35 +112,94 @@ def max_length(tokenizer, records: Sequence[Mapping], *, add_bos: bool = True, a
                 for i, r in enumerate(records)), default=0)
 
 
-def encode_examples(tokenizer, records: Sequence[Mapping], max_len: int, *, add_bos: bool = True,
-                    add_eos: bool = True) -> dict[str, np.ndarray]:
-    """Encode ``n = len(records)`` records into right-padded arrays of width ``max_len``.
+def truncate_sequence(ids: Sequence[int], start: int, max_len: int, *, truncation: str = "error",
+                      keep_head: int = 0, record_id: str = "?") -> tuple[list[int], int]:
+    """Fit one sequence ``ids`` (scored from ``start`` on) into ``max_len`` tokens.
 
-    Returns ``{"input_ids", "targets", "loss_mask", "attention_mask"}``, each of
-    shape ``(n, max_len)`` (see the module docstring for their content and dtypes).
+    ``keep_head``: leading tokens that ``"left"`` truncation never drops (the bos).
+    Returns ``(ids, start)`` unchanged when it fits, else per ``truncation`` (see the
+    module docstring). ValueError naming ``record_id`` when it cannot fit or nothing
+    scored would be left.
+    """
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {TRUNCATION_POLICIES}")
+    ids = list(ids)
+    length = len(ids)
+    if length <= max_len:
+        return ids, start
+    if truncation == "error":
+        raise ValueError(f"record {record_id}: encoded length {length} exceeds max_len={max_len} "
+                         "(pass truncation='left' or 'right' to truncate)")
+    if truncation == "left":
+        drop = length - max_len
+        removable = start - keep_head  # prompt tokens after the kept head
+        if drop > removable:
+            raise ValueError(f"record {record_id}: the response alone ({length - start} tokens + "
+                             f"{keep_head} kept) does not fit max_len={max_len}")
+        return ids[:keep_head] + ids[keep_head + drop:], start - drop
+    if start >= max_len:
+        raise ValueError(f"record {record_id}: right truncation to max_len={max_len} leaves no scored "
+                         f"token (the response starts at position {start})")
+    return ids[:max_len], start
 
-    Raises ValueError for a sequence longer than ``max_len`` (naming the record id
-    and its length; nothing is truncated), a record with zero scored tokens, or a
-    tokenizer without ``pad_token_id``.
+
+def pack_sequences(sequences: Sequence[tuple[Sequence[int], int]], max_len: int, pad_token_id: int, *,
+                   record_ids: Sequence[str] | None = None, truncation: str = "error",
+                   keep_head: int | Sequence[int] = 0) -> dict[str, np.ndarray]:
+    """Arrays of ``n = len(sequences)`` tokenized sequences ``(ids, start)``.
+
+    ``ids[start:]`` are the scored tokens (``start >= 1``: the first token is never a
+    target). Returns ``{"input_ids", "targets", "loss_mask", "attention_mask"}`` of shape
+    ``(n, max_len)`` as described in the module docstring (``loss_mask`` 1.0 at positions
+    ``start - 1 .. len(ids) - 2``). Over-long sequences follow ``truncation``;
+    ``keep_head`` (per sequence or one int) is the number of leading tokens ``"left"``
+    truncation keeps. ValueError (naming the record id) for a sequence with no scored token.
     """
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
         raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
-    pad = _special_id(tokenizer, "pad_token_id", "padding")
-    n = len(records)
-    input_ids = np.full((n, max_len), pad, dtype=np.int32)
-    targets = np.full((n, max_len), pad, dtype=np.int32)
+    n = len(sequences)
+    if record_ids is not None and len(record_ids) != n:
+        raise ValueError(f"{len(record_ids)} record_ids for {n} sequences")
+    heads = [int(keep_head)] * n if isinstance(keep_head, (int, np.integer)) else list(keep_head)
+    input_ids = np.full((n, max_len), pad_token_id, dtype=np.int32)
+    targets = np.full((n, max_len), pad_token_id, dtype=np.int32)
     loss_mask = np.zeros((n, max_len), dtype=np.float32)
     attention_mask = np.zeros((n, max_len), dtype=np.int32)
-    for i, record in enumerate(records):
-        ids, start = encode_record(tokenizer, record, add_bos=add_bos, add_eos=add_eos, index=i)
+    for i, (ids, start) in enumerate(sequences):
+        rid = str(record_ids[i]) if record_ids is not None else f"#{i}"
+        if not 1 <= start < len(ids):
+            raise ValueError(f"record {rid}: zero loss tokens (scored part starts at {start} of "
+                             f"{len(ids)} tokens)")
+        ids, start = truncate_sequence(ids, start, max_len, truncation=truncation, keep_head=heads[i],
+                                       record_id=rid)
         length = len(ids)
-        if length > max_len:
-            raise ValueError(f"record {_record_id(record, i)}: encoded length {length} exceeds max_len={max_len}")
         input_ids[i, :length] = ids
         targets[i, : length - 1] = ids[1:]
         attention_mask[i, :length] = 1
         loss_mask[i, start - 1 : length - 1] = 1.0
     return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def encode_examples(tokenizer, records: Sequence[Mapping], max_len: int, *, add_bos: bool = True,
+                    add_eos: bool = True, truncation: str = "error") -> dict[str, np.ndarray]:
+    """Encode ``n = len(records)`` records into right-padded arrays of width ``max_len``.
+
+    Returns ``{"input_ids", "targets", "loss_mask", "attention_mask"}``, each of
+    shape ``(n, max_len)`` (see the module docstring for their content and dtypes).
+
+    Raises ValueError for a sequence longer than ``max_len`` with ``truncation="error"``
+    (naming the record id and its length; see the module docstring for ``"left"`` /
+    ``"right"``), a record with zero scored tokens, or a tokenizer without ``pad_token_id``.
+    """
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
+        raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {TRUNCATION_POLICIES}")
+    pad = _special_id(tokenizer, "pad_token_id", "padding")
+    sequences = [encode_record(tokenizer, record, add_bos=add_bos, add_eos=add_eos, index=i)
+                 for i, record in enumerate(records)]
+    return pack_sequences(sequences, max_len, pad, record_ids=[_record_id(r, i) for i, r in enumerate(records)],
+                          truncation=truncation, keep_head=1 if add_bos else 0)
 
 
 def _num_rows(arrays: Mapping[str, np.ndarray]) -> int:

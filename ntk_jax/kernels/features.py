@@ -12,6 +12,7 @@ Conventions (as in neural-tangents' ``empirical.py``):
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -92,9 +93,25 @@ def flatten_per_example(grads: PyTree) -> jax.Array:
     return jnp.concatenate([g.reshape(n, -1) for g in leaves], axis=1)
 
 
+def _projection_matrix(projection: RandomProjection, params: PyTree) -> jax.Array | None:
+    """The cached whole matrix for per-example gradients shaped like ``params`` (one shared
+    float dtype), or ``None`` (on-the-fly path: traced params, mixed dtypes, over budget)."""
+    leaves = jax.tree.leaves(params)
+    dtypes = {jnp.promote_types(jnp.result_type(leaf), jnp.float32) for leaf in leaves}
+    if len(dtypes) != 1:
+        return None
+    return projection.cached_matrix(params, dtypes.pop())
+
+
 def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = None,
                     transform: Callable[[PyTree], PyTree] | None = None) -> Callable:
-    """A jitted ``features(params, x) -> (n, P | p)`` for one batch.
+    """A ``features(params, x) -> (n, P | p)`` for one batch (one compiled program per shape).
+
+    Per-example gradients are ``vmap(grad)`` of ``scalar_fn``; with a projection whose whole
+    ``(P, p)`` matrix fits its ``cache_bytes``, the matrix is generated once (cached on the
+    device, see :mod:`ntk_jax.kernels.projection`) and passed to the compiled program, so the
+    batch is projected with one ``(n, P) @ (P, p)`` GEMM; otherwise (huge P, or ``params``
+    traced by an enclosing transformation) Π is generated on the fly inside the program.
 
     Args:
       scalar_fn: ``s(params, x) -> (n,)``.
@@ -104,15 +121,35 @@ def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = N
     """
 
     @jax.jit
-    def features(params, x):
+    def compiled(params, x, matrix):
         g = per_example_grads(scalar_fn, params, x)
         if transform is not None:
             g = transform(g)
         if projection is None:
             return flatten_per_example(g)
+        sizes = tuple(int(np.prod(leaf.shape[1:])) for leaf in jax.tree.leaves(g))
+        if matrix is not None and sum(sizes) == matrix.shape[0]:
+            return projection.project_with_matrix(g, matrix)
         return projection(g)
 
+    def features(params, x):
+        matrix = None if projection is None else _projection_matrix(projection, params)
+        return compiled(params, x, matrix)
+
+    features.compiled = compiled  # (params, x, matrix-or-None), e.g. for cost analysis
+    features.projection_matrix = (lambda params: None if projection is None
+                                  else _projection_matrix(projection, params))
     return features
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None,
+                       transform: Callable | None) -> Callable:
+    """:func:`make_feature_fn` memoised on (scalar_fn, projection, transform) — functions by
+    identity, projections by value — so repeated :func:`gradient_features` calls (shards of
+    a pool, pool chunks) reuse one compiled program instead of re-tracing and re-compiling.
+    Holds the last 8 combinations (and what their closures reference)."""
+    return make_feature_fn(scalar_fn, projection, transform)
 
 
 def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
@@ -133,10 +170,62 @@ def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
     """
     n = batch_size_of(x)
     bs = min(batch_size or n, n)
-    fn = make_feature_fn(scalar_fn, projection, transform)
-    out = []
+    try:
+        fn = _shared_feature_fn(scalar_fn, projection, transform)
+    except TypeError:  # an unhashable callable: compile for this call only
+        fn = make_feature_fn(scalar_fn, projection, transform)
+    out, pending = [], None
     for start in progress(range(0, n, bs), desc=progress_desc or "features", total=-(-n // bs)):
         stop = min(start + bs, n)
-        feats = fn(params, pad_batch(slice_batch(x, start, stop), bs))
-        out.append(np.asarray(feats[: stop - start]))
+        feats = fn(params, pad_batch(slice_batch(x, start, stop), bs))  # dispatched asynchronously
+        if pending is not None:  # copy the previous block to host while this one computes
+            out.append(np.asarray(pending[0][: pending[1]]))
+        pending = (feats, stop - start)
+    out.append(np.asarray(pending[0][: pending[1]]))
     return np.concatenate(out, axis=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_jvp_fn(scalar_fn: ScalarFn) -> Callable:
+    @jax.jit
+    def directional(params, x, tangent):
+        return jax.jvp(lambda p: scalar_fn(p, x), (params,), (tangent,))[1]
+
+    return directional
+
+
+def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tangent: PyTree, *,
+                            batch_size: int | None = None, progress_desc: str | None = None) -> np.ndarray:
+    """``⟨∇_θ s(θ, x_i), tangent⟩`` for every example i: ``(n,)`` numpy array.
+
+    One forward-mode JVP per block of examples (a forward pass carrying one tangent): no
+    per-example gradient is formed, so the cost is ≈ 2–3 forward passes per example whatever
+    P is. Scores that are inner products of projected features with ONE fixed vector need
+    nothing more: ``⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩``, so with ``tangent = projection.adjoint(u,
+    params)`` this returns ``features_j · u`` for the features of :func:`gradient_features`
+    (e.g. the NTK-Selector score ``s_j = mean_i Θ̃(x_i, x_j)`` with ``u`` the mean projected
+    feature of the domain set), up to float rounding.
+
+    Args:
+      scalar_fn: ``s(params, x) -> (n,)``.
+      params: θ_train; ``tangent`` must have the same structure (and shapes).
+      x: batch pytree with leading axis n.
+      batch_size: examples per compiled call (default all).
+    """
+    if jax.tree.structure(tangent) != jax.tree.structure(params):
+        raise ValueError("tangent must have the structure of params")
+    for t, p in zip(jax.tree.leaves(tangent), jax.tree.leaves(params)):
+        if np.shape(t) != np.shape(p):
+            raise ValueError(f"tangent leaf shape {np.shape(t)} != parameter leaf shape {np.shape(p)}")
+    tangent = jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tangent, params)
+    n = batch_size_of(x)
+    bs = min(batch_size or n, n)
+    try:
+        fn = _shared_jvp_fn(scalar_fn)
+    except TypeError:  # unhashable callable
+        fn = _shared_jvp_fn.__wrapped__(scalar_fn)
+    out = []
+    for start in progress(range(0, n, bs), desc=progress_desc or "directional derivatives", total=-(-n // bs)):
+        stop = min(start + bs, n)
+        out.append((fn(params, pad_batch(slice_batch(x, start, stop), bs), tangent), stop - start))
+    return np.concatenate([np.asarray(v[:k]) for v, k in out], axis=0)

@@ -26,7 +26,6 @@ Usage::
 """
 from __future__ import annotations
 
-import enum
 import importlib
 import importlib.machinery
 import importlib.util

@@ -7,18 +7,64 @@ per parameter leaf and per chunk of ``chunk_rows`` rows, from ``fold_in(fold_in(
 leaf_index), chunk_index)``. The matrix therefore depends only on the seed, the parameter
 structure and the chunk size — identical for every example, batch, device and process.
 
-Peak extra memory is one ``(chunk_rows, p)`` block (64 MiB at the defaults in float32).
+Two ways to apply it, with the same matrix (bit-identical entries):
+
+* on the fly (any P): peak extra memory is one ``(chunk_rows, p)`` block (64 MiB at the
+  defaults in float32); the matrix is regenerated on every call, which costs more than the
+  product itself when P is small (threefry bits for P·p entries per call).
+* cached (P·p·itemsize ≤ ``cache_bytes``): :meth:`RandomProjection.cached_matrix` generates
+  the whole ``(P, p)`` matrix once per (seed, kind, dim, chunk_rows, leaf sizes, dtype) — from
+  the same ``fold_in`` keys, block by block — and keeps it on the device in a process-wide LRU
+  cache bounded by the largest ``cache_bytes`` in use; a batch is then projected with ONE GEMM
+  ``(b, P) @ (P, p)``. :func:`ntk_jax.kernels.features.make_feature_fn` and eager calls of
+  :meth:`RandomProjection.__call__` use it automatically when it fits; traced calls (inside a
+  caller's ``jit``/``vjp``) and huge P (e.g. LoRA of 8B models: P·p·4 B ≈ 100 GB) take the
+  on-the-fly path. The two paths agree to float rounding (the sum over P is ordered
+  differently); the matrix itself is identical.
+
+The cache budget defaults to ``NTK_JAX_PROJECTION_CACHE_MB`` (1024 MiB if unset).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
+import os
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("rademacher", "gaussian")
+DEFAULT_CACHE_BYTES = int(float(os.environ.get("NTK_JAX_PROJECTION_CACHE_MB", "1024")) * 2 ** 20)
+
+# Process-wide cache of generated matrices: key -> (P, dim) device array; LRU, bounded in bytes.
+_CACHE: "collections.OrderedDict[tuple, jax.Array]" = collections.OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Drops every cached projection matrix (frees their device memory)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def cache_nbytes() -> int:
+    """Bytes held by cached projection matrices."""
+    with _CACHE_LOCK:
+        return int(sum(m.nbytes for m in _CACHE.values()))
+
+
+def leaf_sizes(tree) -> tuple[int, ...]:
+    """Scalar count of every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``), leaf order."""
+    return tuple(int(np.prod(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape))
+                 for leaf in jax.tree.leaves(tree))
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +76,16 @@ class RandomProjection:
       seed: integer seed of the matrix.
       kind: ``"rademacher"`` (±1/√p) or ``"gaussian"`` (N(0, 1/p)).
       chunk_rows: rows of Π generated at a time (bounds memory to chunk_rows × p).
+      cache_bytes: largest ``(P, dim)`` matrix (in bytes) kept generated on the device for
+        reuse (see the module docstring); 0 disables the cache. Does not change any value,
+        so it takes no part in equality or hashing.
     """
 
     dim: int
     seed: int = 0
     kind: str = "rademacher"
     chunk_rows: int = 2048
+    cache_bytes: int = dataclasses.field(default=DEFAULT_CACHE_BYTES, compare=False)
 
     def __post_init__(self):
         if self.dim <= 0:
@@ -44,6 +94,8 @@ class RandomProjection:
             raise ValueError(f"unknown projection kind {self.kind!r}; use one of {KINDS}")
         if self.chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be positive, got {self.chunk_rows}")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
 
     def _block(self, leaf_index: int, chunk_index, rows: int, dtype) -> jax.Array:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), leaf_index), chunk_index)
@@ -76,8 +128,90 @@ class RandomProjection:
                                 preferred_element_type=acc_dtype)
         return out
 
+    # --- the cached (whole-matrix) path ------------------------------------------------
+
+    def _key(self, sizes: tuple[int, ...], dtype) -> tuple:
+        return (self.seed, self.kind, self.dim, self.chunk_rows, tuple(sizes), jnp.dtype(dtype).name)
+
+    def matrix_nbytes(self, sizes: tuple[int, ...], dtype=jnp.float32) -> int:
+        """Bytes of the ``(P, dim)`` matrix for leaves of ``sizes`` scalars in ``dtype``."""
+        return int(sum(sizes)) * self.dim * jnp.dtype(dtype).itemsize
+
+    def cached_matrix(self, params, dtype=jnp.float32) -> jax.Array | None:
+        """The whole ``(P, dim)`` matrix for ``params``' leaf structure, as a device array,
+        generated once (from the same keys as the on-the-fly blocks: entries identical to
+        :meth:`matrix`) and then reused; ``None`` if it would exceed ``cache_bytes`` or if
+        ``params`` is being traced. ``params`` may hold ``ShapeDtypeStruct`` leaves."""
+        if _is_traced(params):
+            return None
+        sizes = leaf_sizes(params)
+        if not sizes:
+            raise ValueError("cannot project an empty gradient pytree")
+        nbytes = self.matrix_nbytes(sizes, dtype)
+        if nbytes > self.cache_bytes:
+            return None
+        key = self._key(sizes, dtype)
+        with _CACHE_LOCK:
+            m = _CACHE.get(key)
+            if m is not None:
+                _CACHE.move_to_end(key)
+                return m
+        m = _generate_matrix(self, sizes, jnp.dtype(dtype).name)
+        with _CACHE_LOCK:
+            _CACHE[key] = m
+            _CACHE.move_to_end(key)
+            total = sum(v.nbytes for v in _CACHE.values())
+            while len(_CACHE) > 1 and total > self.cache_bytes:  # evict least recently used
+                old_key, old = _CACHE.popitem(last=False)
+                total -= old.nbytes
+        return m
+
+    def project_with_matrix(self, grads, matrix: jax.Array) -> jax.Array:
+        """``(b, P) @ (P, dim)`` for a batched gradient pytree (leaves ``(b, ...)``) and the
+        whole matrix (:meth:`cached_matrix`): one GEMM, accumulation in ``matrix.dtype``."""
+        leaves = jax.tree.leaves(grads)
+        if not leaves:
+            raise ValueError("cannot project an empty gradient pytree")
+        b = leaves[0].shape[0]
+        flat = jnp.concatenate([g.reshape(b, -1).astype(matrix.dtype) for g in leaves], axis=1)
+        if flat.shape[1] != matrix.shape[0]:
+            raise ValueError(f"gradient has {flat.shape[1]} scalars per example but the projection "
+                             f"matrix has {matrix.shape[0]} rows")
+        return jnp.dot(flat, matrix, preferred_element_type=matrix.dtype)
+
+    def adjoint(self, w, params):
+        """``Π w`` shaped like ``params`` (the transpose of this projection): for every
+        gradient pytree ``g``, ``⟨g, Π w⟩ = ⟨Πᵀ g, w⟩`` where ``self(g) = Πᵀ g``.
+
+        Args:
+          w: ``(dim,)`` vector in projected space.
+          params: pytree (arrays or ``ShapeDtypeStruct``) giving the leaf structure.
+
+        Returns a float32 pytree like ``params``. Uses the cached matrix when it fits
+        (``M @ w``), else the on-the-fly blocks (the VJP of the chunked projection).
+        """
+        w = jnp.asarray(w, jnp.float32)
+        if w.shape != (self.dim,):
+            raise ValueError(f"w must have shape ({self.dim},) (the projection dim), got {w.shape}")
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a) if not hasattr(a, "shape") else a.shape,
+                                                             jnp.float32), params)
+        m = self.cached_matrix(shapes, jnp.float32)
+        if m is not None:
+            flat = m @ w
+            leaves, treedef = jax.tree.flatten(shapes)
+            out, start = [], 0
+            for leaf in leaves:
+                size = int(np.prod(leaf.shape))
+                out.append(flat[start:start + size].reshape(leaf.shape))
+                start += size
+            return jax.tree.unflatten(treedef, out)
+        return _adjoint_on_the_fly(self, jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shapes), w)
+
     def __call__(self, grads, batch_axis: bool = True) -> jax.Array:
         """Projects a gradient pytree.
+
+        Eager calls use the cached whole matrix when it fits ``cache_bytes`` (one GEMM);
+        traced calls generate Π on the fly, chunk by chunk.
 
         Args:
           grads: pytree of arrays; with ``batch_axis`` every leaf is ``(b, *leaf_shape)``.
@@ -92,6 +226,12 @@ class RandomProjection:
         if not batch_axis:
             return self(jax.tree.map(lambda x: x[None], grads))[0]
         b = leaves[0].shape[0]
+        acc = {jnp.promote_types(leaf.dtype, jnp.float32) for leaf in leaves}
+        if len(acc) == 1 and not _is_traced(grads):
+            per_example = jax.tree.map(lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype), grads)
+            m = self.cached_matrix(per_example, acc.pop())
+            if m is not None:
+                return _project_jit(self, grads, m)
         total = None
         for i, leaf in enumerate(leaves):
             part = self._project_flat(i, leaf.reshape(b, -1))
@@ -99,7 +239,8 @@ class RandomProjection:
         return total
 
     def matrix(self, params) -> np.ndarray:
-        """The explicit ``(P, dim)`` matrix for ``params``' structure (tests / small P only)."""
+        """The explicit ``(P, dim)`` matrix for ``params``' structure (tests / small P only),
+        generated block by block, eagerly, as the on-the-fly path does."""
         blocks = []
         for i, leaf in enumerate(jax.tree.leaves(params)):
             n_rows = int(np.prod(leaf.shape))
@@ -107,3 +248,26 @@ class RandomProjection:
                 rows = min(self.chunk_rows, n_rows - c * self.chunk_rows)
                 blocks.append(np.asarray(self._block(i, c, rows, jnp.float32)))
         return np.concatenate(blocks, axis=0)
+
+
+def _generate_matrix(projection: RandomProjection, sizes: tuple[int, ...], dtype: str) -> jax.Array:
+    """The ``(P, dim)`` matrix: leaf blocks of ``chunk_rows`` rows stacked in leaf order,
+    generated eagerly block by block exactly as :meth:`RandomProjection.matrix` does (so the
+    entries are bit-identical to it, for Gaussian entries too)."""
+    blocks = []
+    for i, n_rows in enumerate(sizes):
+        for c in range(math.ceil(n_rows / projection.chunk_rows)):
+            rows = min(projection.chunk_rows, n_rows - c * projection.chunk_rows)
+            blocks.append(projection._block(i, c, rows, jnp.dtype(dtype)))
+    return jnp.concatenate(blocks, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _project_jit(projection: RandomProjection, grads, matrix: jax.Array) -> jax.Array:
+    return projection.project_with_matrix(grads, matrix)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adjoint_on_the_fly(projection: RandomProjection, zeros, w: jax.Array):
+    _, vjp = jax.vjp(lambda g: projection(g, batch_axis=False), zeros)
+    return vjp(w)[0]

@@ -24,7 +24,10 @@ def model_config() -> ml_collections.ConfigDict:
         # Architecture of the embedded default model (ntk_jax.models.transformer.DecoderConfig).
         arch=dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=128,
                   max_position_embeddings=64, rope_theta=10000.0),
+        # Compute / parameter dtypes the experiments load the model with ("bfloat16" compute
+        # keeps norms, softmax and logits in float32). Empty: the checkpoint config's.
         dtype="float32",
+        param_dtype="float32",
     ))
 
 
@@ -103,6 +106,112 @@ def approximation_config() -> ml_collections.ConfigDict:
     ))
 
 
+def gradex_config() -> ml_collections.ConfigDict:
+    """SPEC §6.4: first-order subset estimation (GradEx) over synthetic auxiliary tasks,
+    checked against real LoRA fine-tuning on a few subsets (experiments/gradex.py)."""
+    return ml_collections.ConfigDict(dict(
+        target="add_spaced",        # target task (not in the pre-training mix)
+        aux_tasks=["add", "sub", "copy", "reverse", "sort", "count", "sentiment", "parity",
+                   "sentiment_flipped", "add_mod10", "noise"],
+        n_train_per_task=256,       # training examples per auxiliary task (meta-init, fits, fine-tunes)
+        n_target_train=0,           # target examples added to every subset (0: auxiliary tasks only)
+        n_target_eval=128,          # target examples the target loss is measured on
+        lora=lora_config(),
+        meta_train=finetune_train_config(total_steps=300, learning_rate=2e-3, warmup_steps=20,
+                                         schedule="cosine", batch_size=32, checkpoint_every=100,
+                                         log_every=10),
+        finetune=finetune_train_config(total_steps=60),  # the real fine-tunes, from θ*
+        projection_dim=200,         # d (the paper's code: 100-400)
+        projection_seed=0,
+        projection_kind="rademacher",
+        clip_eps=1e-4,              # q clipped to [eps, 1-eps] in f = mean log(q/(1-q))
+        # Logistic fit: sum of the subset's losses + |w|^2/(2C). C sets the size of Δ (nothing is
+        # rescaled). With calibrate_C, C is picked from C_grid on n_calibrate extra really
+        # fine-tuned subsets (never used for the error check; their cost counts in the timing);
+        # otherwise C is used as given. C_grid also gives a post-hoc sensitivity table.
+        C=1e-3,
+        calibrate_C=True,
+        n_calibrate=2,
+        C_grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0],
+        feature_batch_size=64,
+        eval_batch_size=128,
+        n_subsets=200,              # random ensemble size m
+        subset_prob=0.5,
+        keep_fraction=0.3,          # top fraction of tasks kept by the ensemble scores
+        greedy=True,                # also greedy forward selection on the estimates
+        ridge_lambda=1.0,           # ridge surrogate on subset indicators
+        surrogate_holdout=0.2,      # fraction of the ensemble held out for the surrogate's Spearman
+        n_verify=6,                 # subsets really fine-tuned (evenly spaced ranks of the estimate)
+        verify_selected=True,       # also fine-tune the selected and the greedy subsets
+    ))
+
+
+def prune_lpntk_config() -> ml_collections.ConfigDict:
+    """SPEC §6.3: lpNTK farthest-point-clustering pruning vs random pruning
+    (experiments/prune_lpntk.py)."""
+    return ml_collections.ConfigDict(dict(
+        # Labelled synthetic task; classes = its distinct responses. sentiment_flipped: the
+        # pre-trained model predicts the opposite label, so LoRA must learn the task.
+        # (add_mod10, 10 classes, stays near chance with this model and budget.)
+        task="sentiment_flipped",
+        n_train=400,
+        n_val=200,                  # checkpoint selection (never the test split)
+        n_test=400,
+        label_noise=0.2,            # fraction of training labels flipped to another class
+        lora=lora_config(),
+        reference_train=finetune_train_config(total_steps=150, learning_rate=3e-3, warmup_steps=10,
+                                              schedule="cosine", batch_size=32, checkpoint_every=50,
+                                              log_every=10),
+        retrain=finetune_train_config(total_steps=100, learning_rate=3e-3, warmup_steps=10,
+                                      schedule="cosine", batch_size=32, log_every=50),
+        eval_every=10,              # validation accuracy every this many retrain steps
+        keep_ratios=[0.1, 0.3],
+        modes=["centres", "random_member", "drop_largest_half"],
+        seeds=[0, 1, 2],
+        projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
+        projection_seed=0,
+        feature_batch_size=64,
+    ))
+
+
+def select_config() -> ml_collections.ConfigDict:
+    """SPEC §6.1/§6.2: one data-selection job (experiments/select.py); also the per-method
+    settings the comparison (select_compare) uses."""
+    return ml_collections.ConfigDict(dict(
+        method="ntk",               # ntk | less | random | embedding
+        n_select=64,                # N
+        # JSONL files or local HF datasets dirs; empty: the controlled benchmark
+        # (ntk_jax.data.controlled), generated into the job's directory.
+        domain_path="",
+        pool_path="",
+        test_path="",
+        benchmark=dict(n_domain=32, n_test=128, n_pool_per_family=64),
+        lora=lora_config(),
+        warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
+        knn_k=32,                   # votes per domain example (coarse filter)
+        filter_factor=4,            # M = filter_factor * N candidates survive the filter
+        projection_dim=8192,        # p
+        projection_seed=0,
+        shard_size=128,             # candidates per ScoreStore shard
+        feature_batch_size=64,
+        less=dict(sample_fraction=0.05, min_sample=32, epochs=4, lora=lora_config(),
+                  train=finetune_train_config(total_steps=1, learning_rate=5e-3, warmup_steps=2,
+                                              schedule="linear", batch_size=8)),
+    ))
+
+
+def select_compare_config() -> ml_collections.ConfigDict:
+    """Issue 4 item 7: domain-only vs domain ∪ selected(method) over seeds
+    (experiments/select_compare.py); selection settings come from ``config.select``."""
+    return ml_collections.ConfigDict(dict(
+        methods=["random", "embedding", "less", "ntk"],
+        seeds=[0, 1, 2],
+        lora=lora_config(),
+        finetune=finetune_train_config(total_steps=100, learning_rate=5e-3, batch_size=16),
+        eval_batch_size=128,
+    ))
+
+
 def distributed_config() -> ml_collections.ConfigDict:
     """``jax.distributed`` settings (see :mod:`ntk_jax.launcher.distributed`)."""
     return ml_collections.ConfigDict(dict(
@@ -127,6 +236,10 @@ SECTIONS = {
     "stability": stability_config,
     "spectrum": spectrum_config,
     "approximation": approximation_config,
+    "gradex": gradex_config,
+    "prune_lpntk": prune_lpntk_config,
+    "select": select_config,
+    "select_compare": select_compare_config,
 }
 
 

@@ -1,15 +1,32 @@
-"""What every experiment needs: the (trained) base model, its tokenizer and encoding."""
+"""What every experiment needs: the (trained) base model, its tokenizer and encoding.
+
+``config.model.path`` may name any checkpoint directory that
+:func:`ntk_jax.models.from_pretrained` loads: this repo's embedded format
+(``model_type="ntk_jax_decoder"``, with its character tokenizer) or a Hugging Face
+checkpoint (Llama / Mistral / Qwen2 / Qwen3 / GPT-2 / BERT / RoBERTa) with a tokenizer that
+``transformers.AutoTokenizer`` reads from the same directory. Empty: the embedded default
+model, pre-trained by the job itself.
+
+Special tokens: every encoded example is ``[bos] + prompt + response + [eos]``
+(:mod:`ntk_jax.data.encoding`). A tokenizer without a bos token (e.g. Qwen's) encodes without
+one; a tokenizer without a pad token (Llama, GPT-2) pads with its eos id (padding is masked
+out of attention and loss, so its id does not matter); a tokenizer without an eos token is an
+error, since the final eos is a scored target.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from flax import nnx
 
 from ntk_jax.data.encoding import encode_examples
 from ntk_jax.data.tokenizer import CharTokenizer
+from ntk_jax.models.hf_loading import from_pretrained, read_hf_config
+from ntk_jax.models.hf_loading import load_tokenizer as load_hf_tokenizer
 from ntk_jax.models.lora import LoRAConfig, apply_lora
-from ntk_jax.models.transformer import load_pretrained
+from ntk_jax.models.transformer import MODEL_TYPE
 from ntk_jax.training.pretrain import pretrain_default_model
 
 
@@ -17,10 +34,15 @@ from ntk_jax.training.pretrain import pretrain_default_model
 class Context:
     """Attributes:
       model_dir: directory of the base model (config.json, weights, tokenizer).
-      tokenizer: its tokenizer.
+      tokenizer: its tokenizer (``pad_token_id`` / ``eos_token_id`` always set, see the module
+        docstring).
       max_len: sequence length experiments encode to.
       seed: the job's seed.
       info: facts about how the model was obtained (for reports).
+      dtype, param_dtype: compute / parameter dtype names the model is loaded with
+        (``None``: the checkpoint's config, float32 for HF checkpoints).
+      process: this process's :class:`ntk_jax.launcher.distributed.ProcessInfo` (set by the
+        launcher; ``None`` outside it).
     """
 
     model_dir: str
@@ -28,10 +50,19 @@ class Context:
     max_len: int
     seed: int
     info: dict
+    dtype: str | None = None
+    param_dtype: str | None = None
+    process: Any = None
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether encoded examples start with the tokenizer's bos token (it has one)."""
+        return getattr(self.tokenizer, "bos_token_id", None) is not None
 
     def load_model(self, lora: LoRAConfig | dict | None = None, *, seed: int | None = None):
-        """A fresh copy of the base model, with LoRA adapters attached if ``lora`` is given."""
-        model = load_pretrained(self.model_dir)
+        """A fresh copy of the base model (eval mode), with LoRA adapters attached if ``lora``
+        is given (factors drawn from ``nnx.Rngs(seed)``, default the job's seed)."""
+        model = from_pretrained(self.model_dir, dtype=self.dtype, param_dtype=self.param_dtype)
         if lora is not None:
             if not isinstance(lora, LoRAConfig):
                 lora = LoRAConfig.from_dict(lora)
@@ -40,24 +71,66 @@ class Context:
         return model
 
     def encode(self, records):
-        return encode_examples(self.tokenizer, records, self.max_len)
+        return encode_examples(self.tokenizer, records, self.max_len, add_bos=self.add_bos)
+
+
+def _with_special_ids(tokenizer, directory: str):
+    """``tokenizer`` with a pad id (the eos id if it has none); ValueError without eos."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"the tokenizer in {directory!r} has no eos token; the encoding ends every "
+                         "response with eos (a scored target). Set eos_token in its tokenizer_config.json")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked; any id would do
+    return tokenizer
 
 
 def load_tokenizer(directory: str):
-    return CharTokenizer.from_pretrained(directory)
+    """The tokenizer of a model directory: the character tokenizer of the embedded format,
+    else ``transformers.AutoTokenizer`` (local files only), with a pad id ensured."""
+    directory = os.fspath(directory)
+    if read_hf_config(directory).get("model_type") == MODEL_TYPE:
+        try:
+            return CharTokenizer.from_pretrained(directory)
+        except ValueError:
+            pass  # not a character vocabulary: read it as a Hugging Face tokenizer
+    try:
+        tok = load_hf_tokenizer(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {directory!r} (config.model.path needs the "
+                         f"checkpoint's tokenizer files in the same directory): {e}") from e
+    return _with_special_ids(tok, directory)
+
+
+def _check_vocab(tokenizer, directory: str) -> None:
+    vocab = read_hf_config(directory).get("vocab_size")
+    n = len(tokenizer)
+    if vocab is not None and n > int(vocab):
+        raise ValueError(f"the tokenizer in {directory!r} has {n} tokens but the model's vocab_size is "
+                         f"{vocab}: ids >= {vocab} would index past the embedding")
+
+
+def _dtype_or_none(value: Any) -> str | None:
+    return str(value) if value else None
 
 
 def prepare_context(config, workdir: str) -> Context:
-    """Loads ``config.model.path``, or pre-trains the embedded default model into
-    ``workdir/base_model`` (reused if already there)."""
+    """Loads ``config.model.path`` (any checkpoint ``from_pretrained`` supports, with its
+    tokenizer), or pre-trains the embedded default model into ``workdir/base_model`` (reused
+    if already there). ``config.model.dtype`` / ``param_dtype`` set the dtypes models are
+    loaded with."""
     if config.model.path:
         model_dir = os.path.abspath(config.model.path)
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"config.model.path {model_dir!r} is not a directory")
-        info = {"source": "path", "path": model_dir}
+        info = {"source": "path", "path": model_dir,
+                "model_type": read_hf_config(model_dir).get("model_type")}
     else:
         model_dir = os.path.join(workdir, "base_model")
         report = pretrain_default_model(config.pretrain, config.model.arch, model_dir, seed=config.seed)
         info = {"source": "embedded default (pre-trained by this job)", "pretrain": report}
-    return Context(model_dir=model_dir, tokenizer=load_tokenizer(model_dir), max_len=int(config.pretrain.max_len),
-                   seed=int(config.seed), info=info)
+    tokenizer = load_tokenizer(model_dir)
+    _check_vocab(tokenizer, model_dir)
+    return Context(model_dir=model_dir, tokenizer=tokenizer, max_len=int(config.pretrain.max_len),
+                   seed=int(config.seed), info=info, dtype=_dtype_or_none(config.model.get("dtype")),
+                   param_dtype=_dtype_or_none(config.model.get("param_dtype")))

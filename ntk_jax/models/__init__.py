@@ -7,8 +7,17 @@
   ``model_type`` (llama, mistral, qwen2, qwen3, gpt2, bert, roberta, xlm-roberta, camembert,
   ntk_jax_decoder) and ``load_tokenizer(dir)``;
 * :mod:`~ntk_jax.models.layers` — pieces shared by the ports (``LayerNorm``, activations);
-* :mod:`~ntk_jax.models.lora`, :mod:`~ntk_jax.models.subset` — LoRA adapters, parameter subsets.
+* :mod:`~ntk_jax.models.lora`, :mod:`~ntk_jax.models.subset` — LoRA adapters, parameter subsets;
+* :mod:`~ntk_jax.models.sharding` — a ``("data", "model")`` device mesh (``make_mesh``), partition
+  rules per parameter name for every port (FSDP over ``data``, tensor parallel over ``model``),
+  ``shard_model`` / ``shard_batch``; ``from_pretrained(dir, mesh=mesh)`` places each checkpoint
+  tensor straight into its sharded layout;
+* :mod:`~ntk_jax.models.peft_export` — ``save_peft_adapter`` / ``load_peft_adapter`` in PEFT's
+  LoRA layout (``adapter_config.json`` + ``adapter_model.safetensors``);
+* :mod:`~ntk_jax.models.memory` — per-device memory estimates (parameters, forward, per-example
+  gradient features) from ``nnx.eval_shape`` and XLA's compiled memory analysis.
 """
 from ntk_jax.models.hf_loading import from_pretrained, load_tokenizer
+from ntk_jax.models.peft_export import load_peft_adapter, save_peft_adapter
 
-__all__ = ["from_pretrained", "load_tokenizer"]
+__all__ = ["from_pretrained", "load_tokenizer", "save_peft_adapter", "load_peft_adapter"]

@@ -55,7 +55,8 @@ from flax import nnx
 
 from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
                                        register_architecture, rename_weight_map, save_hf_safetensors)
-from ntk_jax.models.layers import ConfigMixin, LayerNorm, get_activation, resolve_dtype, with_dtypes
+from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attention_scores, get_activation, linear_f32,
+                                  resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.transformer import _mask_value
 
@@ -256,8 +257,7 @@ class BertSelfAttention(nnx.Module):
         q = self.query(x).reshape(B, T, H, D)
         k = self.key(x).reshape(B, T, H, D)
         v = self.value(x).reshape(B, T, H, D)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32)) * (D ** -0.5)
+        scores = attention_scores("bqhd,bkhd->bhqk", q, k, D ** -0.5)  # float32 (bf16 compute)
         if key_mask is not None:
             scores = jnp.where(key_mask[:, None, None, :], scores, _mask_value(scores.dtype))
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -421,7 +421,7 @@ class BertForSequenceClassification(_SequenceClassifier):
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  token_type_ids: Array | None = None, position_ids: Array | None = None) -> Array:
         _, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        return _logits(self.classifier(pooled))
+        return linear_f32(self.classifier, pooled)  # accumulated into float32
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -432,7 +432,7 @@ class RobertaClassificationHead(nnx.Module):
         self.out_proj = _linear(config, config.hidden_size, config.num_labels, rngs)
 
     def __call__(self, h: Array) -> Array:
-        return self.out_proj(jnp.tanh(self.dense(h[:, 0])))
+        return linear_f32(self.out_proj, jnp.tanh(self.dense(h[:, 0])))  # accumulated into float32
 
 
 class RobertaForSequenceClassification(_SequenceClassifier):

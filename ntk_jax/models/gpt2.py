@@ -56,7 +56,8 @@ from flax import nnx
 
 from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
                                        register_architecture, rename_weight_map, save_hf_safetensors)
-from ntk_jax.models.layers import ConfigMixin, LayerNorm, get_activation, resolve_dtype, with_dtypes
+from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attend_f32, attention_scores, get_activation,
+                                  linear_f32, resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.transformer import _mask_value, position_ids_from_mask
 
@@ -170,8 +171,7 @@ class GPT2Attention(nnx.Module):
         H, D = self.num_heads, self.head_dim
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32)) * self.scaling
+        scores = attention_scores("bqhd,bkhd->bhqk", q, k, self.scaling)  # float32 (bf16 compute)
         scores = jnp.where(mask[:, None], scores, _mask_value(scores.dtype))
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, T, E)
@@ -253,8 +253,8 @@ class GPT2LMHeadModel(nnx.Module):
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  position_ids: Array | None = None) -> Array:
         h = self.hidden_states(input_ids, attention_mask, position_ids)
-        logits = self.wte.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        # The output matmul accumulates into float32 whatever the compute dtype.
+        return attend_f32(self.wte, h) if self.lm_head is None else linear_f32(self.lm_head, h)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,

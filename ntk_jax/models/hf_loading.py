@@ -35,6 +35,13 @@ HF → NNX names for the decoder (``transformers``' ``*ForCausalLM``; a checkpoi
 Ignored if present: ``*.rotary_emb.inv_freq`` buffers and, with tied embeddings,
 ``lm_head.weight``.
 
+Sharded loading: ``from_pretrained(path, mesh=make_mesh(data, model))`` (see
+:mod:`ntk_jax.models.sharding`) reads each tensor on the host, one at a time, and places it with
+``jax.make_array_from_callback`` directly into the layout its partition rule gives, so no device
+ever holds the whole model; LoRA factors and other state are placed after. This works for every
+registered type: loaders registered with ``load_fn`` that build on :func:`load_model` (GPT-2, BERT)
+pick the mesh up from :func:`loading_mesh`, or receive ``mesh=`` if their signature has it.
+
 Registry
 --------
 ``register_architecture(model_type, config_fn, build_fn, weight_map_fn)`` makes
@@ -63,8 +70,11 @@ Such loaders build on the pieces here: :class:`SafetensorsDir`, :func:`rename_we
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import re
@@ -104,6 +114,7 @@ __all__ = [
     "rename_weight_map",
     "load_weights",
     "load_model",
+    "loading_mesh",
     "as_lora_config",
     "effective_kernels",
     "save_hf_safetensors",
@@ -356,7 +367,8 @@ def rename_weight_map(model: nnx.Module, hf_names: Iterable[str],
 
 def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.ndarray],
                  weight_map: WeightMap, *, where: str = "checkpoint", unexpected: str = "error",
-                 init_fresh: Callable[[str, Any], Any] | None = None) -> None:
+                 init_fresh: Callable[[str, Any], Any] | None = None,
+                 shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> None:
     """Fills every base parameter of ``model`` (possibly abstract, from ``nnx.eval_shape``)
     from ``source`` following ``weight_map``, in place, casting to each parameter's dtype.
 
@@ -365,6 +377,12 @@ def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.nda
     ``weight_map.ignore``) with ``unexpected="error"``; ``unexpected="warn"`` reports them
     with a ``UserWarning`` instead. The parameters in ``weight_map.fresh`` are set to
     ``init_fresh(nnx_name, abstract_param)`` (called in that order).
+
+    ``shardings``: flat NNX name -> ``jax.sharding.Sharding`` (e.g. from
+    :func:`ntk_jax.models.sharding.sharding_plan`). Each tensor is then read on the host (one
+    at a time) and placed with ``jax.make_array_from_callback``, every device receiving only
+    its own slice (cast to the parameter dtype slice by slice), so the full model is never
+    materialised on one device. Without it parameters go to the default device.
     """
     if unexpected not in ("error", "warn"):
         raise ValueError(f"unexpected must be 'error' or 'warn', got {unexpected!r}")
@@ -419,12 +437,50 @@ def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.nda
         if tuple(arr.shape) != tuple(ref.shape):
             raise ValueError(f"{where}: tensor {t.hf_name!r} (shape {tuple(cache[1].shape)}) converts to shape "
                              f"{tuple(arr.shape)}, expected {tuple(ref.shape)} for parameter {t.nnx_name!r}")
-        loaded[t.nnx_name] = jnp.asarray(np.asarray(arr).astype(ref.dtype, copy=False))
+        loaded[t.nnx_name] = _place(arr, ref.dtype, None if shardings is None else shardings[t.nnx_name])
     cache = None
     for n in weight_map.fresh:
         loaded[n] = jnp.asarray(init_fresh(n, expected[n]), dtype=expected[n].dtype)
+        if shardings is not None:
+            loaded[n] = jax.device_put(loaded[n], shardings[n])
     nnx.replace_by_pure_dict(state, unflatten_state(loaded))
     nnx.update(model, state)
+
+
+def _place(arr: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Host tensor -> device array of ``dtype``: on the default device, or laid out as
+    ``sharding`` with each device given only its slice (``make_array_from_callback``)."""
+    if sharding is None:
+        return jnp.asarray(np.asarray(arr).astype(dtype, copy=False))
+    arr = np.asarray(arr)
+    return jax.make_array_from_callback(
+        arr.shape, sharding, lambda index: np.ascontiguousarray(arr[index]).astype(dtype, copy=False))
+
+
+# A mesh set by from_pretrained(mesh=...) for loaders registered with load_fn (GPT-2, BERT),
+# which call load_model without a mesh argument.
+_LOADING_MESH: contextvars.ContextVar = contextvars.ContextVar("ntk_jax_loading_mesh", default=None)
+
+
+@contextlib.contextmanager
+def loading_mesh(mesh: Any, rules: Any = None):
+    """Within this context, :func:`load_model` calls without ``mesh=`` load sharded over
+    ``mesh`` (with partition ``rules``, default
+    :data:`ntk_jax.models.sharding.DEFAULT_RULES`). Used by :func:`from_pretrained` for
+    registered ``load_fn`` loaders that do not take a ``mesh`` argument."""
+    token = _LOADING_MESH.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _LOADING_MESH.reset(token)
+
+
+def _place_model(model: nnx.Module, mesh: Any, rules: Any) -> None:
+    """Places all of ``model``'s state (LoRA factors, RNG streams, ...) by ``rules``; arrays
+    already in place are not copied."""
+    from ntk_jax.models import sharding as _sh
+
+    _sh.shard_model(model, mesh, _sh.DEFAULT_RULES if rules is None else rules)
 
 
 def as_lora_config(lora: Any) -> LoRAConfig | None:
@@ -439,15 +495,33 @@ def as_lora_config(lora: Any) -> LoRAConfig | None:
 def load_model(build_fn: Callable[..., nnx.Module], config: Any, source: SafetensorsDir,
                weight_map_fn: Callable[[nnx.Module, set[str]], WeightMap], *,
                rngs: nnx.Rngs | None = None, lora: LoRAConfig | Mapping | None = None,
-               unexpected: str = "error", init_fresh: Callable[[str, Any], Any] | None = None) -> nnx.Module:
+               unexpected: str = "error", init_fresh: Callable[[str, Any], Any] | None = None,
+               mesh: Any = None, rules: Any = None) -> nnx.Module:
     """``build_fn(config, rngs=...)`` built abstractly, its parameters loaded from ``source``
     following ``weight_map_fn(abstract_model, source.names)`` (see :func:`load_weights` for
     ``unexpected`` and ``init_fresh``), its non-parameter state initialised, and LoRA
-    adapters attached if ``lora`` is given (with ``rngs``, default ``nnx.Rngs(0)``)."""
+    adapters attached if ``lora`` is given (with ``rngs``, default ``nnx.Rngs(0)``).
+
+    ``mesh`` (a ``("data", "model")`` :class:`jax.sharding.Mesh`, see
+    :func:`ntk_jax.models.sharding.make_mesh`; default: the one set by :func:`loading_mesh`,
+    if any): every checkpoint tensor is placed straight into its sharding by ``rules``
+    (default :data:`~ntk_jax.models.sharding.DEFAULT_RULES`; a dimension its mesh axis does
+    not divide is replicated), and the LoRA factors (created on the default device; they are
+    small) and the non-parameter state are then placed too."""
     lcfg = as_lora_config(lora)
+    if mesh is None and _LOADING_MESH.get() is not None:
+        mesh, ctx_rules = _LOADING_MESH.get()
+        rules = ctx_rules if rules is None else rules
     model = nnx.eval_shape(lambda: build_fn(config, rngs=nnx.Rngs(0)))
+    shardings = None
+    if mesh is not None:
+        from ntk_jax.models import sharding as _sh
+
+        plan = _sh.sharding_plan(nnx.state(model, _base_params_filter()), mesh,
+                                 _sh.DEFAULT_RULES if rules is None else rules)
+        shardings = {n: plan.sharding(n) for n in plan.specs}
     load_weights(model, source, weight_map_fn(model, source.names), where=source.path,
-                 unexpected=unexpected, init_fresh=init_fresh)
+                 unexpected=unexpected, init_fresh=init_fresh, shardings=shardings)
     rest = nnx.state(model, nnx.Not(_base_params_filter()))
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest)):
         # Non-parameter state (e.g. dropout RNG streams): run the constructor under jit and
@@ -463,6 +537,8 @@ def load_model(build_fn: Callable[..., nnx.Module], config: Any, source: Safeten
         raise RuntimeError(f"state left uninitialised after loading: {left}")
     if lcfg is not None:
         apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    if mesh is not None:
+        _place_model(model, mesh, rules)
     return model
 
 
@@ -507,7 +583,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> Any:
 
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     lora: LoRAConfig | Mapping | None = None, rngs: nnx.Rngs | None = None,
-                    mesh: Any = None) -> nnx.Module:
+                    mesh: Any = None, rules: Any = None) -> nnx.Module:
     """Loads the checkpoint in directory ``path`` into an NNX model.
 
     Args:
@@ -520,28 +596,51 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         loading (with ``B = 0`` the model's logits are the checkpoint's).
       rngs: random streams for the LoRA factors and any non-parameter state (default
         ``nnx.Rngs(0)``).
-      mesh: reserved for sharded loading; must be ``None`` for now.
+      mesh: a ``("data", "model")`` :class:`jax.sharding.Mesh`
+        (:func:`ntk_jax.models.sharding.make_mesh`): every tensor is read from the checkpoint
+        on the host, one at a time, and placed directly into its sharded layout (each device
+        gets only its slice; the full model is never on one device), then the LoRA factors
+        and any other state are placed. ``None``: everything on the default device.
+      rules: partition rules ``[(regex, PartitionSpec), ...]`` (default
+        :data:`ntk_jax.models.sharding.DEFAULT_RULES`, which covers every ported model).
 
     Raises ``FileNotFoundError`` (missing directory / file), ``ValueError`` (unsupported
     ``model_type`` or setting; missing, unexpected or wrongly shaped tensor, named).
     """
-    if mesh is not None:
-        raise NotImplementedError("from_pretrained(mesh=...): sharded loading is not implemented yet")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (see ntk_jax.models.sharding.make_mesh), "
+                        f"got {type(mesh).__name__}")
     path = _check_dir(path)
     hf = read_hf_config(path)
     mt = hf.get("model_type")
     lcfg = as_lora_config(lora)
     if mt == _tr.MODEL_TYPE:
-        model = _tr.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
-        if lcfg is not None:
-            apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-        return model
+        if mesh is None:
+            model = _tr.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+            if lcfg is not None:
+                apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+            return model
+        # Sharded: this repo's format stores flat NNX names, so the weight map is the identity.
+        config = with_dtypes(_tr.load_config(path), dtype, param_dtype)
+        return load_model(_build_decoder, config, SafetensorsDir(path),
+                          lambda model, names: rename_weight_map(model, names, lambda n: ([n], False)),
+                          rngs=rngs, lora=lcfg, mesh=mesh, rules=rules)
     arch = get_architecture(mt)
     if arch.load_fn is not None:
-        return arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
+        if mesh is None:
+            return arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
+        if "mesh" in inspect.signature(arch.load_fn).parameters:
+            model = arch.load_fn(path, mesh=mesh, **kwargs)
+        else:  # loaders built on load_model pick the mesh up from the context
+            with loading_mesh(mesh, rules):
+                model = arch.load_fn(path, **kwargs)
+        _place_model(model, mesh, rules)  # no-op for arrays already placed
+        return model
     config = with_dtypes(arch.config_fn(hf), dtype, param_dtype)
     return load_model(arch.build_fn, config, SafetensorsDir(path),
-                      lambda _model, names: arch.weight_map_fn(config, names), rngs=rngs, lora=lcfg)
+                      lambda _model, names: arch.weight_map_fn(config, names), rngs=rngs, lora=lcfg,
+                      mesh=mesh, rules=rules)
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs):

@@ -15,7 +15,53 @@ from flax import nnx
 
 Array = jax.Array
 
-__all__ = ["LayerNorm", "get_activation", "resolve_dtype", "with_dtypes", "ConfigMixin"]
+__all__ = ["LayerNorm", "get_activation", "resolve_dtype", "with_dtypes", "ConfigMixin", "accum_dtype",
+           "attention_scores", "linear_f32", "attend_f32"]
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision: with a bfloat16 (or float16) compute dtype the ports keep the residual
+# stream, projections and MLPs in that dtype, and do in (at least) float32
+#   * norm statistics (LayerNorm mean/variance, RMSNorm mean square; :class:`LayerNorm`,
+#     ``transformer.RMSNorm``),
+#   * attention scores (the q·k contraction accumulates into float32) and the softmax,
+#   * the output logits (the last matmul accumulates into float32 and returns float32),
+# so kernels built from the logits (``ntk_jax.kernels.outputs``) see float32 values.
+
+
+def accum_dtype(dtype):
+    """The dtype to accumulate/normalise in for compute dtype ``dtype``: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def attention_scores(spec: str, q: Array, k: Array, scale: float) -> Array:
+    """``einsum(spec, q, k) * scale`` accumulated and returned in (at least) float32."""
+    acc = accum_dtype(q.dtype)
+    return jnp.einsum(spec, q, k, preferred_element_type=acc).astype(acc) * scale
+
+
+def linear_f32(lin, x: Array) -> Array:
+    """A :class:`~ntk_jax.models.lora.LoRALinear` applied with its matmul accumulated into
+    (at least) float32 and a float32 result (for output heads); same values as ``lin(x)``
+    in float32 compute. ``x (..., in) -> (..., out)``."""
+    dtype = lin.dtype or x.dtype
+    acc = accum_dtype(dtype)
+    x = x.astype(dtype)
+    y = jnp.matmul(x, lin.kernel[...].astype(dtype), preferred_element_type=acc).astype(acc)
+    if lin.bias is not None:
+        y = y + lin.bias[...].astype(acc)
+    if lin.lora is not None:
+        y = y + lin.lora(x).astype(acc)
+    return y
+
+
+def attend_f32(embed, h: Array) -> Array:
+    """Tied output head ``h @ embedding.T`` (``nnx.Embed.attend``) accumulated into (at
+    least) float32, float32 result. ``h (..., H) -> (..., V)``."""
+    dtype = embed.dtype or h.dtype
+    acc = accum_dtype(dtype)
+    w = embed.embedding[...].astype(dtype)
+    return jnp.einsum("...h,vh->...v", h.astype(dtype), w, preferred_element_type=acc).astype(acc)
 
 
 class LayerNorm(nnx.Module):

@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
-from ntk_jax.models.layers import ConfigMixin, with_dtypes
+from ntk_jax.models.layers import ConfigMixin, attend_f32, attention_scores, linear_f32, with_dtypes
 from ntk_jax.models.lora import LoRALinear
 
 Array = jax.Array
@@ -365,8 +365,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, KV, D)
         # Query head h = g * rep + r uses key/value head g (HF repeat_kv), without materialising it.
         q = q.reshape(B, T, KV, rep, D)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k) * (D ** -0.5)
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+        scores = attention_scores("bqgrd,bkgd->bgrqk", q, k, D ** -0.5)  # float32 (bf16 compute)
         scores = jnp.where(mask[:, None, None, :, :], scores, _mask_value(scores.dtype))
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(B, T, H * D)
@@ -459,11 +458,10 @@ class DecoderLM(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         h = self.hidden_states(input_ids, attention_mask)
+        # The output matmul accumulates into float32 whatever the compute dtype.
         if self.lm_head is None:
-            logits = self.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+            return attend_f32(self.embed_tokens, h)
+        return linear_f32(self.lm_head, h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -524,7 +522,8 @@ def save_pretrained(model: DecoderLM, directory: str | os.PathLike) -> None:
     save_file(flat, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "flax"})
 
 
-def load_config(directory: str | os.PathLike) -> DecoderConfig:
+def _load_own_config(directory: str | os.PathLike) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a directory in this repo's format (``ntk_jax_decoder``)."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
@@ -534,6 +533,23 @@ def load_config(directory: str | os.PathLike) -> DecoderConfig:
     if model_type != MODEL_TYPE:
         raise ValueError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
     return DecoderConfig.from_dict(d)
+
+
+def load_config(directory: str | os.PathLike) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a checkpoint directory: this repo's format or a Hugging
+    Face Llama-family decoder (llama / mistral / qwen2 / qwen3 ``config.json``, converted by
+    :func:`ntk_jax.models.hf_loading.config_from_hf`). ``ValueError`` for other model types
+    (e.g. GPT-2, BERT), whose configs are not a ``DecoderConfig``."""
+    from ntk_jax.models import hf_loading  # imports this module: no import at module level
+
+    d = hf_loading.read_hf_config(directory)
+    if d.get("model_type") == MODEL_TYPE:
+        return _load_own_config(directory)
+    config = hf_loading.config_from_hf(d)
+    if not isinstance(config, DecoderConfig):
+        raise ValueError(f"{os.fspath(directory)!r}: model_type {d.get('model_type')!r} is not a Llama-family "
+                         f"decoder (its config is a {type(config).__name__}, not a DecoderConfig)")
+    return config
 
 
 def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None,
@@ -552,7 +568,7 @@ def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = Non
     from safetensors import safe_open
 
     directory = os.fspath(directory)
-    config = with_dtypes(load_config(directory), dtype, param_dtype)
+    config = with_dtypes(_load_own_config(directory), dtype, param_dtype)
     wpath = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")

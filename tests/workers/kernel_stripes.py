@@ -27,7 +27,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import ml_collections  # noqa: E402
 
 from ntk_jax.kernels import sharded  # noqa: E402
 from ntk_jax.launcher import distributed  # noqa: E402

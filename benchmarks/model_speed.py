@@ -1,0 +1,268 @@
+"""Tokens/s of the Flax Llama port vs ``transformers`` PyTorch, forward and forward+backward.
+
+    python benchmarks/model_speed.py [--batch 8] [--seq-len 64] [--repeats 7] [--quick]
+
+For each model size (``tiny``: hidden 64, 2 layers; ``larger``: hidden 256, 4 layers; both
+Llama with GQA, SwiGLU, untied head) ONE checkpoint is written by ``transformers``
+(``LlamaForCausalLM``, random init, float32) and loaded by both sides in the same process:
+
+* Flax: ``ntk_jax.models.from_pretrained(dir, lora=LoRAConfig(r=8, alpha=16, q_proj/v_proj,
+  b_init_std=0.02))``, functions ``jax.jit``-ed over the model state;
+* PyTorch: ``LlamaForCausalLM.from_pretrained(dir)`` with the Flax adapters exported by
+  ``ntk_jax.models.peft_export.save_peft_adapter`` and opened with ``peft.PeftModel`` (so
+  both run the same function: the logit and gradient differences are reported).
+
+Timed, on the same random ``(batch, seq_len)`` token batch:
+
+* ``forward``: logits (``torch.inference_mode`` on the torch side);
+* ``forward_backward``: mean next-token cross-entropy and its gradient w.r.t. the LoRA
+  factors only (PEFT freezes the base weights on the torch side; ``jax.value_and_grad``
+  over the ``nnx.LoRAParam`` subset on the Flax side).
+
+Each function is called ``--warmup`` times (compilation for JAX), then ``--repeats`` times
+timed, one function after the other (see :func:`median_times`); the median time is reported
+as tokens/s = batch * seq_len / median, with the ratio Flax / PyTorch. Threads: PyTorch uses
+``torch.set_num_threads(cores)`` with ``cores`` the CPUs this process may run on, the
+number of threads XLA's CPU backend uses by default; ``--threads 1`` makes both
+single-threaded (the fairest comparison on a loaded machine).
+
+Prints one JSON object on stdout (progress and notes go to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _early_threads(argv) -> int | None:
+    """``--threads N`` from the command line, read before JAX is imported (XLA reads its
+    thread settings from ``XLA_FLAGS`` at start-up)."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return None
+
+
+if __name__ == "__main__" and _early_threads(sys.argv[1:]) == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ntk_jax.models.hf_loading import from_pretrained  # noqa: E402
+from ntk_jax.models.lora import LoRAConfig, iter_linears  # noqa: E402
+from ntk_jax.models.peft_export import peft_module_names, save_peft_adapter  # noqa: E402
+from ntk_jax.models.subset import param_subset  # noqa: E402
+
+SIZES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "larger": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=4),
+}
+LORA = LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), b_init_std=0.02)
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def median_times(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of every zero-argument ``fn``: for each function in turn,
+    ``warmup`` untimed calls then ``repeats`` timed ones. (Consecutive rather than
+    round-robin: XLA's and PyTorch's CPU thread pools spin-wait after a call, so interleaving
+    the two frameworks call by call slows whichever runs next.)"""
+    out = {}
+    for k, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        out[k] = statistics.median(ts)
+    return out
+
+
+def flax_functions(model, ids: np.ndarray):
+    """(forward, forward_backward) for the Flax model: jitted, results blocked on."""
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    sub = param_subset(model, nnx.LoRAParam)
+
+    def loss(params, x):
+        logits = sub.merge(params)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean()
+
+    vg = jax.jit(jax.value_and_grad(loss))
+    x = jnp.asarray(ids)
+    return (lambda: jax.block_until_ready(fwd(state, x)),
+            lambda: jax.block_until_ready(vg(sub.params, x)),
+            lambda: vg(sub.params, x))
+
+
+def torch_functions(model, ids: np.ndarray):
+    import torch
+
+    x = torch.tensor(ids, dtype=torch.long)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def fwd():
+        with torch.inference_mode():
+            return model(x).logits
+
+    def fwd_bwd():
+        for p in trainable:
+            p.grad = None
+        logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 x[:, 1:].reshape(-1))
+        loss.backward()
+        return loss
+
+    return fwd, fwd_bwd
+
+
+def max_grad_rel_diff(model, flax_grads, torch_model) -> float:
+    """max over LoRA factors of ``‖g_flax - g_torch‖ / ‖g_torch‖`` (PEFT layout transposed)."""
+    names = peft_module_names(model)
+    tmods = dict(torch_model.base_model.model.named_modules())
+    worst = 0.0
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(flax_grads):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        by_path[keys] = np.asarray(leaf)
+    for path, lin in iter_linears(model):
+        if lin.lora is None:
+            continue
+        tm = tmods[names[path].name]
+        for ours, theirs in (("lora_a", tm.lora_A["default"].weight), ("lora_b", tm.lora_B["default"].weight)):
+            g = next(v for k, v in by_path.items() if k[: len(path)] == path and ours in k)
+            t = theirs.grad.detach().numpy().T
+            worst = max(worst, float(np.linalg.norm(g - t) / max(np.linalg.norm(t), 1e-30)))
+    return worst
+
+
+def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    log(f"[{name}] writing checkpoint {arch}")
+    torch.manual_seed(args.seed)
+    cfg = transformers.LlamaConfig(max_position_embeddings=max(128, args.seq_len), **arch)
+    ckpt = os.path.join(workdir, name, "ckpt")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(ckpt)
+    model = from_pretrained(ckpt, lora=LORA, rngs=nnx.Rngs(args.seed))
+    model.eval()
+    adapter = os.path.join(workdir, name, "adapter")
+    save_peft_adapter(model, adapter, base_model_name_or_path=ckpt)
+    tmodel = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(ckpt), adapter,
+                                            is_trainable=True).eval()
+    ids = np.random.default_rng(args.seed).integers(0, arch["vocab_size"], (args.batch, args.seq_len)).astype(np.int32)
+    f_fwd, f_vg, f_vg_raw = flax_functions(model, ids)
+    t_fwd, t_vg = torch_functions(tmodel, ids)
+
+    # Same function on both sides: logits, loss and LoRA gradients.
+    logit_diff = float(np.max(np.abs(np.asarray(f_fwd()) - t_fwd().numpy())))
+    f_loss, f_grads = f_vg_raw()
+    t_loss = float(t_vg())
+    grad_diff = max_grad_rel_diff(model, f_grads, tmodel)
+
+    log(f"[{name}] timing: warm-up {args.warmup}, {args.repeats} rounds")
+    med = median_times({"flax_forward": f_fwd, "flax_forward_backward": f_vg,
+                        "torch_forward": t_fwd, "torch_forward_backward": t_vg}, args.warmup, args.repeats)
+    tokens = args.batch * args.seq_len
+    tps = {side: {kind: tokens / med[f"{side}_{kind}"] for kind in ("forward", "forward_backward")}
+           for side in ("flax", "torch")}
+    n_params = sum(int(np.prod(p.shape)) for p in tmodel.base_model.model.parameters())
+    n_lora = sum(int(np.prod(p.shape)) for p in tmodel.parameters() if p.requires_grad)
+    return {
+        "model": {**arch, "n_params": n_params, "n_lora_params": n_lora},
+        "median_s": med,
+        "tokens_per_s": tps,
+        "ratio_flax_over_torch": {k: tps["flax"][k] / tps["torch"][k] for k in ("forward", "forward_backward")},
+        "max_abs_logit_diff": logit_diff,
+        "loss": {"flax": float(f_loss), "torch": t_loss},
+        "max_lora_grad_rel_diff": grad_diff,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per function (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per function first")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both frameworks: PyTorch set_num_threads; 1 also makes XLA "
+                        "single-threaded (default: the available cores, XLA's default)")
+    p.add_argument("--quick", action="store_true", help="batch 2, seq-len 16, repeats 2, warm-up 1 (for tests)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq_len, args.repeats, args.warmup = 2, 16, 2, 1
+    for k in ("batch", "seq_len", "repeats", "warmup"):
+        if getattr(args, k) < (0 if k == "warmup" else 1):
+            p.error(f"--{k.replace('_', '-')} must be positive")
+    if args.seq_len < 2:
+        p.error("--seq-len must be at least 2 (next-token loss)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import peft
+    import torch
+    import transformers
+
+    n = cores() if args.threads is None else args.threads
+    if n < 1:
+        raise SystemExit("--threads must be positive")
+    if n not in (1, cores()):
+        log(f"note: --threads {n} sets PyTorch only; XLA uses its default ({cores()} cores) unless n == 1")
+    torch.set_num_threads(n)
+    result = {
+        "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "peft_version": peft.__version__,
+        "threads": {"cores": cores(), "requested": n, "torch": torch.get_num_threads(),
+                    "xla_cpu": 1 if "intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", "")
+                    else f"default ({cores()} cores)"},
+        "settings": {"batch": args.batch, "seq_len": args.seq_len, "repeats": args.repeats,
+                     "warmup": args.warmup, "dtype": "float32",
+                     "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets)}},
+        "sizes": {},
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.sizes:
+            result["sizes"][name] = bench_size(name, SIZES[name], args, workdir)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

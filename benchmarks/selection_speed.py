@@ -1,0 +1,445 @@
+"""Speed of NTK-Selector feature extraction (per-example gradients + projection) on the tiny model.
+
+    python benchmarks/selection_speed.py [--n 1024] [--batch-size 256] [--sizes 1024,4096,16384]
+                                         [--projection-dim 8192] [--repeats 2] [--quick]
+
+Everything runs in ONE process on the SAME model, LoRA weights and pool (ntk_jax issue 4):
+
+* model: the embedded default architecture (``ntk_jax.launcher.config_lib.model_config``:
+  Llama-style decoder, hidden 64, 3 layers, 4 heads / 2 kv heads, MLP 128, vocab 50 of
+  ``CharTokenizer``), random init, built FIRST as a ``transformers`` ``LlamaForCausalLM``
+  (seed ``--seed``), written with ``save_pretrained`` and loaded into JAX with
+  ``ntk_jax.models.from_pretrained`` (so both sides hold the very same weights); LoRA r=8,
+  alpha 16 on ``q_proj``/``v_proj`` of every layer (``b_init_std=0.02``, so the gradient wrt
+  ``A`` is not zero), P = 5376 LoRA parameters; the same A/B values are copied to the
+  PyTorch side, where LoRA is added by hand (``y = base(x) + (alpha/r)·(x A) B``).
+* pool: ``ntk_jax.data.synthetic.make_corpus`` over every synthetic task, encoded with
+  ``ntk_jax.data.encoding.encode_examples`` (right padding; ``loss_mask`` on the response).
+* features (ours): exactly the NTK-Selector composition
+  ``gradient_features(sum_of_outputs(lm_output_fn(subset, reduce="mean")), subset.params, batch,
+  projection=RandomProjection(p, seed))`` — the length-normalised sum-of-logits gradient over
+  the LoRA parameters, Rademacher-projected to p (default 8192).
+* (a) the floor: a plain LoRA training step (optax AdamW, masked next-token cross-entropy,
+  ``ntk_jax.training.losses.masked_lm_loss``) on the same tokens and the same batch size.
+  Scoring needs one forward + backward per candidate, so this is the cost to beat.
+* (b) the LESS-style PyTorch peer: per-example gradients of the same scalar with
+  ``torch.func.vmap(torch.func.grad(...))`` over ``functional_call`` of the HF model, then the
+  same Rademacher projection (the very same ``(P, p)`` matrix, rows in our parameter order,
+  held in memory as ours is) with one GEMM per batch. ``torch.set_num_threads`` = the cores
+  JAX's CPU backend uses. The attention mask is not passed on the torch side: with right
+  padding and causal attention, padding never influences a real position, and pad positions
+  carry no loss mask (the agreement check below verifies the features are the same).
+
+* ours, scores only: the NTK-Selector score ``s_j = mean_i ⟨F_i, F_j⟩ = ⟨F_j, u⟩`` (u = mean
+  projected feature of the domain set, here the first batch of the pool) needs no feature
+  matrix: ``⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` is one forward-mode JVP of the scalar along ``Π u``
+  (``RandomProjection.adjoint`` + ``ntk_jax.kernels.features.directional_derivatives``), with no
+  per-example gradient and no projection per candidate. Reported as ``ours_scores_jvp``; its
+  agreement with the features' ``F @ u`` is checked.
+
+Agreement: on a few examples both sides' UNPROJECTED per-example gradients (same definition)
+are compared (max relative difference), and the projected features too.
+
+Timing: every method first runs one batch (compile / warm-up, reported separately), then the
+pool of ``--n`` candidates in batches of ``--batch-size``, ``--repeats`` times round-robin
+(median reported); candidates/s = n / time. Pool scaling: our feature extraction over pools of
+``--sizes`` candidates (one timed pass each after warm-up), a least-squares line
+time = a + b·n with its R², and the time per candidate at each size.
+
+Prints one JSON object on stdout (progress and notes go to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ntk_jax.data.encoding import encode_examples, max_length
+from ntk_jax.data.synthetic import TASKS, make_corpus
+from ntk_jax.data.tokenizer import CharTokenizer
+from ntk_jax.kernels.features import directional_derivatives, gradient_features
+from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.launcher.config_lib import model_config
+from ntk_jax.models.hf_loading import from_pretrained
+from ntk_jax.models.lora import LoRAConfig, lora_filter
+from ntk_jax.models.subset import param_subset
+from ntk_jax.selection.ntk_selector import ntk_scalar_fn
+from ntk_jax.training.losses import masked_lm_loss
+
+LORA = LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), b_init_std=0.02)
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def jax_cpu_threads() -> int:
+    """Cores JAX's CPU backend runs on (its thread pool spans every core the process may use)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# --- problem ---------------------------------------------------------------------------------
+
+
+def hf_llama_config(vocab_size: int, arch: dict | None = None) -> dict:
+    """``transformers.LlamaConfig`` kwargs of the embedded default architecture."""
+    arch = dict(model_config().arch) if arch is None else arch
+    return dict(vocab_size=vocab_size, hidden_size=arch["hidden_size"],
+                intermediate_size=arch["intermediate_size"], num_hidden_layers=arch["num_layers"],
+                num_attention_heads=arch["num_heads"], num_key_value_heads=arch["num_kv_heads"],
+                max_position_embeddings=arch["max_position_embeddings"], rms_norm_eps=1e-6,
+                tie_word_embeddings=False)
+
+
+def build_models(seed: int, directory: str):
+    """The HF Llama (torch, eval, float32) and our port of the same checkpoint with LoRA.
+
+    Returns ``(hf_model, jax_model, subset, tokenizer)``.
+    """
+    import torch
+    import transformers
+
+    tokenizer = CharTokenizer()
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **hf_llama_config(tokenizer.vocab_size), attn_implementation="eager")).eval()
+    hf.save_pretrained(directory)
+    model = from_pretrained(directory, lora=LORA, rngs=nnx.Rngs(seed + 1))
+    subset = param_subset(model, lora_filter())
+    return hf, model, subset, tokenizer
+
+
+def make_pool(tokenizer, n: int, seed: int) -> dict:
+    """``n`` synthetic records over every task, encoded (numpy arrays ``(n, T)``)."""
+    per_task = -(-n // len(TASKS))
+    records = make_corpus(list(TASKS), per_task, seed=seed)[:n]
+    return encode_examples(tokenizer, records, max_length(tokenizer, records))
+
+
+def ntk_selector_scalar_fn(subset):
+    """The NTK-Selector scalar (length-normalised sum of logits over the response positions),
+    as the selection code builds it (``ntk_jax.selection.ntk_selector.ntk_scalar_fn``)."""
+    return ntk_scalar_fn(subset)
+
+
+def model_batch(pool: dict) -> dict:
+    return {k: jnp.asarray(pool[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+
+
+def take(pool: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in pool.items()}
+
+
+def tile_pool(pool: dict, n: int) -> dict:
+    """The first ``n`` rows of ``pool`` repeated cyclically (timing pools larger than the corpus)."""
+    m = len(pool["input_ids"])
+    idx = np.arange(n) % m
+    return {k: v[idx] for k, v in pool.items()}
+
+
+# --- (a) the floor: a plain LoRA training step -------------------------------------------------
+
+
+def make_train_runner(subset, batch_size: int, learning_rate: float = 1e-3):
+    """``run(pool) -> loss``: one AdamW step of the LoRA params per batch over the whole pool."""
+    opt = optax.adamw(learning_rate)
+
+    def loss_fn(params, batch):
+        logits = subset.merge(params)(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return masked_lm_loss(logits.astype(jnp.float32), batch["targets"], batch["loss_mask"])
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def run(pool: dict):
+        params, opt_state = subset.params, opt.init(subset.params)
+        n = len(pool["input_ids"])
+        loss = None
+        for start in range(0, n, batch_size):
+            batch = {k: jnp.asarray(v) for k, v in take(pool, start, start + batch_size).items()}
+            if len(batch["input_ids"]) < batch_size:  # keep one compiled shape
+                batch = {k: jnp.concatenate([v, v[: batch_size - len(v)]]) for k, v in batch.items()}
+            params, opt_state, loss = step(params, opt_state, batch)
+        return jax.block_until_ready(loss)
+
+    return run
+
+
+# --- ours ------------------------------------------------------------------------------------
+
+
+def make_ours_runner(subset, projection, batch_size: int):
+    scalar_fn = ntk_selector_scalar_fn(subset)  # one function: gradient_features reuses its compile
+
+    def run(pool: dict) -> np.ndarray:
+        return gradient_features(scalar_fn, subset.params, model_batch(pool), projection=projection,
+                                 batch_size=batch_size, progress_desc="features (ours)")
+
+    return run
+
+
+def make_ours_score_runner(subset, tangent, batch_size: int):
+    """Scores only: ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` as one JVP per batch along ``Π u``."""
+    scalar_fn = ntk_selector_scalar_fn(subset)
+
+    def run(pool: dict) -> np.ndarray:
+        return directional_derivatives(scalar_fn, subset.params, model_batch(pool), tangent,
+                                       batch_size=batch_size, progress_desc="scores (ours, JVP)")
+
+    return run
+
+
+# --- (b) the torch.func peer -----------------------------------------------------------------
+
+
+def lora_param_names(subset) -> list[tuple[str, tuple]]:
+    """``(torch name, leaf shape)`` of every LoRA leaf, in JAX leaf order."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(subset.params):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        _, layer, _, proj, _, which = keys
+        out.append((f"model.layers.{layer}.self_attn.{proj}.{which}", tuple(leaf.shape)))
+    return out
+
+
+def attach_torch_lora(hf, subset) -> dict:
+    """Adds LoRA by hand to the HF model's q/v projections with our A, B values; returns the
+    LoRA parameters as ``{torch name: tensor}`` in JAX leaf order."""
+    import torch
+
+    scale = LORA.alpha / LORA.rank
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, base, a, b):
+            super().__init__()
+            self.base = base
+            self.lora_a = torch.nn.Parameter(torch.tensor(np.asarray(a)))  # (in, r)
+            self.lora_b = torch.nn.Parameter(torch.tensor(np.asarray(b)))  # (r, out)
+
+        def forward(self, x):
+            return self.base(x) + scale * (x @ self.lora_a) @ self.lora_b
+
+    for i, layer in enumerate(hf.model.layers):
+        for proj in LORA.targets:
+            leaves = subset.params["layers"][i]["self_attn"][proj]["lora"]
+            setattr(layer.self_attn, proj, LoRALinear(getattr(layer.self_attn, proj),
+                                                       leaves["lora_a"], leaves["lora_b"]))
+    named = dict(hf.named_parameters())
+    names = [n for n, _ in lora_param_names(subset)]
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return {n: named[n].detach() for n in names}
+
+
+def make_torch_runner(hf, lora_params: dict, matrix: np.ndarray | None, batch_size: int):
+    """``features(pool) -> (n, P)`` (``matrix`` None) or ``(n, p)``: torch.func per-example grads
+    of the same scalar, flattened in JAX leaf order, times the same projection matrix."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    names = list(lora_params)
+    M = None if matrix is None else torch.tensor(np.asarray(matrix, np.float32))
+
+    def scalar(params, ids, loss_mask):
+        logits = functional_call(hf, params, (ids[None],)).logits[0]  # (T, V)
+        m = loss_mask.to(logits.dtype)
+        return (logits.sum(-1) * m).sum() / m.sum().clamp(min=1.0)
+
+    per_example = vmap(grad(scalar), in_dims=(None, 0, 0))
+
+    @torch.no_grad()
+    def block(ids, mask):
+        with torch.enable_grad():
+            g = per_example(lora_params, ids, mask)
+        flat = torch.cat([g[n].reshape(ids.shape[0], -1) for n in names], dim=1)
+        return flat if M is None else flat @ M
+
+    def run(pool: dict) -> np.ndarray:
+        ids = torch.from_numpy(np.asarray(pool["input_ids"], np.int64))
+        mask = torch.from_numpy(np.asarray(pool["loss_mask"], np.float32))
+        out = []
+        for start in range(0, len(ids), batch_size):
+            stop = min(start + batch_size, len(ids))
+            out.append(block(ids[start:stop], mask[start:stop]).numpy())
+        return np.concatenate(out, axis=0)
+
+    return run
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+def warm_up(runners: dict, warm_pool: dict) -> dict:
+    """One batch through every runner (compilation, first-call overheads): seconds each."""
+    warm = {}
+    for name, run in runners.items():
+        t = time.perf_counter()
+        run(warm_pool)
+        warm[name] = time.perf_counter() - t
+        log(f"[warm-up] {name}: {warm[name]:.2f} s")
+    return warm
+
+
+def time_rounds(runners: dict, pool: dict, repeats: int) -> dict:
+    """``repeats`` rounds over ``pool``, one pass per runner per round (round-robin, so load
+    from other processes affects all alike). Returns the median seconds per runner."""
+    times = {k: [] for k in runners}
+    for r in range(repeats):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run(pool)
+            times[name].append(time.perf_counter() - t)
+        log(f"[round {r + 1}/{repeats}] " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items()))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def linear_fit(sizes, seconds) -> dict:
+    """Least-squares ``t = a + b·n``: intercept a (s), slope b (s/candidate), R²."""
+    n, t = np.asarray(sizes, float), np.asarray(seconds, float)
+    b, a = np.polyfit(n, t, 1)
+    resid = t - (a + b * n)
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    return dict(intercept_s=float(a), slope_s_per_candidate=float(b), r2=r2)
+
+
+def max_rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1024, help="candidates in the timed pool")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per step / feature block")
+    p.add_argument("--sizes", type=str, default="1024,4096,16384", help="pool sizes of the scaling run")
+    p.add_argument("--projection-dim", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--n-check", type=int, default=4, help="examples of the cross-implementation check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="n=64, batch 32, sizes 64,128,256, repeats 1 (for tests)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.n, a.batch_size, a.sizes, a.repeats = 64, 32, "64,128,256", 1
+    a.sizes = [int(s) for s in a.sizes.split(",") if s]
+    if a.n <= 0 or a.batch_size <= 0 or a.repeats <= 0 or not a.sizes or min(a.sizes) <= 0:
+        p.error("--n, --batch-size, --repeats and every --sizes entry must be positive")
+    return a
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    args = parse_args(argv)
+    threads = jax_cpu_threads()
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, model, subset, tokenizer = build_models(args.seed, tmp)
+    projection = RandomProjection(args.projection_dim, seed=args.seed)
+    corpus = make_pool(tokenizer, max(args.n, min(max(args.sizes), 4096)), args.seed)
+    pool = tile_pool(corpus, args.n)
+    warm_pool = take(pool, 0, args.batch_size)
+    T = int(pool["input_ids"].shape[1])
+    log(f"model: P={subset.num_params} LoRA params, pool n={args.n}, T={T}, batch {args.batch_size}, "
+        f"p={args.projection_dim}, {threads} threads")
+
+    lora_params = attach_torch_lora(hf, subset)
+    matrix = projection.cached_matrix(subset.params)
+    matrix = np.asarray(matrix if matrix is not None else projection.matrix(subset.params))
+    ours_runner = make_ours_runner(subset, projection, args.batch_size)
+    unprojected_runner = make_ours_runner(subset, None, args.batch_size)
+    runners = {
+        "train_step_floor": make_train_runner(subset, args.batch_size),
+        "ours_features": ours_runner,
+        "torch_func_features": make_torch_runner(hf, lora_params, matrix, args.batch_size),
+        # our per-example gradients without the projection (the model part alone)
+        "ours_unprojected_grads": unprojected_runner,
+    }
+    # Scores without materialising features: NTK-Selector's s_j = mean_i <F_i, F_j> = <F_j, u>
+    # with u the mean projected feature of a domain set (here: the first batch of the pool)
+    # equals the JVP of s(x_j) along Π u (``RandomProjection.adjoint``).
+    warm = warm_up(runners, warm_pool)
+    u = ours_runner(warm_pool).mean(axis=0)
+    runners["ours_scores_jvp"] = make_ours_score_runner(subset, projection.adjoint(u, subset.params),
+                                                        args.batch_size)
+    warm.update(warm_up({"ours_scores_jvp": runners["ours_scores_jvp"]}, warm_pool))
+
+    # Cross-implementation agreement (same definition: unprojected, then projected), on the
+    # first --n-check candidates (ours at the compiled batch shape).
+    n_check = min(args.n_check, args.batch_size)
+    ours_raw = unprojected_runner(warm_pool)[:n_check]
+    ours_proj = ours_runner(warm_pool)[:n_check]
+    check = take(pool, 0, n_check)
+    torch_raw = make_torch_runner(hf, lora_params, None, n_check)(check)
+    torch_proj = make_torch_runner(hf, lora_params, matrix, n_check)(check)
+    feats_full = ours_runner(warm_pool)
+    agreement = dict(scores_jvp_vs_features_max_rel_diff=max_rel_diff(runners["ours_scores_jvp"](warm_pool),
+                                                                      feats_full.astype(np.float64) @ u),
+                     unprojected_max_rel_diff=max_rel_diff(torch_raw, ours_raw),
+                     projected_max_rel_diff=max_rel_diff(torch_proj, ours_proj),
+                     n_examples=n_check, feature_norm_mean=float(np.linalg.norm(ours_raw, axis=1).mean()))
+    log(f"agreement: {agreement}")
+
+    seconds = time_rounds(runners, pool, args.repeats)
+    cps = {k: args.n / v for k, v in seconds.items()}
+
+    # Pool-size scaling of our feature extraction (warm: the compiled shape is reused).
+    ours = runners["ours_features"]
+    scaling = []
+    for size in args.sizes:
+        big = tile_pool(corpus, size)
+        t = time.perf_counter()
+        ours(big)
+        dt = time.perf_counter() - t
+        scaling.append(dict(n=size, seconds=dt, ms_per_candidate=1e3 * dt / size, candidates_per_s=size / dt))
+        log(f"[scaling] n={size}: {dt:.2f} s ({1e3 * dt / size:.3f} ms/candidate)")
+    fit = linear_fit([s["n"] for s in scaling], [s["seconds"] for s in scaling])
+
+    dev = jax.devices()[0]
+    report = dict(
+        device=f"{dev.platform}:{dev.device_kind} ({threads} cores for JAX and torch, {platform.machine()})",
+        jax_version=jax.__version__, torch_version=torch.__version__,
+        model=dict(arch={k: v for k, v in dict(model_config().arch).items()}, vocab_size=tokenizer.vocab_size,
+                   lora=dict(rank=LORA.rank, alpha=LORA.alpha, targets=list(LORA.targets), layers="all",
+                             b_init_std=LORA.b_init_std),
+                   P=subset.num_params, source="transformers LlamaForCausalLM -> from_pretrained"),
+        settings=dict(n=args.n, batch_size=args.batch_size, seq_len=T, projection_dim=args.projection_dim,
+                      repeats=args.repeats, seed=args.seed, quick=args.quick,
+                      projection_cached=projection.cached_matrix(subset.params) is not None),
+        warmup_s=warm,
+        seconds=seconds,
+        candidates_per_s=cps,
+        ratio_ours_time_vs_floor=seconds["ours_features"] / seconds["train_step_floor"],
+        speedup_ours_vs_torch_func=seconds["torch_func_features"] / seconds["ours_features"],
+        ratio_scores_jvp_time_vs_floor=seconds["ours_scores_jvp"] / seconds["train_step_floor"],
+        targets=dict(within_2x_of_floor=seconds["ours_features"] <= 2 * seconds["train_step_floor"],
+                     scores_jvp_within_2x_of_floor=seconds["ours_scores_jvp"] <= 2 * seconds["train_step_floor"],
+                     faster_than_torch_func=seconds["ours_features"] < seconds["torch_func_features"]),
+        agreement=agreement,
+        scaling=dict(points=scaling, linear_fit=fit),
+    )
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

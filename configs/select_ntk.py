@@ -1,0 +1,13 @@
+"""One selection job with method 'ntk' (SPEC §6; experiments/select.py) on the controlled
+benchmark by default (set select.domain_path / pool_path for your own JSONL).
+
+    python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/select_ntk
+"""
+from ntk_jax.launcher.config_lib import base_config
+
+
+def get_config():
+    config = base_config()
+    config.experiments = ["select"]
+    config.select.method = "ntk"
+    return config

@@ -1,0 +1,137 @@
+"""The selection comparison (ntk_jax issue 4, item 7): for every seed, select N pool records
+with each method of ``config.select_compare.methods`` (random, embedding, LESS,
+NTK-Selector; settings from ``config.select``), fine-tune a fresh LoRA on the domain alone
+and on domain ∪ selected(method), and evaluate on the held-out domain test set (loss;
+accuracy by option log-likelihood when test records carry ``options``).
+
+Data: the controlled benchmark of each seed (``seed_<s>/data``), or ``config.select``'s
+JSONL paths (then the same data for every seed; ``test_path`` required).
+
+Outputs: ``seed_<s>/<method>/`` (each a selection job: ``scores/``, ``selected.jsonl``,
+``report.json``), ``results.json`` (one entry per (seed, arm), appended atomically; a
+restarted job skips finished selections and fine-tunes), ``table.json``, ``table.md``,
+``comparison.png``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from experiments.plotting import save, subplots
+from ntk_jax.selection.evaluation import finetune_and_evaluate
+from ntk_jax.selection.jobs import load_selection_data, plain, run_selection
+from ntk_jax.utils import read_json, write_json
+
+RESULTS_NAME = "results.json"
+
+
+def _mean_std(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def build_table(results: dict, arms: list[str]) -> dict:
+    """Per arm: mean ± std over seeds of precision@N, base rate, test loss and accuracy."""
+    table = {}
+    for arm in arms:
+        rows = [r for r in results.values() if r["arm"] == arm]
+        entry = {"n_seeds": len(rows)}
+        for key in ("precision_at_n", "base_rate", "test_loss", "accuracy", "selection_s"):
+            m, s = _mean_std([r.get(key) for r in rows])
+            entry[key] = m
+            entry[f"{key}_std"] = s
+        table[arm] = entry
+    return table
+
+
+def _fmt(m, s, digits=3):
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(table: dict) -> str:
+    lines = ["| arm | precision@N | pool base rate | test loss | test accuracy | seeds |",
+             "|---|---|---|---|---|---|"]
+    for arm, e in table.items():
+        lines.append(f"| {arm} | {_fmt(e['precision_at_n'], e['precision_at_n_std'])} | "
+                     f"{_fmt(e['base_rate'], e['base_rate_std'])} | {_fmt(e['test_loss'], e['test_loss_std'], 4)} | "
+                     f"{_fmt(e['accuracy'], e['accuracy_std'])} | {e['n_seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: str) -> str:
+    arms = list(table)
+    fig, axes = subplots(3, width=4.2)
+    x = np.arange(len(arms))
+    for ax, key, title in zip(axes, ("precision_at_n", "test_loss", "accuracy"),
+                              ("precision@N (line: pool base rate)", "target test loss", "target test accuracy")):
+        vals = [table[a][key] if table[a][key] is not None else np.nan for a in arms]
+        errs = [table[a][f"{key}_std"] or 0.0 for a in arms]
+        ax.bar(x, vals, yerr=errs, color="tab:blue", alpha=0.8, capsize=3)
+        ax.set_xticks(x, arms, rotation=30, ha="right")
+        ax.set_title(title, fontsize=9)
+        if key == "precision_at_n":
+            base = [table[a]["base_rate"] for a in arms if table[a]["base_rate"] is not None]
+            if base:
+                ax.axhline(float(np.mean(base)), color="k", ls="--", lw=1)
+    return save(fig, path)
+
+
+def run(config, out_dir, context):
+    cc, sel = config.select_compare, config.select
+    if not cc.seeds:
+        raise ValueError("select_compare.seeds is empty")
+    results_path = os.path.join(out_dir, RESULTS_NAME)
+    results = read_json(results_path) if os.path.exists(results_path) else {}
+    arms = ["domain_only"] + list(cc.methods)
+    for seed in cc.seeds:
+        seed = int(seed)
+        sdir = os.path.join(out_dir, f"seed_{seed}")
+        data = load_selection_data(sel, os.path.join(sdir, "data"), seed)
+        if data["test"] is None:
+            raise ValueError("select_compare needs a held-out test set: set select.test_path")
+        for arm in arms:
+            key = f"{seed}/{arm}"
+            if key in results:
+                continue
+            entry = {"seed": seed, "arm": arm}
+            train_records = list(data["domain"])
+            if arm != "domain_only":
+                jdir = os.path.join(sdir, arm)
+                rpath = os.path.join(jdir, "report.json")
+                if os.path.exists(rpath):
+                    report = read_json(rpath)
+                else:
+                    cfg = plain(sel)
+                    cfg["method"] = arm
+                    report = run_selection(context, cfg, data["domain"], data["pool"], jdir, seed=seed)
+                    write_json(rpath, report)
+                by_id = {r["id"]: r for r in data["pool"]}
+                train_records += [by_id[i] for i in report["selected_ids"]]
+                entry.update({k: report.get(k) for k in ("precision_at_n", "base_rate", "selected_roles")})
+                entry["selection_s"] = float(sum(report["timings_s"].values()))
+            entry.update(finetune_and_evaluate(context, train_records, data["test"], lora=cc.lora,
+                                               train_cfg=plain(cc.finetune), seed=seed,
+                                               eval_batch_size=int(cc.eval_batch_size)))
+            results[key] = entry
+            write_json(results_path, results)
+            print(f"[select_compare] seed {seed} {arm}: " + ", ".join(
+                f"{k}={v:.4f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+    table = build_table({k: v for k, v in results.items() if int(v["seed"]) in [int(s) for s in cc.seeds]}, arms)
+    write_json(os.path.join(out_dir, "table.json"), table)
+    md = markdown_table(table)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(md)
+    plot_path = plot(table, os.path.join(out_dir, "comparison.png"))
+    return {"table": table, "results": results, "markdown": md, "plot": plot_path,
+            "config": {"select": plain(sel), "select_compare": plain(cc)}}
+
+
+def summary(report):
+    return {arm: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()
+                  if k in ("precision_at_n", "base_rate", "test_loss", "accuracy")}
+            for arm, e in report["table"].items()}

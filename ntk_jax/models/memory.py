@@ -1,0 +1,231 @@
+"""Memory/feasibility estimates for LoRA NTK work on large decoders, computed by XLA.
+
+:func:`estimate_memory` takes a decoder config (a :class:`DecoderConfig` or an HF
+``config.json`` dict such as :data:`LLAMA3_8B` / :data:`QWEN3_8B`), a LoRA config, a mesh
+shape ``(data, model)``, a batch size and sequence length and dtypes, and returns per-device
+byte counts. Nothing is allocated:
+
+* **parameters** — the model is built with ``nnx.eval_shape`` (shapes only) at full depth;
+  parameter counts and bytes are summed over its leaves, and per-device bytes over the
+  per-device blocks of each leaf under the partition rules of
+  :mod:`ntk_jax.models.sharding` (exact, not extrapolated);
+* **forward** and **per-example-gradient feature step** — the programs (``model(ids, mask)``
+  → logits, and :func:`ntk_jax.kernels.features.make_feature_fn` of the sum-of-logits scalar
+  function of :func:`ntk_jax.kernels.outputs.lm_output_fn` over the LoRA factors, exact
+  features ``(n, P)``) are lowered with abstract sharded arguments and compiled;
+  ``compiled.memory_analysis()`` gives XLA's per-device ``temp`` (activations, gradients,
+  workspace) and ``output`` sizes. Compiling all 32–36 layers of an 8B model is slow on CPU,
+  so the programs are compiled at ``measure_layers`` depths (default 1 and 2 layers) and the
+  per-layer slope is extrapolated linearly to the full depth:
+  ``q(L) = q(L1) + (L - L1) · (q(L2) - q(L1)) / (L2 - L1)``. Everything else (embeddings,
+  lm_head, logits) is in the intercept. ``check_layers`` compiles one more depth to report
+  the extrapolation error.
+
+Per-device compiled numbers need a mesh of real (or simulated) devices:
+``data * model <= jax.device_count()`` (on CPU start JAX with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``). CPU buffer assignment is a proxy
+for GPU/TPU (fusion and scheduling differ), so treat ``temp`` as an order-of-magnitude
+estimate; the parameter columns are exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ntk_jax.models import sharding as sh
+from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.models.transformer import DecoderConfig, DecoderLM
+
+__all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "decoder_config", "abstract_model", "param_memory",
+           "compiled_memory", "estimate_memory"]
+
+# Hugging Face config.json values (meta-llama/Meta-Llama-3-8B, Qwen/Qwen3-8B).
+LLAMA3_8B: dict[str, Any] = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu")
+QWEN3_8B: dict[str, Any] = dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+    hidden_act="silu")
+MODEL_CONFIGS = {"Llama-3-8B": LLAMA3_8B, "Qwen3-8B": QWEN3_8B}
+
+
+def decoder_config(config: DecoderConfig | Mapping[str, Any], *, dtype: str = "bfloat16",
+                   param_dtype: str = "bfloat16") -> DecoderConfig:
+    """A :class:`DecoderConfig` (from an HF ``config.json`` dict if needed) with the dtypes."""
+    if isinstance(config, DecoderConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        from ntk_jax.models.hf_loading import config_from_hf
+
+        cfg = config_from_hf(config)
+    else:
+        raise TypeError(f"config must be a DecoderConfig or an HF config dict, got {type(config).__name__}")
+    return dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype).name)
+
+
+def abstract_model(config: DecoderConfig, lora: LoRAConfig | None = None) -> DecoderLM:
+    """``DecoderLM(config)`` with ``lora`` attached, built by ``nnx.eval_shape`` (leaves are
+    ``jax.ShapeDtypeStruct``; nothing allocated)."""
+
+    def build():
+        m = DecoderLM(config, rngs=nnx.Rngs(0))
+        if lora is not None:
+            apply_lora(m, lora, rngs=nnx.Rngs(1))
+        return m
+
+    return nnx.eval_shape(build)
+
+
+def param_memory(model: nnx.Module, mesh_shape: tuple[int, int] = (1, 1),
+                 rules: sh.Rules = sh.DEFAULT_RULES) -> dict[str, Any]:
+    """Parameter counts and bytes of a (possibly abstract) model: totals, the LoRA part, and
+    the largest per-device share under a ``(data, model)`` mesh (dimensions the axis does not
+    divide are replicated, as :func:`ntk_jax.models.sharding.fit_spec` does)."""
+    axes = {"data": int(mesh_shape[0]), "model": int(mesh_shape[1])}
+    out = {"base_params": 0, "lora_params": 0, "base_bytes": 0, "lora_bytes": 0,
+           "base_bytes_per_device": 0, "lora_bytes_per_device": 0}
+    for name, var in sh._flat_variables(nnx.state(model, nnx.Param)):
+        shape, dtype = tuple(var.get_value().shape), jnp.dtype(var.get_value().dtype)
+        spec, _ = sh.fit_spec(name, sh.spec_for(name, rules), shape, axes)
+        kind = "lora" if isinstance(var, nnx.LoRAParam) else "base"
+        count = int(np.prod(shape, dtype=np.int64))
+        out[f"{kind}_params"] += count
+        out[f"{kind}_bytes"] += count * dtype.itemsize
+        out[f"{kind}_bytes_per_device"] += int(np.prod(sh.shard_shape(shape, spec, axes), dtype=np.int64)) * dtype.itemsize
+    return out
+
+
+def _mesh(mesh_shape: tuple[int, int], devices: Sequence[jax.Device] | None):
+    data, model = int(mesh_shape[0]), int(mesh_shape[1])
+    devs = list(jax.devices() if devices is None else devices)
+    if data * model > len(devs):
+        raise ValueError(f"mesh {data}x{model} needs {data * model} devices, only {len(devs)} available "
+                         "(on CPU start JAX with XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    return sh.make_mesh(data, model, devices=devs[: data * model])
+
+
+def _analysis(compiled) -> dict[str, int]:
+    ma = compiled.memory_analysis()
+    return {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+
+
+def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_size: int,
+                    seq_len: int) -> dict[str, dict[str, int]]:
+    """XLA's per-device memory analysis of the forward pass and of the per-example-gradient
+    feature step (sum of masked-mean logits, exact ``(n, P)`` features over every LoRA
+    factor) for ``DecoderLM(config)`` with ``lora``, compiled from abstract arguments sharded
+    over ``mesh`` (batch over ``"data"``, parameters by the default rules)."""
+    from ntk_jax.kernels.features import make_feature_fn, sum_of_outputs
+    from ntk_jax.kernels.outputs import lm_output_fn
+    from ntk_jax.models.subset import param_subset
+
+    model = abstract_model(config, lora)
+    rows = NamedSharding(mesh, P("data"))
+    tok = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=rows)
+    batch = {"input_ids": tok, "attention_mask": tok, "loss_mask": tok}
+
+    graphdef, state = nnx.split(model)
+    state_abs = sh.abstract_sharded_state(state, mesh)
+
+    def forward(state, batch):
+        return nnx.merge(graphdef, state)(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    fwd = _analysis(jax.jit(forward).lower(state_abs, batch).compile())
+    if lora is None:
+        return {"forward": fwd}
+
+    subset = param_subset(model, nnx.LoRAParam)
+    params_abs = nnx.to_pure_dict(sh.abstract_sharded_state(subset._template, mesh))
+    frozen_abs = sh.abstract_sharded_state(subset.frozen, mesh)
+
+    def feature_step(params, frozen, batch):
+        sub = dataclasses.replace(subset, params=params, frozen=frozen)
+        return make_feature_fn(sum_of_outputs(lm_output_fn(sub))).compiled(params, batch, None)
+
+    feats = _analysis(jax.jit(feature_step).lower(params_abs, frozen_abs, batch).compile())
+    return {"forward": fwd, "features": feats}
+
+
+def _extrapolate(measured: dict[int, dict], depth: int, layers: tuple[int, int]) -> dict[str, float]:
+    l1, l2 = layers
+    a, b = measured[l1], measured[l2]
+    return {k: a[k] + (depth - l1) * (b[k] - a[k]) / (l2 - l1) for k in a}
+
+
+def estimate_memory(config: DecoderConfig | Mapping[str, Any], lora: LoRAConfig | None, *,
+                    mesh_shape: tuple[int, int] = (1, 1), batch_size: int = 8, seq_len: int = 512,
+                    dtype: str = "bfloat16", param_dtype: str = "bfloat16",
+                    measure_layers: tuple[int, int] = (1, 2), check_layers: int | None = None,
+                    devices: Sequence[jax.Device] | None = None, compile: bool = True) -> dict[str, Any]:
+    """Per-device memory of parameters, forward and per-example-gradient features.
+
+    Args:
+      config: a :class:`DecoderConfig` or an HF ``config.json`` dict (llama/mistral/qwen2/qwen3).
+      lora: the adapters (``None``: no LoRA; then no feature step is compiled).
+      mesh_shape: ``(data, model)``; the batch is split over ``data`` (``batch_size`` must be a
+        multiple of it).
+      batch_size, seq_len: the per-step batch (all devices together) and sequence length.
+      dtype, param_dtype: compute and parameter dtypes (default bf16 / bf16).
+      measure_layers: the two depths compiled; per-layer terms are extrapolated linearly.
+      check_layers: also compile this depth and report ``extrapolation_check`` (measured vs
+        extrapolated temp), e.g. to validate the linear model on a small config.
+      compile: ``False`` gives the parameter columns only (no devices needed).
+
+    Returns a JSON-able dict: ``params`` (see :func:`param_memory`), ``forward`` / ``features``
+    (``{"temp", "output", "argument"}`` per device, extrapolated to full depth, bytes),
+    ``per_example_grad_bytes`` (the ``(n, P)`` feature output per device),
+    ``total_features_per_device`` (parameters + temp + output of the feature step) and
+    ``measured`` (the raw compiled numbers per depth).
+    """
+    cfg = decoder_config(config, dtype=dtype, param_dtype=param_dtype)
+    data, model_axis = (int(v) for v in mesh_shape)
+    if batch_size % data:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the data axis {data}")
+    full = abstract_model(cfg, lora)
+    out: dict[str, Any] = {
+        "mesh": [data, model_axis], "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype, "num_layers": cfg.num_layers,
+        "lora": None if lora is None else {"rank": lora.rank, "targets": list(lora.targets)},
+        "params": param_memory(full, (data, model_axis)),
+    }
+    if not compile:
+        return out
+    mesh = _mesh((data, model_axis), devices)
+    depths = sorted(set(measure_layers) | ({check_layers} if check_layers else set()))
+    measured = {}
+    for L in depths:
+        if L > cfg.num_layers:
+            raise ValueError(f"measure/check depth {L} exceeds the model's {cfg.num_layers} layers")
+        sub = dataclasses.replace(cfg, num_layers=L, layer_types=None if cfg.layer_types is None
+                                  else cfg.layer_types[:L])
+        measured[L] = compiled_memory(sub, lora, mesh, batch_size, seq_len)
+    layers = tuple(measure_layers)
+    programs = ("forward",) if lora is None else ("forward", "features")
+    for prog in programs:
+        out[prog] = _extrapolate({L: measured[L][prog] for L in layers}, cfg.num_layers, layers)
+    if lora is not None:
+        out["per_example_grad_bytes"] = out["features"]["output"]
+        p = out["params"]
+        out["total_features_per_device"] = (p["base_bytes_per_device"] + p["lora_bytes_per_device"]
+                                            + out["features"]["temp"] + out["features"]["output"])
+    out["total_forward_per_device"] = (out["params"]["base_bytes_per_device"] + out["params"]["lora_bytes_per_device"]
+                                       + out["forward"]["temp"] + out["forward"]["output"])
+    out["measured"] = {str(L): v for L, v in measured.items()}
+    if check_layers:
+        check = {}
+        for prog in programs:
+            ext = _extrapolate({L: measured[L][prog] for L in layers}, check_layers, layers)
+            got = measured[check_layers][prog]
+            check[prog] = {"temp_measured": got["temp"], "temp_extrapolated": ext["temp"],
+                           "output_measured": got["output"], "output_extrapolated": ext["output"]}
+        out["extrapolation_check"] = {"layers": check_layers, **check}
+    return out

@@ -1,0 +1,323 @@
+"""Device-mesh sharding of the NNX ports: a ``("data", "model")`` mesh, partition rules per
+parameter name, and placement of models and batches.
+
+Axes (MaxText-style "FSDP × tensor parallel", kept small):
+
+* ``"data"`` — the batch is split over it (:func:`shard_batch`), and so is the *hidden*
+  (``embed``) dimension of every large matrix (FSDP / ZeRO-3: each device stores 1/data of
+  the weights; XLA all-gathers a layer's weights where it is used);
+* ``"model"`` — tensor parallelism (Megatron): column-parallel projections (q/k/v, gate/up,
+  GPT-2 ``c_attn``/``c_fc``, BERT query/key/value/intermediate, ``lm_head``) split their
+  *output* features, row-parallel ones (o/down, GPT-2 ``c_proj``, BERT ``*.output.dense``)
+  their *input* features; token embeddings split the vocabulary.
+
+Partition rules are an ordered list of ``(regex, PartitionSpec)``; the first regex that
+``re.search``-es a parameter's flat NNX path (``"layers.3.self_attn.q_proj.kernel"``) gives its
+spec. :data:`DEFAULT_RULES` covers every ported architecture (``DecoderLM`` = Llama / Mistral /
+Qwen2 / Qwen3, GPT-2, BERT / RoBERTa with their classification heads):
+
+==========================================  =================  ==========================
+parameter                                   shape              spec
+==========================================  =================  ==========================
+token embeddings (embed_tokens, wte, word)  (V, H)             ("model", "data")
+position / token-type embeddings            (N, H)             (None, "data")
+column-parallel kernel                      (H, out)           ("data", "model")
+its bias                                    (out,)             ("model",)
+row-parallel kernel                         (in, H)            ("model", "data")
+its bias                                    (H,)               replicated
+lm_head kernel                              (H, V)             ("data", "model")
+LoRA A of a row-parallel projection         (in, r)            ("model", None)
+LoRA B of a column-parallel projection      (r, out)           (None, "model")
+other LoRA factors                                             replicated
+norms (RMSNorm / LayerNorm), pooler, heads                     replicated
+==========================================  =================  ==========================
+
+LoRA factors are small (``r·(in+out)`` per target), so they are not FSDP-sharded; the factor
+whose large dimension is the one the base kernel splits over ``"model"`` is split the same
+way, so the adapter's matmul needs no extra communication and its per-example gradients
+(the kernel features) are split over ``"model"`` too. Non-parameter state (RNG streams) is
+replicated.
+
+Divisibility: a dimension whose size is not divisible by its mesh axis (e.g. GPT-2's vocab
+50257 over 8 devices) is *replicated along that dimension* and reported in
+``ShardingPlan.fallbacks``; ``strict=True`` raises ``ValueError`` naming the parameter instead.
+A parameter no rule matches is a ``ValueError`` naming it (rules must be complete).
+
+Loading: :func:`ntk_jax.models.hf_loading.from_pretrained` (``mesh=``) places each checkpoint
+tensor directly into its sharded layout with ``jax.make_array_from_callback`` (each device
+receives only its slice), so the whole model never sits on one device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+Rules = Sequence[tuple[str, P]]
+
+__all__ = [
+    "AXES",
+    "DEFAULT_RULES",
+    "make_mesh",
+    "mesh_shape",
+    "ShardingPlan",
+    "path_name",
+    "spec_for",
+    "fit_spec",
+    "sharding_plan",
+    "state_shardings",
+    "shard_model",
+    "shard_batch",
+    "abstract_sharded_state",
+    "shard_shape",
+    "describe_sharding",
+]
+
+# Projection names by role (HF names of the ports).
+_COL = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|query|key|value|intermediate\.dense|lm_head)"
+_ROW = r"(o_proj|down_proj|c_proj|output\.dense)"
+
+DEFAULT_RULES: tuple[tuple[str, P], ...] = (
+    # LoRA factors (before the kernels: their paths contain the projection name too).
+    (_ROW + r"\.lora\.lora_a$", P("model", None)),
+    (_COL + r"\.lora\.lora_b$", P(None, "model")),
+    (r"\.lora\.lora_[ab]$", P()),
+    # Small heads and poolers (BERT pooler, classifier(.dense / .out_proj)): replicated.
+    (r"(^|\.)(classifier|pooler)(\.|$)", P()),
+    # Projections.
+    (r"(^|\.)lm_head\.kernel$", P("data", "model")),
+    (_ROW + r"\.kernel$", P("model", "data")),
+    (_ROW + r"\.bias$", P()),
+    (_COL + r"\.kernel$", P("data", "model")),
+    (_COL + r"\.bias$", P("model")),
+    # Embeddings.
+    (r"(^|\.)(embed_tokens|wte|word_embeddings)\.embedding$", P("model", "data")),
+    (r"(^|\.)(wpe|position_embeddings|token_type_embeddings)\.embedding$", P(None, "data")),
+    # Norms: RMSNorm / LayerNorm weights and biases (norm, q_norm, ln_1, ln_f, LayerNorm, ...).
+    (r"(norm|ln_\d+|ln_f|LayerNorm)\.(weight|bias)$", P()),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Meshes
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``Mesh`` of shape ``(data, model)`` with axis names ``("data", "model")``.
+
+    ``devices``: the devices to use (default ``jax.devices()``); ``data * model`` must equal
+    their number (``ValueError`` otherwise: pass ``devices=jax.devices()[:k]`` for a sub-mesh).
+    On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before JAX starts)
+    simulates 8 devices.
+    """
+    for name, v in (("data", data), ("model", model)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"make_mesh: {name} must be a positive int, got {v!r}")
+    devs = list(jax.devices() if devices is None else devices)
+    if data * model != len(devs):
+        raise ValueError(f"make_mesh: data*model = {data}*{model} = {data * model} does not match the "
+                         f"{len(devs)} device(s) given (pass devices=jax.devices()[:{data * model}] for a "
+                         "sub-mesh; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before "
+                         "importing jax)")
+    if devices is None:
+        try:
+            from jax.experimental import mesh_utils
+
+            arr = mesh_utils.create_device_mesh((data, model), devices=devs)
+        except Exception:  # topology helpers are optional; plain order is always valid
+            arr = np.array(devs, dtype=object).reshape(data, model)
+    else:
+        arr = np.array(devs, dtype=object).reshape(data, model)
+    return Mesh(arr, AXES)
+
+
+def mesh_shape(mesh: Mesh) -> tuple[int, int]:
+    """``(data, model)`` sizes of a mesh (an axis it lacks counts as 1)."""
+    return int(mesh.shape.get("data", 1)), int(mesh.shape.get("model", 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Rules -> specs
+
+
+def path_name(path: Iterable[Any]) -> str:
+    """Dotted flat name of a pytree / NNX path (``DictKey``/``GetAttrKey``/plain keys; the
+    trailing ``.value`` of NNX variables dropped): ``"layers.0.mlp.up_proj.kernel"``."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    if parts and parts[-1] in ("value", "raw_value"):
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def spec_for(name: str, rules: Rules = DEFAULT_RULES) -> P:
+    """The spec of the first rule whose regex ``re.search``-es ``name``; ``ValueError``
+    naming the parameter when none does."""
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            return spec
+    raise ValueError(f"no partition rule matches parameter {name!r}; add a (regex, PartitionSpec) "
+                     "rule for it (rules must cover every parameter)")
+
+
+def fit_spec(name: str, spec: P, shape: Sequence[int], mesh_axes: Mapping[str, int], *,
+             strict: bool = False) -> tuple[P, list[str]]:
+    """``spec`` adapted to an array of ``shape``: axes absent from the mesh or of size 1 are
+    dropped, and a dimension not divisible by its axis size is replicated (``strict=True``:
+    ``ValueError`` naming the parameter). Returns ``(spec, notes on fallbacks)``."""
+    entries = tuple(spec)
+    if len(entries) > len(shape):
+        raise ValueError(f"partition spec {spec} of parameter {name!r} has {len(entries)} entries but the "
+                         f"parameter has shape {tuple(shape)}")
+    out, notes = [], []
+    for dim, entry in enumerate(entries):
+        if entry is None:
+            out.append(None)
+            continue
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([mesh_axes.get(a, 1) for a in axes]))
+        axes = tuple(a for a in axes if mesh_axes.get(a, 1) > 1)
+        if not axes:
+            out.append(None)
+        elif shape[dim] % size:
+            msg = (f"{name}: dim {dim} (size {shape[dim]}) is not divisible by mesh axis "
+                   f"{'×'.join(axes)} (size {size})")
+            if strict:
+                raise ValueError(msg + "; use strict=False to replicate that dimension")
+            notes.append(msg + "; replicated")
+            out.append(None)
+        else:
+            out.append(axes[0] if len(axes) == 1 else axes)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out), notes
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """Where every leaf of a model state goes.
+
+    ``specs``: flat dotted name -> ``PartitionSpec`` (after :func:`fit_spec`);
+    ``fallbacks``: notes for dimensions replicated because their axis does not divide them.
+    """
+
+    mesh: Mesh
+    specs: dict[str, P]
+    fallbacks: tuple[str, ...] = ()
+
+    def sharding(self, name: str) -> NamedSharding:
+        return NamedSharding(self.mesh, self.specs[name])
+
+
+def _flat_variables(state) -> list[tuple[str, nnx.Variable]]:
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return [(path_name(p), v) for p, v in leaves]
+
+
+def _state_of(model_or_state):
+    return nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+
+
+def sharding_plan(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+                  strict: bool = False) -> ShardingPlan:
+    """The :class:`ShardingPlan` of a model (concrete or from ``nnx.eval_shape``) or of its
+    ``nnx.State``: ``nnx.Param`` leaves (LoRA factors included) by ``rules``, other state
+    replicated."""
+    axes = dict(mesh.shape)
+    specs: dict[str, P] = {}
+    notes: list[str] = []
+    for name, var in _flat_variables(_state_of(model_or_state)):
+        if isinstance(var, nnx.Param):
+            spec, n = fit_spec(name, spec_for(name, rules), np.shape(var.get_value()), axes, strict=strict)
+            notes.extend(n)
+        else:
+            spec = P()
+        specs[name] = spec
+    return ShardingPlan(mesh, specs, tuple(notes))
+
+
+def state_shardings(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, strict: bool = False):
+    """A pytree shaped like ``nnx.state(model)`` with a ``NamedSharding`` per leaf (for
+    ``jax.device_put`` or ``jax.jit(in_shardings=...)``)."""
+    state = _state_of(model_or_state)
+    plan = sharding_plan(state, mesh, rules, strict=strict)
+    return jax.tree_util.tree_map_with_path(lambda p, _: plan.sharding(path_name(p)), state)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+                strict: bool = False) -> ShardingPlan:
+    """Moves every array of ``model`` (in place) to its sharding under ``mesh``; returns the
+    plan. Arrays already laid out that way are not copied."""
+    state = nnx.state(model)
+    plan = sharding_plan(state, mesh, rules, strict=strict)
+    placed = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(x, plan.sharding(path_name(p))), state)
+    nnx.update(model, placed)
+    return plan
+
+
+def shard_batch(batch, mesh: Mesh, axis: str = "data"):
+    """Every leaf of ``batch`` placed with its leading (example) axis split over ``axis``
+    (other axes replicated). ``ValueError`` naming the leaf when the leading size is not a
+    multiple of the axis size (pad with :func:`ntk_jax.kernels.features.pad_batch`)."""
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r} (axes: {tuple(mesh.shape)})")
+    k = int(mesh.shape[axis])
+
+    def put(path, x):
+        shape = np.shape(x)
+        if not shape:
+            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar; needs a leading batch axis")
+        if shape[0] % k:
+            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has leading size {shape[0]}, not a "
+                             f"multiple of mesh axis {axis!r} (size {k}); pad the batch")
+        return jax.device_put(x, NamedSharding(mesh, P(axis)))
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+
+# ---------------------------------------------------------------------------------------
+# Abstract (shape-only) placement, for compiling without allocating
+
+
+def shard_shape(shape: Sequence[int], spec: P, mesh_axes: Mapping[str, int]) -> tuple[int, ...]:
+    """The per-device block shape of an array of ``shape`` laid out as ``spec``."""
+    out = list(shape)
+    for dim, entry in enumerate(tuple(spec)):
+        if entry is None:
+            continue
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
+        out[dim] //= int(np.prod([mesh_axes.get(a, 1) for a in axes]))
+    return tuple(out)
+
+
+def abstract_sharded_state(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+                           strict: bool = False):
+    """An abstract state (leaves ``jax.ShapeDtypeStruct``, e.g. ``nnx.state`` of an
+    ``nnx.eval_shape`` model) with each leaf's ``sharding`` set by ``rules``; for
+    ``jax.jit(...).lower(...)`` without allocating."""
+    plan = sharding_plan(abstract_state, mesh, rules, strict=strict)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.sharding(path_name(p))),
+        abstract_state)
+
+
+def describe_sharding(x: jax.Array) -> dict:
+    """``{"spec", "num_devices", "shard_shape"}`` of a placed array (for tests and logs)."""
+    sh = x.sharding
+    return {"spec": str(getattr(sh, "spec", None)), "num_devices": len(sh.device_set),
+            "shard_shape": tuple(sh.shard_shape(x.shape))}

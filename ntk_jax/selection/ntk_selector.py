@@ -1,0 +1,178 @@
+"""NTK-Selector (SPEC §6.1): warm-up, coarse kNN filter, Jacobian-free kernel scores, top-N.
+
+The pieces, each a small function (the job that strings them together, with resumable
+sharded scoring, is :mod:`ntk_jax.selection.jobs`):
+
+1. warm-up: a short LoRA fine-tune on the domain set (:func:`ntk_jax.training.trainer.train`
+   with a workdir, so it resumes);
+2. coarse filter: :func:`mean_hidden_states` (mean of the final-norm hidden states over the
+   real tokens, ``attention_mask``), :func:`knn_votes` (each domain example votes for its K
+   nearest candidates by cosine), :func:`top_by_votes` keeps the M most-voted;
+3. features: :func:`ntk_feature_fn` — THE composition of the contracts,
+   ``gradient_features(sum_of_outputs(lm_output_fn(subset, reduce="mean")), subset.params,
+   batch, projection=RandomProjection(p, seed))``: the gradient over the LoRA parameters of
+   the length-normalised sum of logits (mean over the response tokens of Σ_v z_v),
+   Rademacher-projected to p;
+4. score: ``s_j = (1/|D|) Σ_i Θ̃(x_i, x_j) = ⟨mean_i φ(x_i), φ(x_j)⟩`` (:func:`ntk_scores`);
+   top-N (:func:`top_n`).
+"""
+from __future__ import annotations
+
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ntk_jax.kernels.features import directional_derivatives, gradient_features, sum_of_outputs
+from ntk_jax.kernels.outputs import lm_output_fn
+from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.models.subset import ParamSubset
+
+__all__ = ["ntk_scalar_fn", "ntk_features", "mean_hidden_states", "cosine_similarity", "knn_votes",
+           "top_by_votes", "ntk_scores", "top_n"]
+
+
+def ntk_scalar_fn(subset: ParamSubset):
+    """``s(params, batch) -> (n,)``: the length-normalised sum of logits (mean over the
+    ``loss_mask`` positions of ``Σ_v z_v``) of the model with ``params`` substituted."""
+    return sum_of_outputs(lm_output_fn(subset, reduce="mean"))
+
+
+def ntk_features(subset: ParamSubset, batch: dict, *, projection_dim: int = 8192, projection_seed: int = 0,
+                 batch_size: int | None = None, progress_desc: str | None = None,
+                 scalar_fn=None) -> np.ndarray:
+    """NTK-Selector features ``φ(x) = Π ∇_θ s(θ, x)`` of every example of ``batch``:
+    ``(n, p)`` (``(n, P)`` exact gradients with ``projection_dim=0``), float32 numpy.
+
+    ``batch``: ``input_ids``, ``attention_mask``, ``loss_mask`` arrays ``(n, T)``.
+    ``scalar_fn``: ``ntk_scalar_fn(subset)`` built once by a caller that scores many
+    batches (the compiled program is cached on the function's identity).
+    """
+    projection = None if not projection_dim else RandomProjection(int(projection_dim), seed=int(projection_seed))
+    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
+    return gradient_features(scalar_fn, subset.params, x, projection=projection,
+                             batch_size=batch_size, progress_desc=progress_desc)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _mean_hidden(state, input_ids, attention_mask, *, graphdef):
+    model = nnx.merge(graphdef, state)
+    h = model.hidden_states(input_ids, attention_mask).astype(jnp.float32)
+    m = attention_mask.astype(jnp.float32)
+    return jnp.einsum("nth,nt->nh", h, m) / jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)
+
+
+def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64) -> np.ndarray:
+    """Mean of the model's final-norm hidden states over the real tokens
+    (``attention_mask == 1``) of every example: ``(n, hidden)`` float32.
+
+    The model needs a ``hidden_states(input_ids, attention_mask)`` method (the embedded
+    :class:`~ntk_jax.models.transformer.DecoderLM` and the Llama-family ports have one).
+    """
+    if not hasattr(model, "hidden_states"):
+        raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
+    graphdef, state = nnx.split(model)
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch["attention_mask"])
+    n = ids.shape[0]
+    out = []
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        b_ids, b_mask = ids[lo:hi], mask[lo:hi]
+        if hi - lo < batch_size and n > batch_size:  # one compiled shape
+            pad = batch_size - (hi - lo)
+            b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], pad, 0)])
+            b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], pad, 0)])
+        out.append(np.asarray(_mean_hidden(state, b_ids, b_mask, graphdef=graphdef))[: hi - lo])
+    return np.concatenate(out, axis=0)
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(n, d)``, ``(m, d)`` → ``(n, m)`` cosine similarities (float64; zero vectors → 0)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-30)
+    return a @ b.T
+
+
+def knn_votes(domain_emb: np.ndarray, cand_emb: np.ndarray, k: int, *,
+              block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Each domain example votes for its ``k`` nearest candidates by cosine similarity.
+
+    Args:
+      domain_emb: ``(n_dom, d)``; cand_emb: ``(n_cand, d)``; k: votes per domain example
+        (capped at n_cand). Ties in similarity go to the lower candidate index.
+      block: candidates per block (the pool is processed in blocks: memory O(n_dom·(k+block))).
+
+    Returns:
+      ``votes`` int64 ``(n_cand,)`` and ``mean_cos`` float64 ``(n_cand,)`` (mean cosine to the
+      domain examples, the tie-breaker).
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    n_dom, n_cand = domain_emb.shape[0], cand_emb.shape[0]
+    k = min(int(k), n_cand)
+    best_sim = np.full((n_dom, 0), -np.inf)
+    best_idx = np.zeros((n_dom, 0), np.int64)
+    mean_cos = np.zeros(n_cand)
+    for lo in range(0, n_cand, block):
+        hi = min(lo + block, n_cand)
+        sim = cosine_similarity(domain_emb, cand_emb[lo:hi])
+        mean_cos[lo:hi] = sim.mean(axis=0)
+        all_sim = np.concatenate([best_sim, sim], axis=1)
+        all_idx = np.concatenate([best_idx, np.broadcast_to(np.arange(lo, hi), sim.shape)], axis=1)
+        # sort each row by (-sim, index): stable lexsort, deterministic ties
+        order = np.lexsort((all_idx, -all_sim), axis=1)[:, :k]
+        best_sim = np.take_along_axis(all_sim, order, axis=1)
+        best_idx = np.take_along_axis(all_idx, order, axis=1)
+    votes = np.bincount(best_idx.ravel(), minlength=n_cand).astype(np.int64)
+    return votes, mean_cos
+
+
+def top_by_votes(votes: np.ndarray, mean_cos: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` candidates with most votes; ties by higher mean cosine, then by
+    lower index (deterministic). Ordered best first."""
+    order = np.lexsort((np.arange(len(votes)), -np.asarray(mean_cos), -np.asarray(votes)))
+    return order[: int(m)]
+
+
+def ntk_scores_by_jvp(subset: ParamSubset, domain_features: np.ndarray, batch: dict, *,
+                      projection_dim: int, projection_seed: int = 0, batch_size: int | None = None,
+                      scalar_fn=None) -> np.ndarray:
+    """The scores of :func:`ntk_scores` without forming candidate features: ``(n_cand,)`` float64.
+
+    ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` with ``u`` the mean projected domain feature
+    (``domain_features (n_dom, p)`` from :func:`ntk_features` with the same projection) and
+    ``g_j = ∇_θ s(θ, x_j)``: one forward-mode JVP per candidate along the fixed tangent
+    ``Π u`` (``RandomProjection.adjoint``), so there is no per-example gradient and no
+    ``P × p`` product per candidate. Equal to ``ntk_scores(domain_features,
+    ntk_features(...))`` up to float rounding.
+    """
+    if not projection_dim:
+        raise ValueError("ntk_scores_by_jvp needs projected domain features (projection_dim > 0)")
+    projection = RandomProjection(int(projection_dim), seed=int(projection_seed))
+    centre = np.asarray(domain_features, np.float64).mean(axis=0)
+    if centre.shape != (projection.dim,):
+        raise ValueError(f"domain features have {centre.shape[0]} columns, projection_dim is {projection.dim}")
+    tangent = projection.adjoint(centre.astype(np.float32), subset.params)
+    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
+    return np.asarray(directional_derivatives(scalar_fn, subset.params, x, tangent, batch_size=batch_size),
+                      np.float64)
+
+
+def ntk_scores(domain_features: np.ndarray, cand_features: np.ndarray) -> np.ndarray:
+    """``s_j = (1/|D|) Σ_i ⟨φ(x_i), φ(x_j)⟩ = ⟨mean_i φ(x_i), φ(x_j)⟩``: ``(n_cand,)`` float64."""
+    centre = np.asarray(domain_features, np.float64).mean(axis=0)
+    return np.asarray(cand_features, np.float64) @ centre
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` highest scores (ties: lower index first), best first."""
+    scores = np.asarray(scores)
+    if n > scores.shape[0]:
+        raise ValueError(f"N={n} is larger than the number of scored candidates ({scores.shape[0]})")
+    return np.lexsort((np.arange(scores.shape[0]), -scores))[: int(n)]

@@ -1,0 +1,54 @@
+"""The model speed benchmark runs end to end (``--quick``) and reports what it promises.
+
+No timing assertions: speeds are reported by the benchmark, not tested. What is tested is
+that both sides ran the same function (logits, loss and LoRA gradients agree), so the
+reported ratio compares like with like.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "model_speed.py")
+KINDS = ("forward", "forward_backward")
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark
+def test_model_speed_quick():
+    env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--threads", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    for key in ("device", "jax_version", "torch_version", "transformers_version", "peft_version",
+                "threads", "settings", "sizes"):
+        assert key in out, key
+    assert out["threads"]["torch"] == 1 and out["threads"]["xla_cpu"] == 1
+    s = out["settings"]
+    assert (s["batch"], s["seq_len"], s["repeats"]) == (2, 16, 2)
+    assert s["lora"] == {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
+    assert set(out["sizes"]) == {"tiny", "larger"}
+    for name, r in out["sizes"].items():
+        m = r["model"]
+        h, kv_dim = m["hidden_size"], m["hidden_size"] // m["num_attention_heads"] * m["num_key_value_heads"]
+        # LoRA r=8 on q (h -> h) and v (h -> kv_dim) of every layer, the same on both sides.
+        assert m["n_lora_params"] == m["num_hidden_layers"] * 8 * ((h + h) + (h + kv_dim)), name
+        assert m["n_params"] > m["n_lora_params"]
+        for side in ("flax", "torch"):
+            for kind in KINDS:
+                assert r["tokens_per_s"][side][kind] > 0
+                assert r["median_s"][f"{side}_{kind}"] > 0
+        for kind in KINDS:
+            want = r["tokens_per_s"]["flax"][kind] / r["tokens_per_s"]["torch"][kind]
+            assert r["ratio_flax_over_torch"][kind] == pytest.approx(want, rel=1e-9)
+            assert r["tokens_per_s"]["flax"][kind] == pytest.approx(32 / r["median_s"][f"flax_{kind}"])
+        assert r["max_abs_logit_diff"] < 1e-4
+        assert r["loss"]["flax"] == pytest.approx(r["loss"]["torch"], rel=1e-5)
+        assert r["max_lora_grad_rel_diff"] < 1e-4

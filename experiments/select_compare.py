@@ -2,7 +2,10 @@
 with each method of ``config.select_compare.methods`` (random, embedding, LESS,
 NTK-Selector; settings from ``config.select``), fine-tune a fresh LoRA on the domain alone
 and on domain ∪ selected(method), and evaluate on the held-out domain test set (loss;
-accuracy by option log-likelihood when test records carry ``options``).
+accuracy by option log-likelihood when test records carry ``options``). On the controlled
+benchmark, ``config.select_compare.oracles`` adds arms ``oracle_<role>`` that add N pool
+records of a known role (``oracle_useful``: what a perfect selector reaches;
+``oracle_conflicting``: the damage of the worst choice).
 
 Data: the controlled benchmark of each seed (``seed_<s>/data``), or ``config.select``'s
 JSONL paths (then the same data for every seed; ``test_path`` required).
@@ -81,13 +84,27 @@ def plot(table: dict, path: str) -> str:
     return save(fig, path)
 
 
+def oracle_records(pool: list[dict], role: str, n: int) -> list[dict]:
+    """The first ``n`` pool records (pool order, which the benchmark shuffles) with ``role``:
+    what a selector that knew the truth would add (``"useful"``: the best N; ``"conflicting"``:
+    the worst). ValueError if the pool has no record with that role."""
+    chosen = [r for r in pool if r.get("role") == role][:n]
+    if not chosen:
+        raise ValueError(f"oracle arm: no pool record has role {role!r}")
+    return chosen
+
+
 def run(config, out_dir, context):
     cc, sel = config.select_compare, config.select
     if not cc.seeds:
         raise ValueError("select_compare.seeds is empty")
     results_path = os.path.join(out_dir, RESULTS_NAME)
     results = read_json(results_path) if os.path.exists(results_path) else {}
-    arms = ["domain_only"] + list(cc.methods)
+    oracles = [f"oracle_{role}" for role in cc.oracles]
+    if oracles and (sel.domain_path or sel.pool_path):
+        raise ValueError("select_compare.oracles need the controlled benchmark (pool records with a 'role'); "
+                         "set select_compare.oracles=[] for JSONL data")
+    arms = ["domain_only"] + oracles + list(cc.methods)
     for seed in cc.seeds:
         seed = int(seed)
         sdir = os.path.join(out_dir, f"seed_{seed}")
@@ -100,7 +117,11 @@ def run(config, out_dir, context):
                 continue
             entry = {"seed": seed, "arm": arm}
             train_records = list(data["domain"])
-            if arm != "domain_only":
+            if arm in oracles:
+                extra = oracle_records(data["pool"], arm[len("oracle_"):], int(sel.n_select))
+                train_records += extra
+                entry["n_added"] = len(extra)
+            elif arm != "domain_only":
                 jdir = os.path.join(sdir, arm)
                 rpath = os.path.join(jdir, "report.json")
                 if os.path.exists(rpath):

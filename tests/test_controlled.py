@@ -131,6 +131,31 @@ def test_options_and_errors():
         make_controlled_benchmark(0, n_domain=0)
 
 
+def test_variants():
+    from ntk_jax.data.controlled import VARIANTS
+
+    full = make_controlled_benchmark(2, n_domain=4, n_test=8, n_pool_per_family=3, variant="contradicting")
+    nc = make_controlled_benchmark(2, n_domain=4, n_test=8, n_pool_per_family=3, variant="no_conflict")
+    assert set(full.roles.values()) == {"useful", "unrelated", "conflicting"}
+    assert set(nc.roles.values()) == {"useful", "unrelated"} and len(nc.roles) == len(full.roles) - 2
+    assert nc.meta["variant"] == "no_conflict" and nc.meta["useful_share"] == 2 / 11
+    assert [r["id"] for r in nc.domain] == [r["id"] for r in full.domain] and nc.test == full.test
+    # only the stress variant's pool holds contradicting pairs: same prompt, both responses
+    def contradicting_prompts(bench):
+        by_prompt = {}
+        for r in bench.pool:
+            by_prompt.setdefault(r["prompt"], set()).add(r["response"])
+        return sum(len(v) > 1 for v in by_prompt.values())
+
+    assert contradicting_prompts(make_controlled_benchmark(0, variant="contradicting")) > 0
+    assert contradicting_prompts(make_controlled_benchmark(0, variant="no_conflict")) == 0
+    assert set(VARIANTS) == {"contradicting", "no_conflict"}
+    with pytest.raises(ValueError, match="unknown benchmark variant"):
+        make_controlled_benchmark(0, variant="easy")
+    with pytest.raises(ValueError, match="either families or variant"):
+        make_controlled_benchmark(0, variant="no_conflict", families=["add"])
+
+
 # ----------------------------------------------------------------------------- the effect is real
 def _option_accuracy(model, tok, records):
     """Fraction of records whose response has the highest summed log-likelihood among its options."""

@@ -2,49 +2,15 @@
 row-striped exact kernels, resume after a process is killed, the launcher's settings."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from procs import ROOT, free_port, run_workers
 
 from ntk_jax.launcher import distributed
 from ntk_jax.launcher.config_lib import distributed_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_WORKER = os.path.join(ROOT, "tests", "workers", "kernel_stripes.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, NTK_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
-
-
-def run_processes(worker, args_per_process, timeout=240):
-    """Starts one subprocess per argument list, waits for all; returns their return codes."""
-    procs = [subprocess.Popen([sys.executable, worker, *a], cwd=ROOT, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for a in args_per_process]
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append((p.returncode, out))
-    return outs
 
 
 def kernel_job(out_dir, result, n, devices=1, die_after=None):
@@ -57,11 +23,15 @@ def kernel_job(out_dir, result, n, devices=1, die_after=None):
         if die_after is not None and pid == n - 1:
             a += ["--die_after", str(die_after)]
         args.append(a)
-    return run_processes(KERNEL_WORKER, args)
+    return run_workers(KERNEL_WORKER, args, timeout=240, kill_when_last_dies=die_after is not None)
 
 
 def computed(out_dir, pid):
-    with open(os.path.join(out_dir, f"computed_{pid}.json")) as fh:
+    """The stripes process ``pid`` computed in its last run ([] if it was killed before its first)."""
+    path = os.path.join(out_dir, f"computed_{pid}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
         return json.load(fh)
 
 

@@ -83,7 +83,7 @@ def test_three_experiments_run_on_hf_llama(llama_dir, tmp_path):
     for name in ("stability", "spectrum", "approximation"):
         assert os.path.isfile(tmp_path / name / "report.json")
     model_info = reps["stability"]["setup"]["model"]
-    assert model_info == {"source": "path", "path": llama_dir, "model_type": "llama"}
+    assert model_info == {"source": "path", "path": llama_dir, "model_type": "llama", "mesh": {"data": 1, "model": 1}}
     assert not os.path.exists(tmp_path / "base_model")  # nothing was pre-trained
     r = reps["stability"]
     assert r["steps"] == [0, 4, 8] and r["linearization_rel_error"][0] == 0.0

@@ -7,6 +7,7 @@ import pytest
 
 from ntk_jax.data.encoding import encode_examples
 from ntk_jax.data.records import (bucket_by_length, bucket_width, encode_buckets, encode_options, encode_records,
+                                  map_length_buckets,
                                   encoded_lengths, iter_record_chunks, read_records)
 from ntk_jax.data.synthetic import make_corpus, write_jsonl
 from ntk_jax.data.tokenizer import CharTokenizer
@@ -306,3 +307,23 @@ def test_encode_buckets_equals_full_encoding(tok, corpus):
         assert np.all(full["attention_mask"][idx, w:] == 0)
         seen.extend(idx.tolist())
     assert sorted(seen) == list(range(len(corpus)))
+
+
+def test_map_length_buckets_order_shapes_and_off(tok, corpus):
+    full = encode_records(tok, corpus, 32)
+    shapes = []
+
+    def fn(arrays):  # row results: the real length and the first target of each row
+        shapes.append(arrays["input_ids"].shape)
+        return np.stack([arrays["attention_mask"].sum(1), arrays["targets"][:, 0]], axis=1)
+
+    want = np.stack([full["attention_mask"].sum(1), full["targets"][:, 0]], axis=1)
+    got = map_length_buckets(fn, tok, corpus, 16, multiple=8, max_len=32)
+    np.testing.assert_array_equal(got, want)  # results back in record order
+    assert all(b == 16 and w % 8 == 0 and w <= 32 for b, w in shapes)  # fixed rows, bucket widths
+    assert len({w for _, w in shapes}) > 1  # the corpus really has several widths
+    shapes.clear()
+    np.testing.assert_array_equal(map_length_buckets(fn, tok, corpus, 16, multiple=0, max_len=32), want)
+    assert {s for s in shapes} == {(16, 32)}  # bucketing off: everything padded to max_len
+    with pytest.raises(ValueError, match="no records"):
+        map_length_buckets(fn, tok, [], 16, multiple=8, max_len=32)

@@ -217,6 +217,14 @@ def test_job_resume_identical_scores(tmp_path, tiny_context, small_bench, method
     lines = [json.loads(x) for x in open(tmp_path / "killed" / SELECTED_NAME)]
     by_id = {p["id"]: p for p in b.pool}
     assert lines == [by_id[i] for i in rep["selected_ids"]]  # records unchanged
+    if method == "ntk":  # length buckets (cfg.bucket_multiple) change only the padding
+        assert cfg.bucket_multiple and min(len(tiny_context.tokenizer.encode(p["prompt"] + p["response"]))
+                                           for p in b.pool) + 2 <= cfg.bucket_multiple  # some rows are narrower
+        unb = run_selection(tiny_context, _select_cfg(method, bucket_multiple=0), b.domain, b.pool,
+                            str(tmp_path / "unbucketed"), seed=0)
+        u = np.load(tmp_path / "unbucketed" / "all_scores.npz")
+        np.testing.assert_allclose(u["scores"], r["scores"], rtol=1e-4, atol=1e-5 * np.abs(r["scores"]).max())
+        assert unb["selected_ids"] == ref["selected_ids"]
 
 
 def test_job_bad_inputs(tmp_path, tiny_context, small_bench):
@@ -232,7 +240,13 @@ def test_job_bad_inputs(tmp_path, tiny_context, small_bench):
     bad_domain = [{"id": "z", "prompt": "abc" * 20, "response": "neg"}]  # truncated away → no loss token
     with pytest.raises(ValueError, match="z"):
         run_selection(tiny_context, cfg, bad_domain, b.pool, str(tmp_path / "d"), seed=0)
-    for d in "abcd":
+    with pytest.raises(ValueError, match="needs jax.distributed"):  # one process posing as 1 of 2
+        run_selection(tiny_context, cfg, b.domain, b.pool, str(tmp_path / "f"), seed=0, process_index=1,
+                      process_count=2)
+    with pytest.raises(ValueError, match="out of range"):
+        run_selection(tiny_context, cfg, b.domain, b.pool, str(tmp_path / "f"), seed=0, process_index=2,
+                      process_count=2)
+    for d in "abcdf":
         assert not os.path.exists(tmp_path / d / SELECTED_NAME)
     # a stale selected.jsonl from an earlier run never survives a failing run
     os.makedirs(tmp_path / "e")
@@ -251,6 +265,13 @@ def test_malformed_jsonl_names_line(tmp_path):
     cfg = _select_cfg("random", domain_path=str(tmp_path / "dom.jsonl"), pool_path=str(tmp_path / "pool.jsonl"))
     with pytest.raises(ValueError, match=r"pool.jsonl.*2"):
         load_selection_data(cfg, str(tmp_path / "data"), 0)
+    bench_cfg = _select_cfg("random")
+    bench_cfg.benchmark.update(n_domain=4, n_test=8, n_pool_per_family=2)
+    load_selection_data(bench_cfg, str(tmp_path / "bench"), 0)
+    bench_cfg.benchmark.variant = "no_conflict"
+    with pytest.raises(ValueError, match="no_conflict"):  # an existing benchmark of another variant
+        load_selection_data(bench_cfg, str(tmp_path / "bench"), 0)
+    assert len(load_selection_data(bench_cfg, str(tmp_path / "bench_nc"), 0)["pool"]) == 22
 
 
 @pytest.mark.slow
@@ -278,7 +299,10 @@ def test_select_compare_end_to_end(tmp_path, tiny_model_dir):
         assert (out / "seed_0" / m / SELECTED_NAME).exists()
         assert (out / "seed_0" / m / "report.json").exists()
     t = report["table"]
-    assert set(t) == {"domain_only", "random", "ntk"}
+    assert set(t) == {"domain_only", "oracle_useful", "oracle_conflicting", "random", "ntk"}
+    for role in ("useful", "conflicting"):
+        entry = report["results"][f"0/oracle_{role}"]
+        assert entry["n_added"] == 16 and t[f"oracle_{role}"]["precision_at_n"] is None
     # NTK-Selector's features (sum-of-logits gradients) do not see the labels, so it cannot
     # tell the useful families from the conflicting ones that share their inputs (see the
     # selection report); it still enriches sentiment-style (useful) items over the base rate.

@@ -77,6 +77,7 @@ __all__ = [
     "NOUNS",
     "TEMPLATES",
     "FAMILIES",
+    "VARIANTS",
     "ROLES",
     "OPTIONS",
     "FINETUNE",
@@ -121,6 +122,22 @@ FAMILIES: dict[str, tuple[str, str, bool | None]] = {
     "noise": ("unrelated", "noise", None),
 }
 """Pool families: name -> (role, template or synthetic task, flipped labels?)."""
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "contradicting": tuple(FAMILIES),
+    "no_conflict": tuple(f for f, (role, _, _) in FAMILIES.items() if role != "conflicting"),
+}
+"""Named pool compositions (the ``variant`` argument of :func:`make_controlled_benchmark`):
+
+* ``"contradicting"`` (default): all 13 families. The conflicting families are the target's
+  own inputs with the opposite labels — the pool holds contradicting pairs (``the film is
+  great? neg`` in ``flipped_is`` and ``the film is great? pos`` in ``sentiment_is``). A
+  selector that does not look at the responses cannot tell them apart; this is the stress
+  test of label-blind scores (the sum-of-logits kernel of NTK-Selector, embeddings).
+* ``"no_conflict"``: the 11 useful and unrelated families only — the setting of the
+  NTK-Selector paper (a general pool in which a small part is relevant, no contradicting
+  copies); the useful share is 2/11 ≈ 18 %.
+"""
 
 OPTIONS = ["neg", "pos"]
 
@@ -181,7 +198,8 @@ def _check_count(value, name: str, minimum: int = 0) -> int:
 
 def make_controlled_benchmark(seed: int = 0, *, n_domain: int = 32, n_test: int = 256,
                               n_pool_per_family: int | Mapping[str, int] = 256,
-                              families: Sequence[str] | None = None) -> ControlledBenchmark:
+                              families: Sequence[str] | None = None,
+                              variant: str | None = None) -> ControlledBenchmark:
     """The benchmark for ``seed`` (see the module docstring).
 
     Args:
@@ -191,6 +209,8 @@ def make_controlled_benchmark(seed: int = 0, *, n_domain: int = 32, n_test: int 
         from the target-template pool families').
       n_pool_per_family: records per pool family, or a mapping family -> count.
       families: pool families to include (default: all of :data:`FAMILIES`).
+      variant: a name of :data:`VARIANTS` (the families it lists); not together with
+        ``families``.
 
     Returns:
       a :class:`ControlledBenchmark`; ``pool`` is shuffled, ids are unique.
@@ -200,6 +220,12 @@ def make_controlled_benchmark(seed: int = 0, *, n_domain: int = 32, n_test: int 
     """
     n_domain = _check_count(n_domain, "n_domain", 1)
     n_test = _check_count(n_test, "n_test", 1)
+    if variant is not None:
+        if families is not None:
+            raise ValueError("pass either families or variant, not both")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown benchmark variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        families = VARIANTS[variant]
     names = list(FAMILIES) if families is None else list(families)
     unknown = [f for f in names if f not in FAMILIES]
     if unknown or len(set(names)) != len(names):
@@ -248,7 +274,7 @@ def make_controlled_benchmark(seed: int = 0, *, n_domain: int = 32, n_test: int 
     perm = _stream(seed, "pool/shuffle").permutation(len(pool))
     pool = [pool[int(i)] for i in perm]
     roles = {f: FAMILIES[f][0] for f in names}
-    meta = {"seed": int(seed), "target": TARGET, "target_template": TEMPLATES[_TARGET_TEMPLATE],
+    meta = {"seed": int(seed), "variant": variant, "target": TARGET, "target_template": TEMPLATES[_TARGET_TEMPLATE],
             "n_domain": n_domain, "n_test": n_test, "n_pool": len(pool), "pool_counts": counts,
             "roles": roles, "templates": dict(TEMPLATES), "options": list(OPTIONS),
             "useful_share": (sum(c for f, c in counts.items() if roles[f] == "useful") / len(pool)) if pool else 0.0}

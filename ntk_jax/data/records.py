@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,7 @@ __all__ = [
     "encoded_lengths",
     "bucket_by_length",
     "encode_buckets",
+    "map_length_buckets",
     "encode_options",
 ]
 
@@ -375,6 +377,42 @@ def encode_buckets(tokenizer, records: Sequence[Mapping], batch_size: int, *, mu
         width = max(bucket_width(lengths[idx], multiple=multiple, max_len=max_len), 2)
         yield idx, encode_records(tokenizer, [records[int(i)] for i in idx], width, chat_template=chat_template,
                                   add_bos=add_bos, add_eos=add_eos)
+
+
+def map_length_buckets(fn: Callable[[dict[str, np.ndarray]], Any], tokenizer, records: Sequence[Mapping],
+                       batch_size: int, *, multiple: int, max_len: int, chat_template="auto",
+                       add_bos: bool | None = None, add_eos: bool = True) -> np.ndarray:
+    """``fn`` applied to ``records`` in length buckets, results in record order.
+
+    ``fn(arrays) -> (batch_size, ...)`` gets :func:`encode_records` arrays of exactly
+    ``batch_size`` rows (a smaller last bucket is padded by repeating its first row; those
+    results are dropped) and width :func:`bucket_width` (the bucket's longest record rounded up
+    to ``multiple``, at least 2), so a compiled ``fn`` sees at most ``max_len / multiple``
+    shapes. ``multiple=0`` turns bucketing off: one call per ``batch_size`` records, all padded
+    to ``max_len``. Returns ``(n, ...)`` numpy; per-row results do not depend on the padding
+    width up to float rounding (padding is masked).
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("map_length_buckets: no records")
+    if multiple:
+        buckets = encode_buckets(tokenizer, records, batch_size, multiple=multiple, max_len=max_len,
+                                 chat_template=chat_template, add_bos=add_bos, add_eos=add_eos)
+    else:
+        buckets = ((np.arange(lo, min(lo + batch_size, len(records))),
+                    encode_records(tokenizer, records[lo:lo + batch_size], max_len, chat_template=chat_template,
+                                   add_bos=add_bos, add_eos=add_eos))
+                   for lo in range(0, len(records), batch_size))
+    out = None
+    for idx, arrays in buckets:
+        b = len(idx)
+        if b < batch_size:
+            arrays = {k: np.concatenate([v, np.repeat(v[:1], batch_size - b, axis=0)]) for k, v in arrays.items()}
+        res = np.asarray(fn(arrays))[:b]
+        if out is None:
+            out = np.empty((len(records),) + res.shape[1:], res.dtype)
+        out[idx] = res
+    return out
 
 
 def encode_options(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_template="auto",

@@ -9,6 +9,13 @@ Conventions (as in neural-tangents' ``empirical.py``):
   sum of logits, or the per-example loss); its per-example gradients are the features.
 * Features are returned as a ``(n, P)`` matrix (flattened gradients, leaves in
   ``jax.tree.leaves`` order) or, with a :class:`RandomProjection`, as ``(n, p)``.
+
+Device meshes: :func:`gradient_features` and :func:`directional_derivatives` run
+data-parallel on the ``("data", "model")`` mesh the parameters live on
+(:func:`ntk_jax.models.sharding.resolve_mesh`; ``mesh=`` to name it): each block of examples
+is padded to a multiple of the ``data`` size and split over it
+(:func:`ntk_jax.models.sharding.place_rows`), the padding dropped from the result. Without a
+mesh, or on one device, batches are passed on unplaced, as before.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.models import sharding as sh
 from ntk_jax.utils import progress
 
 PyTree = Any
@@ -105,7 +113,10 @@ def _projection_matrix(projection: RandomProjection, params: PyTree) -> jax.Arra
 
 def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = None,
                     transform: Callable[[PyTree], PyTree] | None = None) -> Callable:
-    """A ``features(params, x) -> (n, P | p)`` for one batch (one compiled program per shape).
+    """A ``features(params, x, mesh=None) -> (n, P | p)`` for one batch (one compiled program
+    per shape and placement; ``x`` already placed by the caller, e.g. with
+    :func:`ntk_jax.models.sharding.place_rows`; ``mesh``, default the one ``params`` live on,
+    only says where the cached projection matrix is replicated).
 
     Per-example gradients are ``vmap(grad)`` of ``scalar_fn``; with a projection whose whole
     ``(P, p)`` matrix fits its ``cache_bytes``, the matrix is generated once (cached on the
@@ -132,9 +143,25 @@ def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = N
             return projection.project_with_matrix(g, matrix)
         return projection(g)
 
-    def features(params, x):
+    replicated: dict = {}  # (id(matrix), mesh) -> (matrix, its copy on the mesh): one entry
+
+    def on_mesh(matrix, mesh, params):
+        """The cached matrix replicated over the mesh of the call once (not transferred on
+        every call)."""
+        if matrix is None:
+            return None
+        mesh = sh.resolve_mesh(mesh, params)
+        if mesh is None:
+            return matrix
+        key = (id(matrix), mesh)
+        if key not in replicated:
+            replicated.clear()
+            replicated[key] = (matrix, jax.device_put(matrix, jax.sharding.NamedSharding(mesh, sh.P())))
+        return replicated[key][1]
+
+    def features(params, x, mesh=None):
         matrix = None if projection is None else _projection_matrix(projection, params)
-        return compiled(params, x, matrix)
+        return compiled(params, x, on_mesh(matrix, mesh, params))
 
     features.compiled = compiled  # (params, x, matrix-or-None), e.g. for cost analysis
     features.projection_matrix = (lambda params: None if projection is None
@@ -154,7 +181,8 @@ def _shared_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None,
 
 def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
                       projection: RandomProjection | None = None, batch_size: int | None = None,
-                      transform: Callable | None = None, progress_desc: str | None = None) -> np.ndarray:
+                      transform: Callable | None = None, progress_desc: str | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """Per-example gradient features of ``scalar_fn`` over ``params``.
 
     Args:
@@ -162,14 +190,18 @@ def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
       params: the parameters the gradient is taken over (θ_train).
       x: batch pytree with leading axis n.
       projection: optional :class:`RandomProjection` (p = ``projection.dim``).
-      batch_size: examples per compiled call (memory ∝ batch_size × P); default all.
+      batch_size: examples per compiled call (memory ∝ batch_size × P); default all. On a
+        mesh it is rounded up to a multiple of the ``data`` size.
       transform: optional per-example gradient transform (see :func:`make_feature_fn`).
+      mesh: the ``("data", "model")`` mesh to split each block's examples over (default: the
+        mesh ``params`` live on, if any; see the module docstring).
 
     Returns:
       ``(n, P)`` or ``(n, p)`` numpy array (host memory).
     """
     n = batch_size_of(x)
-    bs = min(batch_size or n, n)
+    mesh = sh.resolve_mesh(mesh, params)
+    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
     try:
         fn = _shared_feature_fn(scalar_fn, projection, transform)
     except TypeError:  # an unhashable callable: compile for this call only
@@ -177,7 +209,8 @@ def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
     out, pending = [], None
     for start in progress(range(0, n, bs), desc=progress_desc or "features", total=-(-n // bs)):
         stop = min(start + bs, n)
-        feats = fn(params, pad_batch(slice_batch(x, start, stop), bs))  # dispatched asynchronously
+        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        feats = fn(params, block, mesh)  # dispatched asynchronously
         if pending is not None:  # copy the previous block to host while this one computes
             out.append(np.asarray(pending[0][: pending[1]]))
         pending = (feats, stop - start)
@@ -195,7 +228,8 @@ def _shared_jvp_fn(scalar_fn: ScalarFn) -> Callable:
 
 
 def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tangent: PyTree, *,
-                            batch_size: int | None = None, progress_desc: str | None = None) -> np.ndarray:
+                            batch_size: int | None = None, progress_desc: str | None = None,
+                            mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """``⟨∇_θ s(θ, x_i), tangent⟩`` for every example i: ``(n,)`` numpy array.
 
     One forward-mode JVP per block of examples (a forward pass carrying one tangent): no
@@ -210,7 +244,10 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
       scalar_fn: ``s(params, x) -> (n,)``.
       params: θ_train; ``tangent`` must have the same structure (and shapes).
       x: batch pytree with leading axis n.
-      batch_size: examples per compiled call (default all).
+      batch_size: examples per compiled call (default all; on a mesh rounded up to a multiple
+        of the ``data`` size).
+      mesh: as in :func:`gradient_features` (default: the mesh ``params`` live on); the
+        tangent is laid out like ``params``.
     """
     if jax.tree.structure(tangent) != jax.tree.structure(params):
         raise ValueError("tangent must have the structure of params")
@@ -219,7 +256,11 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
             raise ValueError(f"tangent leaf shape {np.shape(t)} != parameter leaf shape {np.shape(p)}")
     tangent = jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tangent, params)
     n = batch_size_of(x)
-    bs = min(batch_size or n, n)
+    mesh = sh.resolve_mesh(mesh, params)
+    if mesh is not None:  # each tangent leaf laid out as its parameter (replicated if that is not on the mesh)
+        tangent = sh.onto_mesh(jax.tree.map(
+            lambda t, p: jax.device_put(t, p.sharding) if _on(p, mesh) else t, tangent, params), mesh)
+    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
     try:
         fn = _shared_jvp_fn(scalar_fn)
     except TypeError:  # unhashable callable
@@ -227,5 +268,12 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
     out = []
     for start in progress(range(0, n, bs), desc=progress_desc or "directional derivatives", total=-(-n // bs)):
         stop = min(start + bs, n)
-        out.append((fn(params, pad_batch(slice_batch(x, start, stop), bs), tangent), stop - start))
+        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        out.append((fn(params, block, tangent), stop - start))
     return np.concatenate([np.asarray(v[:k]) for v, k in out], axis=0)
+
+
+def _on(p, mesh) -> bool:
+    """Whether ``p`` is laid out on ``mesh`` (a ``NamedSharding`` of it)."""
+    sharding = getattr(p, "sharding", None)
+    return isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh

@@ -185,7 +185,9 @@ def select_config() -> ml_collections.ConfigDict:
         domain_path="",
         pool_path="",
         test_path="",
-        benchmark=dict(n_domain=32, n_test=128, n_pool_per_family=64),
+        # the controlled benchmark: variant "contradicting" (pool with same-input, opposite-label
+        # families) or "no_conflict" (useful + unrelated only); see ntk_jax.data.controlled.VARIANTS
+        benchmark=dict(n_domain=32, n_test=256, n_pool_per_family=64, variant="contradicting"),
         lora=lora_config(),
         warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
         knn_k=32,                   # votes per domain example (coarse filter)
@@ -194,6 +196,9 @@ def select_config() -> ml_collections.ConfigDict:
         projection_seed=0,
         shard_size=128,             # candidates per ScoreStore shard
         feature_batch_size=64,
+        # scoring/embedding in length buckets: widths rounded up to this multiple (at most
+        # max_len / bucket_multiple compiled shapes); 0 pads every candidate to max_len
+        bucket_multiple=16,
         less=dict(sample_fraction=0.05, min_sample=32, epochs=4, lora=lora_config(),
                   train=finetune_train_config(total_steps=1, learning_rate=5e-3, warmup_steps=2,
                                               schedule="linear", batch_size=8)),
@@ -205,9 +210,13 @@ def select_compare_config() -> ml_collections.ConfigDict:
     (experiments/select_compare.py); selection settings come from ``config.select``."""
     return ml_collections.ConfigDict(dict(
         methods=["random", "embedding", "less", "ntk"],
+        # controlled benchmark only: arms "oracle_<role>" train on domain ∪ N pool items of that
+        # role (the best / worst a selector of N items can do)
+        oracles=["useful", "conflicting"],
         seeds=[0, 1, 2],
         lora=lora_config(),
-        finetune=finetune_train_config(total_steps=100, learning_rate=5e-3, batch_size=16),
+        # the benchmark's documented setting (ntk_jax.data.controlled.FINETUNE)
+        finetune=finetune_train_config(total_steps=150, learning_rate=5e-3, warmup_steps=5, batch_size=16),
         eval_batch_size=128,
     ))
 
@@ -224,8 +233,12 @@ def distributed_config() -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-    """The device mesh each process builds from its local devices: ``data`` × ``model``
-    (-1: all remaining devices)."""
+    """The device mesh each process builds from its local devices (``jax.local_devices()``):
+    ``data`` × ``model``, one of them -1 for all the devices the other leaves
+    (:func:`ntk_jax.models.sharding.mesh_from_config`; a size that does not fit the local
+    device count is a ``ValueError``). Models are loaded onto it (weights FSDP over ``data``,
+    tensor parallel over ``model``), and features, JVP scores, hidden states, training and
+    evaluation split their batches over ``data``. On one device nothing is placed."""
     return ml_collections.ConfigDict(dict(data=-1, model=1))
 
 

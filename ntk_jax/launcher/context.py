@@ -12,6 +12,15 @@ Special tokens: every encoded example is ``[bos] + prompt + response + [eos]``
 one; a tokenizer without a pad token (Llama, GPT-2) pads with its eos id (padding is masked
 out of attention and loss, so its id does not matter); a tokenizer without an eos token is an
 error, since the final eos is a scored target.
+
+Device mesh: :func:`prepare_context` builds ``Context.mesh`` from ``config.mesh``
+(``data`` × ``model`` over this process's ``jax.local_devices()``, -1 = all remaining
+devices; :func:`ntk_jax.models.sharding.mesh_from_config`). On more than one device,
+:meth:`Context.load_model` loads every tensor straight into its shards and lays the LoRA
+factors out by the same rules, so the whole model lives on the mesh; the features, JVP
+scores, hidden states, training and evaluation run on such a model are then data-parallel
+over the mesh's ``data`` axis (they read the mesh from the parameters). On one device
+nothing is placed: loading and results are those of a run without a mesh.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from ntk_jax.data.encoding import encode_examples
 from ntk_jax.data.tokenizer import CharTokenizer
 from ntk_jax.models.hf_loading import from_pretrained, read_hf_config
 from ntk_jax.models.hf_loading import load_tokenizer as load_hf_tokenizer
+from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.transformer import MODEL_TYPE
 from ntk_jax.training.pretrain import pretrain_default_model
@@ -43,6 +53,8 @@ class Context:
         (``None``: the checkpoint's config, float32 for HF checkpoints).
       process: this process's :class:`ntk_jax.launcher.distributed.ProcessInfo` (set by the
         launcher; ``None`` outside it).
+      mesh: the ``("data", "model")`` :class:`jax.sharding.Mesh` of this process's devices
+        that models are loaded onto (``None``: no mesh; a one-device mesh places nothing).
     """
 
     model_dir: str
@@ -53,6 +65,7 @@ class Context:
     dtype: str | None = None
     param_dtype: str | None = None
     process: Any = None
+    mesh: Any = None
 
     @property
     def add_bos(self) -> bool:
@@ -61,12 +74,18 @@ class Context:
 
     def load_model(self, lora: LoRAConfig | dict | None = None, *, seed: int | None = None):
         """A fresh copy of the base model (eval mode), with LoRA adapters attached if ``lora``
-        is given (factors drawn from ``nnx.Rngs(seed)``, default the job's seed)."""
-        model = from_pretrained(self.model_dir, dtype=self.dtype, param_dtype=self.param_dtype)
+        is given (factors drawn from ``nnx.Rngs(seed)``, default the job's seed: the same
+        values with or without a mesh). On a multi-device :attr:`mesh` every array of the
+        model (LoRA factors included) is placed by
+        :data:`~ntk_jax.models.sharding.DEFAULT_RULES`."""
+        mesh = sh.resolve_mesh(self.mesh)
+        model = from_pretrained(self.model_dir, dtype=self.dtype, param_dtype=self.param_dtype, mesh=mesh)
         if lora is not None:
             if not isinstance(lora, LoRAConfig):
                 lora = LoRAConfig.from_dict(lora)
             apply_lora(model, lora, rngs=nnx.Rngs(self.seed if seed is None else seed))
+            if mesh is not None:
+                sh.shard_model(model, mesh)
         model.eval()
         return model
 
@@ -118,11 +137,16 @@ def prepare_context(config, workdir: str) -> Context:
     """Loads ``config.model.path`` (any checkpoint ``from_pretrained`` supports, with its
     tokenizer), or pre-trains the embedded default model into ``workdir/base_model`` (reused
     if already there). ``config.model.dtype`` / ``param_dtype`` set the dtypes models are
-    loaded with."""
-    if config.model.path:
-        model_dir = os.path.abspath(config.model.path)
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"config.model.path {model_dir!r} is not a directory")
+    loaded with; ``config.mesh`` the device mesh models are loaded onto (see the module
+    docstring; ``ValueError`` when it does not fit this process's devices)."""
+    model_dir = os.path.abspath(config.model.path) if config.model.path else None
+    if model_dir is not None and not os.path.isdir(model_dir):
+        raise FileNotFoundError(
+            f"config.model.path {model_dir!r} is not a directory: set --config.model.path=DIR to a local "
+            "checkpoint directory (config.json, *.safetensors and the tokenizer files; nothing is downloaded)")
+    mesh_cfg = config.get("mesh") or {}
+    mesh = sh.mesh_from_config(mesh_cfg.get("data", -1), mesh_cfg.get("model", 1))
+    if model_dir is not None:
         info = {"source": "path", "path": model_dir,
                 "model_type": read_hf_config(model_dir).get("model_type")}
     else:
@@ -131,6 +155,7 @@ def prepare_context(config, workdir: str) -> Context:
         info = {"source": "embedded default (pre-trained by this job)", "pretrain": report}
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(tokenizer, model_dir)
+    info["mesh"] = dict(zip(sh.AXES, sh.mesh_shape(mesh)))
     return Context(model_dir=model_dir, tokenizer=tokenizer, max_len=int(config.pretrain.max_len),
                    seed=int(config.seed), info=info, dtype=_dtype_or_none(config.model.get("dtype")),
-                   param_dtype=_dtype_or_none(config.model.get("param_dtype")))
+                   param_dtype=_dtype_or_none(config.model.get("param_dtype")), mesh=mesh)

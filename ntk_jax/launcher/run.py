@@ -32,8 +32,10 @@ def run(config, workdir: str) -> dict:
 
     Run as one of several processes (``config.distributed``, see
     :mod:`ntk_jax.launcher.distributed`), every process calls this with the same config and a
-    shared ``workdir``: jobs whose module sets ``DISTRIBUTED = True`` split their work across
-    the processes; any other job runs on process 0 while the others wait.
+    shared ``workdir``: jobs whose module sets ``DISTRIBUTED = True`` run on every process
+    (each process's ``context.process`` says which share is its own, e.g.
+    ``experiments/select.py``); any other job runs on process 0 while the others wait. Process
+    0 writes the reports.
     """
     check_config(config)
     if config.enable_x64:
@@ -45,6 +47,10 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as fh:
             fh.write(config.to_json_best_effort(indent=2))
     t0 = time.time()
+    # Which experiments are finished is decided before the first barrier, so that all
+    # processes agree (process 0 may write a report before a slower process looks for it).
+    finished = {name for name in config.experiments
+                if os.path.exists(os.path.join(workdir, name, "report.json"))}
     if process.is_primary:
         context = prepare_context(config, workdir)
     distributed.barrier("ntk_jax.prepare_context")
@@ -56,7 +62,7 @@ def run(config, workdir: str) -> dict:
     for name in config.experiments:
         out_dir = os.path.join(workdir, name)
         report_path = os.path.join(out_dir, "report.json")
-        if os.path.exists(report_path):
+        if name in finished:
             logging.info("%s: report exists, skipping (%s)", name, report_path)
             reports[name] = read_json(report_path)
             continue
@@ -69,6 +75,7 @@ def run(config, workdir: str) -> dict:
             report["elapsed_s"] = time.time() - t
             write_json(report_path, report)
         distributed.barrier(f"ntk_jax.experiment.{name}")
+        finished.add(name)
         if not process.is_primary:
             reports[name] = read_json(report_path)
             continue

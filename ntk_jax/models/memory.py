@@ -14,12 +14,30 @@ byte counts. Nothing is allocated:
   function of :func:`ntk_jax.kernels.outputs.lm_output_fn` over the LoRA factors, exact
   features ``(n, P)``) are lowered with abstract sharded arguments and compiled;
   ``compiled.memory_analysis()`` gives XLA's per-device ``temp`` (activations, gradients,
-  workspace) and ``output`` sizes. Compiling all 32–36 layers of an 8B model is slow on CPU,
+  workspace), ``argument`` and ``output`` sizes. ``programs=`` adds the other programs of a
+  selection job, compiled the same way: ``"hidden"`` (mean final hidden states, the coarse
+  filter's embedding), ``"projected"`` (the NTK-Selector features: per-example gradients
+  JL-projected to ``projection_dim`` on the fly, as :func:`ntk_jax.kernels.features.gradient_features`
+  does when the ``(P, p)`` matrix is too big to cache), ``"jvp"`` (the JVP candidate scores of
+  :func:`ntk_jax.kernels.features.directional_derivatives`) and ``"train"`` (the LoRA
+  fine-tuning step of :func:`ntk_jax.training.trainer.train`: loss, gradients, AdamW update
+  with its optimiser state, batch ``train_batch_size``). Compiling all 32–36 layers of an 8B model is slow on CPU,
   so the programs are compiled at ``measure_layers`` depths (default 1 and 2 layers) and the
   per-layer slope is extrapolated linearly to the full depth:
   ``q(L) = q(L1) + (L - L1) · (q(L2) - q(L1)) / (L2 - L1)``. Everything else (embeddings,
   lm_head, logits) is in the intercept. ``check_layers`` compiles one more depth to report
   the extrapolation error.
+
+**The CPU bf16 upcast.** XLA:CPU has no native bf16 matmul: it converts every bf16 matmul
+weight operand to a float32 copy, and keeps those copies (for the backward pass, or because
+the weight-only converts are scheduled early), so a bf16 program compiled for the CPU holds
+an extra 4 bytes per matmul-weight element of each device's (``model``-split, ``data``-gathered)
+weights, which a GPU/TPU (native bf16 dots) does not: e.g. the per-layer slope of the
+forward pass of Llama-3-8B on a ``(1, 4)`` mesh is 0.22 GiB, the float32 copy of a quarter of
+a layer's 218 M weights being 0.20 GiB. :func:`cpu_upcast_bytes` counts these copies
+exactly from the parameter shapes and the mesh; ``estimate_memory`` reports the compiled
+totals (an upper bound there) and ``device_totals`` = totals minus those copies (the
+GPU/TPU estimate). On a non-CPU backend nothing is subtracted.
 
 Per-device compiled numbers need a mesh of real (or simulated) devices:
 ``data * model <= jax.device_count()`` (on CPU start JAX with
@@ -42,8 +60,11 @@ from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 
-__all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "decoder_config", "abstract_model", "param_memory",
-           "compiled_memory", "estimate_memory"]
+__all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "PROGRAMS", "decoder_config", "abstract_model",
+           "param_memory", "cpu_upcast_bytes", "compiled_memory", "estimate_memory"]
+
+# Programs compiled_memory can analyse (see the module docstring).
+PROGRAMS = ("forward", "features", "hidden", "projected", "jvp", "train")
 
 # Hugging Face config.json values (meta-llama/Meta-Llama-3-8B, Qwen/Qwen3-8B).
 LLAMA3_8B: dict[str, Any] = dict(
@@ -104,6 +125,28 @@ def param_memory(model: nnx.Module, mesh_shape: tuple[int, int] = (1, 1),
     return out
 
 
+def cpu_upcast_bytes(model: nnx.Module, mesh_shape: tuple[int, int] = (1, 1), dtype: str = "bfloat16",
+                     rules: sh.Rules = sh.DEFAULT_RULES) -> int:
+    """Bytes of the float32 copies XLA:CPU makes of the matmul weights of one device when the
+    compute ``dtype`` is 16-bit (see the module docstring); 0 for a 32-bit compute dtype.
+
+    Every 2-D parameter except embedding tables (which are gathered, not multiplied) is a
+    matmul operand — projections, ``lm_head``, LoRA factors; its per-device block is split by
+    its spec's ``"model"`` entries only (an FSDP weight is all-gathered over ``"data"``
+    before its matmul)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return 0
+    axes = {"data": 1, "model": int(mesh_shape[1])}
+    total = 0
+    for name, var in sh._flat_variables(nnx.state(model, nnx.Param)):
+        shape = tuple(var.get_value().shape)
+        if len(shape) != 2 or name.endswith(".embedding"):
+            continue
+        spec, _ = sh.fit_spec(name, sh.spec_for(name, rules), shape, {"data": int(mesh_shape[0]), **axes})
+        total += 4 * int(np.prod(sh.shard_shape(shape, spec, axes), dtype=np.int64))
+    return total
+
+
 def _mesh(mesh_shape: tuple[int, int], devices: Sequence[jax.Device] | None):
     data, model = int(mesh_shape[0]), int(mesh_shape[1])
     devs = list(jax.devices() if devices is None else devices)
@@ -118,41 +161,108 @@ def _analysis(compiled) -> dict[str, int]:
     return {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
 
 
+def _opt_state_abstract(optimizer, params_abs, mesh):
+    """Abstract optimiser state for ``params_abs``: moment leaves laid out as the parameter
+    they mirror (matched by path suffix), counters replicated."""
+    by_name = {sh.path_name(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(params_abs)}
+    state = jax.eval_shape(optimizer.init, params_abs)
+    replicated = NamedSharding(mesh, P())
+
+    def place(path, x):
+        name = sh.path_name(path)
+        match = [n for n in by_name if name == n or name.endswith("." + n)]
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_name[max(match, key=len)] if match else replicated)
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
 def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_size: int,
-                    seq_len: int) -> dict[str, dict[str, int]]:
-    """XLA's per-device memory analysis of the forward pass and of the per-example-gradient
-    feature step (sum of masked-mean logits, exact ``(n, P)`` features over every LoRA
-    factor) for ``DecoderLM(config)`` with ``lora``, compiled from abstract arguments sharded
-    over ``mesh`` (batch over ``"data"``, parameters by the default rules)."""
+                    seq_len: int, *, programs: Sequence[str] = ("forward", "features"),
+                    projection_dim: int = 8192, train_batch_size: int | None = None) -> dict[str, dict[str, int]]:
+    """XLA's per-device memory analysis of ``programs`` (see :data:`PROGRAMS` and the module
+    docstring; default: the forward pass and the exact per-example-gradient feature step, sum
+    of masked-mean logits over every LoRA factor) for ``DecoderLM(config)`` with ``lora``,
+    compiled from abstract arguments sharded over ``mesh`` (batch over ``"data"``, parameters
+    by the default rules). ``batch_size`` examples per call (``train_batch_size`` for
+    ``"train"``, default ``batch_size``) of ``seq_len`` tokens."""
     from ntk_jax.kernels.features import make_feature_fn, sum_of_outputs
     from ntk_jax.kernels.outputs import lm_output_fn
+    from ntk_jax.kernels.projection import RandomProjection
     from ntk_jax.models.subset import param_subset
 
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise ValueError(f"unknown program(s) {unknown}; choose from {PROGRAMS}")
+    needs_lora = sorted(set(programs) & {"features", "projected", "jvp", "train"})
+    if lora is None and needs_lora:
+        raise ValueError(f"program(s) {needs_lora} take gradients over LoRA factors: pass lora")
     model = abstract_model(config, lora)
     rows = NamedSharding(mesh, P("data"))
-    tok = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=rows)
-    batch = {"input_ids": tok, "attention_mask": tok, "loss_mask": tok}
 
+    def lm_batch(n, train=False):
+        tok = jax.ShapeDtypeStruct((n, seq_len), jnp.int32, sharding=rows)
+        keys = ("input_ids", "attention_mask", "loss_mask") + (("targets",) if train else ())
+        return {k: tok for k in keys}
+
+    batch = lm_batch(batch_size)
     graphdef, state = nnx.split(model)
     state_abs = sh.abstract_sharded_state(state, mesh)
+    out = {}
 
-    def forward(state, batch):
-        return nnx.merge(graphdef, state)(batch["input_ids"], attention_mask=batch["attention_mask"])
+    def compile_(fn, *args):
+        return _analysis(jax.jit(fn).lower(*args).compile())
 
-    fwd = _analysis(jax.jit(forward).lower(state_abs, batch).compile())
+    if "forward" in programs:
+        def forward(state, batch):
+            return nnx.merge(graphdef, state)(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+        out["forward"] = compile_(forward, state_abs, batch)
+    if "hidden" in programs:
+        from ntk_jax.selection.ntk_selector import _mean_hidden
+
+        out["hidden"] = _analysis(_mean_hidden.lower(state_abs, batch["input_ids"], batch["attention_mask"],
+                                                     graphdef=graphdef).compile())
     if lora is None:
-        return {"forward": fwd}
+        return out
 
     subset = param_subset(model, nnx.LoRAParam)
     params_abs = nnx.to_pure_dict(sh.abstract_sharded_state(subset._template, mesh))
+    template_abs = sh.abstract_sharded_state(subset._template, mesh)
     frozen_abs = sh.abstract_sharded_state(subset.frozen, mesh)
 
-    def feature_step(params, frozen, batch):
-        sub = dataclasses.replace(subset, params=params, frozen=frozen)
-        return make_feature_fn(sum_of_outputs(lm_output_fn(sub))).compiled(params, batch, None)
+    def scalar_fn(params, frozen):
+        return sum_of_outputs(lm_output_fn(dataclasses.replace(subset, params=params, frozen=frozen)))
 
-    feats = _analysis(jax.jit(feature_step).lower(params_abs, frozen_abs, batch).compile())
-    return {"forward": fwd, "features": feats}
+    if "features" in programs:
+        def feature_step(params, frozen, batch):
+            return make_feature_fn(scalar_fn(params, frozen)).compiled(params, batch, None)
+
+        out["features"] = compile_(feature_step, params_abs, frozen_abs, batch)
+    if "projected" in programs:
+        projection = RandomProjection(int(projection_dim))
+
+        def projected_step(params, frozen, batch):
+            return make_feature_fn(scalar_fn(params, frozen), projection).compiled(params, batch, None)
+
+        out["projected"] = compile_(projected_step, params_abs, frozen_abs, batch)
+    if "jvp" in programs:
+        def jvp_step(params, frozen, batch, tangent):
+            s = scalar_fn(params, frozen)
+            return jax.jvp(lambda p: s(p, batch), (params,), (tangent,))[1]
+
+        out["jvp"] = compile_(jvp_step, params_abs, frozen_abs, batch, params_abs)
+    if "train" in programs:
+        from ntk_jax.training import trainer
+
+        cfg = trainer._step_config(trainer.TrainConfig())
+        opt_abs = _opt_state_abstract(trainer.make_optimizer(cfg), params_abs, mesh)
+        scalar = jax.ShapeDtypeStruct((), jnp.uint32)
+        lowered = trainer._train_step.lower(params_abs, opt_abs, template_abs, frozen_abs,
+                                            lm_batch(train_batch_size or batch_size, train=True), scalar,
+                                            jax.ShapeDtypeStruct((), jnp.int32), graphdef=subset.graphdef, cfg=cfg,
+                                            loss_fn=trainer.lm_loss)
+        out["train"] = _analysis(lowered.compile())
+    return out
 
 
 def _extrapolate(measured: dict[int, dict], depth: int, layers: tuple[int, int]) -> dict[str, float]:
@@ -165,8 +275,11 @@ def estimate_memory(config: DecoderConfig | Mapping[str, Any], lora: LoRAConfig 
                     mesh_shape: tuple[int, int] = (1, 1), batch_size: int = 8, seq_len: int = 512,
                     dtype: str = "bfloat16", param_dtype: str = "bfloat16",
                     measure_layers: tuple[int, int] = (1, 2), check_layers: int | None = None,
-                    devices: Sequence[jax.Device] | None = None, compile: bool = True) -> dict[str, Any]:
-    """Per-device memory of parameters, forward and per-example-gradient features.
+                    devices: Sequence[jax.Device] | None = None, compile: bool = True,
+                    programs: Sequence[str] | None = None, projection_dim: int = 8192,
+                    train_batch_size: int | None = None) -> dict[str, Any]:
+    """Per-device memory of parameters, forward and per-example-gradient features (and of
+    the other ``programs`` of a selection job).
 
     Args:
       config: a :class:`DecoderConfig` or an HF ``config.json`` dict (llama/mistral/qwen2/qwen3).
@@ -179,24 +292,40 @@ def estimate_memory(config: DecoderConfig | Mapping[str, Any], lora: LoRAConfig 
       check_layers: also compile this depth and report ``extrapolation_check`` (measured vs
         extrapolated temp), e.g. to validate the linear model on a small config.
       compile: ``False`` gives the parameter columns only (no devices needed).
+      programs: the programs to compile (:data:`PROGRAMS`); default ``("forward",
+        "features")`` (``("forward",)`` without LoRA).
+      projection_dim, train_batch_size: p of the ``"projected"`` program; the batch of the
+        ``"train"`` step (default ``batch_size``; a multiple of the data axis).
 
     Returns a JSON-able dict: ``params`` (see :func:`param_memory`), ``forward`` / ``features``
     (``{"temp", "output", "argument"}`` per device, extrapolated to full depth, bytes),
     ``per_example_grad_bytes`` (the ``(n, P)`` feature output per device),
-    ``total_features_per_device`` (parameters + temp + output of the feature step) and
-    ``measured`` (the raw compiled numbers per depth).
+    ``total_features_per_device`` (parameters + temp + output of the feature step),
+    ``totals`` (per program: argument + temp + output, i.e. everything that program holds on
+    a device while it runs, its inputs — weights, LoRA factors, optimiser state, batch —
+    included), ``peak_per_device`` (the largest of ``totals``: the programs run one after
+    another), ``cpu_upcast_bytes`` (:func:`cpu_upcast_bytes` when compiled for the CPU, else
+    0), ``device_totals`` / ``device_peak_per_device`` (the same minus those copies: the
+    GPU/TPU estimate) and ``measured`` (the raw compiled numbers per depth).
     """
     cfg = decoder_config(config, dtype=dtype, param_dtype=param_dtype)
     data, model_axis = (int(v) for v in mesh_shape)
     if batch_size % data:
         raise ValueError(f"batch_size={batch_size} is not a multiple of the data axis {data}")
+    if train_batch_size is not None and train_batch_size % data:
+        raise ValueError(f"train_batch_size={train_batch_size} is not a multiple of the data axis {data}")
+    programs = tuple(programs) if programs is not None else (("forward",) if lora is None else ("forward", "features"))
     full = abstract_model(cfg, lora)
     out: dict[str, Any] = {
         "mesh": [data, model_axis], "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype, "num_layers": cfg.num_layers,
         "lora": None if lora is None else {"rank": lora.rank, "targets": list(lora.targets)},
-        "params": param_memory(full, (data, model_axis)),
+        "params": param_memory(full, (data, model_axis)), "programs": list(programs),
     }
+    if "projected" in programs:
+        out["projection_dim"] = int(projection_dim)
+    if "train" in programs:
+        out["train_batch_size"] = int(train_batch_size or batch_size)
     if not compile:
         return out
     mesh = _mesh((data, model_axis), devices)
@@ -207,18 +336,27 @@ def estimate_memory(config: DecoderConfig | Mapping[str, Any], lora: LoRAConfig 
             raise ValueError(f"measure/check depth {L} exceeds the model's {cfg.num_layers} layers")
         sub = dataclasses.replace(cfg, num_layers=L, layer_types=None if cfg.layer_types is None
                                   else cfg.layer_types[:L])
-        measured[L] = compiled_memory(sub, lora, mesh, batch_size, seq_len)
+        measured[L] = compiled_memory(sub, lora, mesh, batch_size, seq_len, programs=programs,
+                                      projection_dim=projection_dim, train_batch_size=train_batch_size)
     layers = tuple(measure_layers)
-    programs = ("forward",) if lora is None else ("forward", "features")
     for prog in programs:
         out[prog] = _extrapolate({L: measured[L][prog] for L in layers}, cfg.num_layers, layers)
-    if lora is not None:
+    out["totals"] = {prog: out[prog]["argument"] + out[prog]["temp"] + out[prog]["output"] for prog in programs}
+    out["peak_per_device"] = max(out["totals"].values())
+    out["peak_program"] = max(out["totals"], key=out["totals"].get)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    out["cpu_upcast_bytes"] = cpu_upcast_bytes(full, (data, model_axis), cfg.dtype) if on_cpu else 0
+    out["device_totals"] = {prog: v - out["cpu_upcast_bytes"] for prog, v in out["totals"].items()}
+    out["device_peak_per_device"] = max(out["device_totals"].values())
+    if "features" in programs:
         out["per_example_grad_bytes"] = out["features"]["output"]
         p = out["params"]
         out["total_features_per_device"] = (p["base_bytes_per_device"] + p["lora_bytes_per_device"]
                                             + out["features"]["temp"] + out["features"]["output"])
-    out["total_forward_per_device"] = (out["params"]["base_bytes_per_device"] + out["params"]["lora_bytes_per_device"]
-                                       + out["forward"]["temp"] + out["forward"]["output"])
+    if "forward" in programs:
+        out["total_forward_per_device"] = (out["params"]["base_bytes_per_device"]
+                                           + out["params"]["lora_bytes_per_device"]
+                                           + out["forward"]["temp"] + out["forward"]["output"])
     out["measured"] = {str(L): v for L, v in measured.items()}
     if check_layers:
         check = {}

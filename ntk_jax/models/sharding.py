@@ -46,6 +46,14 @@ A parameter no rule matches is a ``ValueError`` naming it (rules must be complet
 Loading: :func:`ntk_jax.models.hf_loading.from_pretrained` (``mesh=``) places each checkpoint
 tensor directly into its sharded layout with ``jax.make_array_from_callback`` (each device
 receives only its slice), so the whole model never sits on one device.
+
+Jobs: :func:`mesh_from_config` builds the mesh of ``config.mesh`` over a process's local
+devices (``Context.mesh``). Every batch loop that runs a model — per-example features, JVP
+scores, hidden states, training, evaluation — places its batches with one mechanism: the
+mesh is the one named or else the one the parameters live on (:func:`resolve_mesh`; ``None``
+on one device, where nothing is placed), blocks are padded to a multiple of the ``data``
+size (:func:`round_up_to_data`) and split over it (:func:`place_rows`), and other arrays a
+step takes (optimiser state, tangents) are put on the mesh by :func:`onto_mesh`.
 """
 from __future__ import annotations
 
@@ -65,7 +73,14 @@ __all__ = [
     "AXES",
     "DEFAULT_RULES",
     "make_mesh",
+    "mesh_from_config",
     "mesh_shape",
+    "mesh_of",
+    "resolve_mesh",
+    "data_size",
+    "round_up_to_data",
+    "place_rows",
+    "onto_mesh",
     "ShardingPlan",
     "path_name",
     "spec_for",
@@ -114,7 +129,8 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[jax.Device] | Non
     ``devices``: the devices to use (default ``jax.devices()``); ``data * model`` must equal
     their number (``ValueError`` otherwise: pass ``devices=jax.devices()[:k]`` for a sub-mesh).
     On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before JAX starts)
-    simulates 8 devices.
+    simulates 8 devices. All of ``jax.devices()`` are arranged by the topology helper
+    (``mesh_utils.create_device_mesh``), a subset in the order given.
     """
     for name, v in (("data", data), ("model", model)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -125,7 +141,7 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[jax.Device] | Non
                          f"{len(devs)} device(s) given (pass devices=jax.devices()[:{data * model}] for a "
                          "sub-mesh; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before "
                          "importing jax)")
-    if devices is None:
+    if devices is None or set(devs) == set(jax.devices()):
         try:
             from jax.experimental import mesh_utils
 
@@ -137,9 +153,95 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[jax.Device] | Non
     return Mesh(arr, AXES)
 
 
+def mesh_from_config(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ``(data, model)`` mesh of ``config.mesh`` over ``devices`` (default
+    ``jax.local_devices()``: under ``jax.distributed`` every process builds a mesh of its own
+    devices, and work is split across processes by shard assignment).
+
+    One of ``data`` / ``model`` may be ``-1``: all the devices the other leaves
+    (``data=-1, model=2`` on 8 devices is ``(4, 2)``). ``ValueError`` naming the sizes when the
+    other does not divide the device count, when ``data * model`` differs from it, or for
+    values that are not positive ints or -1.
+    """
+    devs = list(jax.local_devices() if devices is None else devices)
+    n = len(devs)
+    sizes = {}
+    for name, v in (("data", data), ("model", model)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (v < 1 and v != -1):
+            raise ValueError(f"config.mesh.{name} must be a positive int or -1 (all remaining devices), "
+                             f"got {v!r}")
+        sizes[name] = int(v)
+    if sizes["data"] == -1 and sizes["model"] == -1:
+        raise ValueError("config.mesh: at most one of data / model may be -1")
+    for free, fixed in (("data", "model"), ("model", "data")):
+        if sizes[free] == -1:
+            if n % sizes[fixed]:
+                raise ValueError(f"config.mesh.{fixed}={sizes[fixed]} does not divide the {n} local device(s) "
+                                 f"(config.mesh.{free}=-1 takes the rest)")
+            sizes[free] = n // sizes[fixed]
+    if sizes["data"] * sizes["model"] != n:
+        raise ValueError(f"config.mesh data*model = {sizes['data']}*{sizes['model']} = "
+                         f"{sizes['data'] * sizes['model']} does not match the {n} local device(s) of this "
+                         "process (set one of them to -1 to use all devices)")
+    return make_mesh(sizes["data"], sizes["model"], devices=devs)
+
+
 def mesh_shape(mesh: Mesh) -> tuple[int, int]:
     """``(data, model)`` sizes of a mesh (an axis it lacks counts as 1)."""
     return int(mesh.shape.get("data", 1)), int(mesh.shape.get("model", 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Data parallelism of the computations (features, JVP scores, hidden states, training,
+# evaluation): one mechanism, used by every batch loop.
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of ``tree`` (params, an ``nnx.State``, a model) live on: the mesh
+    of the first leaf with a ``NamedSharding`` over more than one device; ``None`` when
+    every leaf is on one device (or is not a placed array)."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh) \
+                and sharding.mesh.devices.size > 1:
+            return sharding.mesh
+    return None
+
+
+def resolve_mesh(mesh: Mesh | None, tree=None) -> Mesh | None:
+    """The mesh a computation on ``tree`` (its parameters) runs data-parallel over: ``mesh``
+    if given, else :func:`mesh_of` ``(tree)``; ``None`` for a one-device mesh (nothing to
+    split: batches are then passed on unplaced, exactly as without a mesh)."""
+    m = mesh if mesh is not None else (None if tree is None else mesh_of(tree))
+    if m is None:
+        return None
+    if not isinstance(m, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (see make_mesh), got {type(m).__name__}")
+    return None if m.devices.size == 1 else m
+
+
+def data_size(mesh: Mesh | None, axis: str = "data") -> int:
+    """Size of the batch axis ``axis`` of ``mesh`` (1 without a mesh or without that axis)."""
+    return 1 if mesh is None else int(mesh.shape.get(axis, 1))
+
+
+def round_up_to_data(n: int, mesh: Mesh | None, axis: str = "data") -> int:
+    """``n`` rounded up to a multiple of :func:`data_size` (block sizes of padded batches)."""
+    k = data_size(mesh, axis)
+    return -(-int(n) // k) * k
+
+
+def place_rows(batch, mesh: Mesh | None, axis: str = "data"):
+    """``batch`` placed for a data-parallel step on ``mesh``: leading axes split over
+    ``axis`` (:func:`shard_batch`; sizes must be multiples of :func:`data_size` — pad first),
+    replicated when the mesh lacks ``axis``; unchanged (no copy) when ``mesh`` is ``None``."""
+    if mesh is None:
+        return batch
+    if axis not in mesh.shape:
+        return jax.device_put(batch, NamedSharding(mesh, P()))
+    return shard_batch(batch, mesh, axis)
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,6 +390,23 @@ def shard_batch(batch, mesh: Mesh, axis: str = "data"):
         return jax.device_put(x, NamedSharding(mesh, P(axis)))
 
     return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def onto_mesh(tree, mesh: Mesh | None):
+    """Every array leaf of ``tree`` on ``mesh``: leaves already laid out on it (a
+    ``NamedSharding`` of ``mesh``) are kept, the others (e.g. optimiser counters, tangents
+    made on one device) replicated over it. ``mesh=None``: ``tree`` unchanged."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, P())
+
+    def put(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(put, tree)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ alone) and measure the held-out domain test set.
   choice): the fraction of records whose response is the option with the highest summed
   log-likelihood of its scored tokens (response + eos), ties to the first option. Otherwise
   ``None`` (no exact-match generation is done: the test set is scored by loss only).
+
+Device meshes: the model comes from ``context.load_model`` (on ``context.mesh`` when the
+launcher built one); fine-tuning, the loss and the option scores then run data-parallel over
+the mesh's ``data`` axis (``mesh=`` to name another; see :mod:`ntk_jax.training.trainer`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ntk_jax.data.records import encode_options, encode_records
+from ntk_jax.models import sharding as sh
 from ntk_jax.training.losses import token_log_probs
 from ntk_jax.training.trainer import TrainConfig, evaluate, train
 
@@ -33,10 +38,14 @@ def _row_loglik(state, input_ids, attention_mask, targets, loss_mask, *, graphde
 
 
 def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: int, *,
-                    batch_size: int = 128) -> float:
-    """Accuracy by log-likelihood of the options (see the module docstring)."""
+                    batch_size: int = 128, mesh=None) -> float:
+    """Accuracy by log-likelihood of the options (see the module docstring). Rows go in
+    blocks of ``batch_size`` (rounded up to a multiple of the mesh's ``data`` size; default
+    mesh: the one the model lives on)."""
     arrays, owner, correct = encode_options(tokenizer, records, max_len)
     graphdef, state = nnx.split(model)
+    mesh = sh.resolve_mesh(mesh, state)
+    batch_size = sh.round_up_to_data(batch_size, mesh)
     m = owner.shape[0]
     ll = np.empty(m)
     for lo in range(0, m, batch_size):
@@ -44,7 +53,8 @@ def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: 
         idx = np.arange(lo, hi)
         if hi - lo < batch_size:
             idx = np.concatenate([idx, np.full(batch_size - (hi - lo), lo)])
-        b = {k: arrays[k][idx] for k in ("input_ids", "attention_mask", "targets", "loss_mask")}
+        b = sh.place_rows({k: arrays[k][idx] for k in ("input_ids", "attention_mask", "targets", "loss_mask")},
+                          mesh)
         ll[lo:hi] = np.asarray(_row_loglik(state, b["input_ids"], b["attention_mask"], b["targets"],
                                            b["loss_mask"], graphdef=graphdef))[: hi - lo]
     hits = []
@@ -55,11 +65,12 @@ def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: 
 
 
 def finetune_and_evaluate(context, train_records: list[dict], test_records: list[dict], *, lora, train_cfg,
-                          workdir: str | None = None, seed: int = 0, eval_batch_size: int = 128) -> dict:
+                          workdir: str | None = None, seed: int = 0, eval_batch_size: int = 128,
+                          mesh=None) -> dict:
     """Fine-tunes a fresh LoRA (``lora`` config, factors from ``seed``) of the context's base
     model on ``train_records`` with ``train_cfg`` (its ``seed`` replaced by ``seed``) and
     evaluates on ``test_records``. Returns ``{"n_train", "test_loss", "accuracy",
-    "final_train_loss"}``."""
+    "final_train_loss"}``. ``mesh``: default the mesh the loaded model lives on."""
     if not isinstance(train_cfg, TrainConfig):
         train_cfg = TrainConfig.from_dict(train_cfg)
     import dataclasses
@@ -69,9 +80,10 @@ def finetune_and_evaluate(context, train_records: list[dict], test_records: list
     model = context.load_model(lora, seed=seed)
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
-    result = train(model, data, train_cfg, workdir=workdir)
+    result = train(model, data, train_cfg, workdir=workdir, mesh=mesh)
     acc = None
     if all(isinstance(r.get("options"), list) and r["options"] for r in test_records):
-        acc = option_accuracy(model, context.tokenizer, test_records, context.max_len, batch_size=eval_batch_size)
-    return {"n_train": len(train_records), "test_loss": float(evaluate(model, test, eval_batch_size)),
+        acc = option_accuracy(model, context.tokenizer, test_records, context.max_len, batch_size=eval_batch_size,
+                              mesh=mesh)
+    return {"n_train": len(train_records), "test_loss": float(evaluate(model, test, eval_batch_size, mesh=mesh)),
             "accuracy": acc, "final_train_loss": result.history[-1]["loss"] if result.history else None}

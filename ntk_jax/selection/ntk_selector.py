@@ -15,10 +15,17 @@ sharded scoring, is :mod:`ntk_jax.selection.jobs`):
    Rademacher-projected to p;
 4. score: ``s_j = (1/|D|) Σ_i Θ̃(x_i, x_j) = ⟨mean_i φ(x_i), φ(x_j)⟩`` (:func:`ntk_scores`);
    top-N (:func:`top_n`).
+
+Device meshes: :func:`ntk_features`, :func:`ntk_scores_by_jvp` and :func:`mean_hidden_states`
+take ``mesh=`` (default: the mesh the model's parameters live on, e.g. a model from
+``Context.load_model`` under ``config.mesh``): batches are split over its ``data`` axis and
+padded to a multiple of it (the padding is dropped), see
+:func:`ntk_jax.models.sharding.resolve_mesh`.
 """
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +34,7 @@ from flax import nnx
 from ntk_jax.kernels.features import directional_derivatives, gradient_features, sum_of_outputs
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.models import sharding as sh
 from ntk_jax.models.subset import ParamSubset
 
 __all__ = ["ntk_scalar_fn", "ntk_features", "mean_hidden_states", "cosine_similarity", "knn_votes",
@@ -41,19 +49,20 @@ def ntk_scalar_fn(subset: ParamSubset):
 
 def ntk_features(subset: ParamSubset, batch: dict, *, projection_dim: int = 8192, projection_seed: int = 0,
                  batch_size: int | None = None, progress_desc: str | None = None,
-                 scalar_fn=None) -> np.ndarray:
+                 scalar_fn=None, mesh=None) -> np.ndarray:
     """NTK-Selector features ``φ(x) = Π ∇_θ s(θ, x)`` of every example of ``batch``:
     ``(n, p)`` (``(n, P)`` exact gradients with ``projection_dim=0``), float32 numpy.
 
     ``batch``: ``input_ids``, ``attention_mask``, ``loss_mask`` arrays ``(n, T)``.
     ``scalar_fn``: ``ntk_scalar_fn(subset)`` built once by a caller that scores many
     batches (the compiled program is cached on the function's identity).
+    ``mesh``: see the module docstring.
     """
     projection = None if not projection_dim else RandomProjection(int(projection_dim), seed=int(projection_seed))
     x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
     scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
     return gradient_features(scalar_fn, subset.params, x, projection=projection,
-                             batch_size=batch_size, progress_desc=progress_desc)
+                             batch_size=batch_size, progress_desc=progress_desc, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -64,27 +73,31 @@ def _mean_hidden(state, input_ids, attention_mask, *, graphdef):
     return jnp.einsum("nth,nt->nh", h, m) / jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)
 
 
-def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64) -> np.ndarray:
+def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, mesh=None) -> np.ndarray:
     """Mean of the model's final-norm hidden states over the real tokens
     (``attention_mask == 1``) of every example: ``(n, hidden)`` float32.
 
     The model needs a ``hidden_states(input_ids, attention_mask)`` method (the embedded
     :class:`~ntk_jax.models.transformer.DecoderLM` and the Llama-family ports have one).
+    Examples go in blocks of ``min(batch_size, n)`` (rounded up to a multiple of the mesh's
+    ``data`` size; the last block padded: one compiled shape). ``mesh``: see the module
+    docstring.
     """
     if not hasattr(model, "hidden_states"):
         raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
     graphdef, state = nnx.split(model)
+    mesh = sh.resolve_mesh(mesh, state)
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     n = ids.shape[0]
+    bs = sh.round_up_to_data(min(int(batch_size), n), mesh)
     out = []
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
-        b_ids, b_mask = ids[lo:hi], mask[lo:hi]
-        if hi - lo < batch_size and n > batch_size:  # one compiled shape
-            pad = batch_size - (hi - lo)
-            b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], pad, 0)])
-            b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], pad, 0)])
+    for lo in range(0, n, bs):
+        hi = min(lo + bs, n)
+        idx = np.arange(lo, hi)
+        if hi - lo < bs:  # pad by repeating the block's first example: one compiled shape
+            idx = np.concatenate([idx, np.full(bs - (hi - lo), lo)])
+        b_ids, b_mask = sh.place_rows((ids[idx], mask[idx]), mesh)
         out.append(np.asarray(_mean_hidden(state, b_ids, b_mask, graphdef=graphdef))[: hi - lo])
     return np.concatenate(out, axis=0)
 
@@ -141,7 +154,7 @@ def top_by_votes(votes: np.ndarray, mean_cos: np.ndarray, m: int) -> np.ndarray:
 
 def ntk_scores_by_jvp(subset: ParamSubset, domain_features: np.ndarray, batch: dict, *,
                       projection_dim: int, projection_seed: int = 0, batch_size: int | None = None,
-                      scalar_fn=None) -> np.ndarray:
+                      scalar_fn=None, mesh=None) -> np.ndarray:
     """The scores of :func:`ntk_scores` without forming candidate features: ``(n_cand,)`` float64.
 
     ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` with ``u`` the mean projected domain feature
@@ -149,7 +162,7 @@ def ntk_scores_by_jvp(subset: ParamSubset, domain_features: np.ndarray, batch: d
     ``g_j = ∇_θ s(θ, x_j)``: one forward-mode JVP per candidate along the fixed tangent
     ``Π u`` (``RandomProjection.adjoint``), so there is no per-example gradient and no
     ``P × p`` product per candidate. Equal to ``ntk_scores(domain_features,
-    ntk_features(...))`` up to float rounding.
+    ntk_features(...))`` up to float rounding. ``mesh``: see the module docstring.
     """
     if not projection_dim:
         raise ValueError("ntk_scores_by_jvp needs projected domain features (projection_dim > 0)")
@@ -160,8 +173,8 @@ def ntk_scores_by_jvp(subset: ParamSubset, domain_features: np.ndarray, batch: d
     tangent = projection.adjoint(centre.astype(np.float32), subset.params)
     x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
     scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
-    return np.asarray(directional_derivatives(scalar_fn, subset.params, x, tangent, batch_size=batch_size),
-                      np.float64)
+    return np.asarray(directional_derivatives(scalar_fn, subset.params, x, tangent, batch_size=batch_size,
+                                              mesh=mesh), np.float64)
 
 
 def ntk_scores(domain_features: np.ndarray, cand_features: np.ndarray) -> np.ndarray:

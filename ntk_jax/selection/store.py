@@ -17,19 +17,28 @@ Layout of ``directory``:
   so a shard either exists completely or not at all; a killed job loses at most the shard
   it was computing.
 
-Shard ``k`` belongs to process ``k mod process_count`` (:meth:`shards_for_process`), a
-deterministic assignment every process of a ``jax.distributed`` job computes identically.
+Several processes (``jax.distributed``, see :mod:`ntk_jax.selection.jobs`): every process
+opens the same store on a shared filesystem; shard ``k`` belongs to process
+``k mod process_count`` (:meth:`shards_for_process`), a deterministic assignment by pool
+position that every process computes identically, so each process computes and writes only
+its own shards, and after a barrier any process can :meth:`merge` them all. Concurrent
+openings are safe: ``meta.json`` and the shards are written through temp files named after
+the writing process (host and pid) and renamed into place, and processes of one job write
+identical ``meta.json`` contents. The assignment is not part of the fingerprint, so a job
+killed with ``n`` processes may be resumed with any other number (the shard layout depends
+only on the pool and ``shard_size``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 from typing import Any, Sequence
 
 import numpy as np
 
-from ntk_jax.utils import read_json, write_json
+from ntk_jax.utils import read_json, to_jsonable
 
 META_NAME = "meta.json"
 
@@ -41,6 +50,19 @@ def fingerprint_of(obj: Any) -> str:
 
     blob = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _tmp_name(path: str, suffix: str = "") -> str:
+    """A temp file next to ``path`` private to this process (host and pid), so that processes
+    sharing a directory never write into each other's temp files."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}{suffix}"
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as fh:
+        json.dump(to_jsonable(obj), fh, indent=2)
+    os.replace(tmp, path)
 
 
 def _ids_hash(ids: Sequence[str]) -> str:
@@ -97,8 +119,8 @@ class ScoreStore:
                     f"ScoreStore {self.directory!r} holds results of a different job (mismatch in {diff}; "
                     f"stored fingerprint {str(old.get('fingerprint'))[:12]}…, this job's {self.fingerprint[:12]}…). "
                     "Use another directory or delete it to recompute; results are never mixed.")
-        else:
-            write_json(path, meta)
+        else:  # processes of one job may race here: they write the same contents
+            _write_json_atomic(path, meta)
 
     # -------------------------------------------------------------------- shards
     def shard_path(self, k: int) -> str:
@@ -145,7 +167,7 @@ class ScoreStore:
                 raise ValueError(f"shard {k}: features rows {features.shape[0]}, expected {hi - lo}")
             arrays["features"] = features
         path = self.shard_path(k)
-        tmp = path + ".tmp.npz"
+        tmp = _tmp_name(path, ".npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
         return path

@@ -15,6 +15,12 @@
   ``workdir/checkpoints`` every ``checkpoint_every`` steps and at the end, resumed from the
   latest on entry; metrics appended to ``workdir/metrics.jsonl`` (lines after the restored
   step are dropped first, so the file never holds a step twice).
+* Device meshes: a model laid out on a ``("data", "model")`` mesh (``from_pretrained(mesh=)``,
+  :func:`ntk_jax.models.sharding.shard_model`, ``Context.load_model`` under ``config.mesh``)
+  is trained data-parallel: every batch is split over the mesh's ``data`` axis
+  (``mesh=`` overrides the mesh read from the model). With the default loss a batch whose size
+  is not a multiple of the ``data`` size is padded with rows of zero ``loss_mask`` (the
+  token-mean loss and its gradient are unchanged); :func:`evaluate` pads the same way.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ntk_jax.models import sharding as sh
 from ntk_jax.models.subset import merge_params, param_subset
 from ntk_jax.training.losses import lm_loss, token_log_probs
 
@@ -189,6 +196,19 @@ def _take(data: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
     return {k: v[idx] for k, v in data.items()}
 
 
+def _padded_batch(data: dict[str, np.ndarray], idx: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of ``data``, padded to ``size`` rows with copies of the first row whose
+    ``loss_mask`` is zero (they carry no weight in the masked token-mean loss)."""
+    batch = _take(data, idx)
+    if len(idx) < size:
+        if "loss_mask" not in batch:
+            raise ValueError("padding a batch to a multiple of the mesh's data axis needs a 'loss_mask' array")
+        fill = np.zeros(size - len(idx), dtype=np.int64)
+        batch = {k: np.concatenate([v, v[fill]]) for k, v in batch.items()}
+        batch["loss_mask"][len(idx):] = 0
+    return batch
+
+
 # ---------------------------------------------------------------------------------------
 # Jitted step and evaluation (module-level so compilations are shared between calls)
 
@@ -211,10 +231,13 @@ def _reseed_streams(model: nnx.Module, key) -> None:
             i += 1
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "loss_fn"))
-def _train_step(params, opt_state, template, frozen, batch, seed, update, *, graphdef, cfg, loss_fn):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "loss_fn", "layout"))
+def _train_step(params, opt_state, template, frozen, batch, seed, update, *, graphdef, cfg, loss_fn, layout=None):
     # ``cfg`` is static (it builds the optimiser); fields that do not affect the step are
     # normalised by ``_step_config`` so that changing them does not recompile.
+    # ``layout``: on a mesh, the shardings of the (params, opt_state) leaves, pinned on the
+    # outputs (else XLA may lay a replicated factor out differently, and the next step would
+    # compile again for the new input layout).
     key = jax.random.fold_in(jax.random.key(seed), update)
 
     def loss_of(p):
@@ -226,6 +249,10 @@ def _train_step(params, opt_state, template, frozen, batch, seed, update, *, gra
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = make_optimizer(cfg).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    if layout is not None:
+        leaves, treedef = jax.tree.flatten((params, opt_state))
+        params, opt_state = jax.tree.unflatten(
+            treedef, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, layout)])
     return params, opt_state, loss, grad_norm
 
 
@@ -262,18 +289,25 @@ def _eval_subset_step(params, template, frozen, batch, *, graphdef, loss_fn):
 
 
 def _run_eval(step_fn: Callable[[dict], tuple[Any, Any]], data: Mapping[str, Any], batch_size: int,
-              pad: bool) -> float:
+              pad: bool, mesh=None) -> float:
+    """Sums ``step_fn`` over batches of ``data``. ``pad``: the masked LM loss (partial batches
+    padded with zero-weight rows, to ``batch_size`` rounded up to a multiple of the mesh's
+    data axis); otherwise per-batch losses weighted by batch size (batches split over the
+    mesh only when their size is a multiple of its data axis)."""
     arrays, n = _as_numpy_data(data, "eval data")
     if pad and "loss_mask" not in arrays:
         raise ValueError("eval data needs a 'loss_mask' array for the masked LM loss")
+    if pad:
+        batch_size = sh.round_up_to_data(batch_size, mesh)
     total, weight = 0.0, 0.0
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        batch = _take(arrays, idx)
-        if pad and len(idx) < batch_size:  # pad with zero-weight rows: one compiled shape
-            fill = np.zeros(batch_size - len(idx), dtype=np.int64)
-            batch = {k: np.concatenate([v, v[fill]]) for k, v in batch.items()}
-            batch["loss_mask"][len(idx):] = 0
+        if pad:  # zero-weight rows fill a partial batch: one compiled shape
+            batch = sh.place_rows(_padded_batch(arrays, idx, batch_size), mesh)
+        else:
+            batch = _take(arrays, idx)
+            if len(idx) % sh.data_size(mesh) == 0:
+                batch = sh.place_rows(batch, mesh)
         s, w = step_fn(batch)
         total += float(s) if pad else float(s) * float(w)
         weight += float(w)
@@ -283,18 +317,21 @@ def _run_eval(step_fn: Callable[[dict], tuple[Any, Any]], data: Mapping[str, Any
 
 
 def evaluate(model_or_fn: nnx.Module | Callable[[dict], jax.Array], data: Mapping[str, Any],
-             batch_size: int, *, loss_fn: Callable | None = None) -> float:
+             batch_size: int, *, loss_fn: Callable | None = None, mesh=None) -> float:
     """Mean masked LM loss of a model (or of ``fn(batch) -> logits``) on ``data``.
 
     Default: token-weighted mean ``Σ m·nll / max(Σ m, 1)`` over the whole data set (the last
     partial batch is padded with zero-weight rows). A module is evaluated in eval mode
     (dropout off) without changing the module itself. With ``loss_fn(model, batch) -> scalar``
     (modules only) the per-batch losses are averaged weighted by batch size.
+    ``mesh``: batches are split over its ``data`` axis (default: the mesh the module lives
+    on; see the module docstring).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(model_or_fn, nnx.Module):
         graphdef, state = nnx.split(model_or_fn)
+        mesh = sh.resolve_mesh(mesh, state)
 
         def step_fn(batch):
             return _eval_state_step(state, batch, graphdef=graphdef, loss_fn=loss_fn)
@@ -304,9 +341,10 @@ def evaluate(model_or_fn: nnx.Module | Callable[[dict], jax.Array], data: Mappin
 
         def step_fn(batch):
             return _lm_sums(model_or_fn(batch), batch)
+        mesh = sh.resolve_mesh(mesh)
     else:
         raise TypeError(f"evaluate needs an nnx.Module or a callable, got {type(model_or_fn)}")
-    return _run_eval(step_fn, data, batch_size, pad=loss_fn is None)
+    return _run_eval(step_fn, data, batch_size, pad=loss_fn is None, mesh=mesh)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,11 +382,54 @@ def _truncate_metrics(path: str, step: int) -> list[dict]:
 # Training
 
 
+def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, read_only: bool = False):
+    """An orbax ``CheckpointManager`` for ``directory`` (created unless ``read_only``) that
+    involves only the calling process.
+
+    Under ``jax.distributed`` orbax's default manager is collective (every save, restore and
+    even its construction synchronise all processes), so a process training alone — a job
+    that runs on process 0 while the others wait at a barrier — would block or fail. Training
+    state here is process-local (replicated params, no cross-process sharding), so every
+    process gets a manager of its own (``active_processes={this process}``); processes must
+    therefore not write the same directory at the same time (``read_only=True``: a manager
+    that only lists and restores, which any number of processes may open at once).
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    if not read_only:
+        os.makedirs(directory, exist_ok=True)
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else max_to_keep, create=False, read_only=read_only,
+        save_interval_steps=0 if read_only else 1, multiprocessing_options=mp))
+
+
+def _savable(tree: PyTree) -> PyTree:
+    """``tree`` as orbax can save it from one process: under ``jax.distributed`` orbax refuses
+    process-local ``jax.Array`` s, so they are saved as numpy copies (the same bytes)."""
+    return jax.device_get(tree) if jax.process_count() > 1 else tree
+
+
+def restore_checkpoint(mngr, step: int, target: PyTree) -> PyTree:
+    """The state saved at ``step`` by :func:`train` (``{"params", "opt_state", "step"}``),
+    restored into ``target``'s structure, shapes, dtypes and placements (jax arrays)."""
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() > 1:  # see _savable: restored as numpy, then placed like target
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(jax.device_get(target)))
+        return jax.tree.map(lambda r, t: jax.device_put(r, t.sharding) if isinstance(t, jax.Array)
+                            else jnp.asarray(r), restored, target)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: Any = nnx.LoRAParam,
           workdir: str | os.PathLike | None = None, eval_data: Mapping[str, Any] | None = None,
           loss_fn: Callable[[nnx.Module, dict], jax.Array] | None = None,
           callback: Callable[[int, PyTree], None] | None = None,
-          stop_at: int | None = None) -> TrainResult:
+          stop_at: int | None = None, mesh=None) -> TrainResult:
     """Trains the ``wrt`` subset of ``model`` on ``data`` for ``cfg.total_steps`` steps.
 
     Args:
@@ -367,6 +448,9 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
       stop_at: stop after this step as if the job were killed there, except that the step is
         checkpointed (when ``workdir`` is given); the schedule, the final evaluation and the
         final log record still follow ``cfg.total_steps``.
+      mesh: split every batch over this mesh's ``data`` axis (default: the mesh the model's
+        parameters live on; none: batches unplaced, as on one device). See the module
+        docstring for the padding of batches.
 
     Returns:
       :class:`TrainResult`. ``model`` holds the trained parameters and is left in eval mode,
@@ -378,6 +462,11 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
     arrays, n = _as_numpy_data(data, "data")
     batch_indices(n, cfg.batch_size, cfg.seed, 0)  # validates n >= batch_size
     last = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
+    mesh = sh.resolve_mesh(mesh, nnx.state(model))
+    step_rows = sh.round_up_to_data(cfg.batch_size, mesh)
+    if step_rows != cfg.batch_size and loss_fn is not lm_loss:
+        raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the mesh's data axis "
+                         f"({sh.data_size(mesh)}); with a custom loss_fn batches cannot be padded")
 
     model.train()
     train_sub = param_subset(model, wrt)
@@ -388,25 +477,22 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
     step_cfg = _step_config(cfg)
 
     params = train_sub.params
-    opt_state = make_optimizer(cfg).init(params)
+    # On a mesh every leaf of the optimiser state (counters too) lives on it: jit needs all
+    # arguments on one set of devices, and a restored checkpoint takes these placements.
+    opt_state = sh.onto_mesh(make_optimizer(cfg).init(params), mesh)
     step = 0
     history: list[dict] = []
     mngr = None
     metrics_path = None
     if workdir is not None:
-        import orbax.checkpoint as ocp
-
         workdir = os.path.abspath(os.fspath(workdir))
         os.makedirs(workdir, exist_ok=True)
         metrics_path = os.path.join(workdir, METRICS_NAME)
-        mngr = ocp.CheckpointManager(
-            os.path.join(workdir, CHECKPOINT_DIR),
-            options=ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True))
+        mngr = checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=cfg.max_to_keep)
         latest = mngr.latest_step()
         if latest is not None:
             target = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)}
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+            restored = restore_checkpoint(mngr, latest, target)
             params, opt_state = restored["params"], restored["opt_state"]
             step = int(restored["step"])
         history = _truncate_metrics(metrics_path, step)
@@ -415,29 +501,31 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
         if mngr is not None and mngr.latest_step() != s:
             import orbax.checkpoint as ocp
 
-            mngr.save(s, args=ocp.args.StandardSave(
-                {"params": params, "opt_state": opt_state, "step": jnp.asarray(s, jnp.int32)}))
+            mngr.save(s, args=ocp.args.StandardSave(_savable(
+                {"params": params, "opt_state": opt_state, "step": jnp.asarray(s, jnp.int32)})))
 
     def eval_loss():
         def step_fn(batch):
             return _eval_subset_step(params, eval_sub._template, eval_sub.frozen, batch,
                                      graphdef=eval_sub.graphdef,
                                      loss_fn=None if loss_fn is lm_loss else loss_fn)
-        return _run_eval(step_fn, eval_data, cfg.batch_size, pad=loss_fn is lm_loss)
+        return _run_eval(step_fn, eval_data, cfg.batch_size, pad=loss_fn is lm_loss, mesh=mesh)
 
     from tqdm.auto import tqdm
 
+    layout = None if mesh is None else tuple(x.sharding for x in jax.tree.leaves((params, opt_state)))
     pbar = tqdm(total=cfg.total_steps, initial=step, disable=None, desc="train", leave=False)
     try:
         if callback is not None and step == 0:
             callback(0, params)
         while step < last:
             update = step  # optax count of this update
-            batch = _take(arrays, batch_indices(n, cfg.batch_size, cfg.seed, update))
+            batch = sh.place_rows(_padded_batch(arrays, batch_indices(n, cfg.batch_size, cfg.seed, update),
+                                                step_rows), mesh)
             params, opt_state, loss, gnorm = _train_step(
                 params, opt_state, template, frozen, batch, jnp.asarray(cfg.seed, jnp.uint32),
                 jnp.asarray(update, jnp.int32), graphdef=train_sub.graphdef, cfg=step_cfg,
-                loss_fn=loss_fn)
+                loss_fn=loss_fn, layout=layout)
             step += 1
             is_end = step == cfg.total_steps  # (not stop_at: a stop behaves like a kill)
             do_eval = eval_data is not None and (

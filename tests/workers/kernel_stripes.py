@@ -53,8 +53,10 @@ real_save = sharded._save_stripe
 def save(out_dir, i, stripe):
     real_save(out_dir, i, stripe)
     computed.append(i)
-    with open(os.path.join(out_dir, f"computed_{info.process_index}.json"), "w") as fh:
+    path = os.path.join(out_dir, f"computed_{info.process_index}.json")
+    with open(path + ".tmp", "w") as fh:  # atomic: the process may be killed at any time
         json.dump(computed, fh)
+    os.replace(path + ".tmp", path)
     if len(computed) == args.die_after:
         os._exit(3)  # killed midway
 

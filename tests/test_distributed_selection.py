@@ -1,0 +1,123 @@
+"""Selection jobs split across jax.distributed processes (issue 5, deliverable 2): localhost
+CPU processes run ``experiments/select.py`` through the launcher (tests/workers/
+selection_worker.py); the shards, scores and selection must equal a one-process run bitwise,
+each process must compute exactly its own shards (``k mod n``), and after one process is
+killed midway a rerun must compute only the shards that are missing."""
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+from procs import ROOT, free_port, run_workers
+
+WORKER = os.path.join(ROOT, "tests", "workers", "selection_worker.py")
+STORES = ("embeddings", "scores")
+
+
+def run_job(workdir, model_dir, n, *, method="ntk", die_after=None, log="computed", timeout=300):
+    """Runs one selection job as ``n`` worker processes; returns ``[(rc, output)]`` per
+    process. With ``die_after``, process ``n-1`` exits with 3 after that many score shards and
+    the survivors (waiting at a barrier for it) are then killed."""
+    port = str(free_port())
+    args = []
+    for pid in range(n):
+        a = [workdir, model_dir, "--log", log, "--method", method]
+        if n > 1:
+            a += ["--process_id", str(pid), "--num_processes", str(n), "--port", port]
+        if die_after is not None and pid == n - 1:
+            a += ["--die_after", str(die_after)]
+        args.append(a)
+    return run_workers(WORKER, args, timeout=timeout, kill_when_last_dies=die_after is not None)
+
+
+def computed(workdir, pid, log="computed"):
+    with open(os.path.join(workdir, f"{log}_{pid}.json")) as fh:
+        return [tuple(x) for x in json.load(fh)]
+
+
+def shards_on_disk(job):
+    return {(st, int(f[len("shard_"):-len(".npz")])) for st in STORES if os.path.isdir(os.path.join(job, st))
+            for f in os.listdir(os.path.join(job, st)) if f.startswith("shard_") and f.endswith(".npz")
+            and ".tmp" not in f}
+
+
+def assert_same_results(job, ref):
+    """Every shard (ids, scores, features: dtype, shape, bits), the merged scores and the
+    selection of ``job`` equal those of ``ref``."""
+    assert shards_on_disk(job) == shards_on_disk(ref)
+    for st, k in sorted(shards_on_disk(ref)):
+        name = os.path.join(st, f"shard_{k:05d}.npz")
+        with np.load(os.path.join(ref, name)) as r, np.load(os.path.join(job, name)) as g:
+            assert r.files == g.files, name
+            for key in r.files:
+                assert r[key].dtype == g[key].dtype and r[key].shape == g[key].shape, (name, key)
+                np.testing.assert_array_equal(g[key], r[key], err_msg=f"{name}:{key}")
+    for st in sorted({st for st, _ in shards_on_disk(ref)}):  # the same fingerprint: config, model, inputs
+        assert filecmp.cmp(os.path.join(ref, st, "meta.json"), os.path.join(job, st, "meta.json"), shallow=False)
+    with np.load(os.path.join(ref, "all_scores.npz")) as r, np.load(os.path.join(job, "all_scores.npz")) as g:
+        assert r.files == g.files
+        for key in r.files:
+            np.testing.assert_array_equal(g[key], r[key])
+    assert filecmp.cmp(os.path.join(ref, "selected.jsonl"), os.path.join(job, "selected.jsonl"), shallow=False)
+    with open(os.path.join(ref, "report.json")) as fr, open(os.path.join(job, "report.json")) as fj:
+        rep_ref, rep = json.load(fr), json.load(fj)
+    assert rep["selected_ids"] == rep_ref["selected_ids"] and len(rep["selected_ids"]) == 8
+    return rep
+
+
+@pytest.mark.slow
+def test_selection_two_processes_equal_one_and_resume_after_kill(tmp_path, tiny_model_dir):
+    one = str(tmp_path / "one")
+    (rc, out), = run_job(one, tiny_model_dir, 1)
+    assert rc == 0, out
+    ref = os.path.join(one, "select")
+    n_emb, n_score = (len([k for st, k in shards_on_disk(ref) if st == s]) for s in STORES)
+    assert n_emb == 7 and n_score == 4  # 52 candidates, 32 after the filter, shards of 8
+    assert computed(one, 0) == [("embeddings", k) for k in range(7)] + [("scores", k) for k in range(4)]
+
+    # Two processes; process 1 dies right after its first score shard (shard 1).
+    two = str(tmp_path / "two")
+    job = os.path.join(two, "select")
+    outs = run_job(two, tiny_model_dir, 2, die_after=1, log="first")
+    assert outs[1][0] == 3, outs[1][1]
+    assert outs[0][0] != 0  # killed while waiting for process 1
+    assert not os.path.exists(os.path.join(job, "selected.jsonl"))
+    assert not os.path.exists(os.path.join(job, "report.json"))
+    first = {pid: computed(two, pid, "first") for pid in (0, 1)}
+    assert first[1] == [("embeddings", 1), ("embeddings", 3), ("embeddings", 5), ("scores", 1)]
+    assert [x for x in first[0] if x[0] == "embeddings"] == [("embeddings", k) for k in (0, 2, 4, 6)]
+    done = shards_on_disk(job)
+    assert done == set(first[0]) | set(first[1])
+    missing = shards_on_disk(ref) - done
+    assert ("scores", 3) in missing
+
+    # The rerun (both processes) computes exactly the missing shards, each its own.
+    outs = run_job(two, tiny_model_dir, 2, log="rerun")
+    assert all(rc == 0 for rc, _ in outs), outs
+    rerun = {pid: computed(two, pid, "rerun") for pid in (0, 1)}
+    assert set(rerun[0]) | set(rerun[1]) == missing
+    assert len(rerun[0]) + len(rerun[1]) == len(missing)  # nothing twice
+    for pid in (0, 1):  # each process only ever computed its own shards: k mod 2 == pid
+        assert all(k % 2 == pid for _, k in first[pid] + rerun[pid]), (pid, first[pid], rerun[pid])
+    rep = assert_same_results(job, ref)
+    assert rep["processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NTK_JAX_EXTRA_PROCESS_TESTS"),
+                    reason="about 2 min on 2 cores; set NTK_JAX_EXTRA_PROCESS_TESTS=1 to run")
+@pytest.mark.parametrize("method,n", [("ntk", 4), ("less", 2)])
+def test_selection_n_processes_equal_one_process(tmp_path, tiny_model_dir, method, n):
+    """Four processes (ntk) / LESS (warm-up checkpoints per epoch restored by every process)
+    on two: bitwise the one-process result, each process computing its own shards."""
+    one, many = str(tmp_path / "one"), str(tmp_path / "many")
+    (rc, out), = run_job(one, tiny_model_dir, 1, method=method)
+    assert rc == 0, out
+    outs = run_job(many, tiny_model_dir, n, method=method)
+    assert all(rc == 0 for rc, _ in outs), outs
+    work = [computed(many, pid) for pid in range(n)]
+    for pid in range(n):
+        assert work[pid] and all(k % n == pid for _, k in work[pid]), (pid, work[pid])
+    assert sorted(x for w in work for x in w) == sorted(computed(one, 0))
+    assert assert_same_results(os.path.join(many, "select"), os.path.join(one, "select"))["processes"] == n

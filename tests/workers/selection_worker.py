@@ -1,0 +1,85 @@
+"""Worker for tests/test_distributed_selection.py: one process of a one- or multi-process
+selection job run through the launcher (``experiments/select.py`` on a tiny controlled
+benchmark and a tiny pre-trained model).
+
+    python selection_worker.py WORKDIR MODEL_DIR [--method ntk] [--process_id I
+        --num_processes N --port P] [--die_after K] [--log NAME]
+
+Writes the job to WORKDIR/select/ and WORKDIR/NAME_<pid>.json: the ScoreStore shards this
+run of this process computed, as ``[store, shard]`` pairs (``store``: ``embeddings`` or
+``scores``), in order. ``--die_after K``: ``os._exit(3)`` right after writing the K-th
+``scores`` shard (a process killed midway).
+"""
+import argparse
+import json
+import os
+import sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("workdir")
+ap.add_argument("model_dir")
+ap.add_argument("--method", default="ntk")
+ap.add_argument("--process_id", type=int, default=0)
+ap.add_argument("--num_processes", type=int, default=1)
+ap.add_argument("--port", type=int, default=0)
+ap.add_argument("--die_after", type=int, default=-1, help="os._exit(3) after this many scores shards")
+ap.add_argument("--log", default="computed")
+args = ap.parse_args()
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
+
+from ntk_jax.launcher.config_lib import base_config  # noqa: E402
+from ntk_jax.launcher.run import run  # noqa: E402
+from ntk_jax.selection import store as store_lib  # noqa: E402
+
+c = base_config()
+c.experiments = ["select"]
+c.model.path = args.model_dir
+c.pretrain.max_len = 32
+if args.num_processes > 1:
+    c.distributed.coordinator_address = f"localhost:{args.port}"
+    c.distributed.num_processes = args.num_processes
+    c.distributed.process_id = args.process_id
+s = c.select
+s.method = args.method
+s.benchmark.n_domain = 8
+s.benchmark.n_test = 8
+s.benchmark.n_pool_per_family = 4   # 52 candidates
+s.n_select = 8
+s.shard_size = 8                    # 7 embedding shards; ntk: 32 filtered candidates, 4 score shards
+s.projection_dim = 512
+s.feature_batch_size = 8
+s.warmup.total_steps = 4
+s.warmup.batch_size = 8
+s.knn_k = 8
+s.less.epochs = 2
+s.less.min_sample = 16
+
+os.makedirs(args.workdir, exist_ok=True)
+log_path = os.path.join(args.workdir, f"{args.log}_{args.process_id}.json")
+computed = []
+
+
+def _log():
+    with open(log_path + ".tmp", "w") as fh:  # atomic: the process may be killed at any time
+        json.dump(computed, fh)
+    os.replace(log_path + ".tmp", log_path)
+
+
+_log()  # an empty list when this run computes nothing
+real_write = store_lib.ScoreStore.write_shard
+
+
+def write_shard(self, k, scores, features=None):
+    path = real_write(self, k, scores, features)
+    name = os.path.basename(self.directory)
+    computed.append([name, int(k)])
+    _log()
+    if name == "scores" and sum(n == "scores" for n, _ in computed) == args.die_after:
+        os._exit(3)  # killed midway
+    return path
+
+
+store_lib.ScoreStore.write_shard = write_shard
+run(c, args.workdir)
+sys.stdout.flush()

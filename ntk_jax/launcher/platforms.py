@@ -103,8 +103,28 @@ EXPECTED_DOMAIN = 1000
 
 
 def scale_selection_config(platform_name: str | None, *, model_path: str):
-    """The ``select`` job config of an 8B NTK-Selector run on ``platform_name`` (see
-    ``configs/select_llama3_8b.py`` for the settings and why).
+    """The ``select`` job config of an 8B NTK-Selector run on ``platform_name``
+    (``configs/select_llama3_8b.py``, ``configs/select_qwen3_8b.py``).
+
+    Settings, and why:
+
+    * LoRA r = 128, α = 512 on q/k/v/o of every layer, dropout 0. The NTK-Selector paper's own
+      LoRA hyper-parameters were not available here (only its abstract); these are LESS's (Xia
+      et al. 2024; SPEC §6.2), the baseline the paper compares against, so both methods select
+      through the same adapters.
+    * p = 8192 (Rademacher, seed 0), candidate scores by JVP (no per-candidate features);
+      sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
+    * Warm-up: one epoch over ~1000 domain records at lr 2e-5 (LESS's), linear decay after 3 %
+      warm-up, batch per platform (:data:`LAYOUTS`). Coarse filter: each domain record votes for its 100 nearest
+      pool records (``knn_k``), M = 4N = 36000 candidates are scored (``filter_factor``).
+    * bf16 compute (norms, softmax and logits in float32). Weights stored in float32 where the
+      memory estimate leaves room (``gpu8``, ``v4-*``: the LoRA factors and the Adam moments are
+      then float32 too), else bfloat16 (``gpu1``, ``v5e-*``): bf16 LoRA factors lose Adam
+      updates smaller than half a bf16 ulp (≈0.2 % of the factor) — set
+      ``--config.model.param_dtype=float32`` on a device with room.
+    * ``config.mesh``: ``data=-1`` (all local devices the ``model`` axis leaves) and the
+      platform's ``model`` size; on the platform this is the layout's mesh (:data:`LAYOUTS`;
+      memory per device in the configs' docstrings and ``docs/scale.md``).
 
     ``model_path``: the checkpoint directory placeholder (``prepare_context`` raises a clear
     ``FileNotFoundError`` while it does not exist; override with ``--config.model.path``)."""

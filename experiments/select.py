@@ -1,5 +1,5 @@
-"""One data-selection job (ntk_jax issue 4, item 6): ``config.select.method`` in
-{ntk, less, random, embedding} selects ``config.select.n_select`` records of the pool for the
+"""One data-selection job: ``config.select.method`` (a module of
+:mod:`ntk_jax.selection.methods`: ntk, less, random, embedding) selects ``config.select.n_select`` records of the pool for the
 domain set; writes ``scores/`` (resumable ScoreStore), ``selected.jsonl`` (atomic, only when
 complete) and ``report.json``. See :mod:`ntk_jax.selection.jobs`.
 
@@ -7,7 +7,7 @@ complete) and ``report.json``. See :mod:`ntk_jax.selection.jobs`.
 
 ``DISTRIBUTED``: started as several ``jax.distributed`` processes (the launcher's
 ``--coordinator_address`` / ``--num_processes`` / ``--process_id``), every process runs this
-job and scores its share of the pool's shards (issue 5); process 0 writes the controlled
+job and scores its share of the pool's shards; process 0 writes the controlled
 benchmark (when no JSONL paths are given) before the others read it, and the selection.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def run(config, out_dir, context):
     if index != 0:  # reads what process 0 wrote (or the JSONL files)
         data = load_selection_data(cfg, data_dir, int(config.seed))
     report = run_selection(context, cfg, data["domain"], data["pool"], out_dir, seed=int(config.seed),
-                           process_index=index, process_count=count)
+                           process_index=index, process_count=count, barrier=distributed.barrier)
     report["data"] = data["source"]
     return report
 

@@ -1,6 +1,6 @@
-"""The selection comparison (ntk_jax issue 4, item 7): for every seed, select N pool records
-with each method of ``config.select_compare.methods`` (random, embedding, LESS,
-NTK-Selector; settings from ``config.select``), fine-tune a fresh LoRA on the domain alone
+"""The selection comparison (docs/selection.md): for every seed, select N pool records with
+each arm of ``config.select_compare.methods`` (a method of :mod:`ntk_jax.selection.methods`,
+or ``"<method>@<preset>"`` such as ``"ntk@paper"``; settings from ``config.select``), fine-tune a fresh LoRA on the domain alone
 and on domain ∪ selected(method), and evaluate on the held-out domain test set (loss;
 accuracy by option log-likelihood when test records carry ``options``). On the controlled
 benchmark, ``config.select_compare.oracles`` adds arms ``oracle_<role>`` that add N pool
@@ -10,7 +10,11 @@ records of a known role (``oracle_useful``: what a perfect selector reaches;
 Data: the controlled benchmark of each seed (``seed_<s>/data``), or ``config.select``'s
 JSONL paths (then the same data for every seed; ``test_path`` required).
 
-Outputs: ``seed_<s>/<method>/`` (each a selection job: ``scores/``, ``selected.jsonl``,
+Several ``jax.distributed`` processes: every process runs this job; each selection is split
+over the processes (:func:`ntk_jax.selection.jobs.run_selection`), process 0 fine-tunes,
+evaluates and writes.
+
+Outputs: ``seed_<s>/<arm>/`` (each a selection job: ``scores/``, ``selected.jsonl``,
 ``report.json``), ``results.json`` (one entry per (seed, arm), appended atomically; a
 restarted job skips finished selections and fine-tunes), ``table.json``, ``table.md``,
 ``comparison.png``.
@@ -22,11 +26,14 @@ import os
 import numpy as np
 
 from experiments.plotting import save, subplots
+from ntk_jax.launcher.distributed import barrier
 from ntk_jax.selection.evaluation import finetune_and_evaluate
 from ntk_jax.selection.jobs import load_selection_data, plain, run_selection
+from ntk_jax.selection.methods import apply_preset
 from ntk_jax.utils import read_json, write_json
 
 RESULTS_NAME = "results.json"
+DISTRIBUTED = True  # every jax.distributed process runs it: selections are split over processes
 
 
 def _mean_std(values):
@@ -94,21 +101,46 @@ def oracle_records(pool: list[dict], role: str, n: int) -> list[dict]:
     return chosen
 
 
-def run(config, out_dir, context):
-    cc, sel = config.select_compare, config.select
-    if not cc.seeds:
+def arms_of(cc, sel) -> list[str]:
+    """``domain_only``, the oracle arms, then the method arms (``"<method>"`` or
+    ``"<method>@<preset>"``, validated here: an unknown method or preset fails before anything
+    runs)."""
+    oracles = [f"oracle_{role}" for role in cc["oracles"]]
+    if oracles and (sel["domain_path"] or sel["pool_path"]):
+        raise ValueError("select_compare.oracles need the controlled benchmark (pool records with a 'role'); "
+                         "set select_compare.oracles=() for JSONL data")
+    for arm in cc["methods"]:
+        apply_preset(plain(sel), arm)
+    return ["domain_only"] + oracles + list(cc["methods"])
+
+
+def _process(context):
+    proc = getattr(context, "process", None)
+    return (proc.process_index, proc.process_count) if proc is not None else (0, 1)
+
+
+def compare(context, sel, cc, out_dir: str) -> dict:
+    """The comparison of every arm over ``cc.seeds`` on the data of ``sel`` (see the module
+    docstring), in ``out_dir``; resumable. Every ``jax.distributed`` process calls it: the
+    selections run on all of them (each scores its own shards), process 0 fine-tunes,
+    evaluates and writes. Returns ``{"table", "results", "arms"}``."""
+    sel, cc = plain(sel), plain(cc)
+    if not cc["seeds"]:
         raise ValueError("select_compare.seeds is empty")
+    index, count = _process(context)
+    primary = index == 0
+    arms = arms_of(cc, sel)
+    barrier(f"ntk_jax.compare.start.{out_dir}")  # nobody reads results.json while process 0 writes it
     results_path = os.path.join(out_dir, RESULTS_NAME)
     results = read_json(results_path) if os.path.exists(results_path) else {}
-    oracles = [f"oracle_{role}" for role in cc.oracles]
-    if oracles and (sel.domain_path or sel.pool_path):
-        raise ValueError("select_compare.oracles need the controlled benchmark (pool records with a 'role'); "
-                         "set select_compare.oracles=[] for JSONL data")
-    arms = ["domain_only"] + oracles + list(cc.methods)
-    for seed in cc.seeds:
+    for seed in cc["seeds"]:
         seed = int(seed)
         sdir = os.path.join(out_dir, f"seed_{seed}")
-        data = load_selection_data(sel, os.path.join(sdir, "data"), seed)
+        if primary:  # may write the controlled benchmark
+            data = load_selection_data(sel, os.path.join(sdir, "data"), seed)
+        barrier(f"ntk_jax.compare.data.{sdir}")
+        if not primary:
+            data = load_selection_data(sel, os.path.join(sdir, "data"), seed)
         if data["test"] is None:
             raise ValueError("select_compare needs a held-out test set: set select.test_path")
         for arm in arms:
@@ -117,8 +149,8 @@ def run(config, out_dir, context):
                 continue
             entry = {"seed": seed, "arm": arm}
             train_records = list(data["domain"])
-            if arm in oracles:
-                extra = oracle_records(data["pool"], arm[len("oracle_"):], int(sel.n_select))
+            if arm.startswith("oracle_"):
+                extra = oracle_records(data["pool"], arm[len("oracle_"):], int(sel["n_select"]))
                 train_records += extra
                 entry["n_added"] = len(extra)
             elif arm != "domain_only":
@@ -127,29 +159,46 @@ def run(config, out_dir, context):
                 if os.path.exists(rpath):
                     report = read_json(rpath)
                 else:
-                    cfg = plain(sel)
-                    cfg["method"] = arm
-                    report = run_selection(context, cfg, data["domain"], data["pool"], jdir, seed=seed)
-                    write_json(rpath, report)
+                    report = run_selection(context, apply_preset(sel, arm), data["domain"], data["pool"], jdir,
+                                           seed=seed, process_index=index, process_count=count, barrier=barrier)
+                    if primary:
+                        write_json(rpath, report)
                 by_id = {r["id"]: r for r in data["pool"]}
                 train_records += [by_id[i] for i in report["selected_ids"]]
                 entry.update({k: report.get(k) for k in ("precision_at_n", "base_rate", "selected_roles")})
+                diag = report.get("diagnostics", {})
+                entry.update({k: diag.get(k) for k in ("spearman_score_vs_feature_norm",
+                                                       "spearman_score_vs_response_length")})
                 entry["selection_s"] = float(sum(report["timings_s"].values()))
-            entry.update(finetune_and_evaluate(context, train_records, data["test"], lora=cc.lora,
-                                               train_cfg=plain(cc.finetune), seed=seed,
-                                               eval_batch_size=int(cc.eval_batch_size)))
+            if not primary:
+                continue  # process 0 fine-tunes and evaluates
+            entry.update(finetune_and_evaluate(context, train_records, data["test"], lora=cc["lora"],
+                                               train_cfg=cc["finetune"], seed=seed,
+                                               eval_batch_size=int(cc["eval_batch_size"])))
             results[key] = entry
             write_json(results_path, results)
-            print(f"[select_compare] seed {seed} {arm}: " + ", ".join(
+            print(f"[select_compare] {os.path.basename(out_dir)} seed {seed} {arm}: " + ", ".join(
                 f"{k}={v:.4f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
-    table = build_table({k: v for k, v in results.items() if int(v["seed"]) in [int(s) for s in cc.seeds]}, arms)
-    write_json(os.path.join(out_dir, "table.json"), table)
+    barrier(f"ntk_jax.compare.end.{out_dir}")
+    if not primary:
+        results = read_json(results_path)
+    seeds = [int(s) for s in cc["seeds"]]
+    table = build_table({k: v for k, v in results.items() if int(v["seed"]) in seeds}, arms)
+    return {"table": table, "results": results, "arms": arms}
+
+
+def run(config, out_dir, context):
+    out = compare(context, config.select, config.select_compare, out_dir)
+    table = out["table"]
     md = markdown_table(table)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(md)
-    plot_path = plot(table, os.path.join(out_dir, "comparison.png"))
-    return {"table": table, "results": results, "markdown": md, "plot": plot_path,
-            "config": {"select": plain(sel), "select_compare": plain(cc)}}
+    plot_path = None
+    if _process(context)[0] == 0:
+        write_json(os.path.join(out_dir, "table.json"), table)
+        with open(os.path.join(out_dir, "table.md"), "w") as f:
+            f.write(md)
+        plot_path = plot(table, os.path.join(out_dir, "comparison.png"))
+    return {"table": table, "results": out["results"], "markdown": md, "plot": plot_path,
+            "config": {"select": plain(config.select), "select_compare": plain(config.select_compare)}}
 
 
 def summary(report):

@@ -1,8 +1,10 @@
-"""Small shared utilities: progress bars, JSON I/O."""
+"""Small shared utilities: progress bars, atomic writes, JSON I/O."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from typing import Any, Iterable
 
 import numpy as np
@@ -29,13 +31,28 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically (temp file + rename), so a killed job never leaves half a file."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """Opens a temp file next to ``path`` (private to this host and process) for writing and
+    renames it onto ``path`` when the block exits without an error, so a killed job never
+    leaves half a file and concurrent writers never share a temp file. Creates the parent
+    directory."""
+    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes JSON atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as fh:
         json.dump(to_jsonable(obj), fh, indent=2, allow_nan=True)
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> Any:

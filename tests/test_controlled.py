@@ -1,6 +1,11 @@
-"""The controlled selection benchmark (ntk_jax.data.controlled): determinism, ids, roles,
-labels recomputed from the prompts, no domain/test leakage, files, and that the families
-really are useful / conflicting for LoRA fine-tuning of the pre-trained tiny model."""
+"""The controlled selection benchmarks (ntk_jax.data.controlled): the flipped-sentiment
+benchmark (determinism, ids, roles, labels recomputed from the prompts, no domain/test leakage,
+files, and — slow — that its families really are useful / conflicting for LoRA fine-tuning of
+the pre-trained tiny model), then every target of the registry in both variants: structure,
+shares, leakage, fit in max_len 32, determinism, options, answers recomputed from the prompts,
+the conflicting family on the target template, errors, and registering a new target. (The
+targets' learnability under fine-tuning is measured outside the tests: see the module
+docstring of ntk_jax.data.controlled.)"""
 import re
 
 import jax.numpy as jnp
@@ -194,3 +199,238 @@ def test_useful_family_helps_and_conflicting_hurts(tiny_model_dir):
     print("controlled benchmark, tiny model (test loss, accuracy):", results)
     assert l_use < l_dom < l_con, results
     assert a_use > a_dom > a_con, results
+
+
+# ----------------------------------------------------------------------------- the target registry
+from ntk_jax.data.controlled import (TARGETS, VARIANT_NAMES, FamilySpec, TargetSpec, conflicting,  # noqa: E402
+                                     make_benchmark, register_target, unrelated, useful)
+
+SIZES = dict(n_domain=32, n_test=256, n_pool_per_family=64)  # the selection jobs' sizes
+
+
+def _mirror(s):
+    return s + s[::-1]
+
+
+# Independent answers per target: prompt regex of each template family -> expected response.
+# (target rule, conflicting rule), each a function of the parsed fields.
+_RULES = {
+    "add_words": (lambda f: str(int(f["a"]) + int(f["b"])), lambda f: str(abs(int(f["a"]) - int(f["b"])))),
+    "mirror": (lambda f: _mirror(f["s"]), lambda f: f["s"][::-1] + f["s"]),
+    "sort_words": (lambda f: "".join(sorted(f["d"])), lambda f: "".join(sorted(f["d"]))[::-1]),
+    "count_words": (lambda f: str(f["s"].count(f["c"])), lambda f: str(len(f["s"]) - f["s"].count(f["c"]))),
+}
+
+_cache = {}
+
+
+def _bench(target, variant="contradicting", seed=0):
+    key = (target, variant, seed)
+    if key not in _cache:
+        _cache[key] = make_benchmark(target, seed, variant=variant, **SIZES)
+    return _cache[key]
+
+
+CASES = [(t, v) for t in TARGETS for v in VARIANT_NAMES]
+
+
+def test_registry_has_varied_targets():
+    assert len(TARGETS) >= 5 and "flipped_sentiment" in TARGETS
+    kinds = {spec.kind for spec in TARGETS.values()}
+    assert {"classification", "arithmetic", "string_transform", "known_rule_new_template"} <= kinds
+    contrasts = {spec.length_contrast for spec in TARGETS.values()}
+    assert {"useful_longer", "useful_shorter"} <= contrasts
+    for name, spec in TARGETS.items():
+        assert spec.name == name and isinstance(spec.description, str) and spec.description
+        assert isinstance(spec.has_options, bool)
+        roles = [fam[0] for fam in spec.families.values()]
+        assert roles.count("useful") >= 2 and roles.count("conflicting") >= 1 and roles.count("unrelated") >= 3
+        assert any(spec.shares_target_template(f) for f, fam in spec.families.items() if fam[0] == "conflicting")
+        # useful families use other surface templates than the target's
+        for f, fam in spec.families.items():
+            if fam[0] == "useful":
+                assert spec.family_template(f) != spec.template and not spec.shares_target_template(f)
+    assert TARGETS["flipped_sentiment"].has_options
+
+
+@pytest.mark.parametrize("target,variant", CASES)
+def test_structure(target, variant):
+    spec, b = TARGETS[target], _bench(target, variant)
+    assert b.target == target and b.domain_family == spec.family_name
+    assert len(b.domain) == 32 and len(b.test) == 256 and len(b.pool) == 64 * len(b.roles)
+    expected = spec.variant_families(variant)
+    assert b.roles == {f: spec.families[f][0] for f in expected}
+    want_roles = {"useful", "unrelated", "conflicting"} if variant == "contradicting" else {"useful", "unrelated"}
+    assert set(b.roles.values()) == want_roles
+    counts = {}
+    for r in b.pool:
+        assert r["role"] == b.roles[r["family"]] and r["task"] == r["family"]
+        assert r["id"].startswith(f"pool-{r['family']}-")
+        counts[r["family"]] = counts.get(r["family"], 0) + 1
+    assert counts == {f: 64 for f in expected}
+    assert len({r["family"] for r in b.pool[:30]}) > 3  # shuffled
+    for prefix, part in (("dom", b.domain), ("test", b.test)):
+        assert [r["id"] for r in part] == [f"{prefix}-{i}" for i in range(len(part))]
+        for r in part:
+            assert r["role"] == "domain" and r["family"] == r["task"] == spec.family_name
+            assert spec.parse(r["prompt"]) is not None
+    ids = [r["id"] for r in b.domain + b.test + b.pool]
+    assert len(set(ids)) == len(ids)
+    share = len(b.family_ids("useful")) / len(b.pool)
+    assert share == pytest.approx(b.meta["useful_share"]) and 0.15 <= share <= 0.21
+    m = b.meta
+    for key in ("target", "variant", "seed", "n_domain", "n_test", "n_pool", "pool_counts", "roles", "useful_share",
+                "kind", "mean_response_length"):
+        assert key in m, key
+    assert (m["target"], m["variant"], m["seed"], m["kind"]) == (target, variant, 0, spec.kind)
+    assert (m["n_domain"], m["n_test"], m["n_pool"], m["pool_counts"]) == (32, 256, len(b.pool), counts)
+    lengths = m["mean_response_length"]
+    assert set(lengths) == want_roles | {"domain"}
+    for role in want_roles:
+        recs = [r for r in b.pool if r["role"] == role]
+        assert lengths[role] == pytest.approx(np.mean([len(r["response"]) for r in recs]))
+    gap = lengths["useful"] - lengths["unrelated"]
+    assert {"useful_longer": gap > 1.0, "useful_shorter": gap < -1.0, "similar": abs(gap) <= 1.0}[spec.length_contrast]
+
+
+@pytest.mark.parametrize("target,variant", CASES)
+def test_no_leakage_and_fits(target, variant):
+    from ntk_jax.data.tokenizer import ALPHABET, CharTokenizer
+
+    b = _bench(target, variant)
+    test_prompts = {r["prompt"] for r in b.test}
+    domain_prompts = {r["prompt"] for r in b.domain}
+    assert len(test_prompts) == len(b.test) and len(domain_prompts) == len(b.domain)
+    assert not test_prompts & domain_prompts
+    pool_prompts = {r["prompt"] for r in b.pool}
+    assert not pool_prompts & test_prompts and not pool_prompts & domain_prompts
+    records = b.domain + b.test + b.pool
+    assert all(set(r["prompt"] + r["response"]) <= set(ALPHABET) for r in records)
+    encode_records(CharTokenizer(), records, 32)  # every record fits max_len 32
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_deterministic_in_seed(target):
+    b = _bench(target)
+    again = make_benchmark(target, 0, **SIZES)
+    assert (again.domain, again.test, again.pool, again.meta) == (b.domain, b.test, b.pool, b.meta)
+    other = _bench(target, seed=1)
+    assert other.test != b.test and [r["prompt"] for r in other.pool] != [r["prompt"] for r in b.pool]
+    # no_conflict drops the conflicting families only: same domain and test
+    nc = _bench(target, "no_conflict")
+    assert (nc.domain, nc.test) == (b.domain, b.test)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_options_and_labels(target):
+    spec, b = TARGETS[target], _bench(target)
+    for r in b.domain + b.test:
+        assert ("options" in r) == spec.has_options
+        if spec.has_options:
+            assert r["options"] == list(spec.options) and r["label"] == r["response"] in r["options"]
+    for r in b.pool:
+        if "options" in r:
+            assert spec.has_options and r["label"] == r["response"] in r["options"] == list(spec.options)
+        elif spec.has_options:
+            assert r["role"] == "unrelated"
+    if spec.has_options:
+        labels = [r["response"] for r in b.test]
+        assert all(0.3 < labels.count(o) / len(labels) < 0.7 for o in spec.options)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t in _RULES])
+def test_answers_recomputed_from_prompts(target):
+    """Every template family's responses follow its rule (independent re-implementation);
+    conflicting families on the target template contradict the target rule."""
+    spec, b = TARGETS[target], _bench(target)
+    target_rule, conflict_rule = _RULES[target]
+    for r in b.domain + b.test:
+        assert r["response"] == target_rule(spec.parse(r["prompt"]))
+    n_contradicting = 0
+    for r in b.pool:
+        fam = spec.families[r["family"]]
+        if fam.task is not None or fam.draw is not None:
+            continue  # synthetic tasks (tests/test_data.py) and other tasks' templates
+        fields = spec.parse(r["prompt"], spec.family_template(r["family"]))
+        assert fields is not None, r
+        rule = target_rule if r["role"] == "useful" else conflict_rule
+        assert r["response"] == rule(fields), r
+        if r["role"] == "conflicting":
+            n_contradicting += r["response"] != target_rule(fields)
+    n_conf = len(b.family_ids("conflicting"))
+    assert n_contradicting >= 0.8 * n_conf  # equal only when |s| = 2c (count) or all digits are equal (sort)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_conflicting_family_shares_the_target_template(target):
+    spec, b = TARGETS[target], _bench(target)
+    same = [f for f, fam in spec.families.items() if fam[0] == "conflicting" and spec.shares_target_template(f)]
+    assert same
+    regex = spec.template_regex()
+    for f in same:
+        prompts = [r["prompt"] for r in b.pool if r["family"] == f]
+        assert prompts and all(regex.match(p) for p in prompts)
+        # drawn like the domain prompts: the same distribution of prompt lengths
+        dom = [len(r["prompt"]) for r in b.domain + b.test]
+        assert abs(np.mean([len(p) for p in prompts]) - np.mean(dom)) < 1.0
+    for f, fam in spec.families.items():
+        if fam[0] == "useful":
+            assert not any(regex.match(r["prompt"]) for r in b.pool if r["family"] == f)
+
+
+def test_flipped_sentiment_target_is_the_original_benchmark():
+    for seed, variant in ((0, "contradicting"), (1, "no_conflict")):
+        a = make_benchmark("flipped_sentiment", seed, variant=variant, **SIZES)
+        b = make_controlled_benchmark(seed, n_domain=32, n_test=256, n_pool_per_family=64, variant=variant)
+        assert (a.domain, a.test, a.pool, a.roles, a.meta) == (b.domain, b.test, b.pool, b.roles, b.meta)
+        assert a.target == "flipped_sentiment" and a.domain_family == TARGET
+    assert TARGETS["flipped_sentiment"].families == FAMILIES
+    assert TARGETS["flipped_sentiment"].variants == dict(__import__("ntk_jax.data.controlled",
+                                                                       fromlist=["VARIANTS"]).VARIANTS)
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="unknown target 'nope'.*flipped_sentiment"):
+        make_benchmark("nope")
+    with pytest.raises(ValueError, match="unknown benchmark variant 'easy'.*no_conflict"):
+        make_benchmark("mirror", variant="easy")
+    with pytest.raises(ValueError, match="not in the pool.*mirror_gt"):
+        make_benchmark("mirror", n_pool_per_family={"nope": 3})
+    with pytest.raises(ValueError, match="not in the pool"):
+        make_benchmark("mirror", variant="no_conflict", n_pool_per_family={"mirror_reversed": 3})
+    with pytest.raises(ValueError, match="n_test"):
+        make_benchmark("sort_words", n_test=0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_target(TARGETS["mirror"])
+
+
+def test_register_a_new_target_is_one_entry(tmp_path):
+    spec = TargetSpec(
+        name="test_upper_tail", kind="string_transform", description="last two letters, repeated",
+        template="tail {s}:", draw=lambda rng: {"s": "".join(rng.choice(list("abcdef"), size=5))},
+        rule=lambda f: f["s"][-2:] * 2, fields={"s": "[a-z]+"},
+        families={"tail_gt": useful("tail {s}>"), "tail_of": useful("tail of {s}:"),
+                  "tail_head": conflicting(lambda f: f["s"][:2] * 2), "copy": unrelated("copy"),
+                  "add": unrelated("add"), "sort": unrelated("sort")})
+    register_target(spec)
+    try:
+        b = make_benchmark("test_upper_tail", 3, n_domain=8, n_test=16, n_pool_per_family={"tail_gt": 5, "copy": 4})
+        assert sorted(r["family"] for r in b.pool) == ["copy"] * 4 + ["tail_gt"] * 5
+        assert all(isinstance(f, FamilySpec) for f in spec.families.values())
+        paths = write_controlled_benchmark(tmp_path / "b", b)
+        back = load_controlled_benchmark(tmp_path / "b")
+        assert (back.domain, back.test, back.pool, back.roles, back.target, back.domain_family) == (
+            b.domain, b.test, b.pool, b.roles, "test_upper_tail", "test_upper_tail")
+        assert read_records(paths["test"]) == b.test
+    finally:
+        del TARGETS["test_upper_tail"]
+    with pytest.raises(ValueError, match="conflicting family in the target template"):
+        register_target(dataclasses_replace(spec, families={k: v for k, v in spec.families.items() if k != "tail_head"}
+                                            | {"x": conflicting(lambda f: "x", "tail {s}>")}))
+    assert "test_upper_tail" not in TARGETS
+
+
+def dataclasses_replace(spec, **kw):
+    import dataclasses
+
+    return dataclasses.replace(spec, **kw)

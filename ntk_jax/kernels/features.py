@@ -249,17 +249,9 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
       mesh: as in :func:`gradient_features` (default: the mesh ``params`` live on); the
         tangent is laid out like ``params``.
     """
-    if jax.tree.structure(tangent) != jax.tree.structure(params):
-        raise ValueError("tangent must have the structure of params")
-    for t, p in zip(jax.tree.leaves(tangent), jax.tree.leaves(params)):
-        if np.shape(t) != np.shape(p):
-            raise ValueError(f"tangent leaf shape {np.shape(t)} != parameter leaf shape {np.shape(p)}")
-    tangent = jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tangent, params)
     n = batch_size_of(x)
     mesh = sh.resolve_mesh(mesh, params)
-    if mesh is not None:  # each tangent leaf laid out as its parameter (replicated if that is not on the mesh)
-        tangent = sh.onto_mesh(jax.tree.map(
-            lambda t, p: jax.device_put(t, p.sharding) if _on(p, mesh) else t, tangent, params), mesh)
+    tangent = like_params(tangent, params, mesh, "tangent")
     bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
     try:
         fn = _shared_jvp_fn(scalar_fn)
@@ -273,7 +265,123 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
     return np.concatenate([np.asarray(v[:k]) for v, k in out], axis=0)
 
 
+def like_params(tree: PyTree, params: PyTree, mesh, name: str = "tangent") -> PyTree:
+    """``tree`` (same structure and leaf shapes as ``params``, else ``ValueError`` naming it)
+    cast to the parameters' dtypes and, on a mesh, laid out as each parameter (replicated
+    where a parameter is not on the mesh)."""
+    if jax.tree.structure(tree) != jax.tree.structure(params):
+        raise ValueError(f"{name} must have the structure of params")
+    for t, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+        if np.shape(t) != np.shape(p):
+            raise ValueError(f"{name} leaf shape {np.shape(t)} != parameter leaf shape {np.shape(p)}")
+    tree = jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tree, params)
+    if mesh is not None:
+        tree = sh.onto_mesh(jax.tree.map(
+            lambda t, p: jax.device_put(t, p.sharding) if _on(p, mesh) else t, tree, params), mesh)
+    return tree
+
+
 def _on(p, mesh) -> bool:
     """Whether ``p`` is laid out on ``mesh`` (a ``NamedSharding`` of it)."""
     sharding = getattr(p, "sharding", None)
     return isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
+
+
+def _tree_vdot_rows(g: PyTree, t: PyTree) -> jax.Array:
+    """``(n,)``: ``⟨g_i, t⟩`` for per-example leaves ``(n, ...)`` and a parameter-shaped ``t``."""
+    return sum(jnp.sum((gl * tl[None]).reshape(gl.shape[0], -1), axis=1)
+               for gl, tl in zip(jax.tree.leaves(g), jax.tree.leaves(t)))
+
+
+def _tree_sq_norm_rows(g: PyTree, metric: PyTree | None) -> jax.Array:
+    """``(n,)``: ``Σ w g_i²`` (``w`` = 1 without a metric)."""
+    if metric is None:
+        return sum(jnp.sum((gl * gl).reshape(gl.shape[0], -1), axis=1) for gl in jax.tree.leaves(g))
+    return _tree_vdot_rows(jax.tree.map(lambda a: a * a, g), metric)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_mean_gradient_fn(scalar_fn: ScalarFn, normalize: bool) -> Callable:
+    @jax.jit
+    def block_sum(params, x, weights, metric):
+        g = per_example_grads(scalar_fn, params, x)
+        sq = _tree_sq_norm_rows(g, metric)
+        coef = weights / jnp.sqrt(jnp.maximum(sq, 1e-30)) if normalize else weights
+        total = jax.tree.map(lambda gl: jnp.einsum("n,n...->...", coef.astype(gl.dtype), gl), g)
+        return total, sq
+
+    return block_sum
+
+
+def mean_gradient(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *, normalize: bool = False,
+                  metric: PyTree | None = None, batch_size: int | None = None, progress_desc: str | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[PyTree, np.ndarray]:
+    """The mean per-example gradient ``u = (1/n) Σ_i g_i`` (``normalize=True``:
+    ``(1/n) Σ_i g_i / ‖g_i‖_w``) of ``scalar_fn`` over ``params``, accumulated block by block
+    (memory: one block's per-example gradients; the ``(n, P)`` matrix is never formed).
+
+    Args:
+      scalar_fn: ``s(params, x) -> (n,)``; g_i = ∇_θ s(θ, x_i).
+      params: θ_train (pytree).
+      x: batch pytree with leading axis n.
+      normalize: divide each g_i by its norm first.
+      metric: optional positive pytree ``w`` shaped like ``params``: norms are
+        ``‖g‖_w = √(Σ w g²)`` (e.g. a diagonal Adam preconditioner); default ``w = 1``.
+      batch_size, mesh: as in :func:`gradient_features`.
+
+    Returns:
+      ``(u, sq_norms)``: ``u`` a pytree like ``params`` (float32), ``sq_norms`` ``(n,)`` numpy
+      ``‖g_i‖_w²``.
+    """
+    n = batch_size_of(x)
+    mesh = sh.resolve_mesh(mesh, params)
+    metric = None if metric is None else like_params(metric, params, mesh, "metric")
+    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
+    fn = _shared_mean_gradient_fn(scalar_fn, bool(normalize))
+    total, sq = None, []
+    for start in progress(range(0, n, bs), desc=progress_desc or "mean gradient", total=-(-n // bs)):
+        stop = min(start + bs, n)
+        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        weights = jnp.asarray((np.arange(bs) < stop - start).astype(np.float32))  # padded rows count 0
+        part, part_sq = fn(params, block, weights, metric)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+        sq.append(np.asarray(part_sq)[: stop - start])
+    return jax.tree.map(lambda a: a / n, total), np.concatenate(sq).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_inner_product_fn(scalar_fn: ScalarFn) -> Callable:
+    @jax.jit
+    def inner(params, x, tangent, metric):
+        g = per_example_grads(scalar_fn, params, x)
+        return _tree_vdot_rows(g, tangent), _tree_sq_norm_rows(g, metric)
+
+    return inner
+
+
+def gradient_inner_products(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tangent: PyTree, *,
+                            metric: PyTree | None = None, batch_size: int | None = None,
+                            progress_desc: str | None = None,
+                            mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(⟨g_i, tangent⟩, ‖g_i‖_w²)`` for every example: two ``(n,)`` float64 arrays, from one
+    per-example gradient per example (``vmap(grad)``; nothing is projected or stored).
+
+    The inner products equal :func:`directional_derivatives` (which needs only a JVP, but gives
+    no norm) up to float rounding; use this when the norms are needed too (cosine-normalised
+    scores, norm diagnostics). ``metric``: as in :func:`mean_gradient`. ``batch_size``,
+    ``mesh``: as in :func:`gradient_features`.
+    """
+    n = batch_size_of(x)
+    mesh = sh.resolve_mesh(mesh, params)
+    tangent = like_params(tangent, params, mesh, "tangent")
+    metric = None if metric is None else like_params(metric, params, mesh, "metric")
+    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
+    fn = _shared_inner_product_fn(scalar_fn)
+    dots, sq = [], []
+    for start in progress(range(0, n, bs), desc=progress_desc or "gradient inner products", total=-(-n // bs)):
+        stop = min(start + bs, n)
+        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        d, s = fn(params, block, tangent, metric)
+        dots.append(np.asarray(d)[: stop - start])
+        sq.append(np.asarray(s)[: stop - start])
+    return np.concatenate(dots).astype(np.float64), np.concatenate(sq).astype(np.float64)

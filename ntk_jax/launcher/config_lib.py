@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from ntk_jax.models.lora import lora_config  # noqa: F401  (a building block of the configs)
+from ntk_jax.selection.methods import get_method, method_names
+from ntk_jax.training.trainer import finetune_train_config  # noqa: F401
+
 # The validation experiments the default job runs (SPEC §3). Any job with a section in
 # SECTIONS below can be listed in ``config.experiments``.
 EXPERIMENTS = ("stability", "spectrum", "approximation")
@@ -40,21 +44,6 @@ def pretrain_config() -> ml_collections.ConfigDict:
                    weight_decay=0.01, grad_clip=1.0, batch_size=64, seed=0, eval_every=0,
                    checkpoint_every=200, log_every=20, max_to_keep=1),
     ))
-
-
-def lora_config(**overrides) -> ml_collections.ConfigDict:
-    d = dict(rank=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"], layers=None,
-             b_init_std=0.0)
-    d.update(overrides)
-    return ml_collections.ConfigDict(d, type_safe=False)
-
-
-def finetune_train_config(**overrides) -> ml_collections.ConfigDict:
-    d = dict(learning_rate=2e-3, warmup_steps=5, total_steps=60, schedule="linear", weight_decay=0.0,
-             grad_clip=1.0, batch_size=16, seed=0, eval_every=0, checkpoint_every=0, log_every=5,
-             max_to_keep=1)
-    d.update(overrides)
-    return ml_collections.ConfigDict(d)
 
 
 def stability_config() -> ml_collections.ConfigDict:
@@ -177,17 +166,18 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
 def select_config() -> ml_collections.ConfigDict:
     """SPEC §6.1/§6.2: one data-selection job (experiments/select.py); also the per-method
     settings the comparison (select_compare) uses."""
-    return ml_collections.ConfigDict(dict(
-        method="ntk",               # ntk | less | random | embedding
+    c = ml_collections.ConfigDict(dict(
+        method="ntk",               # a module of ntk_jax.selection.methods: ntk | less | random | embedding
         n_select=64,                # N
         # JSONL files or local HF datasets dirs; empty: the controlled benchmark
         # (ntk_jax.data.controlled), generated into the job's directory.
         domain_path="",
         pool_path="",
         test_path="",
-        # the controlled benchmark: variant "contradicting" (pool with same-input, opposite-label
-        # families) or "no_conflict" (useful + unrelated only); see ntk_jax.data.controlled.VARIANTS
-        benchmark=dict(n_domain=32, n_test=256, n_pool_per_family=64, variant="contradicting"),
+        # the controlled benchmark: a target of ntk_jax.data.controlled.TARGETS; variant
+        # "contradicting" (the pool also holds conflicting families) or "no_conflict"
+        benchmark=dict(target="flipped_sentiment", n_domain=32, n_test=256, n_pool_per_family=64,
+                       variant="contradicting"),
         lora=lora_config(),
         warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
         knn_k=32,                   # votes per domain example (coarse filter)
@@ -199,10 +189,13 @@ def select_config() -> ml_collections.ConfigDict:
         # scoring/embedding in length buckets: widths rounded up to this multiple (at most
         # max_len / bucket_multiple compiled shapes); 0 pads every candidate to max_len
         bucket_multiple=16,
-        less=dict(sample_fraction=0.05, min_sample=32, epochs=4, lora=lora_config(),
-                  train=finetune_train_config(total_steps=1, learning_rate=5e-3, warmup_steps=2,
-                                              schedule="linear", batch_size=8)),
     ))
+    # each method's own section (select.<method>), from its module (ntk_jax.selection.methods)
+    for name in method_names():
+        method = get_method(name)
+        if method.config is not None:
+            c[name] = method.config()
+    return c
 
 
 def select_compare_config() -> ml_collections.ConfigDict:
@@ -218,6 +211,15 @@ def select_compare_config() -> ml_collections.ConfigDict:
         # the benchmark's documented setting (ntk_jax.data.controlled.FINETUNE)
         finetune=finetune_train_config(total_steps=150, learning_rate=5e-3, warmup_steps=5, batch_size=16),
         eval_batch_size=128,
+    ))
+
+
+def select_suite_config() -> ml_collections.ConfigDict:
+    """The benchmark suite (experiments/select_suite.py): every target × variant, each cell a
+    comparison with the arms, seeds and fine-tuning of ``select_compare``."""
+    return ml_collections.ConfigDict(dict(
+        targets=(),                 # names of ntk_jax.data.controlled.TARGETS; empty: all of them
+        variants=("no_conflict", "contradicting"),
     ))
 
 
@@ -253,6 +255,7 @@ SECTIONS = {
     "prune_lpntk": prune_lpntk_config,
     "select": select_config,
     "select_compare": select_compare_config,
+    "select_suite": select_suite_config,
 }
 
 

@@ -225,3 +225,14 @@ def merge_lora(model: nnx.Module) -> int:
             lin.lora = nnx.data(None)
             count += 1
     return count
+
+
+def lora_config(**overrides):
+    """The ``lora`` section of a job config (an ``ml_collections.ConfigDict`` of
+    :class:`LoRAConfig` fields): r=8, α=16 on q_proj and v_proj of every layer, B = 0 at init;
+    ``overrides`` on top."""
+    import ml_collections
+
+    d = dict(rank=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"], layers=None, b_init_std=0.0)
+    d.update(overrides)
+    return ml_collections.ConfigDict(d, type_safe=False)

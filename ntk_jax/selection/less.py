@@ -30,7 +30,7 @@ from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.subset import ParamSubset
 from ntk_jax.training.losses import per_example_lm_loss
 
-__all__ = ["find_adam_state", "adam_preconditioner", "loss_scalar_fn", "less_features", "unit_rows",
+__all__ = ["find_adam_state", "adam_preconditioner", "adam_diagonal", "loss_scalar_fn", "less_features", "unit_rows",
            "subtask_groups", "less_scores"]
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adamw defaults, as the trainer uses
@@ -69,6 +69,17 @@ def adam_preconditioner(mu: Any, nu: Any, *, b1: float = ADAM_B1, b2: float = AD
     return transform
 
 
+def adam_diagonal(nu: Any, step: int, *, b2: float = ADAM_B2, eps: float = ADAM_EPS) -> Any:
+    """The diagonal of Adam's preconditioner after ``step`` updates, ``1/(√ν̂ + ε)`` with the
+    bias-corrected second moment ``ν̂ = ν / (1 − β2^step)``: a pytree like ``nu`` (float32).
+    An Adam step on a gradient g moves the parameters by ≈ −η·diag(·)·g (first moment and
+    the g² update of ν left out), the linear part of LESS's :func:`adam_preconditioner`."""
+    if int(step) < 1:
+        raise ValueError(f"the Adam preconditioner needs at least one update (step={step})")
+    corr = 1.0 - b2 ** int(step)
+    return jax.tree.map(lambda v: (1.0 / (jnp.sqrt(jnp.asarray(v, jnp.float32) / corr) + eps)), nu)
+
+
 def loss_scalar_fn(subset: ParamSubset):
     """``s(params, batch) -> (n,)``: per-example mean token NLL over ``loss_mask``."""
 
@@ -87,16 +98,18 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 def less_features(subset: ParamSubset, params: Any, batch: dict, *, projection: RandomProjection | None,
                   transform=None, batch_size: int | None = None, progress_desc: str | None = None,
-                  scalar_fn=None) -> np.ndarray:
+                  scalar_fn=None, with_norms: bool = False):
     """Unit-normalised projected loss gradients ``(n, p)`` at ``params`` (Adam-
     preconditioned with ``transform=adam_preconditioner(mu, nu)``, plain SGD gradients
     without). ``scalar_fn``: ``loss_scalar_fn(subset)`` built once by callers scoring many
-    batches (compiled programs are cached on its identity)."""
+    batches (compiled programs are cached on its identity). ``with_norms``: also return the
+    rows' norms before normalisation, ``(n,)``."""
     x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
     scalar_fn = loss_scalar_fn(subset) if scalar_fn is None else scalar_fn
     feats = gradient_features(scalar_fn, params, x, projection=projection, transform=transform,
                               batch_size=batch_size, progress_desc=progress_desc)
-    return unit_rows(feats)
+    unit = unit_rows(feats)
+    return (unit, np.linalg.norm(np.asarray(feats, np.float64), axis=1)) if with_norms else unit
 
 
 def subtask_groups(records: list[dict]) -> dict[str, np.ndarray]:

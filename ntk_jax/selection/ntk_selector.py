@@ -36,9 +36,51 @@ from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.subset import ParamSubset
+from ntk_jax.training.losses import token_log_probs
 
-__all__ = ["ntk_scalar_fn", "ntk_features", "mean_hidden_states", "cosine_similarity", "knn_votes",
+__all__ = ["SCORE_OUTPUTS", "TOKEN_REDUCTIONS", "selection_scalar_fn", "ntk_scalar_fn", "ntk_features", "mean_hidden_states", "cosine_similarity", "knn_votes",
            "top_by_votes", "ntk_scores", "top_n"]
+
+
+SCORE_OUTPUTS = ("sum_of_logits", "loss")
+"""What the per-example scalar ``s(θ, x)`` is (SPEC §6.1, §6.5): the sum of the logits over
+the vocabulary (NTK-Selector; label-blind) or the token NLL of the record's response
+(label-aware: its gradient is ``Σ_t J_tᵀ r_t`` with ``r_t = softmax(z_t) − e_{y_t}``)."""
+
+TOKEN_REDUCTIONS = ("mean", "sum")
+"""How the response tokens (``loss_mask``) are combined: mean (length-normalised, the paper)
+or sum."""
+
+
+def selection_scalar_fn(subset: ParamSubset, output: str = "sum_of_logits", reduce: str = "mean"):
+    """``s(params, batch) -> (n,)`` for selection scores over ``subset``'s parameters.
+
+    ``output="sum_of_logits"``: ``Σ_{t∈M} Σ_v z_{t,v}`` (``reduce="mean"``: divided by ``|M|``;
+    this is :func:`ntk_scalar_fn`); ``output="loss"``: ``Σ_{t∈M} −log p(y_t | x_{<t})`` (mean:
+    divided by ``|M|``; :func:`ntk_jax.selection.less.loss_scalar_fn`). ``M`` = the
+    ``loss_mask`` positions; the loss needs ``batch["targets"]``.
+    """
+    if output not in SCORE_OUTPUTS:
+        raise ValueError(f"unknown score output {output!r}; choose one of {SCORE_OUTPUTS}")
+    if reduce not in TOKEN_REDUCTIONS:
+        raise ValueError(f"unknown token reduction {reduce!r}; choose one of {TOKEN_REDUCTIONS}")
+    if output == "sum_of_logits" and reduce == "mean":
+        return ntk_scalar_fn(subset)
+    if output == "loss" and reduce == "mean":
+        from ntk_jax.selection.less import loss_scalar_fn
+
+        return loss_scalar_fn(subset)
+
+    def s(params, batch):
+        model = subset.merge(params)
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        mask = batch["loss_mask"].astype(logits.dtype)
+        if output == "sum_of_logits":
+            return jnp.einsum("ntv,nt->n", logits, mask)
+        return -jnp.sum(token_log_probs(logits, batch["targets"]) * mask, axis=-1)
+
+    return s
 
 
 def ntk_scalar_fn(subset: ParamSubset):

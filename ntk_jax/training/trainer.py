@@ -554,3 +554,16 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
         eval_sub.update_model(model, params)
         model.eval()
     return TrainResult(params=params, history=history, final_step=step)
+
+
+def finetune_train_config(**overrides):
+    """A LoRA fine-tuning section of a job config (an ``ml_collections.ConfigDict`` of
+    :class:`TrainConfig` fields): lr 2e-3, 5 warm-up steps, 60 steps linear decay, batch 16,
+    no weight decay, clip 1; ``overrides`` on top."""
+    import ml_collections
+
+    d = dict(learning_rate=2e-3, warmup_steps=5, total_steps=60, schedule="linear", weight_decay=0.0,
+             grad_clip=1.0, batch_size=16, seed=0, eval_every=0, checkpoint_every=0, log_every=5,
+             max_to_keep=1)
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)

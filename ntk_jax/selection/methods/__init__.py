@@ -1,0 +1,128 @@
+"""Selection methods as plug-ins: one module per method (big_vision's ``import_module``
+pattern). A new method is one new file here plus, if it has settings, its config.
+
+A method module ``ntk_jax/selection/methods/<name>.py`` defines:
+
+* ``select(job: SelectionJob) -> Selection`` (required): runs the method's own stages
+  through the :class:`~ntk_jax.selection.jobs.SelectionJob` it is handed (warm-up, resumable
+  score stores, barriers, timings) and returns the chosen pool indices, best first;
+* ``config() -> ml_collections.ConfigDict`` (optional): its settings, which become the
+  ``config.select.<name>`` section (:func:`ntk_jax.launcher.config_lib.select_config`);
+* ``PRESETS: dict[str, dict]`` (optional): named settings, as overrides of the ``select``
+  section with dotted keys (``{"ntk.output": "loss", "filter_factor": 0}``); a comparison arm
+  ``"<name>@<preset>"`` runs the method with them (:func:`apply_preset`);
+* ``check_config(cfg: dict)`` (optional): raises ``ValueError`` naming a bad setting before
+  anything runs.
+
+The runner (:func:`ntk_jax.selection.jobs.run_selection`) does the validation, the
+atomic writing of ``selected.jsonl`` / ``all_scores.npz`` and the diagnostics.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import pkgutil
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["Selection", "Method", "method_names", "get_method", "apply_preset", "split_arm"]
+
+
+@dataclasses.dataclass
+class Selection:
+    """What a method returns.
+
+    Attributes:
+      chosen: ``(N,)`` pool indices, best first.
+      scored: ``(m,)`` pool indices of the candidates that got a score (``None``: none).
+      scores: ``(m,)`` their scores (higher = better).
+      feature_norms: ``(m,)`` the norm of each scored candidate's feature / gradient, where the
+        method has one (diagnostics: does the score follow the norm?).
+      arrays: further per-scored-candidate arrays for ``all_scores.npz`` (e.g. kNN votes).
+    """
+
+    chosen: np.ndarray
+    scored: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    feature_norms: np.ndarray | None = None
+    arrays: dict = dataclasses.field(default_factory=dict)
+
+    def report_arrays(self, pool: list[dict]) -> dict[str, np.ndarray]:
+        """``all_scores.npz`` contents: ``ids`` of the scored candidates, ``scores``,
+        ``feature_norms`` (if any) and :attr:`arrays`."""
+        out = {"ids": np.asarray([str(pool[int(i)]["id"]) for i in self.scored])}
+        if self.scores is not None:
+            out["scores"] = np.asarray(self.scores)
+        if self.feature_norms is not None:
+            out["feature_norms"] = np.asarray(self.feature_norms)
+        out.update({k: np.asarray(v) for k, v in self.arrays.items()})
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A loaded method module: ``select``, ``check_config``, ``config``, ``presets``."""
+
+    name: str
+    module: ModuleType
+    select: Callable
+    check_config: Callable[[dict], None]
+    config: Callable | None
+    presets: dict
+
+
+def method_names() -> tuple[str, ...]:
+    """The methods present: every module of this package (sorted)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+def get_method(name: str) -> Method:
+    """The method ``name`` (``ValueError`` naming the known ones if there is no such module)."""
+    names = method_names()
+    if name not in names:
+        raise ValueError(f"unknown selection method {name!r}; choose one of {names}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    if not callable(getattr(module, "select", None)):
+        raise TypeError(f"selection method module {module.__name__} defines no select(job)")
+    return Method(name=name, module=module, select=module.select,
+                  check_config=getattr(module, "check_config", lambda cfg: None),
+                  config=getattr(module, "config", None), presets=dict(getattr(module, "PRESETS", {})))
+
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """``"ntk@paper"`` → ``("ntk", "paper")``; ``"less"`` → ``("less", None)``."""
+    name, _, preset = str(arm).partition("@")
+    return name, (preset or None)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if p not in d or not isinstance(d[p], dict):
+            raise KeyError(key)
+        d = d[p]
+    if leaf not in d:
+        raise KeyError(key)
+    d[leaf] = value
+
+
+def apply_preset(select_cfg: dict, arm: str) -> dict:
+    """A copy of the plain ``select`` section set up for ``arm`` (``"<method>"`` or
+    ``"<method>@<preset>"``): ``method`` set, the preset's overrides applied. ``ValueError``
+    for an unknown method or preset, or a preset key the section does not have."""
+    name, preset = split_arm(arm)
+    method = get_method(name)
+    cfg = copy.deepcopy(select_cfg)
+    cfg["method"] = name
+    if preset is not None:
+        if preset not in method.presets:
+            raise ValueError(f"method {name!r} has no preset {preset!r}; presets: {sorted(method.presets)}")
+        for key, value in method.presets[preset].items():
+            try:
+                _set_dotted(cfg, key, copy.deepcopy(value))
+            except KeyError:
+                raise ValueError(f"preset {arm!r} sets {key!r}, which the select config does not have") from None
+    return cfg

@@ -1,0 +1,172 @@
+"""NTK-Selector (SPEC §6.1) and its score variants (SPEC §6.5); the math is in
+:mod:`ntk_jax.selection.ntk_selector` and :mod:`ntk_jax.kernels.features`.
+
+Stages: (1) the kernel point — a LoRA warm-up on the domain set (``point="warmup"``) or the
+model with fresh LoRA factors (``point="base"``); (2) the coarse filter — kNN votes of the
+domain records over mean hidden states keep ``M = filter_factor · N`` candidates
+(``filter_factor=0``: score the whole pool); (3) per-candidate scores in resumable shards;
+(4) the top N.
+
+The score of candidate j, with ``g(x) = ∇_θ s(θ, x)`` over the LoRA factors at the kernel
+point and ``s`` set by ``select.ntk.output`` / ``reduce``
+(:func:`~ntk_jax.selection.ntk_selector.selection_scalar_fn`):
+
+* ``output="sum_of_logits"``: ``s = Σ_{t∈M} Σ_v z_{t,v}`` — ``⟨g(x_i), g(x_j)⟩`` is the
+  Jacobian-free kernel ``Θ̃(x_i, x_j)`` of SPEC §2 (label-blind);
+* ``output="loss"`` (label-aware, SPEC §6.5): ``s = Σ_{t∈M} −log p(y_t)``, so
+  ``⟨g(x_i), g(x_j)⟩ = Σ_{t,t'} r_{i,t}ᵀ Θ(x_{i,t}, x_{j,t'}) r_{j,t'}`` with the residuals
+  ``r = softmax(z) − e_y``: one SGD step of size η on j changes the domain loss by ≈ −η times
+  the score;
+* ``reduce``: ``"mean"`` divides ``s`` by the number of response tokens ``|M|`` (the paper),
+  ``"sum"`` does not;
+* ``normalize``: ``"none"`` — ``s_j = ⟨ḡ, g_j⟩`` with ``ḡ = (1/|D|) Σ_i g(x_i)``, i.e.
+  ``(1/|D|) Σ_i Θ̃(x_i, x_j)`` (the paper); ``"cosine"`` — ``s_j = (1/|D|) Σ_i
+  Θ̃(x_i,x_j)/√(Θ̃(x_i,x_i) Θ̃(x_j,x_j)) = ⟨(1/|D|) Σ_i g_i/‖g_i‖, g_j⟩ / ‖g_j‖``;
+  ``"candidate"`` — ``⟨ḡ, g_j⟩ / ‖g_j‖`` (the candidate's norm only);
+* ``precondition="adam"`` (``point="warmup"`` only): inner products and norms in the metric
+  ``D = diag(1/(√ν̂+ε))`` of the warm-up's final Adam state
+  (:func:`~ntk_jax.selection.less.adam_diagonal`): ``⟨ḡ, D g_j⟩`` — the first-order change of
+  the domain loss under an Adam-like step on j, as LESS preconditions its candidates;
+* ``projection_dim = p > 0``: the domain direction is replaced by its JL sketch
+  ``Π Πᵀ (D) ḡ`` (seeded :class:`~ntk_jax.kernels.projection.RandomProjection`), which makes
+  ``s_j = ⟨Πᵀ ḡ, Πᵀ g_j⟩`` the score of projected features (the paper's features at p = 8192);
+  ``p = 0`` uses the exact direction.
+
+The domain direction is accumulated from per-example gradients of the |D| domain records
+(:func:`~ntk_jax.kernels.features.mean_gradient`); candidates never get a stored feature:
+with ``normalize="none"`` and ``feature_norms=False`` each costs one forward-mode JVP along
+the direction (:func:`~ntk_jax.kernels.features.directional_derivatives`), otherwise one
+per-example gradient that gives the inner product and ``‖g_j‖``
+(:func:`~ntk_jax.kernels.features.gradient_inner_products`). docs/selection.md compares the
+variants on the benchmark suite.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from ntk_jax.kernels.features import directional_derivatives, gradient_inner_products, mean_gradient
+from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.models.subset import param_subset
+from ntk_jax.selection.jobs import lora_filter
+from ntk_jax.selection.less import adam_diagonal, find_adam_state
+from ntk_jax.selection.methods import Selection
+from ntk_jax.selection.methods.embedding import pool_embeddings
+from ntk_jax.selection.ntk_selector import (SCORE_OUTPUTS, TOKEN_REDUCTIONS, knn_votes, selection_scalar_fn,
+                                            top_by_votes, top_n)
+
+NORMALIZATIONS = ("none", "cosine", "candidate")
+POINTS = ("warmup", "base")
+PRECONDITIONERS = ("none", "adam")
+
+PAPER = {"ntk.output": "sum_of_logits", "ntk.reduce": "mean", "ntk.normalize": "none", "ntk.point": "warmup",
+         "ntk.precondition": "none", "filter_factor": 4}
+"""SPEC §6.1 as the paper states it: length-normalised sum-of-logits gradients after the
+domain warm-up, unnormalised mean kernel to the domain, kNN filter to 4N."""
+
+PRESETS = {"paper": PAPER}
+
+
+def config() -> ml_collections.ConfigDict:
+    """``select.ntk``: the score variant (see the module docstring). The defaults are the
+    paper's reading (SPEC §6.1); named presets: :data:`PRESETS`."""
+    return ml_collections.ConfigDict(dict(
+        output="sum_of_logits",     # sum_of_logits (label-blind, the paper) | loss (label-aware)
+        reduce="mean",              # response tokens: mean (the paper) | sum
+        normalize="none",           # none (the paper) | cosine | candidate
+        point="warmup",             # kernel point: warmup (after the domain warm-up) | base (fresh LoRA)
+        precondition="none",        # none | adam (the warm-up's Adam diagonal; point=warmup only)
+        feature_norms=True,         # also compute ‖g_j‖ for the diagnostics (one per-example
+                                    # gradient per candidate instead of a JVP when normalize=none)
+    ))
+
+
+def check_config(cfg: dict) -> None:
+    n = cfg["ntk"]
+    for key, allowed in (("output", SCORE_OUTPUTS), ("reduce", TOKEN_REDUCTIONS), ("normalize", NORMALIZATIONS),
+                         ("point", POINTS), ("precondition", PRECONDITIONERS)):
+        if n[key] not in allowed:
+            raise ValueError(f"select.ntk.{key}={n[key]!r} is not one of {allowed}")
+    if n["precondition"] == "adam" and n["point"] != "warmup":
+        raise ValueError("select.ntk.precondition='adam' needs the warm-up's optimizer state: set "
+                         "select.ntk.point='warmup'")
+    if n["precondition"] == "adam" and int(cfg["warmup"]["total_steps"]) < 1:
+        raise ValueError("select.ntk.precondition='adam' needs a warm-up (select.warmup.total_steps >= 1)")
+    if int(cfg["filter_factor"]) < 0 or int(cfg["projection_dim"]) < 0:
+        raise ValueError("select.filter_factor and select.projection_dim must be >= 0")
+
+
+def domain_direction(subset, scalar_fn, domain_arrays: dict, *, normalize: str, metric=None, projection_dim: int = 0,
+                     projection_seed: int = 0, batch_size: int | None = None):
+    """The tangent ``t`` with ``s_j ∝ ⟨t, g_j⟩``: ``D · (1/|D|) Σ_i g_i [/‖g_i‖_D]`` (``D`` =
+    ``metric`` or 1), replaced by ``Π Πᵀ t`` when ``projection_dim > 0``. A pytree like
+    ``subset.params``."""
+    x = {k: domain_arrays[k] for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
+    u, _ = mean_gradient(scalar_fn, subset.params, x, normalize=(normalize == "cosine"), metric=metric,
+                         batch_size=batch_size, progress_desc="ntk: domain gradients")
+    if metric is not None:
+        u = jax.tree.map(lambda a, w: a * w, u, metric)
+    if projection_dim:
+        projection = RandomProjection(int(projection_dim), seed=int(projection_seed))
+        u = projection.adjoint(projection(u, batch_axis=False), subset.params)
+    return u
+
+
+def select(job) -> Selection:
+    cfg = job.cfg
+    ncfg = cfg["ntk"]
+    n_select = int(cfg["n_select"])
+    fbs = job.feature_batch_size
+    with job.timed("warmup"):
+        if ncfg["point"] == "warmup":
+            model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"])
+        else:
+            model, wcfg = job.context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=job.seed), None
+    # ---- coarse filter (every process, on the merged embeddings: the same result)
+    m = min(int(cfg["filter_factor"]) * n_select, len(job.pool))
+    if m > 0:
+        dom_emb, cand_emb, _ = pool_embeddings(job, model)
+        with job.timed("filter"):
+            votes, mean_cos = knn_votes(dom_emb, cand_emb, int(cfg["knn_k"]))
+            kept = np.sort(top_by_votes(votes, mean_cos, max(m, n_select)))  # the store in pool order
+        job.extra.update(n_filtered=int(len(kept)), n_voted=int((votes > 0).sum()))
+    else:
+        kept = np.arange(len(job.pool))
+        job.extra.update(n_filtered=len(kept))
+    # ---- scores of the kept candidates
+    with job.timed("score"):
+        subset = param_subset(model, lora_filter())
+        sfn = selection_scalar_fn(subset, ncfg["output"], ncfg["reduce"])
+        metric = None
+        if ncfg["precondition"] == "adam":
+            state = job.checkpoints(model, wcfg, steps=[wcfg.total_steps])[wcfg.total_steps]
+            metric = adam_diagonal(find_adam_state(state["opt_state"]).nu, wcfg.total_steps)
+        tangent = domain_direction(subset, sfn, job.domain_arrays, normalize=ncfg["normalize"], metric=metric,
+                                   projection_dim=int(cfg["projection_dim"]),
+                                   projection_seed=int(cfg["projection_seed"]), batch_size=fbs)
+        use_norms = ncfg["normalize"] != "none" or bool(ncfg["feature_norms"])
+        kept_ids = [job.pool_ids[int(i)] for i in kept]
+        store = job.store("scores", kept_ids, "ntk_scores")
+
+        def score_rows(batch):
+            x = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
+            if not use_norms:
+                dots = directional_derivatives(sfn, subset.params, x, tangent, batch_size=fbs)
+                return np.stack([dots, np.full_like(dots, np.nan)], axis=1)
+            dots, sq = gradient_inner_products(sfn, subset.params, x, tangent, metric=metric, batch_size=fbs)
+            norms = np.sqrt(sq)
+            scores = dots if ncfg["normalize"] == "none" else dots / np.maximum(norms, 1e-30)
+            return np.stack([scores, norms], axis=1)
+
+        def score(lo, hi):
+            out = job.map_records(score_rows, lo, hi, kept)
+            return out[:, 0], out[:, 1:]
+
+        job.score_shards(store, score, desc="ntk: score candidates", with_features=True)
+        _, s, norms = store.merge(with_features=True)
+    with job.timed("select"):
+        chosen = kept[top_n(s, n_select)]
+    job.extra.update(ntk_variant={k: ncfg[k] for k in ("output", "reduce", "normalize", "point", "precondition")})
+    return Selection(chosen=chosen, scored=kept, scores=s, feature_norms=norms[:, 0] if use_norms else None)

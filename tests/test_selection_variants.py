@@ -1,0 +1,258 @@
+"""NTK score variants (SPEC §6.5), the method plug-ins and the selection diagnostics.
+
+Oracles: per-example gradients formed explicitly (``gradient_features`` without
+projection) and the variant formulas evaluated by hand; finite differences of the domain
+loss for the label-aware first-order score; a closed form for the token reductions."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ntk_jax.data.controlled import make_controlled_benchmark
+from ntk_jax.kernels.features import gradient_features, gradient_inner_products, mean_gradient
+from ntk_jax.launcher.config_lib import base_config
+from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.models.subset import param_subset
+from ntk_jax.models.transformer import DecoderConfig, DecoderLM
+from ntk_jax.selection.jobs import plain, run_selection
+from ntk_jax.selection.methods import Selection, apply_preset, get_method, method_names, split_arm
+from ntk_jax.selection.ntk_selector import selection_scalar_fn
+from ntk_jax.training.losses import per_example_lm_loss
+
+
+def _model(seed=0):
+    model = DecoderLM(DecoderConfig(vocab_size=30, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=64, max_position_embeddings=16), rngs=nnx.Rngs(seed))
+    apply_lora(model, LoRAConfig(rank=4, targets=("q_proj", "v_proj"), b_init_std=0.05), rngs=nnx.Rngs(seed + 1))
+    return model
+
+
+def _batch(n, T=10, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 30, size=(n, T)).astype(np.int32)
+    lengths = rng.integers(5, T + 1, size=n)
+    att = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    loss = att.copy().astype(np.float32)
+    loss[:, :3] = 0
+    targets = np.concatenate([ids[:, 1:], np.zeros((n, 1), np.int32)], axis=1)
+    loss[:, -1] = 0
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss, "targets": targets}
+
+
+def _explicit(fn, params, x):
+    return np.asarray(gradient_features(fn, params, x), np.float64)  # (n, P)
+
+
+@pytest.mark.parametrize("output", ["sum_of_logits", "loss"])
+def test_mean_gradient_and_inner_products_match_explicit_gradients(output):
+    subset = param_subset(_model())
+    fn = selection_scalar_fn(subset, output, "mean")
+    dom, cand = _batch(5, seed=1), _batch(7, seed=2)
+    G, C = _explicit(fn, subset.params, dom), _explicit(fn, subset.params, cand)
+    rng = np.random.default_rng(0)
+    metric = jax.tree.map(lambda p: jnp.asarray(rng.uniform(0.5, 2.0, p.shape), jnp.float32), subset.params)
+    w = np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(metric)]).astype(np.float64)
+    for normalize in (False, True):
+        for met, wv in ((None, np.ones_like(w)), (metric, w)):
+            u, sq = mean_gradient(fn, subset.params, dom, normalize=normalize, metric=met, batch_size=2)
+            norms = np.sqrt((G * G * wv).sum(axis=1))
+            ref = (G / norms[:, None]).mean(axis=0) if normalize else G.mean(axis=0)
+            flat_u = np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(u)])
+            np.testing.assert_allclose(flat_u, ref, rtol=2e-4, atol=1e-6 * np.abs(ref).max())
+            np.testing.assert_allclose(sq, norms ** 2, rtol=2e-4)
+            dots, csq = gradient_inner_products(fn, subset.params, cand, u, metric=met, batch_size=3)
+            np.testing.assert_allclose(dots, C @ flat_u, rtol=2e-4, atol=1e-6 * np.abs(C @ flat_u).max())
+            np.testing.assert_allclose(csq, (C * C * wv).sum(axis=1), rtol=2e-4)
+
+
+def test_token_reductions_closed_form():
+    subset = param_subset(_model())
+    x = _batch(4, seed=3)
+    count = x["loss_mask"].sum(axis=1)
+    for output in ("sum_of_logits", "loss"):
+        mean = np.asarray(selection_scalar_fn(subset, output, "mean")(subset.params, x))
+        total = np.asarray(selection_scalar_fn(subset, output, "sum")(subset.params, x))
+        np.testing.assert_allclose(total, mean * count, rtol=1e-5)
+    logits = subset.merge(subset.params)(x["input_ids"], attention_mask=x["attention_mask"])
+    np.testing.assert_allclose(np.asarray(selection_scalar_fn(subset, "loss", "mean")(subset.params, x)),
+                               np.asarray(per_example_lm_loss(logits, x["targets"], x["loss_mask"])), rtol=1e-6)
+    with pytest.raises(ValueError, match="score output"):
+        selection_scalar_fn(subset, "logits")
+    with pytest.raises(ValueError, match="token reduction"):
+        selection_scalar_fn(subset, "loss", "max")
+
+
+def test_label_aware_score_is_first_order_change_of_domain_loss():
+    """s_j = ⟨∇ℓ_D, ∇ℓ_j⟩ = −d/dε ℓ_D(θ − ε ∇ℓ_j) at ε = 0 (central finite differences with
+    Richardson extrapolation; the model computes in float32)."""
+    subset = param_subset(_model())
+    fn = selection_scalar_fn(subset, "loss", "mean")
+    dom, cand = _batch(6, seed=4), _batch(3, seed=5)
+    u, _ = mean_gradient(fn, subset.params, dom)
+    s, _ = gradient_inner_products(fn, subset.params, cand, u)
+    domain_loss = jax.jit(lambda p: jnp.mean(fn(p, dom)))
+
+    def fd(gj, eps):  # −d/dε ℓ_D(θ − ε g_j) at 0, central differences
+        plus = float(domain_loss(jax.tree.map(lambda p, g: p - eps * g, subset.params, gj)))
+        minus = float(domain_loss(jax.tree.map(lambda p, g: p + eps * g, subset.params, gj)))
+        return -(plus - minus) / (2 * eps)
+
+    for j in range(3):
+        gj = jax.grad(lambda p: fn(p, {k: v[j:j + 1] for k, v in cand.items()})[0])(subset.params)
+        richardson = (4 * fd(gj, 1e-3) - fd(gj, 2e-3)) / 3  # the O(ε²) error cancels
+        np.testing.assert_allclose(s[j], richardson, rtol=2e-3, atol=1e-3 * np.abs(s).max())
+
+
+# ------------------------------------------------------------------------ the job, each variant
+@pytest.fixture(scope="module")
+def bench():
+    return make_controlled_benchmark(0, n_domain=6, n_test=4, n_pool_per_family=2)  # 26 pool records
+
+
+@pytest.fixture(scope="module")
+def context(tiny_model_dir):
+    from ntk_jax.launcher.context import Context, load_tokenizer
+
+    return Context(model_dir=tiny_model_dir, tokenizer=load_tokenizer(tiny_model_dir), max_len=32, seed=0, info={})
+
+
+def _cfg(**ntk):
+    c = plain(base_config().select)
+    c.update(method="ntk", n_select=5, shard_size=8, projection_dim=0, feature_batch_size=16, filter_factor=0,
+             bucket_multiple=0)
+    c["warmup"].update(total_steps=3, batch_size=4)
+    c["ntk"].update(ntk)
+    return c
+
+
+@pytest.mark.parametrize("variant", [
+    dict(output="sum_of_logits", normalize="cosine", point="base", reduce="mean"),
+    dict(output="loss", normalize="none", point="warmup", reduce="sum"),
+    dict(output="loss", normalize="candidate", point="base", reduce="mean"),
+    dict(output="loss", normalize="cosine", point="warmup", precondition="adam"),
+])
+def test_job_scores_match_variant_formula(tmp_path, context, bench, variant):
+    from ntk_jax.data.records import encode_records
+    from ntk_jax.selection.jobs import SelectionJob, lora_filter
+    from ntk_jax.selection.less import adam_diagonal, find_adam_state
+
+    cfg = _cfg(**variant)
+    rep = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "job"), seed=0, plot=False)
+    got = np.load(tmp_path / "job" / "all_scores.npz")
+    # the reference: explicit per-example gradients at the same kernel point
+    job = SelectionJob(context=context, cfg=cfg, domain=bench.domain, pool=bench.pool,
+                       domain_arrays=encode_records(context.tokenizer, bench.domain, 32), out_dir=str(tmp_path / "job"),
+                       seed=0)
+    if cfg["ntk"]["point"] == "warmup":
+        model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"])  # resumes: the same trained factors
+    else:
+        model = context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=0)
+    subset = param_subset(model, lora_filter())
+    fn = selection_scalar_fn(subset, cfg["ntk"]["output"], cfg["ntk"]["reduce"])
+    G = _explicit(fn, subset.params, job.domain_arrays)
+    C = _explicit(fn, subset.params, encode_records(context.tokenizer, bench.pool, 32))
+    w = np.ones(G.shape[1])
+    if cfg["ntk"].get("precondition") == "adam":
+        state = job.checkpoints(model, wcfg, steps=[3])[3]
+        d = adam_diagonal(find_adam_state(state["opt_state"]).nu, 3)
+        w = np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(d)]).astype(np.float64)
+    gn = np.sqrt((G * G * w).sum(axis=1))
+    cn = np.sqrt((C * C * w).sum(axis=1))
+    norm = cfg["ntk"]["normalize"]
+    u = (G / gn[:, None]).mean(axis=0) if norm == "cosine" else G.mean(axis=0)
+    ref = C @ (w * u)
+    if norm != "none":
+        ref = ref / cn
+    np.testing.assert_allclose(got["scores"], ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(got["feature_norms"], cn, rtol=2e-3)
+    assert rep["ntk_variant"]["normalize"] == norm and rep["n_filtered"] == len(bench.pool)
+
+
+def test_projected_direction_and_jvp_path(tmp_path, context, bench):
+    """p > 0 sketches the direction: scores track the exact ones; feature_norms=False takes the
+    JVP path, equal to the per-example-gradient path."""
+    from scipy.stats import spearmanr
+
+    exact = run_selection(context, _cfg(point="base"), bench.domain, bench.pool, str(tmp_path / "e"), seed=0, plot=False)
+    proj = run_selection(context, {**_cfg(point="base"), "projection_dim": 8192}, bench.domain, bench.pool,
+                         str(tmp_path / "p"), seed=0, plot=False)
+    cfg = _cfg(point="base", feature_norms=False)
+    jvp = run_selection(context, {**cfg, "projection_dim": 8192}, bench.domain, bench.pool, str(tmp_path / "j"), seed=0,
+                        plot=False)
+    e, p, j = (np.load(tmp_path / d / "all_scores.npz") for d in "epj")
+    assert spearmanr(e["scores"], p["scores"]).statistic > 0.9
+    np.testing.assert_allclose(j["scores"], p["scores"], rtol=1e-4, atol=1e-5 * np.abs(p["scores"]).max())
+    assert np.isnan(j["feature_norms"]).all() if "feature_norms" in j else True
+    assert jvp["diagnostics"]["spearman_score_vs_feature_norm"] is None
+    assert exact["diagnostics"]["spearman_score_vs_feature_norm"] is not None and proj["selected_ids"]
+
+
+def test_bad_variant_settings_are_named(tmp_path, context, bench):
+    for ntk, match in ((dict(normalize="l2"), "select.ntk.normalize"),
+                       (dict(point="base", precondition="adam"), "point='warmup'"),
+                       (dict(output="logits"), "select.ntk.output")):
+        with pytest.raises(ValueError, match=match):
+            run_selection(context, _cfg(**ntk), bench.domain, bench.pool, str(tmp_path / "x"), seed=0)
+    assert not os.path.exists(tmp_path / "x" / "selected.jsonl")
+
+
+# ------------------------------------------------------------------------ plug-ins and presets
+def test_methods_are_modules_and_presets_apply():
+    assert {"ntk", "less", "random", "embedding"} <= set(method_names())
+    with pytest.raises(ValueError, match="unknown selection method 'nope'.*embedding"):
+        get_method("nope")
+    sel = plain(base_config().select)
+    assert set(method_names()) >= {k for k in sel if k in method_names()}  # sections come from the modules
+    assert "ntk" in sel and "less" in sel
+    paper = apply_preset(sel, "ntk@paper")
+    assert paper["method"] == "ntk" and paper["ntk"]["output"] == "sum_of_logits" and paper["filter_factor"] == 4
+    assert paper["ntk"]["normalize"] == "none" and sel["method"] == "ntk"  # the input is not changed
+    assert split_arm("less") == ("less", None) and apply_preset(sel, "less")["method"] == "less"
+    with pytest.raises(ValueError, match="no preset 'fast'"):
+        apply_preset(sel, "ntk@fast")
+
+
+def test_a_new_method_is_one_file(tmp_path, context, bench, monkeypatch):
+    """Dropping a module into ntk_jax.selection.methods makes a method the job can run."""
+    import ntk_jax.selection.methods as methods_pkg
+
+    path = os.path.join(os.path.dirname(methods_pkg.__file__), "zz_first_n.py")
+    with open(path, "w") as f:
+        f.write("import numpy as np\nfrom ntk_jax.selection.methods import Selection\n"
+                "def select(job):\n    n = int(job.cfg['n_select'])\n"
+                "    return Selection(chosen=np.arange(n), scored=np.arange(n), scores=-np.arange(n, dtype=float))\n")
+    try:
+        cfg = _cfg()
+        cfg["method"] = "zz_first_n"
+        rep = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "new"), seed=0)
+        assert rep["selected_ids"] == [r["id"] for r in bench.pool[:5]]
+        assert os.path.exists(tmp_path / "new" / "diagnostics.png")
+    finally:
+        os.remove(path)
+
+
+# ------------------------------------------------------------------------ diagnostics
+def test_diagnostics_shares_and_correlations(context):
+    from ntk_jax.selection.diagnostics import plot_diagnostics, selection_diagnostics
+
+    pool = [{"id": f"u{i}", "task": "a", "role": "useful", "prompt": "x", "response": "y" * (1 + i % 3)}
+            for i in range(6)] + [{"id": f"n{i}", "task": "b", "role": "unrelated", "prompt": "x", "response": "yy"}
+                                  for i in range(4)]
+    scores = np.arange(10, dtype=float)
+    norms = scores * 2 + 1
+    res = Selection(chosen=np.asarray([9, 8, 7, 6]), scored=np.arange(10), scores=scores, feature_norms=norms)
+    d = selection_diagnostics(pool, res.chosen, res, context.tokenizer)
+    assert d["share_by_task"] == {"a": {"pool": 0.6, "selected": 0.0}, "b": {"pool": 0.4, "selected": 1.0}}
+    assert d["share_by_role"]["unrelated"]["selected"] == 1.0
+    assert d["spearman_score_vs_feature_norm"] == pytest.approx(1.0)
+    assert d["score_by_role"]["useful"]["max"] == 5.0 and d["score_by_role"]["unrelated"]["n"] == 4
+    rl = d["spearman_score_vs_response_length"]
+    assert rl is not None and -1 <= rl <= 1
+    json.dumps(d)
+    res_none = Selection(chosen=np.asarray([0, 1]))
+    d2 = selection_diagnostics(pool, res_none.chosen, res_none, context.tokenizer)
+    assert d2["spearman_score_vs_feature_norm"] is None and "score_by_role" not in d2

@@ -29,6 +29,13 @@ setup(
         "frozendict",
     ],
     extras_require={
+        # Accelerators (pip install -e ".[cuda12]" / ".[tpu]"): jax's own extras, pinned to the
+        # jax above, with the plugin / runtime versions they resolve to spelled out
+        # (tests/test_install_pins.py checks that they agree).
+        # NVIDIA GPUs, CUDA 12 (the CUDA and cuDNN libraries come as pip wheels):
+        "cuda12": ["jax[cuda12]==0.10.2", "jax-cuda12-plugin[with-cuda]==0.10.2", "jax-cuda12-pjrt==0.10.2"],
+        # Cloud TPU VMs (libtpu as jax 0.10.2 pins it):
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext",
                  # PyTorch transformers models are the reference in the port tests only.
                  "torch==2.13.0",

@@ -4,8 +4,8 @@
                                     [--projection-dim 8192] [--mfu 0.4] [--tokens 512,1024]
                                     [--pool 1800000] [--docs docs/cost_model.md] [--quick]
 
-Three parts (ntk_jax issue 5 item 5), printed as one JSON object on stdout and written as a
-Markdown page to ``--docs``:
+Three parts (what SPEC §6.1 costs at the scale of SPEC §7; the page is ``docs/cost_model.md``),
+printed as one JSON object on stdout and written as a Markdown page to ``--docs``:
 
 1. MEASURED — the per-example feature cost on tiny Llama-architecture ``DecoderLM`` models
    (random init; 3 layers, 4 heads / 2 kv heads, MLP 2×hidden, vocab 50; LoRA r=8 on q/v of

@@ -3,7 +3,7 @@
     python benchmarks/selection_speed.py [--n 1024] [--batch-size 256] [--sizes 1024,4096,16384]
                                          [--projection-dim 8192] [--repeats 2] [--quick]
 
-Everything runs in ONE process on the SAME model, LoRA weights and pool (ntk_jax issue 4):
+Everything runs in ONE process on the SAME model, LoRA weights and pool:
 
 * model: the embedded default architecture (``ntk_jax.launcher.config_lib.model_config``:
   Llama-style decoder, hidden 64, 3 layers, 4 heads / 2 kv heads, MLP 128, vocab 50 of
@@ -36,6 +36,10 @@ Everything runs in ONE process on the SAME model, LoRA weights and pool (ntk_jax
   (``RandomProjection.adjoint`` + ``ntk_jax.kernels.features.directional_derivatives``), with no
   per-example gradient and no projection per candidate. Reported as ``ours_scores_jvp``; its
   agreement with the features' ``F @ u`` is checked.
+* ours, label-aware scores (SPEC §6.5, ``select.ntk.output="loss"``): the same JVP of the
+  per-example loss instead of the sum of logits (``ours_scores_label_aware_jvp``), and the
+  normalised form that needs each candidate's gradient norm, one per-example gradient per
+  candidate (``ours_scores_label_aware_normalised``); ratios to ``ours_scores_jvp``.
 
 Agreement: on a few examples both sides' UNPROJECTED per-example gradients (same definition)
 are compared (max relative difference), and the projected features too.
@@ -67,13 +71,13 @@ from flax import nnx
 from ntk_jax.data.encoding import encode_examples, max_length
 from ntk_jax.data.synthetic import TASKS, make_corpus
 from ntk_jax.data.tokenizer import CharTokenizer
-from ntk_jax.kernels.features import directional_derivatives, gradient_features
+from ntk_jax.kernels.features import directional_derivatives, gradient_features, gradient_inner_products
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.launcher.config_lib import model_config
 from ntk_jax.models.hf_loading import from_pretrained
 from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.ntk_selector import ntk_scalar_fn
+from ntk_jax.selection.ntk_selector import ntk_scalar_fn, selection_scalar_fn
 from ntk_jax.training.losses import masked_lm_loss
 
 LORA = LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), b_init_std=0.02)
@@ -194,13 +198,22 @@ def make_ours_runner(subset, projection, batch_size: int):
     return run
 
 
-def make_ours_score_runner(subset, tangent, batch_size: int):
-    """Scores only: ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` as one JVP per batch along ``Π u``."""
-    scalar_fn = ntk_selector_scalar_fn(subset)
+def make_ours_score_runner(subset, tangent, batch_size: int, output: str = "sum_of_logits", normalized=False):
+    """Scores only: ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` as one JVP per batch along ``Π u``
+    (``output="loss"``: the label-aware score of SPEC §6.5, g the per-example loss gradient);
+    ``normalized``: one per-example gradient per candidate instead, giving ⟨g_j, t⟩ and ‖g_j‖
+    (the cosine / candidate-norm variants)."""
+    scalar_fn = selection_scalar_fn(subset, output, "mean")
+    keys = ("input_ids", "attention_mask", "loss_mask", "targets")
 
     def run(pool: dict) -> np.ndarray:
-        return directional_derivatives(scalar_fn, subset.params, model_batch(pool), tangent,
-                                       batch_size=batch_size, progress_desc="scores (ours, JVP)")
+        x = {k: jnp.asarray(pool[k]) for k in keys}
+        if normalized:
+            dots, sq = gradient_inner_products(scalar_fn, subset.params, x, tangent, batch_size=batch_size,
+                                               progress_desc=f"scores (ours, {output}, normalised)")
+            return dots / np.sqrt(np.maximum(sq, 1e-30))
+        return directional_derivatives(scalar_fn, subset.params, x, tangent,
+                                       batch_size=batch_size, progress_desc=f"scores (ours, {output}, JVP)")
 
     return run
 
@@ -379,9 +392,15 @@ def main(argv=None) -> dict:
     # equals the JVP of s(x_j) along Π u (``RandomProjection.adjoint``).
     warm = warm_up(runners, warm_pool)
     u = ours_runner(warm_pool).mean(axis=0)
-    runners["ours_scores_jvp"] = make_ours_score_runner(subset, projection.adjoint(u, subset.params),
-                                                        args.batch_size)
-    warm.update(warm_up({"ours_scores_jvp": runners["ours_scores_jvp"]}, warm_pool))
+    tangent = projection.adjoint(u, subset.params)
+    runners["ours_scores_jvp"] = make_ours_score_runner(subset, tangent, args.batch_size)
+    # the label-aware score (SPEC §6.5) along the same kind of direction: JVP of the loss, and
+    # the normalised form (per-example gradient: inner product and norm)
+    runners["ours_scores_label_aware_jvp"] = make_ours_score_runner(subset, tangent, args.batch_size, "loss")
+    runners["ours_scores_label_aware_normalised"] = make_ours_score_runner(subset, tangent, args.batch_size, "loss",
+                                                                           normalized=True)
+    warm.update(warm_up({k: runners[k] for k in ("ours_scores_jvp", "ours_scores_label_aware_jvp",
+                                                 "ours_scores_label_aware_normalised")}, warm_pool))
 
     # Cross-implementation agreement (same definition: unprojected, then projected), on the
     # first --n-check candidates (ours at the compiled batch shape).
@@ -431,8 +450,13 @@ def main(argv=None) -> dict:
         ratio_ours_time_vs_floor=seconds["ours_features"] / seconds["train_step_floor"],
         speedup_ours_vs_torch_func=seconds["torch_func_features"] / seconds["ours_features"],
         ratio_scores_jvp_time_vs_floor=seconds["ours_scores_jvp"] / seconds["train_step_floor"],
+        ratio_label_aware_jvp_vs_scores_jvp=seconds["ours_scores_label_aware_jvp"] / seconds["ours_scores_jvp"],
+        ratio_label_aware_normalised_vs_scores_jvp=(seconds["ours_scores_label_aware_normalised"]
+                                                    / seconds["ours_scores_jvp"]),
         targets=dict(within_2x_of_floor=seconds["ours_features"] <= 2 * seconds["train_step_floor"],
                      scores_jvp_within_2x_of_floor=seconds["ours_scores_jvp"] <= 2 * seconds["train_step_floor"],
+                     label_aware_jvp_within_1_5x_of_scores_jvp=(seconds["ours_scores_label_aware_jvp"]
+                                                                <= 1.5 * seconds["ours_scores_jvp"]),
                      faster_than_torch_func=seconds["ours_features"] < seconds["torch_func_features"]),
         agreement=agreement,
         scaling=dict(points=scaling, linear_fit=fit),

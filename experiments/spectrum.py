@@ -59,6 +59,14 @@ def random_psd_violation_rate(n_kernels: int, seed: int) -> dict:
             "correct_bounds_violation_rate": correct_fail / n_kernels}
 
 
+def placement_lora(lora, placement) -> LoRAConfig:
+    """The LoRA config of one ``spectrum.placements`` entry: the ``lora`` section with the
+    entry's ``targets`` and ``layers`` (sequences; e.g. ``{'targets': ('k_proj',), 'layers': (0,)}``,
+    what ``--config.spectrum.placements="(...,)"`` gives)."""
+    return LoRAConfig.from_dict({**dict(lora), "targets": tuple(placement["targets"]),
+                                 "layers": tuple(placement["layers"])})
+
+
 def run(config, out_dir: str, ctx) -> dict:
     c = config.spectrum
     kernel_records = generate_task(c.task, c.n_kernel, seed=ctx.seed + 2)
@@ -70,8 +78,7 @@ def run(config, out_dir: str, ctx) -> dict:
 
     rows = []
     for placement in progress(list(c.placements), desc="placements"):
-        lora = LoRAConfig.from_dict({**dict(c.lora), "targets": list(placement["targets"]),
-                                     "layers": list(placement["layers"])})
+        lora = placement_lora(c.lora, placement)
         model = ctx.load_model(lora)
         subset = param_subset(model, nnx.LoRAParam)
         K = empirical_ntk(lm_output_fn(subset), subset.params, x)
@@ -82,7 +89,7 @@ def run(config, out_dir: str, ctx) -> dict:
         result = train(model, train_data, train_cfg, wrt=nnx.LoRAParam)
         train_losses = [h["loss"] for h in result.history if "loss" in h]
         rows.append({
-            "targets": list(placement["targets"]), "layers": list(placement["layers"]),
+            "targets": list(lora.targets), "layers": list(lora.layers),
             "num_lora_params": subset.num_params,
             "eigenvalues": lam.tolist(), "lambda_max": float(lam[-1]), "lambda_min": float(lam[0]),
             "kappa": condition_number(K, c.sigma), "effective_rank": effective_rank(K),

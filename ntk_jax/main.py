@@ -9,6 +9,10 @@ Open MPI / a Cloud TPU slice, where JAX finds these itself) and one shared ``--w
 
 Runs the experiments listed in ``config.experiments`` (see ``configs/``); each writes
 ``WORKDIR/<experiment>/report.json`` and PNG plots. Unknown ``--config.*`` keys are an error.
+
+The console shows progress bars, one result line per experiment and where its report and plots
+are; log lines (orbax, JAX, the launcher) go to ``WORKDIR/log.txt``. ``--alsologtostderr``
+shows them on the console too (:mod:`ntk_jax.launcher.logs`).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,6 +29,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ntk_jax.launcher.logs import log_to_file
+
+    log_to_file(_WORKDIR.value)
     from ntk_jax.launcher.run import run
 
     config = _CONFIG.value

@@ -1,5 +1,6 @@
-"""Multi-process and multi-device runs (issue 5): jax.distributed on localhost CPU processes,
-row-striped exact kernels, resume after a process is killed, the launcher's settings."""
+"""Multi-process and multi-device runs (SPEC §7; docs/scale.md): jax.distributed on localhost
+CPU processes, row-striped exact kernels, resume after a process is killed, the launcher's
+settings."""
 import json
 import os
 

@@ -1,5 +1,5 @@
 """The 8B selection configs (``configs/select_llama3_8b.py``, ``configs/select_qwen3_8b.py``)
-for every platform of :mod:`ntk_jax.launcher.platforms` (issue 5, deliverable 4).
+for every platform of :mod:`ntk_jax.launcher.platforms` (SPEC §7; docs/scale.md).
 
 Each config is loaded the way ``ntk_jax.main`` loads it (ml_collections ``config_flags``
 with ``--config=FILE:PLATFORM``, locked), checked by the launcher's checks, and its layout
@@ -66,7 +66,7 @@ def doc_rows() -> dict[tuple[str, str], dict]:
 def test_config_loads_and_fits(file, platform):
     name, _ = CONFIGS[file]
     c = load(file, platform)
-    assert c.experiments == ["select"] and all(e in SECTIONS for e in c.experiments)
+    assert c.experiments == ("select",) and all(e in SECTIONS for e in c.experiments)
     lay, p = plat.layout(platform), plat.platform(platform)
     assert (c.mesh.data, c.mesh.model) == (-1, lay.mesh[1]) and lay.mesh[0] * lay.mesh[1] == p.devices_per_host
     s = c.select

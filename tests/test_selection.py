@@ -165,8 +165,15 @@ def test_less_preconditioner_matches_hand_computation():
 
 # ------------------------------------------------------------------------ jobs
 def _select_cfg(method, **kw):
+    """The select section for ``method`` (``ntk``: the paper preset, which has every stage:
+    warm-up, embedding store, kNN filter, score store)."""
     c = base_config().select
     c.method = method
+    if method == "ntk":
+        from ntk_jax.selection.methods.ntk import PAPER
+
+        for key, value in PAPER.items():
+            c[key.split(".")[0]][key.split(".")[1]] = value
     c.n_select = 8
     c.shard_size = 16
     c.projection_dim = 512

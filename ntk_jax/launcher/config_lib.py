@@ -1,8 +1,14 @@
 """Building blocks of the ``configs/*.py`` files (big_vision style: each config file has a
-``get_config()`` that starts from :func:`base_config` and sets what it needs).
+``get_config()`` that starts from :func:`base_config` and states the values its job needs,
+with the reason for each). The sections here hold the defaults that tests and the other
+jobs start from.
 
 Every field the launcher reads is defined here, so ``--config.x.y=...`` on an unknown key is
-an error (the launcher locks the config).
+an error (the launcher locks the config). Every field can be set on the command line: sequences
+are tuples (``--config.select_compare.seeds='(0,1)'``; ``'[0,1]'`` and repeated flags also
+work) and optional sequences are ``placeholder(tuple)`` fields (``lora.layers``: ``None`` = all
+layers; ``--config.stability.lora.layers='(0,2)'``). ``tests/test_config_overrides.py`` checks
+this for every ``configs/*.py``.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 def pretrain_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        tasks=list(PRETRAIN_TASKS),
+        tasks=PRETRAIN_TASKS,
         n_per_task=1500,
         max_len=32,
         train=dict(learning_rate=3e-3, warmup_steps=50, total_steps=800, schedule="cosine",
@@ -67,14 +73,16 @@ def spectrum_config() -> ml_collections.ConfigDict:
         task="sentiment_flipped",  # labels opposite to pre-training: fine-tuning must move
         n_kernel=32,                # examples in the kernel (the paper: 32)
         sigma=1e-4,                 # ridge (the paper: 1e-4)
-        placements=[                # (targets, layers) sweep, after the paper's Table 1
-            dict(targets=["q_proj", "v_proj"], layers=[0]),
-            dict(targets=["q_proj", "v_proj"], layers=[0, 2]),
-            dict(targets=["q_proj", "v_proj"], layers=[0, 1, 2]),
-            dict(targets=["k_proj"], layers=[0]),
-            dict(targets=["k_proj"], layers=[0, 2]),
-            dict(targets=["k_proj"], layers=[0, 1, 2]),
-        ],
+        # (targets, layers) sweep, after the paper's Table 1: a tuple of plain dicts, so
+        # --config.spectrum.placements="({'targets': ('k_proj',), 'layers': (0,)},)" sets it
+        placements=(
+            dict(targets=("q_proj", "v_proj"), layers=(0,)),
+            dict(targets=("q_proj", "v_proj"), layers=(0, 2)),
+            dict(targets=("q_proj", "v_proj"), layers=(0, 1, 2)),
+            dict(targets=("k_proj",), layers=(0,)),
+            dict(targets=("k_proj",), layers=(0, 2)),
+            dict(targets=("k_proj",), layers=(0, 1, 2)),
+        ),
         lora=lora_config(),
         n_train=256,
         n_eval=256,
@@ -86,11 +94,11 @@ def spectrum_config() -> ml_collections.ConfigDict:
 def approximation_config() -> ml_collections.ConfigDict:
     """SPEC §3.3: Jacobian-free Θ̃ vs exact tr Θ, and cross-output terms vs width."""
     return ml_collections.ConfigDict(dict(
-        tasks=list(PRETRAIN_TASKS),
+        tasks=PRETRAIN_TASKS,
         n_examples=48,              # all pairs of these examples are compared
-        projection_dims=[1024, 8192],
-        lora=lora_config(targets=["q_proj", "v_proj"], b_init_std=0.02),
-        widths=[16, 32, 64, 128],   # hidden sizes of fresh (random-init) models for the scaling
+        projection_dims=(1024, 8192),
+        lora=lora_config(targets=("q_proj", "v_proj"), b_init_std=0.02),
+        widths=(16, 32, 64, 128),   # hidden sizes of fresh (random-init) models for the scaling
         n_width_examples=8,
     ))
 
@@ -100,8 +108,8 @@ def gradex_config() -> ml_collections.ConfigDict:
     checked against real LoRA fine-tuning on a few subsets (experiments/gradex.py)."""
     return ml_collections.ConfigDict(dict(
         target="add_spaced",        # target task (not in the pre-training mix)
-        aux_tasks=["add", "sub", "copy", "reverse", "sort", "count", "sentiment", "parity",
-                   "sentiment_flipped", "add_mod10", "noise"],
+        aux_tasks=("add", "sub", "copy", "reverse", "sort", "count", "sentiment", "parity",
+                   "sentiment_flipped", "add_mod10", "noise"),
         n_train_per_task=256,       # training examples per auxiliary task (meta-init, fits, fine-tunes)
         n_target_train=0,           # target examples added to every subset (0: auxiliary tasks only)
         n_target_eval=128,          # target examples the target loss is measured on
@@ -121,7 +129,7 @@ def gradex_config() -> ml_collections.ConfigDict:
         C=1e-3,
         calibrate_C=True,
         n_calibrate=2,
-        C_grid=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0],
+        C_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0),
         feature_batch_size=64,
         eval_batch_size=128,
         n_subsets=200,              # random ensemble size m
@@ -154,9 +162,9 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
         retrain=finetune_train_config(total_steps=100, learning_rate=3e-3, warmup_steps=10,
                                       schedule="cosine", batch_size=32, log_every=50),
         eval_every=10,              # validation accuracy every this many retrain steps
-        keep_ratios=[0.1, 0.3],
-        modes=["centres", "random_member", "drop_largest_half"],
-        seeds=[0, 1, 2],
+        keep_ratios=(0.1, 0.3),
+        modes=("centres", "random_member", "drop_largest_half"),
+        seeds=(0, 1, 2),
         projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
         projection_seed=0,
         feature_batch_size=64,
@@ -181,7 +189,6 @@ def select_config() -> ml_collections.ConfigDict:
         lora=lora_config(),
         warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
         knn_k=32,                   # votes per domain example (coarse filter)
-        filter_factor=4,            # M = filter_factor * N candidates survive the filter
         projection_dim=8192,        # p
         projection_seed=0,
         shard_size=128,             # candidates per ScoreStore shard
@@ -199,14 +206,14 @@ def select_config() -> ml_collections.ConfigDict:
 
 
 def select_compare_config() -> ml_collections.ConfigDict:
-    """Issue 4 item 7: domain-only vs domain ∪ selected(method) over seeds
+    """SPEC §6 (docs/selection.md): domain-only vs domain ∪ selected(method) over seeds
     (experiments/select_compare.py); selection settings come from ``config.select``."""
     return ml_collections.ConfigDict(dict(
-        methods=["random", "embedding", "less", "ntk"],
+        methods=("random", "embedding", "less", "ntk"),
         # controlled benchmark only: arms "oracle_<role>" train on domain ∪ N pool items of that
         # role (the best / worst a selector of N items can do)
-        oracles=["useful", "conflicting"],
-        seeds=[0, 1, 2],
+        oracles=("useful", "conflicting"),
+        seeds=(0, 1, 2),
         lora=lora_config(),
         # the benchmark's documented setting (ntk_jax.data.controlled.FINETUNE)
         finetune=finetune_train_config(total_steps=150, learning_rate=5e-3, warmup_steps=5, batch_size=16),
@@ -261,7 +268,7 @@ SECTIONS = {
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.experiments = list(EXPERIMENTS)
+    c.experiments = EXPERIMENTS
     c.seed = 0
     c.enable_x64 = False
     c.model = model_config()

@@ -97,7 +97,7 @@ def layout(name: str | None) -> Layout:
 N_SELECT = 9000
 PROJECTION_DIM = 8192
 SEQ_LEN = 1024
-LORA = dict(rank=128, alpha=512.0, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"], layers=None,
+LORA = dict(rank=128, alpha=512.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), layers=None,
             b_init_std=0.0)
 EXPECTED_DOMAIN = 1000
 
@@ -116,7 +116,12 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
       sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
     * Warm-up: one epoch over ~1000 domain records at lr 2e-5 (LESS's), linear decay after 3 %
       warm-up, batch per platform (:data:`LAYOUTS`). Coarse filter: each domain record votes for its 100 nearest
-      pool records (``knn_k``), M = 4N = 36000 candidates are scored (``filter_factor``).
+      pool records (``knn_k``), M = 4N = 36000 candidates are scored (``ntk.filter_factor``).
+    * Scores: the paper's (the preset ``paper`` of :mod:`ntk_jax.selection.methods.ntk`:
+      length-normalised sum-of-logits gradients at the warm-up point, JVP per candidate). The
+      recommended label-aware variant (the ``select.ntk`` defaults, docs/selection.md) needs a
+      per-example gradient per candidate at two kernel points; its memory at 8B is not
+      estimated here.
     * bf16 compute (norms, softmax and logits in float32). Weights stored in float32 where the
       memory estimate leaves room (``gpu8``, ``v4-*``: the LoRA factors and the Adam moments are
       then float32 too), else bfloat16 (``gpu1``, ``v5e-*``): bf16 LoRA factors lose Adam
@@ -129,10 +134,11 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
     ``model_path``: the checkpoint directory placeholder (``prepare_context`` raises a clear
     ``FileNotFoundError`` while it does not exist; override with ``--config.model.path``)."""
     from ntk_jax.launcher.config_lib import base_config, finetune_train_config, lora_config
+    from ntk_jax.selection.methods.ntk import PAPER
 
     lay = layout(platform_name)
     config = base_config()
-    config.experiments = ["select"]
+    config.experiments = ("select",)
     config.model.path = model_path
     config.model.dtype = "bfloat16"
     config.model.param_dtype = lay.param_dtype
@@ -151,7 +157,10 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
                                      schedule="linear", batch_size=lay.train_batch_size,
                                      checkpoint_every=max(steps // 4, 1), log_every=10)
     s.knn_k = 100
-    s.filter_factor = 4
+    # the paper's NTK-Selector (SPEC §6.1): the JVP scoring path the memory estimates assume
+    for key, value in PAPER.items():
+        s[key.split(".")[0]][key.split(".")[1]] = value
+    s.ntk.feature_norms = False
     s.projection_dim = PROJECTION_DIM
     s.projection_seed = 0
     s.shard_size = 2048

@@ -2,15 +2,15 @@
 ``run(config, workdir, context) -> report``)."""
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import os
 import time
 
 import jax
-from absl import logging
 
-from ntk_jax.launcher import distributed
+from ntk_jax.launcher import distributed, logs
 from ntk_jax.launcher.config_lib import SECTIONS
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.utils import read_json, write_json
@@ -22,6 +22,17 @@ def check_config(config) -> None:
         raise ValueError(f"unknown experiment(s) {unknown}; known: {list(SECTIONS)}")
     if not config.experiments:
         raise ValueError("config.experiments is empty: nothing to run")
+
+
+def _say(line: str) -> None:
+    """One line of the job's console output (stdout; log records go to the log file)."""
+    print(f"[ntk_jax] {line}", flush=True)
+
+
+def _outputs(out_dir: str) -> str:
+    """Where an experiment's results are: its report and its top-level plots."""
+    plots = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.png")))
+    return f"{os.path.join(out_dir, 'report.json')}" + (f" (plots: {', '.join(plots)})" if plots else "")
 
 
 def run(config, workdir: str) -> dict:
@@ -43,6 +54,9 @@ def run(config, workdir: str) -> dict:
     process = distributed.initialize(config.distributed)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    logs.log_per_process(workdir, process.process_index)
+    if process.is_primary and logs.log_path():
+        _say(f"log: {logs.log_path()} (--alsologtostderr to show it here)")
     if process.is_primary:
         with open(os.path.join(workdir, "config.json"), "w") as fh:
             fh.write(config.to_json_best_effort(indent=2))
@@ -63,7 +77,8 @@ def run(config, workdir: str) -> dict:
         out_dir = os.path.join(workdir, name)
         report_path = os.path.join(out_dir, "report.json")
         if name in finished:
-            logging.info("%s: report exists, skipping (%s)", name, report_path)
+            if process.is_primary:
+                _say(f"{name}: finished before, not rerun: {_outputs(out_dir)}")
             reports[name] = read_json(report_path)
             continue
         os.makedirs(out_dir, exist_ok=True)
@@ -81,10 +96,11 @@ def run(config, workdir: str) -> dict:
             continue
         timings[f"{name}_s"] = report["elapsed_s"]
         reports[name] = report
-        print(f"[ntk_jax] {name}: {json.dumps(module.summary(report))}", flush=True)
+        _say(f"{name}: {json.dumps(module.summary(report))}")
+        _say(f"{name}: {_outputs(out_dir)}")
     timings["total_s"] = time.time() - t0
     if not process.is_primary:
         return reports
     write_json(os.path.join(workdir, "timings.json"), timings)
-    print(f"[ntk_jax] done in {timings['total_s']:.1f}s; reports under {workdir}", flush=True)
+    _say(f"done in {timings['total_s']:.1f}s; reports under {workdir}")
     return reports

@@ -230,9 +230,16 @@ def merge_lora(model: nnx.Module) -> int:
 def lora_config(**overrides):
     """The ``lora`` section of a job config (an ``ml_collections.ConfigDict`` of
     :class:`LoRAConfig` fields): r=8, α=16 on q_proj and v_proj of every layer, B = 0 at init;
-    ``overrides`` on top."""
+    ``overrides`` on top.
+
+    ``targets`` and ``layers`` are tuples, so both can be set from the command line
+    (``--config.<job>.lora.layers='(0,2)'``); ``layers=None`` (every layer) is kept as an
+    ``ml_collections`` tuple placeholder, which the flag parser can set but not reset to
+    ``None`` (omit the flag for every layer)."""
     import ml_collections
 
-    d = dict(rank=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"], layers=None, b_init_std=0.0)
+    d = dict(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"), layers=None, b_init_std=0.0)
     d.update(overrides)
+    d["targets"] = tuple(d["targets"])
+    d["layers"] = ml_collections.config_dict.placeholder(tuple) if d["layers"] is None else tuple(d["layers"])
     return ml_collections.ConfigDict(d, type_safe=False)

@@ -9,7 +9,7 @@ A method module ``ntk_jax/selection/methods/<name>.py`` defines:
 * ``config() -> ml_collections.ConfigDict`` (optional): its settings, which become the
   ``config.select.<name>`` section (:func:`ntk_jax.launcher.config_lib.select_config`);
 * ``PRESETS: dict[str, dict]`` (optional): named settings, as overrides of the ``select``
-  section with dotted keys (``{"ntk.output": "loss", "filter_factor": 0}``); a comparison arm
+  section with dotted keys (``{"ntk.output": "loss", "ntk.filter_factor": 0}``); a comparison arm
   ``"<name>@<preset>"`` runs the method with them (:func:`apply_preset`);
 * ``check_config(cfg: dict)`` (optional): raises ``ValueError`` naming a bad setting before
   anything runs.

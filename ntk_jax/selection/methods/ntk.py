@@ -1,10 +1,11 @@
 """NTK-Selector (SPEC §6.1) and its score variants (SPEC §6.5); the math is in
 :mod:`ntk_jax.selection.ntk_selector` and :mod:`ntk_jax.kernels.features`.
 
-Stages: (1) the kernel point — a LoRA warm-up on the domain set (``point="warmup"``) or the
-model with fresh LoRA factors (``point="base"``); (2) the coarse filter — kNN votes of the
-domain records over mean hidden states keep ``M = filter_factor · N`` candidates
-(``filter_factor=0``: score the whole pool); (3) per-candidate scores in resumable shards;
+Stages: (1) the kernel point — a LoRA warm-up on the domain set (``point="warmup"``), the
+model with fresh LoRA factors (``point="base"``), or both (``point="base+warmup"``: the
+score is the mean of the two points' scores, a two-point TracIn-style sum); (2) the coarse filter — kNN votes of the
+domain records over mean hidden states keep ``M = ntk.filter_factor · N`` candidates
+(``0``: score the whole pool); (3) per-candidate scores in resumable shards;
 (4) the top N.
 
 The score of candidate j, with ``g(x) = ∇_θ s(θ, x)`` over the LoRA factors at the kernel
@@ -23,7 +24,7 @@ point and ``s`` set by ``select.ntk.output`` / ``reduce``
   ``(1/|D|) Σ_i Θ̃(x_i, x_j)`` (the paper); ``"cosine"`` — ``s_j = (1/|D|) Σ_i
   Θ̃(x_i,x_j)/√(Θ̃(x_i,x_i) Θ̃(x_j,x_j)) = ⟨(1/|D|) Σ_i g_i/‖g_i‖, g_j⟩ / ‖g_j‖``;
   ``"candidate"`` — ``⟨ḡ, g_j⟩ / ‖g_j‖`` (the candidate's norm only);
-* ``precondition="adam"`` (``point="warmup"`` only): inner products and norms in the metric
+* ``precondition="adam"`` (at the warm-up point; not with ``point="base"``): inner products and norms in the metric
   ``D = diag(1/(√ν̂+ε))`` of the warm-up's final Adam state
   (:func:`~ntk_jax.selection.less.adam_diagonal`): ``⟨ḡ, D g_j⟩`` — the first-order change of
   the domain loss under an Adam-like step on j, as LESS preconditions its candidates;
@@ -58,26 +59,36 @@ from ntk_jax.selection.ntk_selector import (SCORE_OUTPUTS, TOKEN_REDUCTIONS, knn
                                             top_by_votes, top_n)
 
 NORMALIZATIONS = ("none", "cosine", "candidate")
-POINTS = ("warmup", "base")
+POINTS = ("warmup", "base", "base+warmup")
 PRECONDITIONERS = ("none", "adam")
 
 PAPER = {"ntk.output": "sum_of_logits", "ntk.reduce": "mean", "ntk.normalize": "none", "ntk.point": "warmup",
-         "ntk.precondition": "none", "filter_factor": 4}
+         "ntk.precondition": "none", "ntk.filter_factor": 4}
 """SPEC §6.1 as the paper states it: length-normalised sum-of-logits gradients after the
 domain warm-up, unnormalised mean kernel to the domain, kNN filter to 4N."""
 
-PRESETS = {"paper": PAPER}
+RECOMMENDED = {"ntk.output": "loss", "ntk.reduce": "mean", "ntk.normalize": "cosine", "ntk.point": "base+warmup",
+               "ntk.precondition": "none", "ntk.filter_factor": 0}
+"""The default (docs/selection.md, chosen on the benchmark suite): label-aware loss gradients,
+cosine-normalised, averaged over the fresh-LoRA and the warmed-up kernel points, the whole
+pool scored (no kNN filter)."""
+
+PRESETS = {"paper": PAPER, "recommended": RECOMMENDED}
 
 
 def config() -> ml_collections.ConfigDict:
-    """``select.ntk``: the score variant (see the module docstring). The defaults are the
-    paper's reading (SPEC §6.1); named presets: :data:`PRESETS`."""
+    """``select.ntk``: the score variant (see the module docstring). The defaults are
+    :data:`RECOMMENDED`; the paper's reading is the preset ``"paper"`` (an arm ``"ntk@paper"``,
+    or ``configs/select_ntk.py:paper``)."""
     return ml_collections.ConfigDict(dict(
-        output="sum_of_logits",     # sum_of_logits (label-blind, the paper) | loss (label-aware)
+        output="loss",              # loss (label-aware) | sum_of_logits (label-blind, the paper)
         reduce="mean",              # response tokens: mean (the paper) | sum
-        normalize="none",           # none (the paper) | cosine | candidate
-        point="warmup",             # kernel point: warmup (after the domain warm-up) | base (fresh LoRA)
-        precondition="none",        # none | adam (the warm-up's Adam diagonal; point=warmup only)
+        normalize="cosine",         # cosine | candidate | none (the paper)
+        point="base+warmup",        # kernel point: base (fresh LoRA) | warmup (after the domain
+                                    # warm-up, the paper) | base+warmup (mean of the two points' scores)
+        precondition="none",        # none | adam (the warm-up's Adam diagonal, at the warm-up point)
+        filter_factor=0,            # kNN coarse filter keeps M = filter_factor·N (0: score the whole
+                                    # pool; the paper: 4)
         feature_norms=True,         # also compute ‖g_j‖ for the diagnostics (one per-example
                                     # gradient per candidate instead of a JVP when normalize=none)
     ))
@@ -89,29 +100,50 @@ def check_config(cfg: dict) -> None:
                          ("point", POINTS), ("precondition", PRECONDITIONERS)):
         if n[key] not in allowed:
             raise ValueError(f"select.ntk.{key}={n[key]!r} is not one of {allowed}")
-    if n["precondition"] == "adam" and n["point"] != "warmup":
+    if n["precondition"] == "adam" and n["point"] == "base":
         raise ValueError("select.ntk.precondition='adam' needs the warm-up's optimizer state: set "
-                         "select.ntk.point='warmup'")
+                         "select.ntk.point='warmup' or 'base+warmup'")
     if n["precondition"] == "adam" and int(cfg["warmup"]["total_steps"]) < 1:
         raise ValueError("select.ntk.precondition='adam' needs a warm-up (select.warmup.total_steps >= 1)")
-    if int(cfg["filter_factor"]) < 0 or int(cfg["projection_dim"]) < 0:
-        raise ValueError("select.filter_factor and select.projection_dim must be >= 0")
+    if int(n["filter_factor"]) < 0 or int(cfg["projection_dim"]) < 0:
+        raise ValueError("select.ntk.filter_factor and select.projection_dim must be >= 0")
 
 
 def domain_direction(subset, scalar_fn, domain_arrays: dict, *, normalize: str, metric=None, projection_dim: int = 0,
-                     projection_seed: int = 0, batch_size: int | None = None):
+                     projection_seed: int = 0, batch_size: int | None = None, params=None):
     """The tangent ``t`` with ``s_j ∝ ⟨t, g_j⟩``: ``D · (1/|D|) Σ_i g_i [/‖g_i‖_D]`` (``D`` =
     ``metric`` or 1), replaced by ``Π Πᵀ t`` when ``projection_dim > 0``. A pytree like
-    ``subset.params``."""
+    ``subset.params``; gradients at ``params`` (default ``subset.params``)."""
+    params = subset.params if params is None else params
     x = {k: domain_arrays[k] for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
-    u, _ = mean_gradient(scalar_fn, subset.params, x, normalize=(normalize == "cosine"), metric=metric,
+    u, _ = mean_gradient(scalar_fn, params, x, normalize=(normalize == "cosine"), metric=metric,
                          batch_size=batch_size, progress_desc="ntk: domain gradients")
     if metric is not None:
         u = jax.tree.map(lambda a, w: a * w, u, metric)
     if projection_dim:
         projection = RandomProjection(int(projection_dim), seed=int(projection_seed))
-        u = projection.adjoint(projection(u, batch_axis=False), subset.params)
+        u = projection.adjoint(projection(u, batch_axis=False), params)
     return u
+
+
+def kernel_points(job, ncfg: dict):
+    """``(model, [(name, params, metric), ...])``: the LoRA parameters the kernel is taken at
+    (``point``: ``base`` = fresh factors, ``warmup`` = after the domain warm-up,
+    ``base+warmup`` = both, scores averaged) and the Adam metric of each (``None``: none)."""
+    cfg = job.cfg
+    lora = LoRAConfig.from_dict(cfg["lora"])
+    points, model = [], None
+    if ncfg["point"] in ("base", "base+warmup"):
+        model = job.context.load_model(lora, seed=job.seed)
+        points.append(("base", param_subset(model, lora_filter()).params, None))
+    if ncfg["point"] in ("warmup", "base+warmup"):
+        model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"])
+        metric = None
+        if ncfg["precondition"] == "adam":
+            state = job.checkpoints(model, wcfg, steps=[wcfg.total_steps])[wcfg.total_steps]
+            metric = adam_diagonal(find_adam_state(state["opt_state"]).nu, wcfg.total_steps)
+        points.append(("warmup", param_subset(model, lora_filter()).params, metric))
+    return model, points
 
 
 def select(job) -> Selection:
@@ -120,12 +152,9 @@ def select(job) -> Selection:
     n_select = int(cfg["n_select"])
     fbs = job.feature_batch_size
     with job.timed("warmup"):
-        if ncfg["point"] == "warmup":
-            model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"])
-        else:
-            model, wcfg = job.context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=job.seed), None
+        model, points = kernel_points(job, ncfg)
     # ---- coarse filter (every process, on the merged embeddings: the same result)
-    m = min(int(cfg["filter_factor"]) * n_select, len(job.pool))
+    m = min(int(ncfg["filter_factor"]) * n_select, len(job.pool))
     if m > 0:
         dom_emb, cand_emb, _ = pool_embeddings(job, model)
         with job.timed("filter"):
@@ -135,30 +164,30 @@ def select(job) -> Selection:
     else:
         kept = np.arange(len(job.pool))
         job.extra.update(n_filtered=len(kept))
-    # ---- scores of the kept candidates
+    # ---- scores of the kept candidates (mean over the kernel points)
     with job.timed("score"):
         subset = param_subset(model, lora_filter())
         sfn = selection_scalar_fn(subset, ncfg["output"], ncfg["reduce"])
-        metric = None
-        if ncfg["precondition"] == "adam":
-            state = job.checkpoints(model, wcfg, steps=[wcfg.total_steps])[wcfg.total_steps]
-            metric = adam_diagonal(find_adam_state(state["opt_state"]).nu, wcfg.total_steps)
-        tangent = domain_direction(subset, sfn, job.domain_arrays, normalize=ncfg["normalize"], metric=metric,
-                                   projection_dim=int(cfg["projection_dim"]),
-                                   projection_seed=int(cfg["projection_seed"]), batch_size=fbs)
+        tangents = [domain_direction(subset, sfn, job.domain_arrays, normalize=ncfg["normalize"], metric=metric,
+                                     projection_dim=int(cfg["projection_dim"]),
+                                     projection_seed=int(cfg["projection_seed"]), batch_size=fbs, params=params)
+                    for _, params, metric in points]
         use_norms = ncfg["normalize"] != "none" or bool(ncfg["feature_norms"])
         kept_ids = [job.pool_ids[int(i)] for i in kept]
         store = job.store("scores", kept_ids, "ntk_scores")
 
         def score_rows(batch):
             x = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
-            if not use_norms:
-                dots = directional_derivatives(sfn, subset.params, x, tangent, batch_size=fbs)
-                return np.stack([dots, np.full_like(dots, np.nan)], axis=1)
-            dots, sq = gradient_inner_products(sfn, subset.params, x, tangent, metric=metric, batch_size=fbs)
-            norms = np.sqrt(sq)
-            scores = dots if ncfg["normalize"] == "none" else dots / np.maximum(norms, 1e-30)
-            return np.stack([scores, norms], axis=1)
+            scores, norms = [], []
+            for (_, params, metric), tangent in zip(points, tangents):
+                if not use_norms:
+                    scores.append(directional_derivatives(sfn, params, x, tangent, batch_size=fbs))
+                    norms.append(np.full_like(scores[-1], np.nan))
+                    continue
+                dots, sq = gradient_inner_products(sfn, params, x, tangent, metric=metric, batch_size=fbs)
+                norms.append(np.sqrt(sq))
+                scores.append(dots if ncfg["normalize"] == "none" else dots / np.maximum(norms[-1], 1e-30))
+            return np.stack([np.mean(scores, axis=0), norms[0]], axis=1)  # norm at the first point
 
         def score(lo, hi):
             out = job.map_records(score_rows, lo, hi, kept)

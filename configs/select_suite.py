@@ -1,0 +1,20 @@
+"""The selection benchmark suite (docs/selection.md): every target of
+ntk_jax.data.controlled.TARGETS × {no_conflict, contradicting} × the arms below × 3 seeds,
+each cell fine-tuned and evaluated like select_compare; writes suite_table.{json,md} and
+suite.png. Resumable (rerun the same command).
+
+    python -m ntk_jax.main --config=configs/select_suite.py --workdir=runs/select_suite
+
+One target: ``--config.select_suite.targets='("mirror",)'``.
+"""
+from ntk_jax.launcher.config_lib import base_config
+
+
+def get_config():
+    config = base_config()
+    config.experiments = ("select_suite",)
+    # arms: the baselines, the paper's NTK-Selector and the recommended NTK scores (select.ntk)
+    config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk")
+    config.select_compare.oracles = ("useful", "conflicting")  # no_conflict cells drop "conflicting"
+    config.select_compare.seeds = (0, 1, 2)
+    return config

@@ -1,6 +1,9 @@
-"""The whole selection comparison (ntk_jax issue 4, item 7): domain-only, the oracle arms,
-random, embedding, LESS and NTK-Selector over three seeds on the controlled benchmark (or the
-JSONL paths in config.select); writes table.json, table.md and comparison.png.
+"""The selection comparison on one target (docs/selection.md): domain-only, the oracle arms,
+random, embedding, LESS, the paper's NTK-Selector (``ntk@paper``) and the recommended NTK
+scores (``ntk``) over three seeds on the controlled benchmark (target
+``select.benchmark.target``, default flipped_sentiment) or the JSONL paths in config.select;
+writes table.json, table.md and comparison.png. The whole suite of targets:
+configs/select_suite.py.
 
     python -m ntk_jax.main --config=configs/select_compare.py --workdir=runs/select_compare
     python -m ntk_jax.main --config=configs/select_compare.py:no_conflict --workdir=runs/select_compare_nc
@@ -19,8 +22,9 @@ def get_config(arg=None):
     if variant not in VARIANTS:
         raise ValueError(f"unknown benchmark variant {variant!r}; choose one of {sorted(VARIANTS)}")
     config = base_config()
-    config.experiments = ["select_compare"]
+    config.experiments = ("select_compare",)
     config.select.benchmark.variant = variant
+    config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk")
     if variant == "no_conflict":
-        config.select_compare.oracles = ["useful"]
+        config.select_compare.oracles = ("useful",)
     return config

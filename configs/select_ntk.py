@@ -1,13 +1,31 @@
-"""One selection job with method 'ntk' (SPEC §6; experiments/select.py) on the controlled
-benchmark by default (set select.domain_path / pool_path for your own JSONL).
+"""One NTK-Selector job (SPEC §6.1, §6.5; experiments/select.py) with the recommended score
+(docs/selection.md): label-aware loss gradients over the LoRA factors, cosine-normalised,
+averaged over two kernel points (fresh LoRA and after the domain warm-up), the whole pool
+scored. ``:paper`` gives the paper's reading instead (sum-of-logits gradients after the
+warm-up, unnormalised, kNN filter to 4N).
 
     python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/select_ntk
+    python -m ntk_jax.main --config=configs/select_ntk.py:paper --workdir=runs/select_ntk_paper
+    # your data (JSONL records with "prompt"/"response", or "text"):
+    python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/mine \\
+        --config.select.domain_path=domain.jsonl --config.select.pool_path=pool.jsonl
+
+Without JSONL paths the job runs on the controlled benchmark (ntk_jax.data.controlled,
+target ``select.benchmark.target``) and reports precision@N against the pool's base rate.
 """
 from ntk_jax.launcher.config_lib import base_config
+from ntk_jax.selection.methods.ntk import PRESETS
 
 
-def get_config():
+def get_config(arg=None):
+    preset = arg or "recommended"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown NTK preset {preset!r}; choose one of {sorted(PRESETS)}")
     config = base_config()
-    config.experiments = ["select"]
+    config.experiments = ("select",)
     config.select.method = "ntk"
+    # The score variant (select.ntk; the defaults are the recommended preset):
+    for key, value in PRESETS[preset].items():
+        section, field = key.split(".")
+        config.select[section][field] = value
     return config

@@ -23,7 +23,7 @@ Settings (LoRA r=128, α=512 on q/k/v/o: P = 122 683 392 LoRA parameters; p = 81
 bf16 compute; per-platform mesh, weight dtype and batch sizes) and why each was chosen: the
 docstring of ``ntk_jax.launcher.platforms.scale_selection_config``; ``docs/scale.md``.
 
-Memory per device, GiB, from ``ntk_jax.models.memory.estimate_memory`` (``python
+Memory per device, GiB, from ``ntk_jax.launcher.memory.estimate_memory`` (``python
 benchmarks/memory_table.py --platforms``; the columns are explained in ``docs/scale.md``):
 
 | platform | local mesh | weights | batch feat/train | weights/dev | hidden | projected | jvp | train | peak CPU | peak GPU/TPU | device |

@@ -100,9 +100,9 @@ def quantities(ctx: Context, domain: dict, pool: dict, train_data: dict, test: l
     out["jvp_scores"] = ntk_scores_by_jvp(subset, dom, pool, projection_dim=64, projection_seed=1,
                                           batch_size=FEATURE_BLOCK, scalar_fn=sfn)
     out["hidden"] = mean_hidden_states(model, pool, batch_size=FEATURE_BLOCK)
-    before = trainer._train_step._cache_size()
+    before = trainer.train_step_program._cache_size()
     result = trainer.train(model, train_data, TRAIN)
-    out["train_compiles"] = trainer._train_step._cache_size() - before
+    out["train_compiles"] = trainer.train_step_program._cache_size() - before
     out["losses"] = [r["loss"] for r in result.history]
     out["grad_norms"] = [r["grad_norm"] for r in result.history]
     out["trained"] = flat(result.params)

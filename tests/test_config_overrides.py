@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # One valid argument for each config file whose get_config takes one.
-ARGS = {"select_compare.py": "no_conflict", "select_llama3_8b.py": "gpu8", "select_qwen3_8b.py": "v5e-8"}
+ARGS = {"select_compare.py": "no_conflict", "select_ntk.py": "paper", "select_llama3_8b.py": "gpu8", "select_qwen3_8b.py": "v5e-8"}
 # Field types the config flag parser can set (ml_collections.config_flags._FIELD_TYPE_TO_PARSER).
 OVERRIDABLE = (int, float, bool, str, tuple)
 

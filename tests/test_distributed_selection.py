@@ -15,14 +15,15 @@ WORKER = os.path.join(ROOT, "tests", "workers", "selection_worker.py")
 STORES = ("embeddings", "scores")
 
 
-def run_job(workdir, model_dir, n, *, method="ntk", die_after=None, log="computed", timeout=300):
+def run_job(workdir, model_dir, n, *, method="ntk@paper", die_after=None, log="computed", timeout=300,
+            experiment="select"):
     """Runs one selection job as ``n`` worker processes; returns ``[(rc, output)]`` per
     process. With ``die_after``, process ``n-1`` exits with 3 after that many score shards and
     the survivors (waiting at a barrier for it) are then killed."""
     port = str(free_port())
     args = []
     for pid in range(n):
-        a = [workdir, model_dir, "--log", log, "--method", method]
+        a = [workdir, model_dir, "--log", log, "--method", method, "--experiment", experiment]
         if n > 1:
             a += ["--process_id", str(pid), "--num_processes", str(n), "--port", port]
         if die_after is not None and pid == n - 1:
@@ -107,10 +108,11 @@ def test_selection_two_processes_equal_one_and_resume_after_kill(tmp_path, tiny_
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NTK_JAX_EXTRA_PROCESS_TESTS"),
                     reason="about 2 min on 2 cores; set NTK_JAX_EXTRA_PROCESS_TESTS=1 to run")
-@pytest.mark.parametrize("method,n", [("ntk", 4), ("less", 2)])
+@pytest.mark.parametrize("method,n", [("ntk@paper", 4), ("ntk", 2), ("less", 2)])
 def test_selection_n_processes_equal_one_process(tmp_path, tiny_model_dir, method, n):
-    """Four processes (ntk) / LESS (warm-up checkpoints per epoch restored by every process)
-    on two: bitwise the one-process result, each process computing its own shards."""
+    """Four processes (the paper's ntk) / the recommended ntk (two kernel points) and LESS
+    (warm-up checkpoints restored by every process) on two: bitwise the one-process result,
+    each process computing its own shards."""
     one, many = str(tmp_path / "one"), str(tmp_path / "many")
     (rc, out), = run_job(one, tiny_model_dir, 1, method=method)
     assert rc == 0, out
@@ -121,3 +123,27 @@ def test_selection_n_processes_equal_one_process(tmp_path, tiny_model_dir, metho
         assert work[pid] and all(k % n == pid for _, k in work[pid]), (pid, work[pid])
     assert sorted(x for w in work for x in w) == sorted(computed(one, 0))
     assert assert_same_results(os.path.join(many, "select"), os.path.join(one, "select"))["processes"] == n
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NTK_JAX_EXTRA_PROCESS_TESTS"),
+                    reason="about 1 min on 2 cores; set NTK_JAX_EXTRA_PROCESS_TESTS=1 to run")
+def test_select_compare_on_two_processes_equals_one(tmp_path, tiny_model_dir):
+    """select_compare runs its selections on every process (each scoring its own shards);
+    process 0 fine-tunes: the results equal a one-process run."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    (rc, out), = run_job(one, tiny_model_dir, 1, method="ntk", experiment="select_compare")
+    assert rc == 0, out
+    outs = run_job(two, tiny_model_dir, 2, method="ntk", experiment="select_compare")
+    assert all(rc == 0 for rc, _ in outs), outs
+    assert computed(two, 0) and computed(two, 1)  # both processes scored shards
+    assert all(k % 2 == pid for pid in (0, 1) for _, k in computed(two, pid))
+    with open(os.path.join(one, "select_compare", "results.json")) as f1, \
+            open(os.path.join(two, "select_compare", "results.json")) as f2:
+        r1, r2 = json.load(f1), json.load(f2)
+    assert set(r1) == set(r2) == {"0/domain_only", "0/oracle_useful", "0/random", "0/ntk"}
+    for key in r1:
+        for field in ("precision_at_n", "test_loss", "accuracy"):
+            assert r1[key].get(field) == r2[key].get(field), (key, field)
+    assert_same_results(os.path.join(two, "select_compare", "seed_0", "ntk"),
+                        os.path.join(one, "select_compare", "seed_0", "ntk"))

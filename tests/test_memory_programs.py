@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ntk_jax.models.lora import LoRAConfig
-from ntk_jax.models.memory import abstract_model, cpu_upcast_bytes, decoder_config, estimate_memory
+from ntk_jax.launcher.memory import abstract_model, cpu_upcast_bytes, decoder_config, estimate_memory
 from ntk_jax.models.transformer import DecoderConfig
 
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=48)

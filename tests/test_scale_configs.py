@@ -21,7 +21,7 @@ from ntk_jax.launcher import platforms as plat
 from ntk_jax.launcher.config_lib import SECTIONS
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.models.lora import LoRAConfig
-from ntk_jax.models.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, param_memory
+from ntk_jax.launcher.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, param_memory
 from ntk_jax.training.trainer import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """Device-mesh sharding (ntk_jax.models.sharding, from_pretrained(mesh=)) and the memory
-estimator (ntk_jax.models.memory, benchmarks/memory_table.py).
+estimator (ntk_jax.launcher.memory, benchmarks/memory_table.py).
 
 The 8-device checks run in ONE subprocess (``tests/sharding_checks.py``) started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, because this process already has JAX
@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
-from ntk_jax.models.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, estimate_memory, param_memory
+from ntk_jax.launcher.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, estimate_memory, param_memory
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,9 +12,9 @@ Conventions (as in neural-tangents' ``empirical.py``):
 
 Device meshes: :func:`gradient_features` and :func:`directional_derivatives` run
 data-parallel on the ``("data", "model")`` mesh the parameters live on
-(:func:`ntk_jax.models.sharding.resolve_mesh`; ``mesh=`` to name it): each block of examples
+(:func:`ntk_jax.mesh.resolve_mesh`; ``mesh=`` to name it): each block of examples
 is padded to a multiple of the ``data`` size and split over it
-(:func:`ntk_jax.models.sharding.place_rows`), the padding dropped from the result. Without a
+(:func:`ntk_jax.mesh.place_rows`), the padding dropped from the result. Without a
 mesh, or on one device, batches are passed on unplaced, as before.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_jax.kernels.projection import RandomProjection
-from ntk_jax.models import sharding as sh
+from ntk_jax import mesh as sh
 from ntk_jax.utils import progress
 
 PyTree = Any

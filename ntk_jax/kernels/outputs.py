@@ -13,12 +13,13 @@ long and short examples are comparable (SPEC §2):
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from ntk_jax.models.subset import ParamSubset
+if TYPE_CHECKING:  # kernels sit below models: only the type is used here
+    from ntk_jax.models.subset import ParamSubset
 
 REDUCTIONS = ("mean", "none")
 
@@ -42,7 +43,7 @@ def default_lm_call(model, batch: dict) -> jax.Array:
     return model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
 
 
-def lm_output_fn(subset: ParamSubset, *, reduce: str = "mean", mask_key: str = "loss_mask",
+def lm_output_fn(subset: "ParamSubset", *, reduce: str = "mean", mask_key: str = "loss_mask",
                  call: Callable[[Any, dict], jax.Array] = default_lm_call) -> Callable:
     """``f(params, batch)`` for a language model, over ``subset``'s parameters.
 

@@ -7,7 +7,7 @@ host has, and each accelerator's memory. Every process (one per host) builds its
 its own local devices (``config.mesh``, see :func:`ntk_jax.models.sharding.mesh_from_config`)
 and loads the whole model onto it; hosts split the pool's shards between them. So the memory
 a device needs depends only on the local mesh and the batch sizes, which
-:data:`LAYOUTS` fixes per platform from :func:`ntk_jax.models.memory.estimate_memory`
+:data:`LAYOUTS` fixes per platform from :func:`ntk_jax.launcher.memory.estimate_memory`
 (``benchmarks/memory_table.py --platforms``; the numbers are in ``docs/scale.md``).
 """
 from __future__ import annotations

@@ -13,9 +13,11 @@
   ``shard_model`` / ``shard_batch``; ``from_pretrained(dir, mesh=mesh)`` places each checkpoint
   tensor straight into its sharded layout;
 * :mod:`~ntk_jax.models.peft_export` — ``save_peft_adapter`` / ``load_peft_adapter`` in PEFT's
-  LoRA layout (``adapter_config.json`` + ``adapter_model.safetensors``);
-* :mod:`~ntk_jax.models.memory` — per-device memory estimates (parameters, forward, per-example
-  gradient features) from ``nnx.eval_shape`` and XLA's compiled memory analysis.
+  LoRA layout (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+Per-device memory estimates of whole jobs (which compile the training and selection programs
+too) are in :mod:`ntk_jax.launcher.memory`; the mesh helpers every batch loop uses in
+:mod:`ntk_jax.mesh`.
 """
 from ntk_jax.models.hf_loading import from_pretrained, load_tokenizer
 from ntk_jax.models.peft_export import load_peft_adapter, save_peft_adapter

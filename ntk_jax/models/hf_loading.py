@@ -621,7 +621,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                 apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
             return model
         # Sharded: this repo's format stores flat NNX names, so the weight map is the identity.
-        config = with_dtypes(_tr.load_config(path), dtype, param_dtype)
+        config = with_dtypes(load_config(path), dtype, param_dtype)
         return load_model(_build_decoder, config, SafetensorsDir(path),
                           lambda model, names: rename_weight_map(model, names, lambda n: ([n], False)),
                           rngs=rngs, lora=lcfg, mesh=mesh, rules=rules)
@@ -783,3 +783,18 @@ def _build_decoder(config: DecoderConfig, *, rngs: nnx.Rngs) -> DecoderLM:
 for _mt in _DECODER_TYPES:
     register_architecture(_mt, decoder_config_from_hf, _build_decoder, decoder_weight_map)
 del _mt
+
+
+def load_config(directory: str | os.PathLike) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a checkpoint directory: this repo's format or a Hugging
+    Face Llama-family decoder (llama / mistral / qwen2 / qwen3 ``config.json``, converted by
+    :func:`config_from_hf`). ``ValueError`` for other model types
+    (e.g. GPT-2, BERT), whose configs are not a ``DecoderConfig``."""
+    d = read_hf_config(directory)
+    if d.get("model_type") == _tr.MODEL_TYPE:
+        return _tr.load_own_config(directory)
+    config = config_from_hf(d)
+    if not isinstance(config, DecoderConfig):
+        raise ValueError(f"{os.fspath(directory)!r}: model_type {d.get('model_type')!r} is not a Llama-family "
+                         f"decoder (its config is a {type(config).__name__}, not a DecoderConfig)")
+    return config

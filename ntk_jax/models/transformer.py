@@ -522,7 +522,7 @@ def save_pretrained(model: DecoderLM, directory: str | os.PathLike) -> None:
     save_file(flat, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "flax"})
 
 
-def _load_own_config(directory: str | os.PathLike) -> DecoderConfig:
+def load_own_config(directory: str | os.PathLike) -> DecoderConfig:
     """The :class:`DecoderConfig` of a directory in this repo's format (``ntk_jax_decoder``)."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isfile(path):
@@ -533,23 +533,6 @@ def _load_own_config(directory: str | os.PathLike) -> DecoderConfig:
     if model_type != MODEL_TYPE:
         raise ValueError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
     return DecoderConfig.from_dict(d)
-
-
-def load_config(directory: str | os.PathLike) -> DecoderConfig:
-    """The :class:`DecoderConfig` of a checkpoint directory: this repo's format or a Hugging
-    Face Llama-family decoder (llama / mistral / qwen2 / qwen3 ``config.json``, converted by
-    :func:`ntk_jax.models.hf_loading.config_from_hf`). ``ValueError`` for other model types
-    (e.g. GPT-2, BERT), whose configs are not a ``DecoderConfig``."""
-    from ntk_jax.models import hf_loading  # imports this module: no import at module level
-
-    d = hf_loading.read_hf_config(directory)
-    if d.get("model_type") == MODEL_TYPE:
-        return _load_own_config(directory)
-    config = hf_loading.config_from_hf(d)
-    if not isinstance(config, DecoderConfig):
-        raise ValueError(f"{os.fspath(directory)!r}: model_type {d.get('model_type')!r} is not a Llama-family "
-                         f"decoder (its config is a {type(config).__name__}, not a DecoderConfig)")
-    return config
 
 
 def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None,
@@ -568,7 +551,7 @@ def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = Non
     from safetensors import safe_open
 
     directory = os.fspath(directory)
-    config = with_dtypes(_load_own_config(directory), dtype, param_dtype)
+    config = with_dtypes(load_own_config(directory), dtype, param_dtype)
     wpath = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")

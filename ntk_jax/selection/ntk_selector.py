@@ -108,7 +108,7 @@ def ntk_features(subset: ParamSubset, batch: dict, *, projection_dim: int = 8192
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _mean_hidden(state, input_ids, attention_mask, *, graphdef):
+def mean_hidden_program(state, input_ids, attention_mask, *, graphdef):
     model = nnx.merge(graphdef, state)
     h = model.hidden_states(input_ids, attention_mask).astype(jnp.float32)
     m = attention_mask.astype(jnp.float32)
@@ -140,7 +140,7 @@ def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, 
         if hi - lo < bs:  # pad by repeating the block's first example: one compiled shape
             idx = np.concatenate([idx, np.full(bs - (hi - lo), lo)])
         b_ids, b_mask = sh.place_rows((ids[idx], mask[idx]), mesh)
-        out.append(np.asarray(_mean_hidden(state, b_ids, b_mask, graphdef=graphdef))[: hi - lo])
+        out.append(np.asarray(mean_hidden_program(state, b_ids, b_mask, graphdef=graphdef))[: hi - lo])
     return np.concatenate(out, axis=0)
 
 

@@ -232,9 +232,9 @@ def _reseed_streams(model: nnx.Module, key) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "loss_fn", "layout"))
-def _train_step(params, opt_state, template, frozen, batch, seed, update, *, graphdef, cfg, loss_fn, layout=None):
+def train_step_program(params, opt_state, template, frozen, batch, seed, update, *, graphdef, cfg, loss_fn, layout=None):
     # ``cfg`` is static (it builds the optimiser); fields that do not affect the step are
-    # normalised by ``_step_config`` so that changing them does not recompile.
+    # normalised by ``step_config`` so that changing them does not recompile.
     # ``layout``: on a mesh, the shardings of the (params, opt_state) leaves, pinned on the
     # outputs (else XLA may lay a replicated factor out differently, and the next step would
     # compile again for the new input layout).
@@ -256,7 +256,7 @@ def _train_step(params, opt_state, template, frozen, batch, seed, update, *, gra
     return params, opt_state, loss, grad_norm
 
 
-def _step_config(cfg: TrainConfig) -> TrainConfig:
+def step_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, batch_size=1, seed=0, eval_every=0, checkpoint_every=0,
                                log_every=1, max_to_keep=1)
 
@@ -474,7 +474,7 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
     eval_sub = param_subset(model, wrt)
     frozen, template = train_sub.frozen, train_sub._template
     schedule = make_schedule(cfg)
-    step_cfg = _step_config(cfg)
+    step_cfg = step_config(cfg)
 
     params = train_sub.params
     # On a mesh every leaf of the optimiser state (counters too) lives on it: jit needs all
@@ -522,7 +522,7 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
             update = step  # optax count of this update
             batch = sh.place_rows(_padded_batch(arrays, batch_indices(n, cfg.batch_size, cfg.seed, update),
                                                 step_rows), mesh)
-            params, opt_state, loss, gnorm = _train_step(
+            params, opt_state, loss, gnorm = train_step_program(
                 params, opt_state, template, frozen, batch, jnp.asarray(cfg.seed, jnp.uint32),
                 jnp.asarray(update, jnp.int32), graphdef=train_sub.graphdef, cfg=step_cfg,
                 loss_fn=loss_fn, layout=layout)

@@ -2,10 +2,13 @@
 selection job run through the launcher (``experiments/select.py`` on a tiny controlled
 benchmark and a tiny pre-trained model).
 
-    python selection_worker.py WORKDIR MODEL_DIR [--method ntk] [--process_id I
-        --num_processes N --port P] [--die_after K] [--log NAME]
+    python selection_worker.py WORKDIR MODEL_DIR [--method ntk | ntk@paper | less ...] [--process_id I
+        --num_processes N --port P] [--die_after K] [--log NAME] [--experiment select_compare]
 
-Writes the job to WORKDIR/select/ and WORKDIR/NAME_<pid>.json: the ScoreStore shards this
+``--method``: a method or ``<method>@<preset>``. ``--experiment select_compare``: the
+comparison (random vs the method, one seed, a two-step fine-tune) instead of one job.
+
+Writes the job to WORKDIR/select/ (WORKDIR/select_compare/) and WORKDIR/NAME_<pid>.json: the ScoreStore shards this
 run of this process computed, as ``[store, shard]`` pairs (``store``: ``embeddings`` or
 ``scores``), in order. ``--die_after K``: ``os._exit(3)`` right after writing the K-th
 ``scores`` shard (a process killed midway).
@@ -24,6 +27,7 @@ ap.add_argument("--num_processes", type=int, default=1)
 ap.add_argument("--port", type=int, default=0)
 ap.add_argument("--die_after", type=int, default=-1, help="os._exit(3) after this many scores shards")
 ap.add_argument("--log", default="computed")
+ap.add_argument("--experiment", default="select", choices=("select", "select_compare"))
 args = ap.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
@@ -31,9 +35,10 @@ os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
 from ntk_jax.launcher.config_lib import base_config  # noqa: E402
 from ntk_jax.launcher.run import run  # noqa: E402
 from ntk_jax.selection import store as store_lib  # noqa: E402
+from ntk_jax.selection.methods import get_method, split_arm  # noqa: E402
 
 c = base_config()
-c.experiments = ["select"]
+c.experiments = (args.experiment,)
 c.model.path = args.model_dir
 c.pretrain.max_len = 32
 if args.num_processes > 1:
@@ -41,12 +46,16 @@ if args.num_processes > 1:
     c.distributed.num_processes = args.num_processes
     c.distributed.process_id = args.process_id
 s = c.select
-s.method = args.method
+name, preset = split_arm(args.method)
+s.method = name
+for key, value in (get_method(name).presets[preset] if preset else {}).items():
+    section, field = key.split(".")
+    s[section][field] = value
 s.benchmark.n_domain = 8
 s.benchmark.n_test = 8
 s.benchmark.n_pool_per_family = 4   # 52 candidates
 s.n_select = 8
-s.shard_size = 8                    # 7 embedding shards; ntk: 32 filtered candidates, 4 score shards
+s.shard_size = 8                    # 7 embedding shards; ntk@paper: 32 filtered candidates, 4 score shards
 s.projection_dim = 512
 s.feature_batch_size = 8
 s.warmup.total_steps = 4
@@ -54,6 +63,12 @@ s.warmup.batch_size = 8
 s.knn_k = 8
 s.less.epochs = 2
 s.less.min_sample = 16
+cc = c.select_compare
+cc.methods = ("random", args.method)
+cc.oracles = ("useful",)
+cc.seeds = (0,)
+cc.finetune.total_steps = 2
+cc.finetune.batch_size = 8
 
 os.makedirs(args.workdir, exist_ok=True)
 log_path = os.path.join(args.workdir, f"{args.log}_{args.process_id}.json")

@@ -218,9 +218,9 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
 
         out["forward"] = compile_(forward, state_abs, batch)
     if "hidden" in programs:
-        from ntk_jax.selection.ntk_selector import _mean_hidden
+        from ntk_jax.selection.ntk_selector import mean_hidden_program
 
-        out["hidden"] = _analysis(_mean_hidden.lower(state_abs, batch["input_ids"], batch["attention_mask"],
+        out["hidden"] = _analysis(mean_hidden_program.lower(state_abs, batch["input_ids"], batch["attention_mask"],
                                                      graphdef=graphdef).compile())
     if lora is None:
         return out
@@ -254,10 +254,10 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
     if "train" in programs:
         from ntk_jax.training import trainer
 
-        cfg = trainer._step_config(trainer.TrainConfig())
+        cfg = trainer.step_config(trainer.TrainConfig())
         opt_abs = _opt_state_abstract(trainer.make_optimizer(cfg), params_abs, mesh)
         scalar = jax.ShapeDtypeStruct((), jnp.uint32)
-        lowered = trainer._train_step.lower(params_abs, opt_abs, template_abs, frozen_abs,
+        lowered = trainer.train_step_program.lower(params_abs, opt_abs, template_abs, frozen_abs,
                                             lm_batch(train_batch_size or batch_size, train=True), scalar,
                                             jax.ShapeDtypeStruct((), jnp.int32), graphdef=subset.graphdef, cfg=cfg,
                                             loss_fn=trainer.lm_loss)

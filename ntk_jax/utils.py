@@ -58,3 +58,25 @@ def write_json(path: str, obj: Any) -> None:
 def read_json(path: str) -> Any:
     with open(path) as fh:
         return json.load(fh)
+
+
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for the library's config dataclasses (``LoRAConfig``,
+    ``TrainConfig``, model configs): ``from_dict`` takes a dict or ``ConfigDict`` and raises
+    ``ValueError`` naming unknown keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any):
+        import dataclasses
+
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+        return cls(**d)

@@ -26,6 +26,8 @@ Usage::
 """
 from __future__ import annotations
 
+import enum
+
 import importlib
 import importlib.machinery
 import importlib.util
@@ -36,7 +38,16 @@ from typing import Callable
 _NT = "neural_tangents"
 _empirical = None
 
-IMPLEMENTATIONS = {"jacobian_contraction": 1, "ntk_vector_products": 2}
+class NtImplementation(str, enum.Enum):
+    """The neural-tangents modes that work on current JAX, with neural-tangents'
+    ``NtkImplementation`` value (STRUCTURED_DERIVATIVES, 3, does not)."""
+
+    JACOBIAN_CONTRACTION = "jacobian_contraction"
+    NTK_VECTOR_PRODUCTS = "ntk_vector_products"
+
+
+# mode -> neural-tangents' NtkImplementation enum value
+IMPLEMENTATIONS = {NtImplementation.JACOBIAN_CONTRACTION.value: 1, NtImplementation.NTK_VECTOR_PRODUCTS.value: 2}
 
 
 class NeuralTangentsUnavailable(ImportError):
@@ -120,6 +131,7 @@ def empirical_ntk_fn(f: Callable, *, trace_axes=(-1,), diagonal_axes=(), vmap_ax
     Returns:
       ``kernel_fn(x1, x2, params)`` from neural-tangents.
     """
+    implementation = getattr(implementation, "value", implementation)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unsupported neural-tangents implementation {implementation!r}; use one of "

@@ -18,6 +18,7 @@ host memory (numpy). Blocks are padded to one shape, so each driver compiles onc
 """
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any, Callable
 
@@ -33,7 +34,26 @@ from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.utils import progress
 
 PyTree = Any
-METHODS = ("jacobian", "ntk_vp", "neural_tangents")
+
+
+class NtkMethod(str, enum.Enum):
+    """How an exact eNTK block is computed (a ``str`` enum: ``method="ntk_vp"`` and
+    ``method=NtkMethod.NTK_VP`` are the same)."""
+
+    JACOBIAN = "jacobian"                # per-example Jacobian rows, contracted
+    NTK_VP = "ntk_vp"                    # NTK-vector products: J is never formed
+    NEURAL_TANGENTS = "neural_tangents"  # the neural-tangents library (oracle; nt_compat)
+
+
+METHODS = tuple(m.value for m in NtkMethod)
+
+
+def ntk_method(method) -> NtkMethod:
+    """``method`` (a name or :class:`NtkMethod`) validated: ``ValueError`` naming the choices."""
+    try:
+        return NtkMethod(method)
+    except ValueError:
+        raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}") from None
 
 
 def output_size(f: Callable, params: PyTree, x: PyTree) -> int:
@@ -166,6 +186,13 @@ def _neural_tangents_block(f, trace, implementation, O):
 # benchmarks/ntk_speed.py); ntk_vp is fastest one at a time.
 DEFAULT_BASIS_BATCH = {"jacobian": 8, "ntk_vp": 1}
 
+# method -> block builder (f, trace, O, basis_batch, nt_implementation) -> kernel(params, x1, x2)
+_BLOCK_BUILDERS: dict[NtkMethod, Callable] = {
+    NtkMethod.JACOBIAN: lambda f, trace, O, bb, impl: _jacobian_block(f, trace, O, bb),
+    NtkMethod.NTK_VP: lambda f, trace, O, bb, impl: _ntk_vp_block(f, trace, O, bb),
+    NtkMethod.NEURAL_TANGENTS: lambda f, trace, O, bb, impl: _neural_tangents_block(f, trace, impl, O),
+}
+
 
 def ntk_fn(f: Callable, *, trace: bool = True, method: str = "jacobian",
            nt_implementation: str = "jacobian_contraction", output_dim: int | None = None,
@@ -177,16 +204,11 @@ def ntk_fn(f: Callable, *, trace: bool = True, method: str = "jacobian",
     ``basis_batch`` output basis vectors are pushed through ``vjp``/``jvp`` at a time
     (default :data:`DEFAULT_BASIS_BATCH`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}")
-    if output_dim is None and (trace or method != "jacobian"):
-        raise ValueError(f"method={method!r} needs output_dim (O)")
-    bb = min(basis_batch or DEFAULT_BASIS_BATCH.get(method, 1), output_dim or 1)
-    if method == "jacobian":
-        return _jacobian_block(f, trace, output_dim, bb)
-    if method == "ntk_vp":
-        return _ntk_vp_block(f, trace, output_dim, bb)
-    return _neural_tangents_block(f, trace, nt_implementation, output_dim)
+    method = ntk_method(method)
+    if output_dim is None and (trace or method is not NtkMethod.JACOBIAN):
+        raise ValueError(f"method={method.value!r} needs output_dim (O)")
+    bb = min(basis_batch or DEFAULT_BASIS_BATCH.get(method.value, 1), output_dim or 1)
+    return _BLOCK_BUILDERS[method](f, trace, output_dim, bb, nt_implementation)
 
 
 # --- blocked drivers -----------------------------------------------------------------------
@@ -248,8 +270,7 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
     Returns:
       numpy array ``(n1, n2)`` or ``(n1, n2, O, O)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}")
+    method = ntk_method(method).value
     n1 = batch_size_of(x1, "x1")
     if x2 is not None:
         batch_size_of(x2, "x2")

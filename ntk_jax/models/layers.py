@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntk_jax.utils import DictConfig
+
 Array = jax.Array
 
 __all__ = ["LayerNorm", "get_activation", "resolve_dtype", "with_dtypes", "ConfigMixin", "accum_dtype",
@@ -126,8 +128,9 @@ def with_dtypes(config: Any, dtype: Any = None, param_dtype: Any = None) -> Any:
     return dataclasses.replace(config, **overrides)
 
 
-class ConfigMixin:
-    """Shared methods of the frozen config dataclasses (fields ``dtype`` / ``param_dtype``)."""
+class ConfigMixin(DictConfig):
+    """Shared methods of the frozen model config dataclasses (fields ``dtype`` / ``param_dtype``;
+    ``to_dict`` / ``from_dict`` from :class:`ntk_jax.utils.DictConfig`)."""
 
     @property
     def compute_dtype(self):
@@ -137,15 +140,3 @@ class ConfigMixin:
     def params_dtype(self):
         return jnp.dtype(self.param_dtype)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any):
-        """Builds from a dict / ``ConfigDict``; unknown keys raise ``ValueError`` naming them."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
-        return cls(**d)

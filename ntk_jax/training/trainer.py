@@ -38,6 +38,7 @@ from flax import nnx
 
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.subset import merge_params, param_subset
+from ntk_jax.utils import DictConfig
 from ntk_jax.training.losses import lm_loss, token_log_probs
 
 PyTree = Any
@@ -59,7 +60,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Optimisation hyper-parameters.
 
     ``eval_every=0``: evaluate only at the end (when ``eval_data`` is given).
@@ -98,18 +99,6 @@ class TrainConfig:
         if self.learning_rate < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("learning_rate, weight_decay and grad_clip must be non-negative")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "TrainConfig":
-        """Builds from a dict / ``ConfigDict``; unknown keys raise ``ValueError`` naming them."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ def run_benchmark(name, *args):
 def test_selection_speed_quick():
     out = run_benchmark("selection_speed.py")
     runners = {"train_step_floor", "ours_features", "torch_func_features", "ours_unprojected_grads",
-               "ours_scores_jvp"}
+               "ours_scores_jvp", "ours_scores_label_aware_jvp", "ours_scores_label_aware_normalised"}
     for key in ("warmup_s", "seconds", "candidates_per_s"):
         assert set(out[key]) == runners, key
         assert all(v > 0 for v in out[key].values()), key
@@ -39,7 +39,10 @@ def test_selection_speed_quick():
                                                             / out["seconds"]["train_step_floor"])
     assert out["speedup_ours_vs_torch_func"] == pytest.approx(out["seconds"]["torch_func_features"]
                                                               / out["seconds"]["ours_features"])
-    assert set(out["targets"]) == {"within_2x_of_floor", "faster_than_torch_func", "scores_jvp_within_2x_of_floor"}
+    assert set(out["targets"]) == {"within_2x_of_floor", "faster_than_torch_func", "scores_jvp_within_2x_of_floor",
+                                   "label_aware_jvp_within_1_5x_of_scores_jvp"}
+    assert out["ratio_label_aware_jvp_vs_scores_jvp"] == pytest.approx(
+        out["seconds"]["ours_scores_label_aware_jvp"] / out["seconds"]["ours_scores_jvp"])
 
     # Same definition on both sides: torch.func per-example gradients of the HF Llama with
     # hand-made LoRA equal ours (float32 rounding), unprojected and through the same matrix.

@@ -296,22 +296,22 @@ def test_select_compare_end_to_end(tmp_path, tiny_model_dir):
     c.select.warmup.total_steps = 20
     c.select.less.epochs = 2
     c.select_compare.seeds = [0]
-    c.select_compare.methods = ["random", "ntk"]
+    c.select_compare.methods = ["random", "ntk@paper"]
     c.select_compare.finetune.total_steps = 10
     report = run(c, str(tmp_path))["select_compare"]
     out = tmp_path / "select_compare"
     for name in ("table.json", "table.md", "comparison.png", "results.json", "report.json"):
         assert (out / name).exists(), name
-    for m in ("random", "ntk"):
+    for m in ("random", "ntk@paper"):
         assert (out / "seed_0" / m / SELECTED_NAME).exists()
         assert (out / "seed_0" / m / "report.json").exists()
     t = report["table"]
-    assert set(t) == {"domain_only", "oracle_useful", "oracle_conflicting", "random", "ntk"}
+    assert set(t) == {"domain_only", "oracle_useful", "oracle_conflicting", "random", "ntk@paper"}
     for role in ("useful", "conflicting"):
         entry = report["results"][f"0/oracle_{role}"]
         assert entry["n_added"] == 16 and t[f"oracle_{role}"]["precision_at_n"] is None
     # NTK-Selector's features (sum-of-logits gradients) do not see the labels, so it cannot
     # tell the useful families from the conflicting ones that share their inputs (see the
     # selection report); it still enriches sentiment-style (useful) items over the base rate.
-    assert t["ntk"]["precision_at_n"] > t["ntk"]["base_rate"], t
+    assert t["ntk@paper"]["precision_at_n"] > t["ntk@paper"]["base_rate"], t
     assert t["random"]["precision_at_n"] < 0.5

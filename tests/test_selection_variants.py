@@ -10,37 +10,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ntk_jax.data.controlled import make_controlled_benchmark
 from ntk_jax.kernels.features import gradient_features, gradient_inner_products, mean_gradient
 from ntk_jax.launcher.config_lib import base_config
-from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
-from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 from ntk_jax.selection.jobs import plain, run_selection
 from ntk_jax.selection.methods import Selection, apply_preset, get_method, method_names, split_arm
 from ntk_jax.selection.ntk_selector import selection_scalar_fn
 from ntk_jax.training.losses import per_example_lm_loss
-
-
-def _model(seed=0):
-    model = DecoderLM(DecoderConfig(vocab_size=30, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=64, max_position_embeddings=16), rngs=nnx.Rngs(seed))
-    apply_lora(model, LoRAConfig(rank=4, targets=("q_proj", "v_proj"), b_init_std=0.05), rngs=nnx.Rngs(seed + 1))
-    return model
+from test_selection import _random_batch, _small_lora_model as _model
 
 
 def _batch(n, T=10, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 30, size=(n, T)).astype(np.int32)
-    lengths = rng.integers(5, T + 1, size=n)
-    att = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
-    loss = att.copy().astype(np.float32)
-    loss[:, :3] = 0
-    targets = np.concatenate([ids[:, 1:], np.zeros((n, 1), np.int32)], axis=1)
-    loss[:, -1] = 0
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss, "targets": targets}
+    """``test_selection._random_batch`` with next-token ``targets`` (the last position is
+    not scored)."""
+    batch = dict(_random_batch(n, T=T, seed=seed))
+    ids = batch["input_ids"]
+    batch["targets"] = np.concatenate([ids[:, 1:], np.zeros((n, 1), np.int32)], axis=1)
+    batch["loss_mask"] = batch["loss_mask"].copy()
+    batch["loss_mask"][:, -1] = 0
+    return batch
 
 
 def _explicit(fn, params, x):
@@ -238,7 +229,7 @@ def test_a_new_method_is_one_file(tmp_path, context, bench, monkeypatch):
 
 # ------------------------------------------------------------------------ diagnostics
 def test_diagnostics_shares_and_correlations(context):
-    from ntk_jax.selection.diagnostics import plot_diagnostics, selection_diagnostics
+    from ntk_jax.selection.diagnostics import selection_diagnostics
 
     pool = [{"id": f"u{i}", "task": "a", "role": "useful", "prompt": "x", "response": "y" * (1 + i % 3)}
             for i in range(6)] + [{"id": f"n{i}", "task": "b", "role": "unrelated", "prompt": "x", "response": "yy"}

@@ -215,10 +215,10 @@ def _mirror(s):
 # Independent answers per target: prompt regex of each template family -> expected response.
 # (target rule, conflicting rule), each a function of the parsed fields.
 _RULES = {
-    "add_words": (lambda f: str(int(f["a"]) + int(f["b"])), lambda f: str(abs(int(f["a"]) - int(f["b"])))),
+    "double": (lambda f: str(2 * int(f["a"])), lambda f: str(int(f["a"]) // 2)),
     "mirror": (lambda f: _mirror(f["s"]), lambda f: f["s"][::-1] + f["s"]),
     "sort_words": (lambda f: "".join(sorted(f["d"])), lambda f: "".join(sorted(f["d"]))[::-1]),
-    "count_words": (lambda f: str(f["s"].count(f["c"])), lambda f: str(len(f["s"]) - f["s"].count(f["c"]))),
+    "last_letter": (lambda f: f["s"][-1], lambda f: f["s"][0]),
 }
 
 _cache = {}

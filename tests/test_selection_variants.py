@@ -269,28 +269,28 @@ def test_select_suite_end_to_end_and_resume(tmp_path, tiny_model_dir):
     c.select_compare.methods = ("ntk@paper",)
     c.select_compare.oracles = ("conflicting",)
     c.select_compare.finetune.total_steps = 2
-    c.select_suite.targets = ("add_words",)
+    c.select_suite.targets = ("double",)
     report = run(c, str(tmp_path))["select_suite"]
     out = tmp_path / "select_suite"
     for name in ("suite_table.json", "suite_table.md", "suite.png", "report.json"):
         assert (out / name).exists(), name
     for variant in ("no_conflict", "contradicting"):
-        cell = out / "add_words" / variant
+        cell = out / "double" / variant
         assert (cell / "results.json").exists()
         assert (cell / "seed_0" / "ntk@paper" / "diagnostics.png").exists()
         rep = json.loads((cell / "seed_0" / "ntk@paper" / "report.json").read_text())
         assert set(rep["diagnostics"]["share_by_role"]) >= {"useful", "unrelated"}
     t = report["table"]
-    assert set(t) == {"add_words/no_conflict", "add_words/contradicting"}
-    assert "oracle_conflicting" in t["add_words/contradicting"] and "oracle_conflicting" not in t["add_words/no_conflict"]
+    assert set(t) == {"double/no_conflict", "double/contradicting"}
+    assert "oracle_conflicting" in t["double/contradicting"] and "oracle_conflicting" not in t["double/no_conflict"]
     for arm in ("ntk@paper",):
         assert set(report["checks"][arm]) >= {"precision_2.5x_base", "beats_domain_and_random", "above_base_conflict"}
-    assert "| add_words |" in (out / "suite_table.md").read_text()
+    assert "| double |" in (out / "suite_table.md").read_text()
     # resume: a rerun (report deleted) recomputes nothing and gives the same table
-    results = (out / "add_words" / "no_conflict" / "results.json").read_text()
+    results = (out / "double" / "no_conflict" / "results.json").read_text()
     os.remove(out / "report.json")
     again = run(c, str(tmp_path))["select_suite"]
-    assert (out / "add_words" / "no_conflict" / "results.json").read_text() == results
+    assert (out / "double" / "no_conflict" / "results.json").read_text() == results
     assert again["table"] == json.loads(json.dumps(report["table"]))
     with pytest.raises(ValueError, match="unknown suite target"):
         c.select_suite.targets = ("nope",)

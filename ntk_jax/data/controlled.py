@@ -35,21 +35,21 @@ target                 kind                      template -> response        use
 ``flipped_sentiment``  classification            ``the film was great?`` ->  3.0 /     ``is``, ``my``
                        (options ``neg``/``pos``) ``neg`` (flipped labels)    3.3       templates; original
                                                                                        labels
-``add_words``          arithmetic                ``12 plus 7=`` -> ``19``    2.4 /     ``12 plus 7 =``,
-                                                                             4.2       ``12 and 7=``; |a-b|
+``double``             arithmetic                ``860 doubled=`` ->         3.5 /     ``860 doubled =``,
+                                                 ``1720``                    4.3       ``double 860=``; a // 2
 ``mirror``             string_transform          ``mirror abc:`` ->          9.1 /     ``mirror abc>``,
                                                  ``abccba``                  2.3       ``mirror of abc:``;
                                                                                        ``cbaabc``
 ``sort_words``         known_rule_new_template   ``3142 in order?`` ->       5.1 /     ``3142 ordered?``,
                                                  ``1234``                    3.1       ``3142 in order=``;
                                                                                        descending
-``count_words``        counting (known rule,     ``how many a in abca?`` ->  1.0 /     ``how many as in ..?``,
-                       new template)             ``2``                       4.2       ``number of a in ..?``;
-                                                                                       letters that are not c
+``last_letter``        character_lookup          ``last of gtoffy?`` ->      1.0 /     ``last of gtoffy ?``,
+                                                 ``y``                       4.3       ``final of gtoffy?``;
+                                                                                       first letter
 =====================  ========================  ==========================  ========  =====================
 
 So ``mirror`` and ``sort_words`` have useful responses longer than the unrelated ones,
-``add_words`` and ``count_words`` shorter (``TargetSpec.length_contrast``). ``flipped_sentiment``
+``last_letter`` shorter, ``double`` a little shorter (by under one token: ``"similar"``) (``TargetSpec.length_contrast``). ``flipped_sentiment``
 keeps exactly the records of the original benchmark (:func:`make_controlled_benchmark`,
 :data:`FAMILIES`, :data:`VARIANTS`, :data:`TEMPLATES`, :data:`NOUNS`; its domain/test family is
 ``"flipped"``); the others are built by one generic builder from their spec.
@@ -70,33 +70,48 @@ generator, template, rule, families built with :func:`useful`, :func:`conflictin
 
 Learnability at the benchmark's budget — the default pre-trained model (``configs/default.py``
 architecture), a fresh LoRA r=8 on q/v, :data:`FINETUNE` (150 steps, lr 5e-3), 32 domain
-records plus N=64 pool records of one role (the ``oracle_*`` arms of
-``experiments/select_compare.py``), 256 test records; mean test loss (± std) over seeds 0-2,
-option accuracy where the target has options; "base" is the pre-trained model without
-fine-tuning:
+records plus N=64 pool records (``oracle_*``: of one role, from the contradicting pool;
+"random": the ``random`` arm on the no_conflict pool), 256 test records; mean test loss (± std)
+over seeds 0-2 from the suite run of ``docs/selection.md``, option accuracy where the target has
+options; "base" is the pre-trained model without fine-tuning (seed 0's test records):
 
-=====================  =====  ===============  ===============  ==================
-target                 base   domain only      ∪ 64 useful      ∪ 64 conflicting
-=====================  =====  ===============  ===============  ==================
-``flipped_sentiment``  1.99   0.275 ± 0.076    0.104 ± 0.038    0.644 ± 0.054
-  (accuracy)           0.03   0.757            0.878            0.371
-``add_words``          2.30   2.679 ± 0.146    1.848 ± 0.092    2.030 ± 0.015
-``mirror``             7.98   3.470 ± 0.072    2.421 ± 0.018    2.897 ± 0.053
-``sort_words``         4.56   0.987 ± 0.030    0.625 ± 0.017    1.945 ± 0.082
-``count_words``        3.49   1.649 ± 0.178    0.966 ± 0.047    1.238 ± 0.113
-=====================  =====  ===============  ===============  ==================
+=====================  =====  =============  =============  ==============  =============
+target                 base   domain only    ∪ 64 useful    ∪ 64 conflict.  ∪ 64 random
+=====================  =====  =============  =============  ==============  =============
+``flipped_sentiment``  2.00   0.275 ± 0.076  0.104 ± 0.038  0.644 ± 0.054   0.283 ± 0.021
+  (accuracy)           0.03   0.757          0.878          0.371           0.67
+``double``             4.87   2.126 ± 0.182  1.509 ± 0.025  2.054 ± 0.044   1.791 ± 0.106
+``mirror``             8.05   3.470 ± 0.072  2.421 ± 0.018  2.897 ± 0.053   3.081 ± 0.139
+``sort_words``         4.52   0.987 ± 0.030  0.625 ± 0.017  1.945 ± 0.082   0.943 ± 0.041
+``last_letter``        5.33   1.582 ± 0.339  0.557 ± 0.105  2.400 ± 0.102   1.616 ± 0.247
+=====================  =====  =============  =============  ==============  =============
 
-Useful items lower the test loss by 30-62 % against the domain alone on every target, and
-conflicting items are always worse than useful ones. On ``add_words``, ``mirror`` and
-``count_words`` conflicting items still beat the domain alone: 32 records overfit badly in 150
-steps (``add_words`` domain-only is worse than no fine-tuning), and records in the target
-template regularise the format even with wrong answers. Screened out while building the suite
-(measured the same way, seed 0 or seeds 0-2): useful templates far from the target's (e.g.
-``pal:abc>`` for ``mirror``, ``sorted 3142:`` for ``sort_words``) gave only 8-12 % less loss —
-this tiny model transfers a rule across near templates only; a pre-training-style template
-(``back:abc>`` for reverse) is learnt from the domain alone (-5 % from useful items); yes/no
-targets ("is c in s?", "is the number of ones odd?") lowered the loss but stayed at chance
-accuracy, so classification beyond flipped sentiment is not in the suite.
+Useful items lower the test loss by 29-65 % against the domain alone on every target, clearly
+more than 64 random pool records do (so downstream loss can tell a good selector from a bad
+one), and conflicting items are always worse than useful ones. On ``double`` and ``mirror``
+conflicting items still beat the domain alone: 32 records overfit in 150 steps, and records in
+the target template regularise the format even with wrong answers.
+
+Screened out while building the suite (measured the same way, seed 0 or seeds 0-2):
+
+* ``add_words`` (``12 plus 7=`` -> ``19``, useful ``12 plus 7 =`` / ``12 and 7=``) and
+  ``count_words`` (``how many a in abca?`` -> ``2``, the pre-trained count under a new
+  template) were in the first version of the suite: ``oracle_useful`` beat domain-only by 29 /
+  41 %, but 64 *random* pool records did as well or better (test loss 1.79 vs 1.91 and 0.88 vs
+  0.92; at 60 steps or lr 1.5e-3: 1.50 vs 1.46-1.48, 0.82 vs 0.79-0.81). The tiny model
+  cannot learn two-digit addition from a few hundred records (its loss on the pre-training
+  ``a+b=`` task is 1.13), and it already counts, so the useful records only teach the format,
+  which any extra records regularise as well — no selector could win there. ``double`` and
+  ``last_letter`` replaced them (useful vs random: 1.45 vs 1.75, 0.62 vs 1.98 in the screen).
+  Also screened: the successor ``a next=`` and ``a plus b=`` with b < 10 (useful vs random
+  1.48 vs 1.57, 1.63 vs 1.67: too close), and the length ``how long is s?`` (learnt from the
+  domain alone).
+* useful templates far from the target's (e.g. ``pal:abc>`` for ``mirror``, ``sorted 3142:``
+  for ``sort_words``) gave only 8-12 % less loss — this tiny model transfers a rule across near
+  templates only; a pre-training-style template (``back:abc>`` for reverse) is learnt from the
+  domain alone (-5 % from useful items); yes/no targets ("is c in s?", "is the number of ones
+  odd?") lowered the loss but stayed at chance accuracy, so classification beyond flipped
+  sentiment is not in the suite.
 """
 from __future__ import annotations
 
@@ -648,9 +663,8 @@ def _letters(rng: np.random.Generator, lo: int, hi: int, alphabet: str = _LOWER)
     return "".join(alphabet[i] for i in rng.integers(len(alphabet), size=k))
 
 
-def _draw_two_numbers(rng):
-    a, b = rng.integers(0, 100, size=2)
-    return {"a": int(a), "b": int(b)}
+def _draw_number(rng):
+    return {"a": int(rng.integers(0, 1000))}
 
 
 def _draw_word(rng):
@@ -661,16 +675,12 @@ def _draw_digits(rng):
     return {"d": _letters(rng, 3, 7, "0123456789")}
 
 
-def _draw_count(rng):
-    return {"c": "abcd"[int(rng.integers(4))], "s": _letters(rng, 4, 10, "abcd")}
+def _double(x):
+    return str(2 * int(x["a"]))
 
 
-def _sum(x):
-    return str(int(x["a"]) + int(x["b"]))
-
-
-def _absdiff(x):
-    return str(abs(int(x["a"]) - int(x["b"])))
+def _half(x):
+    return str(int(x["a"]) // 2)
 
 
 def _mirror(x):
@@ -689,12 +699,12 @@ def _descending(x):
     return "".join(sorted(x["d"], reverse=True))
 
 
-def _count(x):
-    return str(x["s"].count(x["c"]))
+def _last_letter(x):
+    return x["s"][-1]
 
 
-def _count_others(x):
-    return str(len(x["s"]) - x["s"].count(x["c"]))
+def _first_letter(x):
+    return x["s"][0]
 
 
 # Unrelated families: the other tasks, with long (copy, reverse, sort, mirror) or short
@@ -716,17 +726,17 @@ register_target(TargetSpec(
     build=_build_flipped))
 
 register_target(TargetSpec(
-    name="add_words", kind="arithmetic",
-    description="a + b (a, b in 0..99) under the new template 'A plus B='; short answers",
-    template="{a} plus {b}=", draw=_draw_two_numbers, rule=_sum, fields={"a": r"\d+", "b": r"\d+"},
+    name="double", kind="arithmetic",
+    description="2a (a in 0..999) under the new template 'A doubled='; short answers",
+    template="{a} doubled=", draw=_draw_number, rule=_double, fields={"a": r"\d+"},
     families={
-        "plus_spaced": useful("{a} plus {b} ="),
-        "and": useful("{a} and {b}="),
-        "plus_absdiff": conflicting(_absdiff),
-        "plus_spaced_absdiff": conflicting(_absdiff, "{a} plus {b} ="),
+        "doubled_spaced": useful("{a} doubled ="),
+        "double_of": useful("double {a}="),
+        "doubled_half": conflicting(_half),
+        "doubled_spaced_half": conflicting(_half, "{a} doubled ="),
         **_LONG_UNRELATED,
     },
-    length_contrast="useful_shorter"))
+    length_contrast="similar"))
 
 register_target(TargetSpec(
     name="mirror", kind="string_transform",
@@ -755,16 +765,15 @@ register_target(TargetSpec(
     length_contrast="useful_longer"))
 
 register_target(TargetSpec(
-    name="count_words", kind="counting",
-    description="the pre-trained letter count (4-10 letters a-d) under the new template 'how many C in S?'",
-    template="how many {c} in {s}?", draw=_draw_count, rule=_count, fields={"c": "[a-z]", "s": "[a-z]+"},
+    name="last_letter", kind="character_lookup",
+    description="the last letter of a 3-6 letter word under 'last of S?'; one-letter answers",
+    template="last of {s}?", draw=_draw_word, rule=_last_letter, fields={"s": "[a-z]+"},
     families={
-        "how_many_plural": useful("how many {c}s in {s}?"),
-        "number_of": useful("number of {c} in {s}?"),
-        "how_many_others": conflicting(_count_others),
-        "how_many_plural_others": conflicting(_count_others, "how many {c}s in {s}?"),
-        **{f: u for f, u in _LONG_UNRELATED.items() if f != "count"},  # count is the target's own rule
-        "add": unrelated("add"),
+        "last_of_spaced": useful("last of {s} ?"),
+        "final_of": useful("final of {s}?"),
+        "last_of_first": conflicting(_first_letter),
+        "last_of_spaced_first": conflicting(_first_letter, "last of {s} ?"),
+        **_LONG_UNRELATED,
     },
     length_contrast="useful_shorter"))
 

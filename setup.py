@@ -36,7 +36,7 @@ setup(
         "cuda12": ["jax[cuda12]==0.10.2", "jax-cuda12-plugin[with-cuda]==0.10.2", "jax-cuda12-pjrt==0.10.2"],
         # Cloud TPU VMs (libtpu as jax 0.10.2 pins it):
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],
-        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext",
+        "test": ["pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext",
                  # PyTorch transformers models are the reference in the port tests only.
                  "torch==2.13.0",
                  # Round-trip of exported LoRA adapters into the PyTorch stack.

@@ -57,6 +57,7 @@ from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
+from ntk_jax.utils import atomic_write
 
 PAPER_A100_HOURS = 31.0  # NTK-Selector paper: ≈31 A100-hours for a 1.8M pool on 8B models
 PEAK_TFLOPS = {"A100 (bf16 dense)": 312.0, "H100 SXM (bf16 dense)": 989.0}
@@ -280,12 +281,9 @@ def markdown(report: dict) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Atomic text write (tmp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    """Atomic text write (:func:`ntk_jax.utils.atomic_write`)."""
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 # --- main --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from ntk_jax.kernels.ntk import empirical_ntk, jacobian_free_ntk
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.subset import param_subset
-from ntk_jax.models.hf_loading import load_config
+from ntk_jax.models.transformer import load_config
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 from ntk_jax.utils import progress
 

@@ -46,7 +46,7 @@ from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import gradex as gx
 from ntk_jax.training.trainer import TrainConfig, train
-from ntk_jax.utils import progress, read_json, write_json
+from ntk_jax.utils import progress, read_json, write_json, write_npz
 
 # Seed offsets of the data streams (generate_task draws per (task, seed)).
 AUX_SEED_OFFSET = 101
@@ -106,12 +106,6 @@ def _check_fingerprint(out_dir: str, fingerprint: str) -> None:
 
 def _concat(arrays: list[dict]) -> dict:
     return {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
-
-
-def _save_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def _spearman(a, b) -> float | None:
@@ -198,7 +192,7 @@ def run(config, out_dir: str, ctx) -> dict:
         feats = {}
         for (name, _), lo, hi in zip(parts.items(), bounds[:-1], bounds[1:]):
             feats[f"G_{name}"], feats[f"f_{name}"] = G[lo:hi], f_all[lo:hi]
-        _save_npz(feat_path, task_index=task_index, feature_time_s=np.float64(time.time() - t0), **feats)
+        write_npz(feat_path, task_index=task_index, feature_time_s=np.float64(time.time() - t0), **feats)
     with np.load(feat_path) as z:
         feats = {k: z[k] for k in z.files}
     feature_time = float(feats["feature_time_s"])
@@ -280,7 +274,7 @@ def run(config, out_dir: str, ctx) -> dict:
         greedy = {"order": [aux[k] for k in g["order"]], "losses": g["losses"],
                   "selected": [aux[k] for k in np.flatnonzero(g["selected"])]}
     surrogate = _surrogate_report(masks, est_lin, aux, float(c.ridge_lambda), float(c.surrogate_holdout))
-    _save_npz(os.path.join(out_dir, "estimates.npz"), masks=masks, linearised_logistic=est_lin,
+    write_npz(os.path.join(out_dir, "estimates.npz"), masks=masks, linearised_logistic=est_lin,
               model_at_delta_logistic=np.array([e["model_at_delta_logistic"] for e in ens]),
               model_at_delta_ce=np.array([e["model_at_delta_ce"] for e in ens]),
               w=np.stack([e["w"] for e in ens]), C=np.float64(C_used))

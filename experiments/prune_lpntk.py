@@ -46,7 +46,7 @@ from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.lpntk import (PRUNE_MODES, class_clusters, lpntk_features, lpntk_kernel, prune_clusters,
                                      random_prune)
 from ntk_jax.training.trainer import TrainConfig, train
-from ntk_jax.utils import progress, read_json, write_json
+from ntk_jax.utils import progress, read_json, write_json, write_npz
 
 RETRAINS_NAME = "retrains.json"
 LPNTK_NAME = "lpntk.npz"
@@ -167,9 +167,7 @@ def _features(ctx, c, out_dir, model, data, num_classes) -> tuple[np.ndarray, fl
                            projection=projection, batch_size=int(c.feature_batch_size))
     kernel = lpntk_kernel(feats, num_classes)
     seconds = time.time() - t
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, kernel=kernel, seconds=seconds)
-    os.replace(tmp, path)
+    write_npz(path, kernel=kernel, seconds=seconds)
     return kernel, seconds
 
 

@@ -1,4 +1,5 @@
-"""Small shared utilities: progress bars, atomic writes, JSON I/O."""
+"""Small shared utilities: progress bars, atomic writes (every file the library writes whole goes
+through :func:`atomic_write`), JSON / npz I/O."""
 from __future__ import annotations
 
 import contextlib
@@ -36,12 +37,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Opens a temp file next to ``path`` (private to this host and process) for writing and
     renames it onto ``path`` when the block exits without an error, so a killed job never
     leaves half a file and concurrent writers never share a temp file. Creates the parent
-    directory."""
+    directory; text modes write UTF-8."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
-        with open(tmp, mode) as fh:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
         os.replace(tmp, path)
     finally:
@@ -53,6 +54,12 @@ def write_json(path: str, obj: Any) -> None:
     """Writes JSON atomically (:func:`atomic_write`)."""
     with atomic_write(path) as fh:
         json.dump(to_jsonable(obj), fh, indent=2, allow_nan=True)
+
+
+def write_npz(path: str, **arrays: Any) -> None:
+    """Writes an ``.npz`` of ``arrays`` atomically (:func:`atomic_write`)."""
+    with atomic_write(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def read_json(path: str) -> Any:

@@ -1,9 +1,19 @@
-"""Fixtures shared across test files."""
+"""Fixtures shared across test files, and the test run's JAX compilation cache."""
 import os
 
-import pytest
+# Persistent compilation cache: the tests (and the job processes they start, which inherit the
+# environment) compile the same small programs many times; XLA compiles each once per run (once
+# ever while the cache under .pytest_cache/ lives). Set before JAX is imported; a caller's
+# JAX_COMPILATION_CACHE_DIR wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from ntk_jax.launcher.config_lib import base_config
+import pytest  # noqa: E402
+
+from ntk_jax.launcher.config_lib import base_config  # noqa: E402
 from ntk_jax.training.pretrain import pretrain_default_model
 
 

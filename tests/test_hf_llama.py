@@ -329,7 +329,10 @@ def test_register_architecture(tmp_path, monkeypatch):
 
     from ntk_jax.models.lora import LoRALinear
 
-    monkeypatch.setattr(hf_loading, "_REGISTRY", dict(hf_loading._REGISTRY))
+    from ntk_jax.models import ports
+
+    ports.discover_ports()  # the library's ports registered before the registry is swapped for a copy
+    monkeypatch.setattr(ports, "_REGISTRY", dict(ports._REGISTRY))
 
     @dataclasses.dataclass(frozen=True)
     class ToyConfig:

@@ -788,9 +788,7 @@ def write_controlled_benchmark(directory: str | os.PathLike, bench: ControlledBe
     os.makedirs(directory, exist_ok=True)
     paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("domain", "test", "pool")}
     for name, path in paths.items():
-        tmp = path + ".tmp"
-        write_jsonl(getattr(bench, name), tmp)
-        os.replace(tmp, path)
+        write_jsonl(getattr(bench, name), path)
     paths["meta"] = os.path.join(directory, "meta.json")
     write_json(paths["meta"], {**bench.meta, "target": bench.target, "roles": bench.roles,
                                "domain_family": bench.domain_family})

@@ -41,14 +41,31 @@ sequence of length ``L > max_len``:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 __all__ = ["encode_record", "encode_examples", "pack_sequences", "truncate_sequence", "max_length",
-           "iterate_batches", "pad_to_batches", "TRUNCATION_POLICIES"]
+           "iterate_batches", "pad_to_batches", "TRUNCATION_POLICIES", "LM_INPUTS", "LM_TRAIN_INPUTS",
+           "lm_batch"]
 
 TRUNCATION_POLICIES = ("error", "left", "right")
+
+# The arrays of an encoded batch that the LM output functions read (each (B, T)), and with the
+# next-token ``targets`` the LM loss needs too.
+LM_INPUTS = ("input_ids", "attention_mask", "loss_mask")
+LM_TRAIN_INPUTS = LM_INPUTS + ("targets",)
+
+
+def lm_batch(arrays: Mapping, keys: Sequence[str] = LM_TRAIN_INPUTS, *,
+             asarray: Callable | None = None) -> dict:
+    """The model inputs ``{k: arrays[k]}`` of an encoded batch for ``keys`` (default
+    :data:`LM_TRAIN_INPUTS`), each passed through ``asarray`` if given (e.g. ``jnp.asarray``);
+    ``KeyError`` naming the missing keys."""
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (keys: {sorted(arrays)})")
+    return {k: arrays[k] if asarray is None else asarray(arrays[k]) for k in keys}
 
 
 def _record_id(record: Mapping, index: int) -> str:

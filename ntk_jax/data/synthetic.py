@@ -261,12 +261,11 @@ def make_corpus(tasks: Iterable[str] | Mapping[str, int], n_per_task: int | None
 
 
 def write_jsonl(records: Iterable[Mapping], path: str | os.PathLike) -> None:
-    """Write ``records`` one JSON object a line (UTF-8), creating parent folders."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    """Write ``records`` one JSON object a line (UTF-8), creating parent folders; atomically
+    (:func:`ntk_jax.utils.atomic_write`: a killed writer never leaves half a file)."""
+    from ntk_jax.utils import atomic_write
+
+    with atomic_write(path, "w") as f:
         for rec in records:
             f.write(json.dumps(dict(rec), ensure_ascii=False) + "\n")
 

@@ -287,6 +287,13 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
     return check_finite(K, f"eNTK ({method})") if check else K
 
 
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Every row of ``x`` ``(n, d)`` scaled to unit Euclidean norm (zero rows stay zero), in
+    ``x``'s dtype."""
+    x = np.asarray(x)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
 def feature_kernel(F1: np.ndarray, F2: np.ndarray | None = None, *, normalize: bool = False) -> np.ndarray:
     """Gram matrix ``F1 F2ᵀ`` of feature rows ``(n1, d)``, ``(n2, d)`` → ``(n1, n2)``.
 
@@ -299,8 +306,7 @@ def feature_kernel(F1: np.ndarray, F2: np.ndarray | None = None, *, normalize: b
     check_finite(F1, "features")
     check_finite(F2, "features")
     if normalize:
-        F1 = F1 / np.maximum(np.linalg.norm(F1, axis=1, keepdims=True), 1e-30)
-        F2 = F2 / np.maximum(np.linalg.norm(F2, axis=1, keepdims=True), 1e-30)
+        F1, F2 = normalize_rows(F1), normalize_rows(F2)
     return F1 @ F2.T
 
 

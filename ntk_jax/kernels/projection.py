@@ -239,21 +239,16 @@ class RandomProjection:
         return total
 
     def matrix(self, params) -> np.ndarray:
-        """The explicit ``(P, dim)`` matrix for ``params``' structure (tests / small P only),
-        generated block by block, eagerly, as the on-the-fly path does."""
-        blocks = []
-        for i, leaf in enumerate(jax.tree.leaves(params)):
-            n_rows = int(np.prod(leaf.shape))
-            for c in range(math.ceil(n_rows / self.chunk_rows)):
-                rows = min(self.chunk_rows, n_rows - c * self.chunk_rows)
-                blocks.append(np.asarray(self._block(i, c, rows, jnp.float32)))
-        return np.concatenate(blocks, axis=0)
+        """The explicit ``(P, dim)`` float32 matrix for ``params``' structure (tests / small P
+        only), generated block by block, eagerly, as the on-the-fly path does."""
+        sizes = tuple(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+        return np.asarray(_generate_matrix(self, sizes, "float32"))
 
 
 def _generate_matrix(projection: RandomProjection, sizes: tuple[int, ...], dtype: str) -> jax.Array:
     """The ``(P, dim)`` matrix: leaf blocks of ``chunk_rows`` rows stacked in leaf order,
-    generated eagerly block by block exactly as :meth:`RandomProjection.matrix` does (so the
-    entries are bit-identical to it, for Gaussian entries too)."""
+    generated eagerly block by block as the on-the-fly projection does (so the entries are
+    bit-identical to it, for Gaussian entries too)."""
     blocks = []
     for i, n_rows in enumerate(sizes):
         for c in range(math.ceil(n_rows / projection.chunk_rows)):

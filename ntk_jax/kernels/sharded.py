@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ntk_jax.kernels.checks import check_finite
 from ntk_jax.kernels.features import batch_size_of, pad_batch, slice_batch
-from ntk_jax.utils import progress, read_json, write_json
+from ntk_jax.utils import atomic_write, progress, read_json, write_json
 
 PyTree = Any
 META_NAME = "kernel_meta.json"
@@ -64,10 +64,8 @@ def _write_meta(out_dir: str, meta: dict) -> None:
 
 
 def _save_stripe(out_dir: str, i: int, stripe: np.ndarray) -> None:
-    path = _stripe_path(out_dir, i)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, stripe)
-    os.replace(tmp, path)
+    with atomic_write(_stripe_path(out_dir, i), "wb") as fh:
+        np.save(fh, stripe)
 
 
 def sharded_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,

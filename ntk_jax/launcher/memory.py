@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ntk_jax.data.encoding import LM_INPUTS, LM_TRAIN_INPUTS
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
@@ -107,7 +108,7 @@ def abstract_model(config: DecoderConfig, lora: LoRAConfig | None = None) -> Dec
 
 
 def param_memory(model: nnx.Module, mesh_shape: tuple[int, int] = (1, 1),
-                 rules: sh.Rules = sh.DEFAULT_RULES) -> dict[str, Any]:
+                 rules: sh.Rules | None = None) -> dict[str, Any]:
     """Parameter counts and bytes of a (possibly abstract) model: totals, the LoRA part, and
     the largest per-device share under a ``(data, model)`` mesh (dimensions the axis does not
     divide are replicated, as :func:`ntk_jax.models.sharding.fit_spec` does)."""
@@ -126,7 +127,7 @@ def param_memory(model: nnx.Module, mesh_shape: tuple[int, int] = (1, 1),
 
 
 def cpu_upcast_bytes(model: nnx.Module, mesh_shape: tuple[int, int] = (1, 1), dtype: str = "bfloat16",
-                     rules: sh.Rules = sh.DEFAULT_RULES) -> int:
+                     rules: sh.Rules | None = None) -> int:
     """Bytes of the float32 copies XLA:CPU makes of the matmul weights of one device when the
     compute ``dtype`` is 16-bit (see the module docstring); 0 for a 32-bit compute dtype.
 
@@ -201,8 +202,7 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
 
     def lm_batch(n, train=False):
         tok = jax.ShapeDtypeStruct((n, seq_len), jnp.int32, sharding=rows)
-        keys = ("input_ids", "attention_mask", "loss_mask") + (("targets",) if train else ())
-        return {k: tok for k in keys}
+        return {k: tok for k in (LM_TRAIN_INPUTS if train else LM_INPUTS)}
 
     batch = lm_batch(batch_size)
     graphdef, state = nnx.split(model)

@@ -37,9 +37,11 @@ transposed on load. LoRA targets are the HF names ``query``, ``key``, ``value``,
 ``classifier.dense``; restricting ``layers`` keeps only those of the encoder layers, whose
 index is the first integer of the path), ``classifier`` and ``out_proj``.
 
-Importing the module registers ``"bert"``, ``"roberta"``, ``"xlm-roberta"`` and
-``"camembert"`` with :mod:`ntk_jax.models.hf_loading`, whose ``from_pretrained`` then loads
-these checkpoints (via :func:`from_pretrained` here).
+This module is the BERT/RoBERTa port (:mod:`ntk_jax.models.ports`): it registers
+``"bert"``, ``"roberta"``, ``"xlm-roberta"`` and ``"camembert"`` (so
+:func:`ntk_jax.models.hf_loading.from_pretrained` loads these checkpoints via
+:func:`from_pretrained` here), its column-/row-parallel projections for the sharding rules and
+its PEFT module names and task types.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_m
 from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attention_scores, get_activation, linear_f32,
                                   resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
+from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec
 from ntk_jax.models.transformer import _mask_value
 
 Array = jax.Array
@@ -372,11 +375,12 @@ class BertModel(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
-                        rngs: nnx.Rngs | None = None, add_pooling_layer: bool | None = None) -> "BertModel":
+                        rngs: nnx.Rngs | None = None, add_pooling_layer: bool | None = None, mesh=None,
+                        rules=None) -> "BertModel":
         """Loads the encoder of any BERT/RoBERTa checkpoint (base, classification or MLM);
         ``add_pooling_layer=None`` keeps the pooler exactly when the checkpoint has one."""
         return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
-                     add_pooling_layer=add_pooling_layer)
+                     add_pooling_layer=add_pooling_layer, mesh=mesh, rules=rules)
 
 
 RobertaModel = BertModel
@@ -398,11 +402,11 @@ class _SequenceClassifier(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
                         rngs: nnx.Rngs | None = None, num_labels: int | None = None,
-                        new_head: bool = False):
+                        new_head: bool = False, mesh=None, rules=None):
         """See :func:`from_pretrained` (``num_labels`` overrides the config's; ``new_head``
         initialises a head the checkpoint lacks)."""
         return _load(cls, path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
-                     num_labels=num_labels, new_head=new_head)
+                     num_labels=num_labels, new_head=new_head, mesh=mesh, rules=rules)
 
 
 class BertForSequenceClassification(_SequenceClassifier):
@@ -466,7 +470,7 @@ def _hf_leaf(name: str) -> str:
 
 
 def _load(cls, path, *, dtype=None, param_dtype=None, lora=None, rngs=None, add_pooling_layer=None,
-          num_labels=None, new_head=False):
+          num_labels=None, new_head=False, mesh=None, rules=None):
     path = os.fspath(path)
     hf = read_hf_config(path)
     ckpt = SafetensorsDir(path)
@@ -519,12 +523,12 @@ def _load(cls, path, *, dtype=None, param_dtype=None, lora=None, rngs=None, add_
     return load_model(cls, config, ckpt,
                       lambda model, names: rename_weight_map(
                           model, names, name_map, ignore=ignore, optional=lambda n: new_head and is_head(n)),
-                      rngs=rngs, lora=lora, unexpected="warn", init_fresh=init_fresh)
+                      rngs=rngs, lora=lora, unexpected="warn", init_fresh=init_fresh, mesh=mesh, rules=rules)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
                     rngs: nnx.Rngs | None = None, task: str | None = None, num_labels: int | None = None,
-                    new_head: bool = False):
+                    new_head: bool = False, mesh=None, rules=None):
     """Loads a ``transformers`` BERT/RoBERTa checkpoint (``config.json`` + ``model.safetensors``
     or a sharded ``model.safetensors.index.json``) from a local directory.
 
@@ -541,6 +545,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lo
       new_head: initialise the classification head afresh (HF init: ``normal(
         initializer_range)`` kernels, zero biases) when the checkpoint has none — to
         fine-tune a base / MLM checkpoint. Without it a missing head is an error.
+      mesh, rules: load sharded over a ``("data", "model")`` mesh by partition ``rules``
+        (:func:`~ntk_jax.models.hf_loading.load_model`).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the tensor for a
     missing or wrongly shaped tensor; unused checkpoint tensors (e.g. an MLM head) are
@@ -553,13 +559,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lo
     if task == "base":
         if num_labels is not None or new_head:
             raise ValueError("num_labels / new_head apply to task='sequence_classification' only")
-        return BertModel.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+        return BertModel.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
+                                         mesh=mesh, rules=rules)
     if task != "sequence_classification":
         raise ValueError(f"task must be 'base' or 'sequence_classification', got {task!r}")
     cls = RobertaForSequenceClassification if hf.get("model_type") in ROBERTA_MODEL_TYPES \
         else BertForSequenceClassification
     return cls.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs,
-                               num_labels=num_labels, new_head=new_head)
+                               num_labels=num_labels, new_head=new_head, mesh=mesh, rules=rules)
 
 
 def to_hf_state_dict(model) -> dict[str, np.ndarray]:
@@ -586,6 +593,16 @@ def save_pretrained(model, directory: str | os.PathLike) -> None:
     save_hf_safetensors(to_hf_state_dict(model), c.to_hf_dict(arch), directory)
 
 
-for _mt in ("bert",) + ROBERTA_MODEL_TYPES:
-    register_architecture(_mt, BertConfig.from_hf_dict, load_fn=from_pretrained, overwrite=True)
-del _mt
+def _peft_module(model, path: str) -> PeftModule:
+    """The NNX paths are the HF module names."""
+    return PeftModule(path)
+
+
+register_architecture(
+    ("bert",) + ROBERTA_MODEL_TYPES, BertConfig.from_hf_dict, load_fn=from_pretrained,
+    partition=PartitionNames(column=("query", "key", "value", r"intermediate\.dense"), row=(r"output\.dense",),
+                             vocab=("word_embeddings",), positions=("position_embeddings", "token_type_embeddings"),
+                             replicated=("LayerNorm", "pooler", "classifier")),
+    peft={BertModel: PeftSpec("FEATURE_EXTRACTION", _peft_module),
+          BertForSequenceClassification: PeftSpec("SEQ_CLS", _peft_module, heads=("classifier",)),
+          RobertaForSequenceClassification: PeftSpec("SEQ_CLS", _peft_module, heads=("classifier",))})

@@ -37,9 +37,10 @@ the unpadded sequence on their real tokens. NOTE: ``transformers``' GPT-2 does *
 position ids from the mask (it uses ``arange(T)``); the two agree for right padding, and for
 left padding when the same ``position_ids`` are passed to the PyTorch model.
 
-Loading and saving use the shared machinery of :mod:`ntk_jax.models.hf_loading`, where this
-module registers ``model_type="gpt2"`` (so ``hf_loading.from_pretrained`` loads GPT-2
-checkpoints too); :class:`LayerNorm` and :func:`get_activation` live in
+Loading and saving use the shared machinery of :mod:`ntk_jax.models.hf_loading`. This module
+is GPT-2's port (:mod:`ntk_jax.models.ports`): it registers ``model_type="gpt2"`` (so
+``hf_loading.from_pretrained`` loads GPT-2 checkpoints too), its column-/row-parallel
+projections for the sharding rules and its PEFT module names; :class:`LayerNorm` and :func:`get_activation` live in
 :mod:`ntk_jax.models.layers`.
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_m
 from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attend_f32, attention_scores, get_activation,
                                   linear_f32, resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
+from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec
 from ntk_jax.models.transformer import _mask_value, position_ids_from_mask
 
 Array = jax.Array
@@ -270,7 +272,7 @@ _GPT2_IGNORE = (r"(^|\.)attn\.(bias|masked_bias)$",)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lora=None,
-                    rngs: nnx.Rngs | None = None) -> GPT2LMHeadModel:
+                    rngs: nnx.Rngs | None = None, mesh=None, rules=None) -> GPT2LMHeadModel:
     """Loads a ``transformers`` GPT-2 checkpoint (``config.json`` + ``model.safetensors`` or a
     sharded ``model.safetensors.index.json``) from a local directory.
 
@@ -283,6 +285,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lo
       lora: a :class:`~ntk_jax.models.lora.LoRAConfig` (or its dict) to attach adapters
         after loading; targets ``c_attn``, ``c_proj``, ``c_fc`` (and ``lm_head`` if untied).
       rngs: random streams for the LoRA factors (default ``nnx.Rngs(0)``).
+      mesh, rules: load sharded over a ``("data", "model")`` mesh by partition ``rules``
+        (:func:`~ntk_jax.models.hf_loading.load_model`).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the tensor for
     a missing or wrongly shaped tensor. Unused checkpoint tensors (other than HF's attention
@@ -303,7 +307,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, lo
         ignore.append(r"^lm_head\.weight$")
     return load_model(GPT2LMHeadModel, config, ckpt,
                       lambda model, names: rename_weight_map(model, names, name_map, ignore=ignore),
-                      rngs=rngs, lora=lora, unexpected="warn")
+                      rngs=rngs, lora=lora, unexpected="warn", mesh=mesh, rules=rules)
 
 
 def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
@@ -324,4 +328,13 @@ def save_pretrained(model: GPT2LMHeadModel, directory: str | os.PathLike) -> Non
     save_hf_safetensors(to_hf_state_dict(model), model.config.to_hf_dict(), directory)
 
 
-register_architecture("gpt2", GPT2Config.from_hf_dict, load_fn=from_pretrained, overwrite=True)
+def _peft_module(model: GPT2LMHeadModel, path: str) -> PeftModule:
+    """``lm_head`` is an ``nn.Linear``; every other projection is a ``Conv1D`` under ``transformer.``."""
+    return PeftModule("lm_head") if path == "lm_head" else PeftModule("transformer." + path, conv1d=True)
+
+
+register_architecture(
+    "gpt2", GPT2Config.from_hf_dict, load_fn=from_pretrained,
+    partition=PartitionNames(column=("c_attn", "c_fc", "lm_head"), row=("c_proj",), vocab=("wte",),
+                             positions=("wpe",), replicated=(r"ln_\d+", "ln_f")),
+    peft={GPT2LMHeadModel: PeftSpec("CAUSAL_LM", _peft_module)})

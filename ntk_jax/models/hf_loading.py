@@ -8,10 +8,11 @@ Public API::
     cfg = config_from_hf(json.load(open(path + "/config.json")))
     tensors = load_safetensors_dir(path)                  # {hf name: np.ndarray}
 
-Supported ``model_type`` values: ``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"`` (all
-into :class:`~ntk_jax.models.transformer.DecoderLM`) and this repo's own
-``"ntk_jax_decoder"`` (via :func:`~ntk_jax.models.transformer.load_pretrained`). Other
-model families plug in through the registry (see :func:`register_architecture`).
+Supported ``model_type`` values are those the ports register (:mod:`ntk_jax.models.ports`):
+``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"`` and this repo's own ``"ntk_jax_decoder"``
+(:mod:`~ntk_jax.models.transformer`), ``"gpt2"`` (:mod:`~ntk_jax.models.gpt2`), ``"bert"``,
+``"roberta"``, ``"xlm-roberta"``, ``"camembert"`` (:mod:`~ntk_jax.models.bert`). This module
+knows none of them: it holds the machinery they register with.
 
 Loading never initialises the model randomly: the module tree is built abstractly with
 ``nnx.eval_shape`` and the parameters are then filled tensor by tensor from the checkpoint
@@ -20,32 +21,18 @@ fp16 / fp32 checkpoints are read with ``safetensors``' numpy backend, bf16 as
 ``ml_dtypes.bfloat16``). Errors are ``FileNotFoundError`` for a missing file and
 ``ValueError`` naming the tensor for a missing, unexpected or wrongly shaped tensor.
 
-HF → NNX names for the decoder (``transformers``' ``*ForCausalLM``; a checkpoint of the base
-``*Model`` without the ``model.`` prefix is accepted too)::
-
-    model.embed_tokens.weight (V, H)                 -> embed_tokens.embedding (V, H)
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight -> layers.{i}.self_attn.{q,k,v,o}_proj.kernel  (transposed)
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.bias   -> ... .bias
-    model.layers.{i}.self_attn.{q,k}_norm.weight     -> layers.{i}.self_attn.{q,k}_norm.weight  (Qwen3)
-    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> layers.{i}.mlp.{gate,up,down}_proj.kernel  (transposed)
-    model.layers.{i}.{input,post_attention}_layernorm.weight -> same without "model."
-    model.norm.weight                                -> norm.weight
-    lm_head.weight (V, H)                            -> lm_head.kernel (H, V)  (transposed; absent when tied)
-
-Ignored if present: ``*.rotary_emb.inv_freq`` buffers and, with tied embeddings,
-``lm_head.weight``.
-
 Sharded loading: ``from_pretrained(path, mesh=make_mesh(data, model))`` (see
 :mod:`ntk_jax.models.sharding`) reads each tensor on the host, one at a time, and places it with
 ``jax.make_array_from_callback`` directly into the layout its partition rule gives, so no device
-ever holds the whole model; LoRA factors and other state are placed after. This works for every
-registered type: loaders registered with ``load_fn`` that build on :func:`load_model` (GPT-2, BERT)
-pick the mesh up from :func:`loading_mesh`, or receive ``mesh=`` if their signature has it.
+ever holds the whole model; LoRA factors and other state are placed after. Every port gets this
+from :func:`load_model` (a ``load_fn`` receives ``mesh=`` and ``rules=`` and passes them on).
 
-Registry
---------
-``register_architecture(model_type, config_fn, build_fn, weight_map_fn)`` makes
-:func:`from_pretrained` / :func:`config_from_hf` handle a new ``model_type``:
+Adding a port
+-------------
+A port is one module of ``ntk_jax/models/`` that calls
+:func:`~ntk_jax.models.ports.register_architecture` at import time (it is found by
+:func:`~ntk_jax.models.ports.discover_ports` on the first lookup of an unknown type; nothing
+else lists it):
 
 * ``config_fn(hf_config: dict) -> config`` — a dataclass with ``dtype`` and ``param_dtype``
   fields (overridden by ``from_pretrained(dtype=, param_dtype=)`` via ``dataclasses.replace``);
@@ -56,25 +43,20 @@ Registry
   (``nnx.Param`` but not ``nnx.LoRAParam``, flat dotted NNX path) the HF tensor it comes from
   (:class:`TensorMap`: ``transpose=True`` for ``nn.Linear`` weights, or any ``transform``,
   e.g. a slice of a fused tensor) plus regexes of HF tensors that may be present and are
-  dropped. ``hf_names`` lets the map adapt to prefixes (``model.`` / ``transformer.``).
+  dropped. ``hf_names`` lets the map adapt to prefixes (``model.`` / ``transformer.``);
 
-Alternatively ``register_architecture(model_type, load_fn=f)`` registers a complete loader
-``f(path, *, dtype=None, param_dtype=None, lora=None, rngs=None) -> model``.
-Modules named in :data:`LAZY_MODULES` are imported on first use of their model type, so they
-can register themselves at import time: :mod:`ntk_jax.models.gpt2` (``"gpt2"``) and
-:mod:`ntk_jax.models.bert` (``"bert"``, ``"roberta"``, ``"xlm-roberta"``, ``"camembert"``).
-Such loaders build on the pieces here: :class:`SafetensorsDir`, :func:`rename_weight_map`
-(a weight map from a renaming function), :func:`load_weights` / :func:`load_model` (with
-``unexpected="warn"`` and fresh initialisation of parameters a checkpoint may lack) and
-:func:`save_hf_safetensors`.
+or, instead of the last two, ``load_fn(path, *, dtype, param_dtype, lora, rngs, mesh, rules)``
+(a complete loader, built on :class:`SafetensorsDir`, :func:`rename_weight_map` (a weight map
+from a renaming function) and :func:`load_model` (with ``unexpected="warn"`` and fresh
+initialisation of parameters a checkpoint may lack)); plus ``partition=PartitionNames(...)``
+(its column- / row-parallel projections, embeddings and replicated modules, for
+:func:`ntk_jax.models.sharding.default_rules`) and ``peft={ModelClass: PeftSpec(...)}`` (the HF
+module of each ``LoRALinear``, for :mod:`~ntk_jax.models.peft_export`). Saving goes through
+:func:`save_hf_safetensors`. ``tests/test_ports.py`` adds a port in a test file.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import importlib
-import inspect
 import json
 import os
 import re
@@ -87,11 +69,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ntk_jax.models import transformer as _tr
-from ntk_jax.models.layers import with_dtypes
+from ntk_jax.models.layers import base_params_filter, flatten_state, unflatten_state, with_dtypes
 from ntk_jax.models.lora import LoRAConfig, apply_lora, iter_linears
-from ntk_jax.models.transformer import (DecoderConfig, DecoderLM, _base_params_filter, flatten_state,
-                                        unflatten_state)
+from ntk_jax.models.ports import (LAZY_MODULES, Architecture, get_architecture,  # noqa: F401
+                                  register_architecture, supported_model_types)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -107,14 +88,11 @@ __all__ = [
     "LAZY_MODULES",
     "read_hf_config",
     "config_from_hf",
-    "decoder_config_from_hf",
-    "decoder_weight_map",
     "SafetensorsDir",
     "load_safetensors_dir",
     "rename_weight_map",
     "load_weights",
     "load_model",
-    "loading_mesh",
     "as_lora_config",
     "effective_kernels",
     "save_hf_safetensors",
@@ -124,7 +102,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------
-# Weight maps and the architecture registry
+# Weight maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,72 +141,6 @@ class WeightMap:
     fresh: tuple[str, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    config_fn: Callable[[dict], Any] | None = None
-    build_fn: Callable[..., nnx.Module] | None = None
-    weight_map_fn: Callable[[Any, set[str]], WeightMap] | None = None
-    load_fn: Callable[..., nnx.Module] | None = None
-
-
-_REGISTRY: dict[str, Architecture] = {}
-
-# model_type -> module imported on first use (it may call register_architecture at import).
-LAZY_MODULES: dict[str, str] = {
-    "gpt2": "ntk_jax.models.gpt2",
-    "bert": "ntk_jax.models.bert",
-    "roberta": "ntk_jax.models.bert",
-    "xlm-roberta": "ntk_jax.models.bert",
-    "camembert": "ntk_jax.models.bert",
-}
-
-
-def register_architecture(model_type: str, config_fn: Callable[[dict], Any] | None = None,
-                          build_fn: Callable[..., nnx.Module] | None = None,
-                          weight_map_fn: Callable[[Any, set[str]], WeightMap] | None = None, *,
-                          load_fn: Callable[..., nnx.Module] | None = None,
-                          overwrite: bool = False) -> Architecture:
-    """Registers how to load checkpoints whose ``config.json`` has ``model_type``.
-
-    Give either ``config_fn``, ``build_fn`` and ``weight_map_fn`` (the generic loader of this
-    module is used; see the module docstring for their signatures) or ``load_fn`` (a complete
-    ``load_fn(path, *, dtype, param_dtype, lora, rngs)``; ``config_fn`` is then optional and
-    only used by :func:`config_from_hf`). Re-registering a type raises ``ValueError`` unless
-    ``overwrite=True``.
-    """
-    if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
-    if model_type == _tr.MODEL_TYPE:
-        raise ValueError(f"{model_type!r} is this repo's own format and cannot be re-registered")
-    if load_fn is None and None in (config_fn, build_fn, weight_map_fn):
-        raise ValueError(f"register_architecture({model_type!r}): give config_fn, build_fn and "
-                         "weight_map_fn, or load_fn")
-    if model_type in _REGISTRY and not overwrite:
-        raise ValueError(f"model_type {model_type!r} is already registered (pass overwrite=True)")
-    arch = Architecture(model_type, config_fn, build_fn, weight_map_fn, load_fn)
-    _REGISTRY[model_type] = arch
-    return arch
-
-
-def supported_model_types() -> list[str]:
-    """Registered model types plus ``"ntk_jax_decoder"`` (lazily importable ones not included)."""
-    return sorted(set(_REGISTRY) | {_tr.MODEL_TYPE})
-
-
-def get_architecture(model_type: str | None) -> Architecture:
-    """The registry entry of ``model_type`` (importing its module from :data:`LAZY_MODULES`
-    on first use); ``ValueError`` listing the supported types otherwise."""
-    if model_type not in _REGISTRY and model_type in LAZY_MODULES:
-        try:
-            importlib.import_module(LAZY_MODULES[model_type])
-        except ImportError:
-            pass
-    if model_type not in _REGISTRY:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported_model_types()}")
-    return _REGISTRY[model_type]
-
-
 # ---------------------------------------------------------------------------------------
 # Files
 
@@ -236,8 +148,8 @@ def get_architecture(model_type: str | None) -> Architecture:
 def _check_dir(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist (only local "
-                                "directories are supported; no hub access)")
+        raise FileNotFoundError(f"checkpoint directory {path!r} (with {CONFIG_NAME}) does not exist "
+                                "(only local directories are supported; no hub access)")
     return path
 
 
@@ -355,7 +267,7 @@ def rename_weight_map(model: nnx.Module, hf_names: Iterable[str],
     """
     hf_names = set(hf_names)
     maps, fresh = [], []
-    for nnx_name in flatten_state(nnx.to_pure_dict(nnx.state(model, _base_params_filter()))):
+    for nnx_name in flatten_state(nnx.to_pure_dict(nnx.state(model, base_params_filter()))):
         candidates, transpose = rename(nnx_name)
         hit = next((c for c in candidates if c in hf_names), None)
         if hit is None and optional is not None and optional(nnx_name):
@@ -393,7 +305,7 @@ def load_weights(model: nnx.Module, source: SafetensorsDir | Mapping[str, np.nda
         names, shape_of, get = set(tensors), (lambda n: tuple(tensors[n].shape)), tensors.__getitem__
     else:
         names, shape_of, get = source.names, source.shape, source.get
-    state = nnx.state(model, _base_params_filter())
+    state = nnx.state(model, base_params_filter())
     expected = flatten_state(nnx.to_pure_dict(state))
     by_nnx: dict[str, TensorMap | None] = {}
     for t in weight_map.tensors + tuple(weight_map.fresh):
@@ -457,30 +369,12 @@ def _place(arr: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) 
         arr.shape, sharding, lambda index: np.ascontiguousarray(arr[index]).astype(dtype, copy=False))
 
 
-# A mesh set by from_pretrained(mesh=...) for loaders registered with load_fn (GPT-2, BERT),
-# which call load_model without a mesh argument.
-_LOADING_MESH: contextvars.ContextVar = contextvars.ContextVar("ntk_jax_loading_mesh", default=None)
-
-
-@contextlib.contextmanager
-def loading_mesh(mesh: Any, rules: Any = None):
-    """Within this context, :func:`load_model` calls without ``mesh=`` load sharded over
-    ``mesh`` (with partition ``rules``, default
-    :data:`ntk_jax.models.sharding.DEFAULT_RULES`). Used by :func:`from_pretrained` for
-    registered ``load_fn`` loaders that do not take a ``mesh`` argument."""
-    token = _LOADING_MESH.set(None if mesh is None else (mesh, rules))
-    try:
-        yield
-    finally:
-        _LOADING_MESH.reset(token)
-
-
 def _place_model(model: nnx.Module, mesh: Any, rules: Any) -> None:
     """Places all of ``model``'s state (LoRA factors, RNG streams, ...) by ``rules``; arrays
     already in place are not copied."""
     from ntk_jax.models import sharding as _sh
 
-    _sh.shard_model(model, mesh, _sh.DEFAULT_RULES if rules is None else rules)
+    _sh.shard_model(model, mesh, rules)
 
 
 def as_lora_config(lora: Any) -> LoRAConfig | None:
@@ -503,32 +397,28 @@ def load_model(build_fn: Callable[..., nnx.Module], config: Any, source: Safeten
     adapters attached if ``lora`` is given (with ``rngs``, default ``nnx.Rngs(0)``).
 
     ``mesh`` (a ``("data", "model")`` :class:`jax.sharding.Mesh`, see
-    :func:`ntk_jax.models.sharding.make_mesh`; default: the one set by :func:`loading_mesh`,
-    if any): every checkpoint tensor is placed straight into its sharding by ``rules``
-    (default :data:`~ntk_jax.models.sharding.DEFAULT_RULES`; a dimension its mesh axis does
+    :func:`ntk_jax.models.sharding.make_mesh`): every checkpoint tensor is placed straight
+    into its sharding by ``rules`` (default: the rules of every registered port,
+    :func:`~ntk_jax.models.sharding.default_rules`; a dimension its mesh axis does
     not divide is replicated), and the LoRA factors (created on the default device; they are
     small) and the non-parameter state are then placed too."""
     lcfg = as_lora_config(lora)
-    if mesh is None and _LOADING_MESH.get() is not None:
-        mesh, ctx_rules = _LOADING_MESH.get()
-        rules = ctx_rules if rules is None else rules
     model = nnx.eval_shape(lambda: build_fn(config, rngs=nnx.Rngs(0)))
     shardings = None
     if mesh is not None:
         from ntk_jax.models import sharding as _sh
 
-        plan = _sh.sharding_plan(nnx.state(model, _base_params_filter()), mesh,
-                                 _sh.DEFAULT_RULES if rules is None else rules)
+        plan = _sh.sharding_plan(nnx.state(model, base_params_filter()), mesh, rules)
         shardings = {n: plan.sharding(n) for n in plan.specs}
     load_weights(model, source, weight_map_fn(model, source.names), where=source.path,
                  unexpected=unexpected, init_fresh=init_fresh, shardings=shardings)
-    rest = nnx.state(model, nnx.Not(_base_params_filter()))
+    rest = nnx.state(model, nnx.Not(base_params_filter()))
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest)):
         # Non-parameter state (e.g. dropout RNG streams): run the constructor under jit and
         # keep only that state; XLA drops the unused parameter initialisers.
         @nnx.jit
         def make_rest(r):
-            return nnx.state(build_fn(config, rngs=r), nnx.Not(_base_params_filter()))
+            return nnx.state(build_fn(config, rngs=r), nnx.Not(base_params_filter()))
 
         nnx.update(model, make_rest(rngs if rngs is not None else nnx.Rngs(0)))
     left = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
@@ -545,7 +435,7 @@ def load_model(build_fn: Callable[..., nnx.Module], config: Any, source: Safeten
 def effective_kernels(model: nnx.Module) -> dict[str, jax.Array]:
     """Flat NNX name -> value of every base parameter, with LoRA adapters folded into their
     kernels (``W + (alpha/r) A B``); the model is not modified."""
-    flat = flatten_state(nnx.to_pure_dict(nnx.state(model, _base_params_filter())))
+    flat = flatten_state(nnx.to_pure_dict(nnx.state(model, base_params_filter())))
     for path, lin in iter_linears(model):
         if lin.lora is not None:
             name = ".".join(str(p) for p in path) + ".kernel"
@@ -554,9 +444,10 @@ def effective_kernels(model: nnx.Module) -> dict[str, jax.Array]:
     return flat
 
 
-def save_hf_safetensors(tensors: Mapping[str, Any], config: dict, directory: str | os.PathLike) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` (numpy; ``format: pt`` metadata so
-    ``transformers`` loads it)."""
+def save_hf_safetensors(tensors: Mapping[str, Any], config: dict, directory: str | os.PathLike, *,
+                        weights_format: str = "pt") -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (numpy arrays, bf16 as
+    ``ml_dtypes.bfloat16``; ``format`` metadata ``"pt"`` so ``transformers`` loads it)."""
     from safetensors.numpy import save_file
 
     directory = os.fspath(directory)
@@ -564,17 +455,14 @@ def save_hf_safetensors(tensors: Mapping[str, Any], config: dict, directory: str
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    save_file(arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": weights_format})
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> Any:
-    """The model config for a ``config.json`` dict, by its ``model_type``
-    (:class:`~ntk_jax.models.transformer.DecoderConfig` for llama / mistral / qwen2 / qwen3 /
-    ntk_jax_decoder). ``ValueError`` for an unsupported type or setting."""
+    """The model config for a ``config.json`` dict, by its ``model_type`` (the registered
+    port's ``config_fn``). ``ValueError`` for an unsupported type or setting."""
     d = dict(hf_config)
     mt = d.get("model_type")
-    if mt == _tr.MODEL_TYPE:
-        return DecoderConfig.from_dict({k: v for k, v in d.items() if k != "model_type"})
     arch = get_architecture(mt)
     if arch.config_fn is None:
         raise ValueError(f"model_type {mt!r} is registered without a config converter")
@@ -601,8 +489,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         on the host, one at a time, and placed directly into its sharded layout (each device
         gets only its slice; the full model is never on one device), then the LoRA factors
         and any other state are placed. ``None``: everything on the default device.
-      rules: partition rules ``[(regex, PartitionSpec), ...]`` (default
-        :data:`ntk_jax.models.sharding.DEFAULT_RULES`, which covers every ported model).
+      rules: partition rules ``[(regex, PartitionSpec), ...]`` (default: the rules of every
+        registered port, :func:`ntk_jax.models.sharding.default_rules`).
 
     Raises ``FileNotFoundError`` (missing directory / file), ``ValueError`` (unsupported
     ``model_type`` or setting; missing, unexpected or wrongly shaped tensor, named).
@@ -612,30 +500,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                         f"got {type(mesh).__name__}")
     path = _check_dir(path)
     hf = read_hf_config(path)
-    mt = hf.get("model_type")
+    arch = get_architecture(hf.get("model_type"))
     lcfg = as_lora_config(lora)
-    if mt == _tr.MODEL_TYPE:
-        if mesh is None:
-            model = _tr.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
-            if lcfg is not None:
-                apply_lora(model, lcfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-            return model
-        # Sharded: this repo's format stores flat NNX names, so the weight map is the identity.
-        config = with_dtypes(load_config(path), dtype, param_dtype)
-        return load_model(_build_decoder, config, SafetensorsDir(path),
-                          lambda model, names: rename_weight_map(model, names, lambda n: ([n], False)),
-                          rngs=rngs, lora=lcfg, mesh=mesh, rules=rules)
-    arch = get_architecture(mt)
     if arch.load_fn is not None:
-        if mesh is None:
-            return arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs)
-        if "mesh" in inspect.signature(arch.load_fn).parameters:
-            model = arch.load_fn(path, mesh=mesh, **kwargs)
-        else:  # loaders built on load_model pick the mesh up from the context
-            with loading_mesh(mesh, rules):
-                model = arch.load_fn(path, **kwargs)
-        _place_model(model, mesh, rules)  # no-op for arrays already placed
+        model = arch.load_fn(path, dtype=dtype, param_dtype=param_dtype, lora=lcfg, rngs=rngs, mesh=mesh,
+                             rules=rules)
+        if mesh is not None:
+            _place_model(model, mesh, rules)  # no-op for arrays the loader already placed
         return model
     config = with_dtypes(arch.config_fn(hf), dtype, param_dtype)
     return load_model(arch.build_fn, config, SafetensorsDir(path),
@@ -650,151 +521,3 @@ def load_tokenizer(path: str | os.PathLike, **kwargs):
     path = _check_dir(path)
     kwargs.setdefault("local_files_only", True)
     return AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------
-# Llama-family decoders -> DecoderLM
-
-_DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def _hf_rope(d: Mapping[str, Any]) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from a v5 ``rope_parameters`` or a v4 ``rope_theta`` +
-    ``rope_scaling`` config."""
-    rp = d.get("rope_parameters")
-    if rp is None:
-        rp = d.get("rope_scaling")
-    rp = dict(rp or {})
-    if rp and all(isinstance(v, Mapping) for v in rp.values()):
-        raise ValueError(f"per-layer-type rope parameters are not supported: {sorted(rp)}")
-    theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
-    prf = rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    if prf is not None and float(prf) != 1.0:
-        raise ValueError(f"partial_rotary_factor={prf} is not supported (only 1.0)")
-    if not rp:
-        return theta, None
-    if rp.get("rope_type", rp.get("type")) == "default":
-        return theta, None
-    return theta, rp  # validated (unknown types -> ValueError) by DecoderConfig
-
-
-def decoder_config_from_hf(d: Mapping[str, Any]) -> DecoderConfig:
-    """:class:`DecoderConfig` from a llama / mistral / qwen2 / qwen3 ``config.json`` dict
-    (``transformers`` v4 or v5 layout)."""
-    d = dict(d)
-    mt = d.get("model_type")
-    if mt not in _DECODER_TYPES:
-        raise ValueError(f"decoder_config_from_hf: model_type {mt!r} is not one of {list(_DECODER_TYPES)}")
-    missing = [k for k in _REQUIRED if d.get(k) is None]
-    if missing:
-        raise ValueError(f"{mt} config is missing {missing}")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
-    heads = int(d["num_attention_heads"])
-    head_dim = d.get("head_dim")
-    if head_dim is None:  # HF's Qwen3Config defaults head_dim to 128, the others to hidden / heads
-        head_dim = 128 if mt == "qwen3" else int(d["hidden_size"]) // heads
-    theta, rope_scaling = _hf_rope(d)
-
-    sliding_window, layer_types = None, None
-    if mt == "mistral":
-        sliding_window = d.get("sliding_window")
-    elif mt in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
-        sliding_window = d.get("sliding_window")
-        if sliding_window is not None:
-            layer_types = d.get("layer_types")
-            if layer_types is None:
-                mwl = int(d.get("max_window_layers", 28))
-                layer_types = ["sliding_attention" if i >= mwl else "full_attention"
-                               for i in range(int(d["num_hidden_layers"]))]
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        sliding_window, layer_types = None, None
-
-    attention_bias = bool(d.get("attention_bias", False))
-    if mt == "qwen2":
-        qkv_bias, o_bias = True, False  # hard-coded in transformers' Qwen2Attention
-    elif mt == "mistral":
-        qkv_bias, o_bias = False, False
-    else:  # llama, qwen3: attention_bias covers q, k, v and o
-        qkv_bias, o_bias = attention_bias, attention_bias
-    mlp_bias = bool(d.get("mlp_bias", False)) if mt == "llama" else False
-    init = d.get("initializer_range")
-    return DecoderConfig(
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        intermediate_size=int(d["intermediate_size"]),
-        max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-        rope_theta=theta,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=qkv_bias,
-        o_proj_bias=o_bias,
-        mlp_bias=mlp_bias,
-        qk_norm=(mt == "qwen3"),
-        rope_scaling=rope_scaling,
-        sliding_window=None if sliding_window is None else int(sliding_window),
-        layer_types=None if layer_types is None else tuple(layer_types),
-        initializer_range=None if init is None else float(init),
-    )
-
-
-def decoder_weight_map(config: DecoderConfig, hf_names: Iterable[str]) -> WeightMap:
-    """HF ``*ForCausalLM`` tensor names for every parameter of ``DecoderLM(config)``."""
-    hf_names = set(hf_names)
-    pre = "" if ("embed_tokens.weight" in hf_names and "model.embed_tokens.weight" not in hf_names) else "model."
-    maps: list[TensorMap] = [TensorMap(pre + "embed_tokens.weight", "embed_tokens.embedding")]
-
-    def linear(hf: str, nn: str, bias: bool):
-        maps.append(TensorMap(hf + ".weight", nn + ".kernel", transpose=True))
-        if bias:
-            maps.append(TensorMap(hf + ".bias", nn + ".bias"))
-
-    for i in range(config.num_layers):
-        h, n = f"{pre}layers.{i}.", f"layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            maps.append(TensorMap(h + norm + ".weight", n + norm + ".weight"))
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            linear(h + "self_attn." + proj, n + "self_attn." + proj, config.attention_bias)
-        linear(h + "self_attn.o_proj", n + "self_attn.o_proj", config.o_proj_bias)
-        if config.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                maps.append(TensorMap(h + "self_attn." + norm + ".weight", n + "self_attn." + norm + ".weight"))
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            linear(h + "mlp." + proj, n + "mlp." + proj, config.mlp_bias)
-    maps.append(TensorMap(pre + "norm.weight", "norm.weight"))
-    ignore = [r"(^|\.)rotary_emb\.inv_freq$"]
-    if config.tie_word_embeddings:
-        ignore.append(r"^lm_head\.weight$")
-    else:
-        maps.append(TensorMap("lm_head.weight", "lm_head.kernel", transpose=True))
-    return WeightMap(tuple(maps), tuple(ignore))
-
-
-def _build_decoder(config: DecoderConfig, *, rngs: nnx.Rngs) -> DecoderLM:
-    return DecoderLM(config, rngs=rngs)
-
-
-for _mt in _DECODER_TYPES:
-    register_architecture(_mt, decoder_config_from_hf, _build_decoder, decoder_weight_map)
-del _mt
-
-
-def load_config(directory: str | os.PathLike) -> DecoderConfig:
-    """The :class:`DecoderConfig` of a checkpoint directory: this repo's format or a Hugging
-    Face Llama-family decoder (llama / mistral / qwen2 / qwen3 ``config.json``, converted by
-    :func:`config_from_hf`). ``ValueError`` for other model types
-    (e.g. GPT-2, BERT), whose configs are not a ``DecoderConfig``."""
-    d = read_hf_config(directory)
-    if d.get("model_type") == _tr.MODEL_TYPE:
-        return _tr.load_own_config(directory)
-    config = config_from_hf(d)
-    if not isinstance(config, DecoderConfig):
-        raise ValueError(f"{os.fspath(directory)!r}: model_type {d.get('model_type')!r} is not a Llama-family "
-                         f"decoder (its config is a {type(config).__name__}, not a DecoderConfig)")
-    return config

@@ -1,6 +1,7 @@
 """Small pieces shared by the model ports (:mod:`~ntk_jax.models.transformer`,
 :mod:`~ntk_jax.models.gpt2`, :mod:`~ntk_jax.models.bert`): HF-style ``LayerNorm``, HF
-activation names, and the dtype / dict helpers of their config dataclasses.
+activation names, the dtype / dict helpers of their config dataclasses, and flat dotted
+parameter names (:func:`flatten_state` / :func:`unflatten_state`, :func:`base_params_filter`).
 
 Imports only jax / flax, so every model module can import it without cycles.
 """
@@ -18,7 +19,8 @@ from ntk_jax.utils import DictConfig
 Array = jax.Array
 
 __all__ = ["LayerNorm", "get_activation", "resolve_dtype", "with_dtypes", "ConfigMixin", "accum_dtype",
-           "attention_scores", "linear_f32", "attend_f32"]
+           "attention_scores", "linear_f32", "attend_f32", "flatten_state", "unflatten_state",
+           "base_params_filter"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,3 +142,41 @@ class ConfigMixin(DictConfig):
     def params_dtype(self):
         return jnp.dtype(self.param_dtype)
 
+
+
+# ---------------------------------------------------------------------------------------
+# Flat dotted parameter names (checkpoint tensor names of this repo's format)
+
+
+def base_params_filter():
+    """The NNX filter of base parameters: ``nnx.Param`` but not ``nnx.LoRAParam``."""
+    return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+def flatten_state(tree: dict, sep: str = ".") -> dict[str, Any]:
+    """Flattens a nested pure dict (``nnx.to_pure_dict(state)``) to ``{'a.0.b': leaf}``."""
+    out: dict[str, Any] = {}
+
+    def rec(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                rec(v, f"{prefix}{sep}{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+
+    rec(tree, "")
+    return out
+
+
+def unflatten_state(flat: dict[str, Any], sep: str = ".") -> dict:
+    """Inverse of :func:`flatten_state`; all-digit components become ``int`` keys (``nnx.List``)."""
+    tree: dict = {}
+    for name, leaf in flat.items():
+        parts = [int(p) if p.isdigit() else p for p in name.split(sep)]
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"tensor name {name!r} clashes with another tensor at {p!r}")
+        node[parts[-1]] = leaf
+    return tree

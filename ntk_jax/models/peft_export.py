@@ -20,10 +20,12 @@ which is our ``x W + (alpha / r) x A B`` transposed, so the PyTorch model with t
 has the Flax model's logits. For GPT-2 ``Conv1D`` (weight stored ``(in, out)``) the adapter
 tensors have the same shapes; ``fan_in_fan_out=True`` only tells PEFT how to merge.
 
-Hugging Face module names come from the ports' own weight maps: the decoder's
-:func:`~ntk_jax.models.hf_loading.decoder_weight_map` (``model.`` prefix, ``lm_head``),
-GPT-2's ``transformer.`` prefix (:func:`ntk_jax.models.gpt2.to_hf_state_dict` naming) and
-BERT/RoBERTa's NNX paths, which are the HF names (:mod:`ntk_jax.models.bert`).
+Hugging Face module names, task types and heads come from the ports: each registers a
+:class:`~ntk_jax.models.ports.PeftSpec` per model class (``register_architecture(...,
+peft={cls: PeftSpec(...)})``): the decoder's names are read off its weight map
+(:func:`~ntk_jax.models.transformer.decoder_weight_map`: ``model.`` prefix, ``lm_head``),
+GPT-2's are ``transformer.<path>`` (``Conv1D``) and ``lm_head``, BERT/RoBERTa's NNX paths are
+the HF names. This module lists no model.
 
 Public API::
 
@@ -35,7 +37,6 @@ Merging adapters into the base weights is :func:`ntk_jax.models.lora.merge_lora`
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -44,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ntk_jax.models.hf_loading import decoder_weight_map
+from ntk_jax.models.layers import base_params_filter, flatten_state, unflatten_state
 from ntk_jax.models.lora import LoRAAdapter, LoRAConfig, LoRALinear, _layer_index, apply_lora, iter_linears
-from ntk_jax.models.transformer import DecoderLM, _base_params_filter, flatten_state, unflatten_state
+from ntk_jax.models.ports import PeftModule, peft_spec
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,75 +57,27 @@ __all__ = ["PeftModule", "peft_module_names", "default_task_type", "head_modules
            "load_peft_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 
-@dataclasses.dataclass(frozen=True)
-class PeftModule:
-    """The Hugging Face module behind one :class:`LoRALinear`.
-
-    ``name``: its name in the ``transformers`` model (``model.layers.0.self_attn.q_proj``);
-    ``conv1d``: GPT-2 ``Conv1D`` (weight ``(in, out)``) rather than ``nn.Linear`` (``(out, in)``).
-    """
-
-    name: str
-    conv1d: bool = False
-
-
 def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _model_kind(model: nnx.Module) -> str:
-    from ntk_jax.models import bert, gpt2
-
-    if isinstance(model, DecoderLM):
-        return "decoder"
-    if isinstance(model, gpt2.GPT2LMHeadModel):
-        return "gpt2"
-    if isinstance(model, bert.BertModel):
-        return "bert_base"
-    if isinstance(model, (bert.BertForSequenceClassification, bert.RobertaForSequenceClassification)):
-        return "bert_seq_cls"
-    raise TypeError(f"PEFT export supports DecoderLM, GPT2LMHeadModel and the BERT/RoBERTa models, "
-                    f"got {type(model).__name__}")
-
-
 def peft_module_names(model: nnx.Module) -> dict[tuple, PeftModule]:
-    """NNX path of every :class:`LoRALinear` in ``model`` -> its Hugging Face module.
-
-    Decoder (Llama/Mistral/Qwen) names are read off
-    :func:`~ntk_jax.models.hf_loading.decoder_weight_map` (the loader's own map); GPT-2's are
-    ``transformer.<path>`` (``Conv1D``) and ``lm_head``; BERT/RoBERTa paths are the HF names.
-    """
-    kind = _model_kind(model)
-    linears = list(iter_linears(model))
-    out: dict[tuple, PeftModule] = {}
-    if kind == "decoder":
-        wm = decoder_weight_map(model.config, {"model.embed_tokens.weight"})
-        by_nnx = {t.nnx_name: t for t in wm.tensors}
-        for path, _ in linears:
-            t = by_nnx.get(_dotted(path) + ".kernel")
-            if t is None or not t.transpose or not t.hf_name.endswith(".weight"):
-                raise ValueError(f"no Hugging Face nn.Linear for projection {_dotted(path)!r}")
-            out[path] = PeftModule(t.hf_name[: -len(".weight")])
-    elif kind == "gpt2":
-        for path, _ in linears:
-            name = _dotted(path)
-            out[path] = PeftModule("lm_head") if name == "lm_head" else PeftModule("transformer." + name, True)
-    else:
-        for path, _ in linears:
-            out[path] = PeftModule(_dotted(path))
-    return out
+    """NNX path of every :class:`LoRALinear` in ``model`` -> its Hugging Face module (by the
+    :class:`~ntk_jax.models.ports.PeftSpec` its port registered; ``TypeError`` for a model
+    class no port registered)."""
+    spec = peft_spec(model)
+    return {path: spec.hf_module(model, _dotted(path)) for path, _ in iter_linears(model)}
 
 
 def default_task_type(model: nnx.Module) -> str:
     """PEFT's ``task_type`` for ``model``: ``CAUSAL_LM``, ``SEQ_CLS`` or ``FEATURE_EXTRACTION``."""
-    return {"decoder": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert_base": "FEATURE_EXTRACTION",
-            "bert_seq_cls": "SEQ_CLS"}[_model_kind(model)]
+    return peft_spec(model).task_type
 
 
 def head_modules(model: nnx.Module) -> list[str]:
     """Top-level module names PEFT saves in full for a ``SEQ_CLS`` adapter (its
     ``modules_to_save``): the classification head, ``["classifier"]``; ``[]`` otherwise."""
-    return ["classifier"] if _model_kind(model) == "bert_seq_cls" else []
+    return list(peft_spec(model).heads)
 
 
 def _adapters(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
@@ -163,7 +116,7 @@ def _head_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     (PyTorch layout: ``nn.Linear`` weights transposed)."""
     out = {}
     for head in head_modules(model):
-        flat = flatten_state(nnx.to_pure_dict(nnx.state(getattr(model, head), _base_params_filter())))
+        flat = flatten_state(nnx.to_pure_dict(nnx.state(getattr(model, head), base_params_filter())))
         for n, v in flat.items():
             a = np.asarray(v, np.float32)
             if n.endswith("kernel"):
@@ -178,8 +131,9 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     """Writes ``model``'s LoRA adapters as a PEFT LoRA adapter directory.
 
     Args:
-      model: a :class:`DecoderLM`, ``GPT2LMHeadModel``, ``BertModel`` or
-        ``Bert/RobertaForSequenceClassification`` with adapters attached
+      model: a model of a port that registered a PEFT spec (:class:`DecoderLM`,
+        ``GPT2LMHeadModel``, ``BertModel``, ``Bert/RobertaForSequenceClassification``) with
+        adapters attached
         (:func:`~ntk_jax.models.lora.apply_lora` or ``from_pretrained(lora=...)``).
       directory: created if needed; ``adapter_config.json`` + ``adapter_model.safetensors``.
       base_model_name_or_path: recorded in the config (PEFT loads the base from it when the
@@ -332,7 +286,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *, rngs: 
             raise ValueError(f"{directory}: tensors {unknown} match no parameter of the model "
                              f"(modules_to_save={heads})")
         for head in head_modules(model):
-            state = nnx.state(getattr(model, head), _base_params_filter())
+            state = nnx.state(getattr(model, head), base_params_filter())
             flat = flatten_state(nnx.to_pure_dict(state))
             for n, ref in flat.items():
                 hf = n[: -len("kernel")] + "weight" if n.endswith("kernel") else n

@@ -13,23 +13,25 @@ Axes (MaxText-style "FSDP × tensor parallel", kept small):
 
 Partition rules are an ordered list of ``(regex, PartitionSpec)``; the first regex that
 ``re.search``-es a parameter's flat NNX path (``"layers.3.self_attn.q_proj.kernel"``) gives its
-spec. :data:`DEFAULT_RULES` covers every ported architecture (``DecoderLM`` = Llama / Mistral /
-Qwen2 / Qwen3, GPT-2, BERT / RoBERTa with their classification heads):
+spec. The ports do not appear here: each registers its module names by role
+(:class:`~ntk_jax.models.ports.PartitionNames`: column- / row-parallel projections, token and
+position embeddings, replicated modules) and :func:`default_rules` builds the rules of every
+registered port from them (:func:`rules_from_names`); :data:`DEFAULT_RULES` reads as those
+rules, and ``rules=None`` everywhere means them:
 
 ==========================================  =================  ==========================
 parameter                                   shape              spec
 ==========================================  =================  ==========================
-token embeddings (embed_tokens, wte, word)  (V, H)             ("model", "data")
+token embeddings (``vocab``)                (V, H)             ("model", "data")
 position / token-type embeddings            (N, H)             (None, "data")
-column-parallel kernel                      (H, out)           ("data", "model")
+column-parallel kernel (incl. ``lm_head``)  (H, out)           ("data", "model")
 its bias                                    (out,)             ("model",)
 row-parallel kernel                         (in, H)            ("model", "data")
 its bias                                    (H,)               replicated
-lm_head kernel                              (H, V)             ("data", "model")
 LoRA A of a row-parallel projection         (in, r)            ("model", None)
 LoRA B of a column-parallel projection      (r, out)           (None, "model")
 other LoRA factors                                             replicated
-norms (RMSNorm / LayerNorm), pooler, heads                     replicated
+``replicated`` modules (norms, pooler, heads)                  replicated
 ==========================================  =================  ==========================
 
 LoRA factors are small (``r·(in+out)`` per target), so they are not FSDP-sharded; the factor
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence as _Sequence
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -68,11 +71,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ntk_jax.mesh import (AXES, data_size, mesh_of, onto_mesh, place_rows, resolve_mesh,  # noqa: F401
                           round_up_to_data, shard_batch)
+from ntk_jax.models.ports import PartitionNames, partition_names
+
 Rules = Sequence[tuple[str, P]]
 
 __all__ = [
     "AXES",
     "DEFAULT_RULES",
+    "default_rules",
+    "rules_from_names",
+    "resolve_rules",
     "make_mesh",
     "mesh_from_config",
     "mesh_shape",
@@ -87,7 +95,6 @@ __all__ = [
     "spec_for",
     "fit_spec",
     "sharding_plan",
-    "state_shardings",
     "shard_model",
     "shard_batch",
     "abstract_sharded_state",
@@ -95,29 +102,70 @@ __all__ = [
     "describe_sharding",
 ]
 
-# Projection names by role (HF names of the ports).
-_COL = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|query|key|value|intermediate\.dense|lm_head)"
-_ROW = r"(o_proj|down_proj|c_proj|output\.dense)"
+def rules_from_names(names: Iterable[PartitionNames]) -> tuple[tuple[str, P], ...]:
+    """The partition rules of ports with these :class:`~ntk_jax.models.ports.PartitionNames`
+    (the table in the module docstring; names of all ports pooled, so the order of the ports
+    does not matter)."""
+    names = list(names)
 
-DEFAULT_RULES: tuple[tuple[str, P], ...] = (
-    # LoRA factors (before the kernels: their paths contain the projection name too).
-    (_ROW + r"\.lora\.lora_a$", P("model", None)),
-    (_COL + r"\.lora\.lora_b$", P(None, "model")),
-    (r"\.lora\.lora_[ab]$", P()),
-    # Small heads and poolers (BERT pooler, classifier(.dense / .out_proj)): replicated.
-    (r"(^|\.)(classifier|pooler)(\.|$)", P()),
-    # Projections.
-    (r"(^|\.)lm_head\.kernel$", P("data", "model")),
-    (_ROW + r"\.kernel$", P("model", "data")),
-    (_ROW + r"\.bias$", P()),
-    (_COL + r"\.kernel$", P("data", "model")),
-    (_COL + r"\.bias$", P("model")),
-    # Embeddings.
-    (r"(^|\.)(embed_tokens|wte|word_embeddings)\.embedding$", P("model", "data")),
-    (r"(^|\.)(wpe|position_embeddings|token_type_embeddings)\.embedding$", P(None, "data")),
-    # Norms: RMSNorm / LayerNorm weights and biases (norm, q_norm, ln_1, ln_f, LayerNorm, ...).
-    (r"(norm|ln_\d+|ln_f|LayerNorm)\.(weight|bias)$", P()),
-)
+    def role(field: str) -> str | None:
+        alts = sorted({a for n in names for a in getattr(n, field)})
+        return r"(^|\.)(" + "|".join(alts) + ")" if alts else None
+
+    col, row, vocab, positions, replicated = (role(f) for f in ("column", "row", "vocab", "positions",
+                                                               "replicated"))
+    rules: list[tuple[str, P]] = []
+
+    def add(prefix: str | None, suffix: str, spec: P) -> None:
+        if prefix is not None:
+            rules.append((prefix + suffix, spec))
+
+    # LoRA factors first (their paths contain the projection name too).
+    add(row, r"\.lora\.lora_a$", P("model", None))
+    add(col, r"\.lora\.lora_b$", P(None, "model"))
+    rules.append((r"\.lora\.lora_[ab]$", P()))
+    add(replicated, r"(\.|$)", P())  # norms, poolers, classification heads
+    add(row, r"\.kernel$", P("model", "data"))
+    add(row, r"\.bias$", P())
+    add(col, r"\.kernel$", P("data", "model"))
+    add(col, r"\.bias$", P("model"))
+    add(vocab, r"\.embedding$", P("model", "data"))
+    add(positions, r"\.embedding$", P(None, "data"))
+    return tuple(rules)
+
+
+_RULES_CACHE: dict[tuple, tuple[tuple[str, P], ...]] = {}
+
+
+def default_rules() -> tuple[tuple[str, P], ...]:
+    """The partition rules of every registered port (:func:`rules_from_names` of
+    :func:`ntk_jax.models.ports.partition_names`; the ports are imported if need be)."""
+    key = tuple(partition_names())
+    if key not in _RULES_CACHE:
+        _RULES_CACHE[key] = rules_from_names(key)
+    return _RULES_CACHE[key]
+
+
+class _DefaultRules(_Sequence):
+    """:func:`default_rules` as a sequence, computed when read (so it covers every port,
+    including ones registered after this module was imported)."""
+
+    def __getitem__(self, i):
+        return default_rules()[i]
+
+    def __len__(self) -> int:
+        return len(default_rules())
+
+    def __repr__(self) -> str:
+        return f"DEFAULT_RULES{default_rules()!r}"
+
+
+DEFAULT_RULES: Rules = _DefaultRules()
+
+
+def resolve_rules(rules: Rules | None) -> Rules:
+    """``rules``, or the rules of every registered port for ``None``."""
+    return default_rules() if rules is None or isinstance(rules, _DefaultRules) else rules
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,10 +267,10 @@ def path_name(path: Iterable[Any]) -> str:
     return ".".join(parts)
 
 
-def spec_for(name: str, rules: Rules = DEFAULT_RULES) -> P:
-    """The spec of the first rule whose regex ``re.search``-es ``name``; ``ValueError``
-    naming the parameter when none does."""
-    for pattern, spec in rules:
+def spec_for(name: str, rules: Rules | None = None) -> P:
+    """The spec of the first rule whose regex ``re.search``-es ``name`` (``rules=None``: the
+    rules of every registered port); ``ValueError`` naming the parameter when none does."""
+    for pattern, spec in resolve_rules(rules):
         if re.search(pattern, name):
             return spec
     raise ValueError(f"no partition rule matches parameter {name!r}; add a (regex, PartitionSpec) "
@@ -287,11 +335,12 @@ def _state_of(model_or_state):
     return nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
 
 
-def sharding_plan(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+def sharding_plan(model_or_state, mesh: Mesh, rules: Rules | None = None, *,
                   strict: bool = False) -> ShardingPlan:
     """The :class:`ShardingPlan` of a model (concrete or from ``nnx.eval_shape``) or of its
     ``nnx.State``: ``nnx.Param`` leaves (LoRA factors included) by ``rules``, other state
-    replicated."""
+    replicated (``rules=None``: the rules of every registered port)."""
+    rules = resolve_rules(rules)
     axes = dict(mesh.shape)
     specs: dict[str, P] = {}
     notes: list[str] = []
@@ -305,15 +354,7 @@ def sharding_plan(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
     return ShardingPlan(mesh, specs, tuple(notes))
 
 
-def state_shardings(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, strict: bool = False):
-    """A pytree shaped like ``nnx.state(model)`` with a ``NamedSharding`` per leaf (for
-    ``jax.device_put`` or ``jax.jit(in_shardings=...)``)."""
-    state = _state_of(model_or_state)
-    plan = sharding_plan(state, mesh, rules, strict=strict)
-    return jax.tree_util.tree_map_with_path(lambda p, _: plan.sharding(path_name(p)), state)
-
-
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None, *,
                 strict: bool = False) -> ShardingPlan:
     """Moves every array of ``model`` (in place) to its sharding under ``mesh``; returns the
     plan. Arrays already laid out that way are not copied."""
@@ -340,7 +381,7 @@ def shard_shape(shape: Sequence[int], spec: P, mesh_axes: Mapping[str, int]) -> 
     return tuple(out)
 
 
-def abstract_sharded_state(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+def abstract_sharded_state(abstract_state, mesh: Mesh, rules: Rules | None = None, *,
                            strict: bool = False):
     """An abstract state (leaves ``jax.ShapeDtypeStruct``, e.g. ``nnx.state`` of an
     ``nnx.eval_shape`` model) with each leaf's ``sharding`` set by ``rules``; for

@@ -13,8 +13,9 @@ Mistral checkpoints can be loaded into it by renaming tensors only:
 * SwiGLU MLP ``down_proj(silu(gate_proj(x)) * up_proj(x))``;
 * optional tied input/output embeddings.
 
-Config switches cover the HF variants without copies of the decoder (see
-:mod:`ntk_jax.models.hf_loading` for the ``config.json`` converters):
+Config switches cover the HF variants without copies of the decoder (the ``config.json``
+converter :func:`decoder_config_from_hf` and the tensor map :func:`decoder_weight_map` are at
+the end of this module):
 
 * ``attention_bias`` — biases on ``q/k/v_proj`` (Qwen2; Llama/Qwen3 ``attention_bias``);
   ``o_proj_bias`` — a bias on ``o_proj`` (Llama/Qwen3 ``attention_bias``, *not* Qwen2);
@@ -42,6 +43,28 @@ Module tree (NNX paths; HF names without the ``model.`` prefix)::
 Kernels are stored ``(in_features, out_features)``, i.e. the transpose of a PyTorch
 ``nn.Linear.weight``.
 
+This module is the decoder's port (:mod:`ntk_jax.models.ports`): it registers
+``model_type`` ``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"`` (Hugging Face checkpoints)
+and ``"ntk_jax_decoder"`` (this repo's format, :func:`save_pretrained` /
+:func:`load_pretrained`: flat NNX names, ``config.json`` = the :class:`DecoderConfig` fields),
+its column-/row-parallel projections for the sharding rules (:data:`PARTITION`) and its
+PEFT module names, so :func:`ntk_jax.models.hf_loading.from_pretrained` loads all of them.
+
+HF → NNX names (``transformers``' ``*ForCausalLM``; a checkpoint of the base ``*Model``
+without the ``model.`` prefix is accepted too)::
+
+    model.embed_tokens.weight (V, H)                 -> embed_tokens.embedding (V, H)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight -> layers.{i}.self_attn.{q,k,v,o}_proj.kernel  (transposed)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.bias   -> ... .bias
+    model.layers.{i}.self_attn.{q,k}_norm.weight     -> layers.{i}.self_attn.{q,k}_norm.weight  (Qwen3)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> layers.{i}.mlp.{gate,up,down}_proj.kernel  (transposed)
+    model.layers.{i}.{input,post_attention}_layernorm.weight -> same without "model."
+    model.norm.weight                                -> norm.weight
+    lm_head.weight (V, H)                            -> lm_head.kernel (H, V)  (transposed; absent when tied)
+
+Ignored if present: ``*.rotary_emb.inv_freq`` buffers and, with tied embeddings,
+``lm_head.weight``.
+
 Padding: ``attention_mask`` (B, T) with 1 for real tokens and 0 for padding. Keys with mask 0
 are excluded from attention and position ids are ``cumsum(mask) - 1`` (clipped at 0), so a
 left- or right-padded sequence gives the same logits on its real tokens as the unpadded one.
@@ -50,10 +73,10 @@ Logits at padded positions are finite but meaningless.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,14 +84,16 @@ import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
-from ntk_jax.models.layers import ConfigMixin, attend_f32, attention_scores, linear_f32, with_dtypes
+from ntk_jax.models.hf_loading import (CONFIG_NAME, SafetensorsDir, TensorMap, WeightMap, config_from_hf,
+                                       load_model, read_hf_config, rename_weight_map, save_hf_safetensors)
+from ntk_jax.models.layers import (ConfigMixin, attend_f32, attention_scores, base_params_filter,  # noqa: F401
+                                   flatten_state, linear_f32, unflatten_state, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
+from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
 
 Array = jax.Array
 
 MODEL_TYPE = "ntk_jax_decoder"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 __all__ = [
     "DecoderConfig",
@@ -87,6 +112,12 @@ __all__ = [
     "unflatten_state",
     "save_pretrained",
     "load_pretrained",
+    "load_own_config",
+    "load_config",
+    "decoder_config_from_hf",
+    "decoder_weight_map",
+    "MODEL_TYPE",
+    "PARTITION",
 ]
 
 
@@ -465,44 +496,8 @@ class DecoderLM(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Flat dotted names and safetensors I/O
-
-
-def _key_str(k) -> str:
-    return str(k)
-
-
-def flatten_state(tree: dict, sep: str = ".") -> dict[str, Any]:
-    """Flattens a nested pure dict (``nnx.to_pure_dict(state)``) to ``{'a.0.b': leaf}``."""
-    out: dict[str, Any] = {}
-
-    def rec(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                rec(v, f"{prefix}{sep}{_key_str(k)}" if prefix else _key_str(k))
-        else:
-            out[prefix] = node
-
-    rec(tree, "")
-    return out
-
-
-def unflatten_state(flat: dict[str, Any], sep: str = ".") -> dict:
-    """Inverse of :func:`flatten_state`; all-digit components become ``int`` keys (``nnx.List``)."""
-    tree: dict = {}
-    for name, leaf in flat.items():
-        parts = [int(p) if p.isdigit() else p for p in name.split(sep)]
-        node = tree
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"tensor name {name!r} clashes with another tensor at {p!r}")
-        node[parts[-1]] = leaf
-    return tree
-
-
-def _base_params_filter():
-    return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+# This repo's checkpoint format (model_type "ntk_jax_decoder"): flat NNX names, config.json =
+# the DecoderConfig fields
 
 
 def save_pretrained(model: DecoderLM, directory: str | os.PathLike) -> None:
@@ -510,72 +505,215 @@ def save_pretrained(model: DecoderLM, directory: str | os.PathLike) -> None:
 
     Merge adapters first (:func:`ntk_jax.models.lora.merge_lora`) to export a fine-tuned model.
     """
-    from safetensors.flax import save_file
+    flat = flatten_state(nnx.to_pure_dict(nnx.state(model, base_params_filter())))
+    save_hf_safetensors(flat, {"model_type": MODEL_TYPE, **model.config.to_dict()}, directory,
+                        weights_format="flax")
 
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(model, _base_params_filter()))
-    flat = {k: jnp.asarray(v) for k, v in flatten_state(state).items()}
-    cfg = {"model_type": MODEL_TYPE, **model.config.to_dict()}
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    save_file(flat, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "flax"})
+
+def _own_config(d: Mapping[str, Any]) -> DecoderConfig:
+    return DecoderConfig.from_dict({k: v for k, v in d.items() if k != "model_type"})
+
+
+def _same_name(nnx_name: str) -> tuple[list[str], bool]:
+    return [nnx_name], False
+
+
+def _own_weight_map(config: DecoderConfig, hf_names: Iterable[str]) -> WeightMap:
+    """The identity map: this format stores every base parameter under its flat NNX name."""
+    model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    return rename_weight_map(model, hf_names, _same_name)
 
 
 def load_own_config(directory: str | os.PathLike) -> DecoderConfig:
     """The :class:`DecoderConfig` of a directory in this repo's format (``ntk_jax_decoder``)."""
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
-    with open(path) as f:
-        d = json.load(f)
-    model_type = d.pop("model_type", None)
-    if model_type != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
-    return DecoderConfig.from_dict(d)
+    d = read_hf_config(directory)
+    if d.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: model_type is "
+                         f"{d.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    return _own_config(d)
 
 
 def load_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None,
                     dtype: Any = None, param_dtype: Any = None) -> DecoderLM:
-    """Loads a model written by :func:`save_pretrained`.
+    """Loads a model written by :func:`save_pretrained` (with
+    :func:`~ntk_jax.models.hf_loading.load_model`; ``from_pretrained(directory)`` does the same
+    and also takes ``lora=`` and ``mesh=``).
 
     ``dtype`` / ``param_dtype`` (dtype names or objects) override the saved config's compute
-    and parameter dtypes when given.
-
-    Without ``rngs`` the model skeleton is built abstractly (no random init); with ``rngs`` it
-    is initialised with them first (useful if LoRA adapters are attached afterwards with the
-    same streams). Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming
-    the tensor for a missing, unexpected or wrongly shaped tensor. Tensors are cast to the
-    config's ``param_dtype``.
+    and parameter dtypes when given; tensors are cast to the ``param_dtype``. The model is
+    built abstractly (no random init); ``rngs`` seeds any non-parameter state. Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the tensor for a
+    missing, unexpected or wrongly shaped tensor.
     """
-    from safetensors import safe_open
-
-    directory = os.fspath(directory)
     config = with_dtypes(load_own_config(directory), dtype, param_dtype)
-    wpath = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    if rngs is None:
-        model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    return load_model(DecoderLM, config, SafetensorsDir(directory),
+                      lambda model, names: rename_weight_map(model, names, _same_name), rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------
+# Llama-family decoders -> DecoderLM
+
+_DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _hf_rope(d: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a v5 ``rope_parameters`` or a v4 ``rope_theta`` +
+    ``rope_scaling`` config."""
+    rp = d.get("rope_parameters")
+    if rp is None:
+        rp = d.get("rope_scaling")
+    rp = dict(rp or {})
+    if rp and all(isinstance(v, Mapping) for v in rp.values()):
+        raise ValueError(f"per-layer-type rope parameters are not supported: {sorted(rp)}")
+    theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    prf = rp.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if prf is not None and float(prf) != 1.0:
+        raise ValueError(f"partial_rotary_factor={prf} is not supported (only 1.0)")
+    if not rp:
+        return theta, None
+    if rp.get("rope_type", rp.get("type")) == "default":
+        return theta, None
+    return theta, rp  # validated (unknown types -> ValueError) by DecoderConfig
+
+
+def decoder_config_from_hf(d: Mapping[str, Any]) -> DecoderConfig:
+    """:class:`DecoderConfig` from a llama / mistral / qwen2 / qwen3 ``config.json`` dict
+    (``transformers`` v4 or v5 layout)."""
+    d = dict(d)
+    mt = d.get("model_type")
+    if mt not in _DECODER_TYPES:
+        raise ValueError(f"decoder_config_from_hf: model_type {mt!r} is not one of {list(_DECODER_TYPES)}")
+    missing = [k for k in _REQUIRED if d.get(k) is None]
+    if missing:
+        raise ValueError(f"{mt} config is missing {missing}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+    heads = int(d["num_attention_heads"])
+    head_dim = d.get("head_dim")
+    if head_dim is None:  # HF's Qwen3Config defaults head_dim to 128, the others to hidden / heads
+        head_dim = 128 if mt == "qwen3" else int(d["hidden_size"]) // heads
+    theta, rope_scaling = _hf_rope(d)
+
+    sliding_window, layer_types = None, None
+    if mt == "mistral":
+        sliding_window = d.get("sliding_window")
+    elif mt in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
+        sliding_window = d.get("sliding_window")
+        if sliding_window is not None:
+            layer_types = d.get("layer_types")
+            if layer_types is None:
+                mwl = int(d.get("max_window_layers", 28))
+                layer_types = ["sliding_attention" if i >= mwl else "full_attention"
+                               for i in range(int(d["num_hidden_layers"]))]
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        sliding_window, layer_types = None, None
+
+    attention_bias = bool(d.get("attention_bias", False))
+    if mt == "qwen2":
+        qkv_bias, o_bias = True, False  # hard-coded in transformers' Qwen2Attention
+    elif mt == "mistral":
+        qkv_bias, o_bias = False, False
+    else:  # llama, qwen3: attention_bias covers q, k, v and o
+        qkv_bias, o_bias = attention_bias, attention_bias
+    mlp_bias = bool(d.get("mlp_bias", False)) if mt == "llama" else False
+    init = d.get("initializer_range")
+    return DecoderConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(d["intermediate_size"]),
+        max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+        rope_theta=theta,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias,
+        o_proj_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=(mt == "qwen3"),
+        rope_scaling=rope_scaling,
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        layer_types=None if layer_types is None else tuple(layer_types),
+        initializer_range=None if init is None else float(init),
+    )
+
+
+def decoder_weight_map(config: DecoderConfig, hf_names: Iterable[str]) -> WeightMap:
+    """HF ``*ForCausalLM`` tensor names for every parameter of ``DecoderLM(config)``."""
+    hf_names = set(hf_names)
+    pre = "" if ("embed_tokens.weight" in hf_names and "model.embed_tokens.weight" not in hf_names) else "model."
+    maps: list[TensorMap] = [TensorMap(pre + "embed_tokens.weight", "embed_tokens.embedding")]
+
+    def linear(hf: str, nn: str, bias: bool):
+        maps.append(TensorMap(hf + ".weight", nn + ".kernel", transpose=True))
+        if bias:
+            maps.append(TensorMap(hf + ".bias", nn + ".bias"))
+
+    for i in range(config.num_layers):
+        h, n = f"{pre}layers.{i}.", f"layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            maps.append(TensorMap(h + norm + ".weight", n + norm + ".weight"))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            linear(h + "self_attn." + proj, n + "self_attn." + proj, config.attention_bias)
+        linear(h + "self_attn.o_proj", n + "self_attn.o_proj", config.o_proj_bias)
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                maps.append(TensorMap(h + "self_attn." + norm + ".weight", n + "self_attn." + norm + ".weight"))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear(h + "mlp." + proj, n + "mlp." + proj, config.mlp_bias)
+    maps.append(TensorMap(pre + "norm.weight", "norm.weight"))
+    ignore = [r"(^|\.)rotary_emb\.inv_freq$"]
+    if config.tie_word_embeddings:
+        ignore.append(r"^lm_head\.weight$")
     else:
-        model = DecoderLM(config, rngs=rngs)
-    state = nnx.state(model, _base_params_filter())
-    expected = flatten_state(nnx.to_pure_dict(state))
-    loaded: dict[str, Any] = {}
-    with safe_open(wpath, framework="flax") as f:
-        names = set(f.keys())
-        missing = sorted(set(expected) - names)
-        if missing:
-            raise ValueError(f"{wpath}: missing tensor(s) {missing}")
-        unexpected = sorted(names - set(expected))
-        if unexpected:
-            raise ValueError(f"{wpath}: unexpected tensor(s) {unexpected}")
-        for name, ref in expected.items():
-            arr = f.get_tensor(name)
-            if tuple(arr.shape) != tuple(ref.shape):
-                raise ValueError(f"{wpath}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                                 f"expected {tuple(ref.shape)}")
-            loaded[name] = jnp.asarray(arr, dtype=ref.dtype)
-    nnx.replace_by_pure_dict(state, unflatten_state(loaded))
-    nnx.update(model, state)
-    return model
+        maps.append(TensorMap("lm_head.weight", "lm_head.kernel", transpose=True))
+    return WeightMap(tuple(maps), tuple(ignore))
+
+
+def load_config(directory: str | os.PathLike) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a checkpoint directory: this repo's format or a Hugging
+    Face Llama-family decoder (llama / mistral / qwen2 / qwen3 ``config.json``, converted by
+    :func:`config_from_hf`). ``ValueError`` for other model types
+    (e.g. GPT-2, BERT), whose configs are not a ``DecoderConfig``."""
+    d = read_hf_config(directory)
+    config = config_from_hf(d)
+    if not isinstance(config, DecoderConfig):
+        raise ValueError(f"{os.fspath(directory)!r}: model_type {d.get('model_type')!r} is not a Llama-family "
+                         f"decoder (its config is a {type(config).__name__}, not a DecoderConfig)")
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# The port: registration with ntk_jax.models.ports
+
+PARTITION = PartitionNames(
+    column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"),
+    row=("o_proj", "down_proj"),
+    vocab=("embed_tokens",),
+    replicated=("norm", "input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"),
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _hf_linears(config: DecoderConfig) -> dict[str, str]:
+    """Flat NNX path of every projection -> its HF ``nn.Linear`` module, read off
+    :func:`decoder_weight_map` (the loader's own map)."""
+    wm = decoder_weight_map(config, {"model.embed_tokens.weight"})
+    return {t.nnx_name[: -len(".kernel")]: t.hf_name[: -len(".weight")] for t in wm.tensors
+            if t.transpose and t.nnx_name.endswith(".kernel") and t.hf_name.endswith(".weight")}
+
+
+def _peft_module(model: DecoderLM, path: str) -> PeftModule:
+    name = _hf_linears(model.config).get(path)
+    if name is None:
+        raise ValueError(f"no Hugging Face nn.Linear for projection {path!r}")
+    return PeftModule(name)
+
+
+register_architecture(_DECODER_TYPES, decoder_config_from_hf, DecoderLM, decoder_weight_map,
+                      partition=PARTITION, peft={DecoderLM: PeftSpec("CAUSAL_LM", _peft_module)})
+register_architecture(MODEL_TYPE, _own_config, DecoderLM, _own_weight_map)

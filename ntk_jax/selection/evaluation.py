@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ntk_jax.data.encoding import lm_batch
 from ntk_jax.data.records import encode_options, encode_records
 from ntk_jax.models import sharding as sh
 from ntk_jax.training.losses import token_log_probs
@@ -53,8 +54,7 @@ def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: 
         idx = np.arange(lo, hi)
         if hi - lo < batch_size:
             idx = np.concatenate([idx, np.full(batch_size - (hi - lo), lo)])
-        b = sh.place_rows({k: arrays[k][idx] for k in ("input_ids", "attention_mask", "targets", "loss_mask")},
-                          mesh)
+        b = sh.place_rows({k: v[idx] for k, v in lm_batch(arrays).items()}, mesh)
         ll[lo:hi] = np.asarray(_row_loglik(state, b["input_ids"], b["attention_mask"], b["targets"],
                                            b["loss_mask"], graphdef=graphdef))[: hi - lo]
     hits = []

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from ntk_jax.data.encoding import LM_TRAIN_INPUTS
 from ntk_jax.kernels.features import batch_size_of, gradient_features, pad_batch, slice_batch
 from ntk_jax.kernels.outputs import default_lm_call
 from ntk_jax.kernels.projection import RandomProjection
@@ -81,7 +82,7 @@ __all__ = [
     "relative_squared_error",
 ]
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "targets", "loss_mask")
+MODEL_INPUTS = LM_TRAIN_INPUTS
 
 
 # ---------------------------------------------------------------------------------------

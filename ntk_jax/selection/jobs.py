@@ -61,7 +61,7 @@ from ntk_jax.selection.methods import Selection, get_method, method_names
 from ntk_jax.selection.store import ScoreStore, fingerprint_of
 from ntk_jax.training.trainer import (CHECKPOINT_DIR, TrainConfig, checkpoint_manager, make_optimizer,
                                       restore_checkpoint, train)
-from ntk_jax.utils import atomic_write, progress, to_jsonable
+from ntk_jax.utils import atomic_write, progress, to_jsonable, write_npz
 
 SELECTED_NAME = "selected.jsonl"
 
@@ -154,12 +154,6 @@ def lora_filter():
 
 
 nnx_lora_filter = lora_filter
-
-
-def _save_npz_atomic(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def _check_processes(process_index: int, process_count: int, barrier) -> None:
@@ -376,8 +370,8 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     diag = diagnostics.selection_diagnostics(pool, chosen, result, context.tokenizer)
     if job.primary:
         if result.scores is not None:
-            _save_npz_atomic(os.path.join(out_dir, "all_scores.npz"),
-                             {k: np.asarray(v) for k, v in result.report_arrays(pool).items()})
+            write_npz(os.path.join(out_dir, "all_scores.npz"),
+                      **{k: np.asarray(v) for k, v in result.report_arrays(pool).items()})
         if plot:
             diag["plot"] = diagnostics.plot_diagnostics(diag, pool, result, os.path.join(out_dir, "diagnostics.png"),
                                                         title=f"{job.method} (seed {seed})")

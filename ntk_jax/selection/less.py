@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ntk_jax.data.encoding import lm_batch
 from ntk_jax.kernels.features import gradient_features
+from ntk_jax.kernels.ntk import normalize_rows
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.subset import ParamSubset
 from ntk_jax.training.losses import per_example_lm_loss
 
-__all__ = ["find_adam_state", "adam_preconditioner", "adam_diagonal", "loss_scalar_fn", "less_features", "unit_rows",
+__all__ = ["find_adam_state", "adam_preconditioner", "adam_diagonal", "loss_scalar_fn", "less_features",
            "subtask_groups", "less_scores"]
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adamw defaults, as the trainer uses
@@ -91,11 +93,6 @@ def loss_scalar_fn(subset: ParamSubset):
     return s
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-
-
 def less_features(subset: ParamSubset, params: Any, batch: dict, *, projection: RandomProjection | None,
                   transform=None, batch_size: int | None = None, progress_desc: str | None = None,
                   scalar_fn=None, with_norms: bool = False):
@@ -104,11 +101,11 @@ def less_features(subset: ParamSubset, params: Any, batch: dict, *, projection: 
     without). ``scalar_fn``: ``loss_scalar_fn(subset)`` built once by callers scoring many
     batches (compiled programs are cached on its identity). ``with_norms``: also return the
     rows' norms before normalisation, ``(n,)``."""
-    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
+    x = lm_batch(batch, asarray=jnp.asarray)
     scalar_fn = loss_scalar_fn(subset) if scalar_fn is None else scalar_fn
     feats = gradient_features(scalar_fn, params, x, projection=projection, transform=transform,
                               batch_size=batch_size, progress_desc=progress_desc)
-    unit = unit_rows(feats)
+    unit = normalize_rows(np.asarray(feats, np.float64))
     return (unit, np.linalg.norm(np.asarray(feats, np.float64), axis=1)) if with_norms else unit
 
 

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ntk_jax.data.encoding import LM_INPUTS, lm_batch
 from ntk_jax.kernels.features import directional_derivatives, gradient_features, sum_of_outputs
+from ntk_jax.kernels.ntk import normalize_rows
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models import sharding as sh
@@ -101,7 +103,7 @@ def ntk_features(subset: ParamSubset, batch: dict, *, projection_dim: int = 8192
     ``mesh``: see the module docstring.
     """
     projection = None if not projection_dim else RandomProjection(int(projection_dim), seed=int(projection_seed))
-    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    x = lm_batch(batch, LM_INPUTS, asarray=jnp.asarray)
     scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
     return gradient_features(scalar_fn, subset.params, x, projection=projection,
                              batch_size=batch_size, progress_desc=progress_desc, mesh=mesh)
@@ -146,11 +148,7 @@ def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(n, d)``, ``(m, d)`` → ``(n, m)`` cosine similarities (float64; zero vectors → 0)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-30)
-    return a @ b.T
+    return normalize_rows(np.asarray(a, np.float64)) @ normalize_rows(np.asarray(b, np.float64)).T
 
 
 def knn_votes(domain_emb: np.ndarray, cand_emb: np.ndarray, k: int, *,
@@ -213,7 +211,7 @@ def ntk_scores_by_jvp(subset: ParamSubset, domain_features: np.ndarray, batch: d
     if centre.shape != (projection.dim,):
         raise ValueError(f"domain features have {centre.shape[0]} columns, projection_dim is {projection.dim}")
     tangent = projection.adjoint(centre.astype(np.float32), subset.params)
-    x = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    x = lm_batch(batch, LM_INPUTS, asarray=jnp.asarray)
     scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
     return np.asarray(directional_derivatives(scalar_fn, subset.params, x, tangent, batch_size=batch_size,
                                               mesh=mesh), np.float64)

@@ -13,7 +13,7 @@ Layout of ``directory``:
   other inputs, another shard size) raises ``ValueError``: results are never mixed.
 * ``shard_{k:05d}.npz``: ``ids`` (str, the candidate ids of pool positions
   ``[k·shard_size, min((k+1)·shard_size, n))``), ``scores`` (float64 ``(b,)``) and
-  optionally ``features`` (``(b, p)``), written atomically (temp file + ``os.replace``),
+  optionally ``features`` (``(b, p)``), written atomically (:func:`ntk_jax.utils.atomic_write`),
   so a shard either exists completely or not at all; a killed job loses at most the shard
   it was computing.
 
@@ -33,12 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from typing import Any, Sequence
 
 import numpy as np
 
-from ntk_jax.utils import read_json, to_jsonable
+from ntk_jax.kernels.sharded import stripes_for_process
+from ntk_jax.utils import read_json, to_jsonable, write_json, write_npz
 
 META_NAME = "meta.json"
 
@@ -46,23 +46,8 @@ META_NAME = "meta.json"
 def fingerprint_of(obj: Any) -> str:
     """SHA-256 (hex) of the canonical JSON of ``obj`` (dicts with sorted keys; numpy values
     converted), for config + input fingerprints."""
-    from ntk_jax.utils import to_jsonable
-
     blob = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _tmp_name(path: str, suffix: str = "") -> str:
-    """A temp file next to ``path`` private to this process (host and pid), so that processes
-    sharing a directory never write into each other's temp files."""
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}{suffix}"
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as fh:
-        json.dump(to_jsonable(obj), fh, indent=2)
-    os.replace(tmp, path)
 
 
 def _ids_hash(ids: Sequence[str]) -> str:
@@ -120,7 +105,7 @@ class ScoreStore:
                     f"stored fingerprint {str(old.get('fingerprint'))[:12]}…, this job's {self.fingerprint[:12]}…). "
                     "Use another directory or delete it to recompute; results are never mixed.")
         else:  # processes of one job may race here: they write the same contents
-            _write_json_atomic(path, meta)
+            write_json(path, meta)
 
     # -------------------------------------------------------------------- shards
     def shard_path(self, k: int) -> str:
@@ -143,9 +128,7 @@ class ScoreStore:
     def shards_for_process(self, process_index: int, process_count: int) -> list[int]:
         """Shards ``k`` with ``k mod process_count == process_index`` (all of them, done or
         not; filter with :meth:`has_shard`)."""
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise ValueError(f"bad process index/count {process_index}/{process_count}")
-        return list(range(process_index, self.num_shards, process_count))
+        return stripes_for_process(self.num_shards, process_index, process_count)
 
     def is_complete(self) -> bool:
         return not self.missing_shards()
@@ -167,9 +150,7 @@ class ScoreStore:
                 raise ValueError(f"shard {k}: features rows {features.shape[0]}, expected {hi - lo}")
             arrays["features"] = features
         path = self.shard_path(k)
-        tmp = _tmp_name(path, ".npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        write_npz(path, **arrays)
         return path
 
     def read_shard(self, k: int) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ from flax import nnx
 
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.subset import merge_params, param_subset
-from ntk_jax.utils import DictConfig
+from ntk_jax.utils import DictConfig, atomic_write
 from ntk_jax.training.losses import lm_loss, token_log_probs
 
 PyTree = Any
@@ -260,21 +260,24 @@ def _lm_sums(logits, batch):
     return jnp.sum(m * nll), jnp.sum(m)
 
 
+def _eval_sums(model, batch, loss_fn):
+    """``(loss sum, weight)`` of one batch: the masked LM sums (``loss_fn=None``), or
+    ``loss_fn``'s mean weighted by the batch size."""
+    if loss_fn is None:
+        return _lm_sums(_call_model(model, batch), batch)
+    return loss_fn(model, batch), jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
 def _eval_state_step(state, batch, *, graphdef, loss_fn):
     model = nnx.merge(graphdef, state)
     model.eval()
-    if loss_fn is None:
-        return _lm_sums(_call_model(model, batch), batch)
-    return loss_fn(model, batch), jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+    return _eval_sums(model, batch, loss_fn)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
 def _eval_subset_step(params, template, frozen, batch, *, graphdef, loss_fn):
-    model = merge_params(graphdef, template, params, frozen)
-    if loss_fn is None:
-        return _lm_sums(_call_model(model, batch), batch)
-    return loss_fn(model, batch), jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+    return _eval_sums(merge_params(graphdef, template, params, frozen), batch, loss_fn)
 
 
 def _run_eval(step_fn: Callable[[dict], tuple[Any, Any]], data: Mapping[str, Any], batch_size: int,
@@ -359,11 +362,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def _truncate_metrics(path: str, step: int) -> list[dict]:
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         for r in kept:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
     return kept
 
 

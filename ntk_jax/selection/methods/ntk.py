@@ -47,6 +47,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ntk_jax.data.encoding import lm_batch
 from ntk_jax.kernels.features import directional_derivatives, gradient_inner_products, mean_gradient
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.lora import LoRAConfig
@@ -115,7 +116,7 @@ def domain_direction(subset, scalar_fn, domain_arrays: dict, *, normalize: str, 
     ``metric`` or 1), replaced by ``Π Πᵀ t`` when ``projection_dim > 0``. A pytree like
     ``subset.params``; gradients at ``params`` (default ``subset.params``)."""
     params = subset.params if params is None else params
-    x = {k: domain_arrays[k] for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
+    x = lm_batch(domain_arrays)
     u, _ = mean_gradient(scalar_fn, params, x, normalize=(normalize == "cosine"), metric=metric,
                          batch_size=batch_size, progress_desc="ntk: domain gradients")
     if metric is not None:
@@ -177,7 +178,7 @@ def select(job) -> Selection:
         store = job.store("scores", kept_ids, "ntk_scores")
 
         def score_rows(batch):
-            x = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask", "targets")}
+            x = lm_batch(batch)
             scores, norms = [], []
             for (_, params, metric), tangent in zip(points, tangents):
                 if not use_norms:

@@ -9,8 +9,10 @@ config is refused by a fingerprint check rather than mixed with old results):
 
 1. ``meta_init/``: θ* = LoRA fine-tuning of the base model on the union of the auxiliary
    tasks (orbax checkpoints, resumed).
-2. ``features.npz``: per-example ``f(θ*, x)`` and projected LoRA gradients ``g̃`` (dim d) of
-   every auxiliary training example and every target evaluation example.
+2. ``features/``: per-example ``f(θ*, x)`` and projected LoRA gradients ``g̃`` (dim d) of
+   every auxiliary training example and every target evaluation example, in the resumable
+   shards of a :class:`~ntk_jax.selection.store.ScoreStore` (``shard_size`` examples each; a
+   killed job recomputes only the shards it had not written).
 3. The scale: with ``calibrate_C`` (default), C is picked from ``C_grid`` by the relative
    error on ``n_calibrate`` extra really fine-tuned subsets (``finetune/<subset>/``) that are
    never used for the error check (their cost counts in the timing). Then
@@ -30,8 +32,6 @@ cross-entropy (available for θ* + Δ and the fine-tuned models, not for the lin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import time
 
@@ -45,8 +45,11 @@ from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import gradex as gx
+from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
 from ntk_jax.training.trainer import TrainConfig, train
 from ntk_jax.utils import progress, read_json, write_json, write_npz
+
+FEATURES_DIR = "features"  # the ScoreStore of f(θ*, x) (scores) and g̃ (features), one row per example
 
 # Seed offsets of the data streams (generate_task draws per (task, seed)).
 AUX_SEED_OFFSET = 101
@@ -86,22 +89,11 @@ ESTIMATION_ONLY_KEYS = ("C", "C_grid", "calibrate_C", "n_calibrate", "n_subsets"
                         "eval_batch_size")
 
 
-def _fingerprint(c, ctx) -> str:
-    cached = {k: v for k, v in c.to_dict().items() if k not in ESTIMATION_ONLY_KEYS}
-    blob = json.dumps({"gradex": cached, "model_dir": ctx.model_dir, "seed": ctx.seed,
-                       "max_len": ctx.max_len}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _check_fingerprint(out_dir: str, fingerprint: str) -> None:
-    path = os.path.join(out_dir, "fingerprint.json")
-    if os.path.exists(path):
-        old = read_json(path)["fingerprint"]
-        if old != fingerprint:
-            raise ValueError(f"{out_dir} holds results of a different gradex config/model (fingerprint {old} "
-                             f"!= {fingerprint}); use a fresh workdir or delete {out_dir}")
-    else:
-        write_json(path, {"fingerprint": fingerprint})
+def _fingerprint_payload(c, ctx) -> dict:
+    """What every cached stage depends on: the section (less the estimation-only keys), the
+    model, the seed and the sequence length."""
+    return {"gradex": {k: v for k, v in c.to_dict().items() if k not in ESTIMATION_ONLY_KEYS},
+            "model_dir": os.path.abspath(ctx.model_dir), "seed": int(ctx.seed), "max_len": int(ctx.max_len)}
 
 
 def _concat(arrays: list[dict]) -> dict:
@@ -145,7 +137,7 @@ def calibration_subsets(n_tasks: int, n_calibrate: int, prob: float, seed: int) 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.gradex
     aux, target = check_setup(c)
-    _check_fingerprint(out_dir, _fingerprint(c, ctx))
+    fingerprint = check_workdir_fingerprint(out_dir, _fingerprint_payload(c, ctx), "gradex")
     lora = LoRAConfig.from_dict(c.lora)
     n_tasks = len(aux)
 
@@ -176,26 +168,27 @@ def run(config, out_dir: str, ctx) -> dict:
     projection = RandomProjection(int(c.projection_dim), seed=int(c.projection_seed), kind=str(c.projection_kind))
     target_loss_fn = gx.TargetLosses(subset, target_eval, clip_eps=float(c.clip_eps), batch_size=int(c.eval_batch_size))
 
-    # ---- 2. features at θ*
-    feat_path = os.path.join(out_dir, "features.npz")
-    if not os.path.exists(feat_path):
-        t0 = time.time()
-        parts = {"aux": union, "target": target_eval}
-        if target_train is not None:
-            parts["always"] = target_train
-        # One batch for every part: one compilation of the per-example gradient function.
-        everything = _concat([{k: d[k] for k in gx.MODEL_INPUTS} for d in parts.values()])
-        G = gx.projected_gradients(f_fn, theta_star, everything, projection,
-                                   batch_size=int(c.feature_batch_size), desc="gradex features")
-        f_all = gx.output_values(f_fn, theta_star, everything, batch_size=int(c.eval_batch_size))
-        bounds = np.cumsum([0] + [len(d["input_ids"]) for d in parts.values()])
-        feats = {}
-        for (name, _), lo, hi in zip(parts.items(), bounds[:-1], bounds[1:]):
-            feats[f"G_{name}"], feats[f"f_{name}"] = G[lo:hi], f_all[lo:hi]
-        write_npz(feat_path, task_index=task_index, feature_time_s=np.float64(time.time() - t0), **feats)
-    with np.load(feat_path) as z:
-        feats = {k: z[k] for k in z.files}
-    feature_time = float(feats["feature_time_s"])
+    # ---- 2. features at θ*, in resumable shards of one store over every part
+    parts = {"aux": union, "target": target_eval}
+    if target_train is not None:
+        parts["always"] = target_train
+    everything = _concat([{k: d[k] for k in gx.MODEL_INPUTS} for d in parts.values()])
+    ids = [f"{name}/{i}" for name, d in parts.items() for i in range(len(d["input_ids"]))]
+    store = ScoreStore(os.path.join(out_dir, FEATURES_DIR), ids, int(c.shard_size), fingerprint)
+
+    def features(lo, hi):
+        rows = {k: v[lo:hi] for k, v in everything.items()}
+        G = gx.projected_gradients(f_fn, theta_star, rows, projection, batch_size=int(c.feature_batch_size),
+                                   desc=None)
+        return gx.output_values(f_fn, theta_star, rows, batch_size=int(c.eval_batch_size)), G
+
+    fill_store(store, features, desc="gradex features", with_features=True)
+    _, f_all, G = store.merge(with_features=True)
+    feature_time = store.compute_seconds()
+    bounds = np.cumsum([0] + [len(d["input_ids"]) for d in parts.values()])
+    feats = {"task_index": task_index}
+    for name, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
+        feats[f"G_{name}"], feats[f"f_{name}"] = G[lo:hi], f_all[lo:hi]
     estimator = gx.SubsetEstimator(
         task_names=aux, G=feats["G_aux"], f=feats["f_aux"], task_index=feats["task_index"],
         G_target=feats["G_target"], f_target=feats["f_target"], C=float(c.C),

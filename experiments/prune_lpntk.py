@@ -13,7 +13,8 @@ The job:
 
 1. train the reference classifier (LoRA, resumable orbax checkpoints under ``reference/``);
 2. lpNTK features ``φ_i = ∇_LoRA Σ_a s_a(y_i) z_a(x_i)`` at that checkpoint (optionally
-   JL-projected), kernel ``ΦΦᵀ/K`` (cached in ``lpntk.npz``);
+   JL-projected) in the resumable shards of a :class:`~ntk_jax.selection.store.ScoreStore`
+   (``features/``, ``shard_size`` examples each), and the kernel ``ΦΦᵀ/K``;
 3. per keep ratio: farthest-point clustering per class (``k = ⌊ratio · class size⌋``), and the
    pruned sets of every mode in ``modes`` (:data:`ntk_jax.selection.lpntk.PRUNE_MODES`), the
    random baseline with the same per-class counts as ``centres`` (``random``), and one with
@@ -27,8 +28,6 @@ Every finished retrain is appended to ``retrains.json`` (atomic) and skipped on 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 
@@ -43,14 +42,14 @@ from ntk_jax.data.synthetic import generate_task
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.lpntk import (PRUNE_MODES, class_clusters, lpntk_features, lpntk_kernel, prune_clusters,
+from ntk_jax.selection.lpntk import (class_clusters, lpntk_features, lpntk_kernel, prune_clusters,
                                      random_prune)
+from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
 from ntk_jax.training.trainer import TrainConfig, train
-from ntk_jax.utils import progress, read_json, write_json, write_npz
+from ntk_jax.utils import progress, read_json, write_json
 
 RETRAINS_NAME = "retrains.json"
-LPNTK_NAME = "lpntk.npz"
-FINGERPRINT_NAME = "fingerprint.json"
+FEATURES_DIR = "features"  # the ScoreStore of the lpNTK features (scores: their norms)
 
 
 # ------------------------------------------------------------------------ the classifier
@@ -153,46 +152,35 @@ def _retrain(ctx, c, train_data, val, test, acc_fn, seed: int) -> dict:
             "train_s": time.time() - t}
 
 
-def _features(ctx, c, out_dir, model, data, num_classes) -> tuple[np.ndarray, float]:
-    path = os.path.join(out_dir, LPNTK_NAME)
-    if os.path.exists(path):
-        with np.load(path) as z:
-            return z["kernel"], float(z["seconds"])
-    t = time.time()
+def _features(c, out_dir: str, fingerprint: str, model, data: dict, num_classes: int) -> tuple[np.ndarray, float]:
+    """lpNTK features of the training set at the reference checkpoint, in the resumable
+    shards of a :class:`~ntk_jax.selection.store.ScoreStore` under ``features/`` (scores:
+    the feature norms); returns ``(features (n, P or p), compute seconds)``."""
     subset = param_subset(model, nnx.LoRAParam)
     projection = (RandomProjection(int(c.projection_dim), seed=int(c.projection_seed))
                   if int(c.projection_dim) > 0 else None)
     batch = {k: data[k] for k in ("input_ids", "attention_mask", "answer_pos", "class_ids", "label")}
-    feats = lpntk_features(subset.apply_fn(class_logits), subset.params, batch, num_classes=num_classes,
-                           projection=projection, batch_size=int(c.feature_batch_size))
-    kernel = lpntk_kernel(feats, num_classes)
-    seconds = time.time() - t
-    write_npz(path, kernel=kernel, seconds=seconds)
-    return kernel, seconds
+    logits_fn = subset.apply_fn(class_logits)
+    store = ScoreStore(os.path.join(out_dir, FEATURES_DIR), [str(i) for i in range(len(batch["label"]))],
+                       int(c.shard_size), fingerprint)
 
+    def features(lo, hi):
+        phi = lpntk_features(logits_fn, subset.params, {k: v[lo:hi] for k, v in batch.items()},
+                             num_classes=num_classes, projection=projection,
+                             batch_size=int(c.feature_batch_size), progress_desc=None)
+        return np.linalg.norm(phi, axis=1), phi
 
-def check_fingerprint(out_dir: str, config, ctx) -> str:
-    """Writes (first run) or checks (resume) a hash of everything the results depend on: the
-    job's config section, the seed and the model. A different one is a ValueError, so a
-    resumed job never mixes results of two configurations."""
-    payload = json.dumps({"section": json.loads(config.prune_lpntk.to_json_best_effort()),
-                          "seed": int(ctx.seed), "model_dir": os.path.abspath(ctx.model_dir)}, sort_keys=True)
-    digest = hashlib.sha256(payload.encode()).hexdigest()
-    path = os.path.join(out_dir, FINGERPRINT_NAME)
-    if os.path.exists(path):
-        old = read_json(path)["fingerprint"]
-        if old != digest:
-            raise ValueError(f"{out_dir} holds results of a different prune_lpntk configuration "
-                             f"(fingerprint {old[:12]} vs {digest[:12]}); use a fresh workdir")
-    else:
-        write_json(path, {"fingerprint": digest, "payload": json.loads(payload)})
-    return digest
+    fill_store(store, features, desc="lpNTK features", with_features=True)
+    _, _, feats = store.merge(with_features=True)
+    return feats, store.compute_seconds()
 
 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.prune_lpntk
     t0 = time.time()
-    check_fingerprint(out_dir, config, ctx)
+    fingerprint = check_workdir_fingerprint(
+        out_dir, {"section": c.to_dict(), "seed": int(ctx.seed), "model_dir": os.path.abspath(ctx.model_dir)},
+        "prune_lpntk")
     recs = {split: generate_task(c.task, int(getattr(c, f"n_{split}")), seed=ctx.seed + off)
             for split, off in (("train", 0), ("val", 101), ("test", 202))}
     classes = sorted({r["response"] for split in recs.values() for r in split})
@@ -217,7 +205,8 @@ def run(config, out_dir: str, ctx) -> dict:
            "test_acc": acc_fn(ref_subset.params, test)[0], "seconds": time.time() - t}
 
     # 2. lpNTK
-    kernel, feature_s = _features(ctx, c, out_dir, model, train_data, K)
+    feats, feature_s = _features(c, out_dir, fingerprint, model, train_data, K)
+    kernel = lpntk_kernel(feats, K)
     same = labels[:, None] == labels[None, :]
     off_diag = ~np.eye(len(labels), dtype=bool)
     kernel_stats = {"mean_same_class": float(kernel[same & off_diag].mean()),

@@ -1,6 +1,7 @@
 """GradEx (SPEC §6.4): the logistic fit, the projection round trip, the first-order
 linearisation, the per-example output f, the ensemble scores, greedy selection, the ridge
 surrogate, and the job end to end through the launcher."""
+import glob
 import os
 
 import jax
@@ -289,6 +290,7 @@ def small_gradex_config(model_dir):
     g.finetune.batch_size = 8
     g.projection_dim = 12
     g.feature_batch_size = 16
+    g.shard_size = 32           # 80 examples: 3 feature shards
     g.n_subsets = 30
     g.n_calibrate = 2
     g.n_verify = 5
@@ -303,7 +305,8 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     rep = run(c, workdir)["gradex"]
     out = os.path.join(workdir, "gradex")
     assert os.path.getsize(rep["plots"][0]) > 10_000
-    assert os.path.isfile(os.path.join(out, "features.npz"))
+    shards = sorted(glob.glob(os.path.join(out, "features", "shard_*.npz")))
+    assert len(shards) == 3
     assert rep["errors"]["n_compared"] >= 5 and len(rep["verification"]) >= 5
     keys = {r["subset"] for r in rep["verification"]}
     assert len(keys) == len(rep["verification"])          # distinct subsets
@@ -328,11 +331,12 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
 
     # Restart with the report removed: every cached stage is reused, the numbers are identical.
     stamps = {k: os.path.getmtime(os.path.join(out, "finetune", k, "result.json")) for k in keys}
-    feat_stamp = os.path.getmtime(os.path.join(out, "features.npz"))
+    feat_stamps = {p: os.path.getmtime(p) for p in shards[:2]}
+    os.remove(shards[2])  # killed while computing the last feature shard: only it is recomputed
     os.remove(os.path.join(out, "report.json"))
     rep2 = run(c, workdir)["gradex"]
     assert {k: os.path.getmtime(os.path.join(out, "finetune", k, "result.json")) for k in keys} == stamps
-    assert os.path.getmtime(os.path.join(out, "features.npz")) == feat_stamp
+    assert {p: os.path.getmtime(p) for p in feat_stamps} == feat_stamps and os.path.exists(shards[2])
     for a, b in zip(rep["verification"], rep2["verification"]):
         for k in ("subset", "true_logistic", "true_ce", "linearised_logistic", "model_at_delta_ce"):
             assert a[k] == b[k], k
@@ -340,7 +344,7 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     # A change to a cached stage's inputs is refused, not mixed with the old results.
     os.remove(os.path.join(out, "report.json"))
     c.gradex.projection_dim = 13
-    with pytest.raises(ValueError, match="different gradex config"):
+    with pytest.raises(ValueError, match="different gradex configuration"):
         run(c, workdir)
     assert read_json(os.path.join(out, "fingerprint.json"))["fingerprint"]
 

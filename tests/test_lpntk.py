@@ -1,6 +1,7 @@
 """lpNTK (SPEC §6.3): features and kernel against closed forms and brute force, farthest-point
 clustering against an independent implementation of the SPEC rules, pruning counts, the
 interchangeable / contradictory behaviour on a trained classifier, and the job end to end."""
+import glob
 import json
 import os
 
@@ -215,6 +216,7 @@ def small_job_config(model_dir):
     p.keep_ratios = [0.5]
     p.seeds = [0]
     p.feature_batch_size = 16
+    p.shard_size = 16           # 3 feature shards: the resume below drops one
     return c
 
 
@@ -290,10 +292,15 @@ def test_prune_job_end_to_end_and_resume(job):
     os.remove(os.path.join(out, "report.json"))
     dropped = retrains.pop("centres/0.5/0")
     json.dump(retrains, open(retrains_path, "w"))
-    stamp = os.path.getmtime(os.path.join(out, "lpntk.npz"))
+    shards = sorted(glob.glob(os.path.join(out, "features", "shard_*.npz")))
+    assert len(shards) == 3
+    kept = {p: os.path.getmtime(p) for p in shards[:2]}
+    os.remove(shards[2])  # a job killed while computing the last feature shard
     stamps = {k: v["train_s"] for k, v in retrains.items()}
-    run(c, workdir)
-    assert os.path.getmtime(os.path.join(out, "lpntk.npz")) == stamp  # features not recomputed
+    rep2 = run(c, workdir)["prune_lpntk"]
+    assert {p: os.path.getmtime(p) for p in kept} == kept  # written shards are not recomputed
+    assert os.path.exists(shards[2])
+    assert rep2["kernel"] == rep["kernel"]  # the recomputed shard gives the same kernel
     again = json.load(open(retrains_path))
     assert {k: again[k]["train_s"] for k in stamps} == stamps  # finished retrains skipped
     redo = again["centres/0.5/0"]  # the redone retrain is deterministic

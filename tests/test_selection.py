@@ -16,7 +16,7 @@ from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.selection.jobs import SELECTED_NAME, StopRequested, run_selection
 from ntk_jax.selection.less import adam_preconditioner, find_adam_state
 from ntk_jax.selection.ntk_selector import knn_votes, ntk_features, ntk_scalar_fn, ntk_scores, ntk_scores_by_jvp, top_by_votes
-from ntk_jax.selection.store import ScoreStore
+from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
 
 
 # ------------------------------------------------------------------------ ScoreStore
@@ -25,14 +25,7 @@ def _scores_of(lo, hi):
 
 
 def _fill(store, calls, stop_after=None):
-    done = 0
-    for k in store.missing_shards():
-        if stop_after is not None and done >= stop_after:
-            raise StopRequested("stop")
-        lo, hi = store.shard_bounds(k)
-        calls.append(k)
-        store.write_shard(k, _scores_of(lo, hi))
-        done += 1
+    fill_store(store, _scores_of, desc="test", stop_after_shards=stop_after, on_shard=calls.append)
 
 
 def test_store_resume_identical_and_no_recompute(tmp_path):
@@ -56,6 +49,32 @@ def test_store_resume_identical_and_no_recompute(tmp_path):
     assert got_ids == ids
     np.testing.assert_array_equal(got, ref_store.merge()[1])
     np.testing.assert_array_equal(got, _scores_of(0, 23))
+
+
+def test_fill_store_features_seconds_and_processes(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    st = ScoreStore(tmp_path / "f", ids, 4, "fp")  # shards of 4, 4, 2
+
+    def scored(lo, hi):
+        return _scores_of(lo, hi), np.arange(lo, hi, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+
+    assert fill_store(st, scored, desc="test", with_features=True, process_index=1, process_count=2) == 1
+    assert st.missing_shards() == [0, 2]  # process 1 of 2 owns shard 1 only
+    assert fill_store(st, scored, desc="test", with_features=True) == 2
+    assert fill_store(st, scored, desc="test", with_features=True) == 0  # nothing left to do
+    got_ids, scores, feats = st.merge(with_features=True)
+    assert got_ids == ids and feats.shape == (10, 3)
+    np.testing.assert_array_equal(feats[:, 0], np.arange(10))
+    np.testing.assert_array_equal(scores, _scores_of(0, 10))
+    assert 0 < st.compute_seconds() < 60
+
+
+def test_workdir_fingerprint(tmp_path):
+    d = str(tmp_path / "job")
+    fp = check_workdir_fingerprint(d, {"a": (1, 2), "seed": 0}, "demo")
+    assert check_workdir_fingerprint(d, {"seed": 0, "a": [1, 2]}, "demo") == fp  # same payload: resumes
+    with pytest.raises(ValueError, match="different demo configuration"):
+        check_workdir_fingerprint(d, {"a": (1, 3), "seed": 0}, "demo")
 
 
 def test_store_fingerprint_and_inputs(tmp_path):

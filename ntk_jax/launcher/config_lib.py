@@ -131,6 +131,7 @@ def gradex_config() -> ml_collections.ConfigDict:
         n_calibrate=2,
         C_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0),
         feature_batch_size=64,
+        shard_size=256,             # features in resumable shards of this many examples (features/)
         eval_batch_size=128,
         n_subsets=200,              # random ensemble size m
         subset_prob=0.5,
@@ -168,6 +169,7 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
         projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
         projection_seed=0,
         feature_batch_size=64,
+        shard_size=256,             # features in resumable shards of this many examples (features/)
     ))
 
 

@@ -195,8 +195,13 @@ class TargetLosses:
 def output_values(scalar_fn: Callable, params: PyTree, batch: dict, *, batch_size: int = 128) -> np.ndarray:
     """``scalar_fn(params, batch)`` evaluated block by block: ``(n,)`` float64."""
     batch = _model_batch(batch)
-    fn = jax.jit(lambda b: {"f": scalar_fn(params, b)})
-    return _batched_map(fn, batch, batch_size, "outputs")["f"].astype(np.float64)
+    fn = _jitted_outputs(scalar_fn)  # compiled once per scalar_fn (params are an argument)
+    return _batched_map(lambda b: fn(params, b), batch, batch_size, "outputs")["f"].astype(np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_outputs(scalar_fn: Callable) -> Callable:
+    return jax.jit(lambda params, b: {"f": scalar_fn(params, b)})
 
 
 def projected_gradients(scalar_fn: Callable, params: PyTree, batch: dict, projection: RandomProjection, *,

@@ -58,10 +58,11 @@ from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
 from ntk_jax.selection.methods import Selection, get_method, method_names
-from ntk_jax.selection.store import ScoreStore, fingerprint_of
+from ntk_jax.selection.store import StopRequested  # noqa: F401 (re-exported: the kill hook raises it)
+from ntk_jax.selection.store import ScoreStore, fill_store, fingerprint_of
 from ntk_jax.training.trainer import (CHECKPOINT_DIR, TrainConfig, checkpoint_manager, make_optimizer,
                                       restore_checkpoint, train)
-from ntk_jax.utils import atomic_write, progress, to_jsonable, write_npz
+from ntk_jax.utils import atomic_write, to_jsonable, write_npz
 
 SELECTED_NAME = "selected.jsonl"
 
@@ -70,11 +71,6 @@ def __getattr__(name):  # METHODS: the method modules present (a new file is a n
     if name == "METHODS":
         return method_names()
     raise AttributeError(name)
-
-
-class StopRequested(RuntimeError):
-    """Raised by the scoring loop after ``stop_after_shards`` new shards (tests simulate a
-    killed job with it)."""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -254,23 +250,13 @@ class SelectionJob:
 
     def score_shards(self, store: ScoreStore, score_fn: Callable[[int, int], Any], *, desc: str,
                      with_features: bool = False) -> int:
-        """Computes and writes every missing shard of this process, then waits for the
-        others; returns how many this process computed. ``score_fn(lo, hi)`` → scores
-        ``(hi-lo,)`` (or ``(scores, features (hi-lo, d))`` with ``with_features``)."""
-        todo = [k for k in store.shards_for_process(self.process_index, self.process_count) if not store.has_shard(k)]
-        done = 0
-        for k in progress(todo, desc=desc, total=len(todo)):
-            if self.stop_after_shards is not None and done >= self.stop_after_shards:
-                raise StopRequested(f"{desc}: stopped after {done} shards (stop_after_shards)")
-            lo, hi = store.shard_bounds(k)
-            out = score_fn(lo, hi)
-            if with_features:
-                store.write_shard(k, out[0], out[1])
-            else:
-                store.write_shard(k, out)
-            done += 1
-            if self.on_shard is not None:
-                self.on_shard(k)
+        """Computes and writes every missing shard of this process
+        (:func:`~ntk_jax.selection.store.fill_store`), then waits for the others; returns how
+        many this process computed. ``score_fn(lo, hi)`` → scores ``(hi-lo,)`` (or
+        ``(scores, features (hi-lo, d))`` with ``with_features``)."""
+        done = fill_store(store, score_fn, desc=desc, with_features=with_features,
+                          process_index=self.process_index, process_count=self.process_count,
+                          stop_after_shards=self.stop_after_shards, on_shard=self.on_shard)
         self.sync(f"shards.{os.path.basename(store.directory)}")
         return done
 

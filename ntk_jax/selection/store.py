@@ -33,14 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ntk_jax.kernels.sharded import stripes_for_process
-from ntk_jax.utils import read_json, to_jsonable, write_json, write_npz
+from ntk_jax.utils import progress, read_json, to_jsonable, write_json, write_npz
 
 META_NAME = "meta.json"
+FINGERPRINT_NAME = "fingerprint.json"
 
 
 def fingerprint_of(obj: Any) -> str:
@@ -133,9 +135,11 @@ class ScoreStore:
     def is_complete(self) -> bool:
         return not self.missing_shards()
 
-    def write_shard(self, k: int, scores: np.ndarray, features: np.ndarray | None = None) -> str:
+    def write_shard(self, k: int, scores: np.ndarray, features: np.ndarray | None = None, *,
+                    seconds: float | None = None) -> str:
         """Writes shard ``k`` atomically: ``scores`` ``(hi-lo,)`` (stored float64), optional
-        ``features`` ``(hi-lo, p)``. ValueError on a shape mismatch or non-finite scores."""
+        ``features`` ``(hi-lo, p)`` and the ``seconds`` it took to compute (summed by
+        :meth:`compute_seconds`). ValueError on a shape mismatch or non-finite scores."""
         lo, hi = self.shard_bounds(k)
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != (hi - lo,):
@@ -149,6 +153,8 @@ class ScoreStore:
             if features.shape[0] != hi - lo:
                 raise ValueError(f"shard {k}: features rows {features.shape[0]}, expected {hi - lo}")
             arrays["features"] = features
+        if seconds is not None:
+            arrays["seconds"] = np.float64(seconds)
         path = self.shard_path(k)
         write_npz(path, **arrays)
         return path
@@ -175,3 +181,66 @@ class ScoreStore:
         if with_features:
             return list(self.ids), scores, np.concatenate([p["features"] for p in parts])
         return list(self.ids), scores
+
+    def compute_seconds(self) -> float:
+        """Total compute time recorded in the written shards (``seconds``; 0 for shards
+        written without it): what the stage cost, however many runs it took."""
+        total = 0.0
+        for k in range(self.num_shards):
+            if self.has_shard(k):
+                with np.load(self.shard_path(k)) as z:
+                    total += float(z["seconds"]) if "seconds" in z.files else 0.0
+        return total
+
+
+class StopRequested(RuntimeError):
+    """Raised by :func:`fill_store` after ``stop_after_shards`` new shards (tests simulate a
+    killed job with it)."""
+
+
+def fill_store(store: ScoreStore, score_fn: Callable[[int, int], Any], *, desc: str, with_features: bool = False,
+               process_index: int = 0, process_count: int = 1, stop_after_shards: int | None = None,
+               on_shard: Callable[[int], None] | None = None) -> int:
+    """Computes and writes every missing shard of process ``process_index`` (of
+    ``process_count``; see :meth:`ScoreStore.shards_for_process`), with a progress bar;
+    returns how many shards it computed. Shards already written are never recomputed, so a
+    killed job resumes where it stopped.
+
+    Args:
+      score_fn: ``score_fn(lo, hi)`` → scores ``(hi-lo,)``, or ``(scores, features (hi-lo, d))``
+        with ``with_features``, for the candidates at store positions ``[lo, hi)``.
+      stop_after_shards, on_shard: test hooks (raise :class:`StopRequested` after that many
+        new shards; called with each written shard's index).
+    """
+    todo = [k for k in store.shards_for_process(process_index, process_count) if not store.has_shard(k)]
+    done = 0
+    for k in progress(todo, desc=desc, total=len(todo)):
+        if stop_after_shards is not None and done >= stop_after_shards:
+            raise StopRequested(f"{desc}: stopped after {done} shards (stop_after_shards)")
+        lo, hi = store.shard_bounds(k)
+        t = time.perf_counter()
+        out = score_fn(lo, hi)
+        scores, features = out if with_features else (out, None)
+        store.write_shard(k, scores, features, seconds=time.perf_counter() - t)
+        done += 1
+        if on_shard is not None:
+            on_shard(k)
+    return done
+
+
+def check_workdir_fingerprint(out_dir: str, payload: Any, what: str) -> str:
+    """Claims ``out_dir`` for the job described by ``payload`` (config section, seed, model…):
+    writes ``fingerprint.json`` on the first run, and on a rerun raises ``ValueError`` if the
+    stored fingerprint differs — a resumed job never mixes results of two configurations.
+    ``what`` names the job in the error. Returns the fingerprint (hex)."""
+    digest = fingerprint_of(payload)
+    path = os.path.join(out_dir, FINGERPRINT_NAME)
+    if os.path.exists(path):
+        old = str(read_json(path).get("fingerprint"))
+        if old != digest:
+            raise ValueError(f"{out_dir} holds results of a different {what} configuration (fingerprint "
+                             f"{old[:12]} vs {digest[:12]}); use a fresh workdir or delete it")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(path, {"fingerprint": digest, "payload": to_jsonable(payload)})
+    return digest

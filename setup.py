@@ -27,6 +27,9 @@ setup(
         # neural-tangents 0.6.5 is installed with --no-deps (its deps pull TensorFlow);
         # this is its one runtime dependency that jax does not bring.
         "frozendict",
+        # Human valence ratings (vader_lexicon.txt, MIT) for the lexicon task of
+        # configs/validate_pretrained.py (ntk_jax/data/lexicon.py).
+        "vaderSentiment==3.3.2",
     ],
     extras_require={
         # Accelerators (pip install -e ".[cuda12]" / ".[tpu]"): jax's own extras, pinned to the

@@ -27,6 +27,15 @@ passed to ``ntk_fn``. The Jacobian-free kernels are timed as feature extraction
 (``make_feature_fn(sum_of_outputs(f))``) plus the Gram matrix in jnp (cross: features of
 both arguments; symmetric: of one).
 
+The every-form comparison (``every_form_comparison``; skip with ``--no-compare``) times the
+library's ``jacobian``, ``ntk_vp`` and ``structured`` methods and neural-tangents'
+JACOBIAN_CONTRACTION / NTK_VECTOR_PRODUCTS on {a 3-layer tanh MLP ``--mlp-in`` → 512 → 512 →
+10 with biases (kernel over all parameters), the transformer + LoRA above} × {traced, full}
+× {cross, symmetric} at ``--compare-n`` (64) examples, interleaved rounds, medians; it
+prints a markdown table (stderr) of the best library method vs the best neural-tangents mode
+per form, with the method ``method="auto"`` would pick. A method that runs out of memory
+is reported as ``None``.
+
 The blocked run computes the traced symmetric kernel of ``--big-n`` examples with
 ``empirical_ntk(X, None, block_size=--block-size, method=<fastest exact library method,
 cross form>)`` and compares the process' resident-memory growth with the bound in
@@ -59,12 +68,13 @@ from ntk_jax.kernels.ntk import (DEFAULT_BASIS_BATCH, contract_jacobians, empiri
                                  per_example_jacobians)
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.structured import structured_plan
 from ntk_jax.launcher.config_lib import model_config
 from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 
-EXACT_LIBRARY_METHODS = ("jacobian", "ntk_vp")
+EXACT_LIBRARY_METHODS = ("jacobian", "ntk_vp", "structured")
 NT_METHODS = ("neural_tangents_jacobian_contraction", "neural_tangents_ntk_vector_products")
 MB = 1024.0 ** 2
 
@@ -92,6 +102,26 @@ def build_problem(seed: int = 0, lora_rank: int = 8):
                                                            layers="all", b_init_std=lora.b_init_std),
                 P=subset.num_params)
     return f, subset.params, info
+
+
+def build_mlp_problem(seed: int = 0, d_in: int = 128, width: int = 512, depth: int = 3, out: int = 10):
+    """A ``depth``-layer tanh MLP ``d_in → width → … → out`` with biases (LeCun-normal
+    weights, N(0, 0.01) biases); the kernel is over all its parameters. Returns (f, params, info)."""
+    dims = [d_in] + [width] * (depth - 1) + [out]
+    keys = jax.random.split(jax.random.key(seed), 2 * depth)
+    params = {f"layer{i}": {"w": jax.random.normal(keys[2 * i], (dims[i], dims[i + 1])) / math.sqrt(dims[i]),
+                            "b": 0.1 * jax.random.normal(keys[2 * i + 1], (dims[i + 1],))}
+              for i in range(depth)}
+
+    def f(p, x):
+        h = x
+        for i in range(depth):
+            h = h @ p[f"layer{i}"]["w"] + p[f"layer{i}"]["b"]
+            h = jnp.tanh(h) if i < depth - 1 else h
+        return h
+
+    P = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    return f, params, {"dims": dims, "activation": "tanh", "P": P, "O": out}
 
 
 def make_batch(n: int, seq_len: int, response_len: int, seed: int, vocab: int) -> dict:
@@ -297,14 +327,121 @@ def parse_args(argv=None):
                         "per method, ntk_jax.kernels.ntk.DEFAULT_BASIS_BATCH)")
     p.add_argument("--projection-dim", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="n=8, repeats=2, big-n=96, block 32 (for tests)")
+    p.add_argument("--compare-n", type=int, default=64,
+                   help="examples of the every-form comparison (MLP and transformer + LoRA)")
+    p.add_argument("--mlp-in", type=int, default=128, help="input dim of the comparison's MLP")
+    p.add_argument("--mlp-width", type=int, default=512, help="width of the comparison's 3-layer tanh MLP")
+    p.add_argument("--no-compare", action="store_true", help="skip the every-form comparison")
+    p.add_argument("--compare-skip", nargs="*", default=list(COMPARE_SKIP_DEFAULT),
+                   help="problem:method pairs left out of the comparison (default: the NTK-vector-product "
+                        "methods on the transformer: O=50 JVP passes per pair, 15-30x slower than "
+                        "Jacobian contraction in the main table, and neural-tangents' needs ~27 GB at n=64)")
+    p.add_argument("--compare-problems", nargs="+", default=["mlp", "transformer_lora"],
+                   choices=["mlp", "transformer_lora"], help="problems of the every-form comparison")
+    p.add_argument("--quick", action="store_true",
+                   help="n=8, repeats=2, big-n=96, block 32; comparison: MLP only (width 128), "
+                        "compare-n=8 (for tests)")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.repeats, args.big_n, args.block_size = 8, 2, 96, 32
+        args.n, args.repeats, args.big_n, args.block_size, args.compare_n = 8, 2, 96, 32, 8
+        args.mlp_width, args.compare_problems = 128, ["mlp"]
     return args
 
 
 FORMS = ("cross", "symmetric")
+COMPARE_LIBRARY = ("jacobian", "ntk_vp", "structured")
+COMPARE_SKIP_DEFAULT = ("transformer_lora:ntk_vp", "transformer_lora:neural_tangents_ntk_vector_products")
+
+
+def _safe_call(fn, args):
+    """``fn(*args)`` to host, or ``None`` if XLA runs out of memory (reported, not fatal)."""
+    try:
+        return np.asarray(jax.block_until_ready(fn(*args)))
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError RESOURCE_EXHAUSTED and the like
+        log(f"[failed] {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
+def forms_comparison(args) -> dict:
+    """Best library method vs best neural-tangents mode for every form: {MLP, transformer +
+    LoRA} × {traced, full} × {cross, symmetric}, at ``args.compare_n`` examples; every
+    function compiled first, then ``args.repeats`` interleaved rounds (medians). A method
+    that runs out of memory is reported as ``None`` and excluded from "best"."""
+    problems = {}
+    if "mlp" in args.compare_problems:
+        f, params, info = build_mlp_problem(args.seed, d_in=args.mlp_in, width=args.mlp_width)
+        x = jax.random.normal(jax.random.key(args.seed + 7), (args.compare_n, args.mlp_in))
+        problems["mlp"] = (f, params, x, info["O"], info)
+    if "transformer_lora" in args.compare_problems:
+        f, params, info = build_problem(args.seed)
+        x = make_batch(args.compare_n, args.seq_len, args.response_len, args.seed, info["vocab_size"])
+        O = int(jax.eval_shape(f, params, jax.tree.map(lambda a: a[:1], x)).shape[-1])
+        problems["transformer_lora"] = (f, params, x, O, {"P": info["P"], "O": O, "lora": info["lora"]})
+    methods = COMPARE_LIBRARY + NT_METHODS
+    fns, autos, plans = {}, {}, {}
+    for pname, (f, params, x, O, _) in problems.items():
+        for trace in (True, False):
+            kind = "traced" if trace else "full"
+            for m in methods:
+                if f"{pname}:{m}" in args.compare_skip:
+                    continue
+                kw = (dict(method="neural_tangents", nt_implementation=m[len("neural_tangents_"):])
+                      if m.startswith("neural_tangents") else dict(method=m))
+                fn = jax.jit(ntk_fn(f, trace=trace, output_dim=O, basis_batch=args.basis_batch, **kw))
+                fns[(pname, kind, "cross", m)] = (fn, (params, x, x))
+                fns[(pname, kind, "symmetric", m)] = (fn, (params, x, None))
+            plan = structured_plan(f, params, x, None, trace=trace)
+            autos[(pname, kind)] = plan.auto
+            plans[(pname, kind)] = plan.summary()
+    outputs, times = {}, {k: [] for k in fns}
+    for key, (fn, a) in fns.items():
+        t = time.perf_counter()
+        outputs[key] = _safe_call(fn, a)
+        log(f"[compile] {'/'.join(key)}: {time.perf_counter() - t:.2f} s")
+    live = [k for k in fns if outputs[k] is not None]
+    for r in range(args.repeats):
+        for key in live:
+            fn, a = fns[key]
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            times[key].append(time.perf_counter() - t)
+        log(f"[compare round {r + 1}/{args.repeats}]")
+    table, rows = {}, []
+    for pname, (_, _, _, O, info) in problems.items():
+        for kind in ("traced", "full"):
+            for form in FORMS:
+                med = {m: (float(np.median(times[(pname, kind, form, m)])) if times.get((pname, kind, form, m))
+                           else None) for m in methods}
+                ok = {m: v for m, v in med.items() if v is not None}
+                best_lib = min((m for m in COMPARE_LIBRARY if m in ok), key=ok.get)
+                best_nt = min((m for m in NT_METHODS if m in ok), key=ok.get, default=None)
+                ref = outputs[(pname, kind, "cross", "jacobian")].astype(np.float64)
+                agree = {m: max_rel_diff(outputs[(pname, kind, form, m)], ref) for m in methods
+                         if outputs.get((pname, kind, form, m)) is not None and (form, m) != ("cross", "jacobian")}
+                ratio = ok[best_nt] / ok[best_lib] if best_nt else None
+                auto = autos[(pname, kind)]
+                table.setdefault(pname, {}).setdefault(kind, {})[form] = {
+                    "median_s": med, "best_library_method": best_lib, "best_neural_tangents_mode": best_nt,
+                    "speedup_best_library_vs_best_nt": ratio,
+                    "auto_choice": auto, "auto_speedup_vs_best_nt": (ok[best_nt] / ok[auto]
+                                                                     if best_nt and auto in ok else None),
+                    "target_1_5x": bool(ratio is not None and ratio >= 1.5),
+                    "agreement_max_rel_diff_vs_cross_jacobian": agree}
+                rows.append((pname, kind, form, best_lib, ok[best_lib], best_nt, ok.get(best_nt), ratio, auto))
+    lines = ["| problem | kernel | form | best ours | s | best neural-tangents | s | speedup | auto |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for pname, kind, form, bl, tl, bn, tn, ratio, auto in rows:
+        lines.append(f"| {pname} | {kind} | {form} | {bl} | {tl:.4g} | {bn} | "
+                     f"{'n/a' if tn is None else f'{tn:.4g}'} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | {auto} |")
+    log("\n".join(lines))
+    return {"n": args.compare_n, "repeats": args.repeats, "skipped": sorted(args.compare_skip),
+            "problems": {p: v[4] for p, v in problems.items()},
+            "structured_plan_summary": {f"{p}/{k}": v for (p, k), v in plans.items()},
+            "results": table, "table_markdown": "\n".join(lines),
+            "definition": "speedup = median(best neural-tangents mode) / median(best library method of "
+                          "jacobian, ntk_vp, structured), same problem, kernel (traced (n, n) / full "
+                          "(n, n, O, O)) and form (cross: kernel(params, x, x); symmetric: kernel(params, "
+                          "x, None)); jitted block functions, interleaved rounds; None = failed (OOM)"}
 
 
 def _best(timings: dict, names) -> str:
@@ -326,6 +463,7 @@ def main(argv=None) -> dict:
     kernels = {
         "jacobian": block(method="jacobian"),
         "ntk_vp": block(method="ntk_vp"),
+        "structured": block(method="structured"),
         NT_METHODS[0]: block(method="neural_tangents", nt_implementation="jacobian_contraction"),
         NT_METHODS[1]: block(method="neural_tangents", nt_implementation="ntk_vector_products"),
     }
@@ -381,8 +519,11 @@ def main(argv=None) -> dict:
     # Symmetric vs cross of the same method (> 1: the symmetric path is faster).
     sym_gain = {m: timings["cross"][m] / timings["symmetric"][m] for m in methods}
 
-    # Free what the timing phase holds before the memory measurement.
+    # Free what the timing phase holds before the next measurements.
     del outputs, outs, J, Jsum, fns, kernels
+    jax.clear_caches()
+    gc.collect()
+    comparison = None if args.no_compare else forms_comparison(args)
     jax.clear_caches()
     gc.collect()
 
@@ -424,6 +565,7 @@ def main(argv=None) -> dict:
         "jacobian_free_projected_rel_error_fro": proj_err,
         "jacobian_free_projected_expected_rel_error": proj_expected,
         "blocked_kernel": blocked,
+        "every_form_comparison": comparison,
         "total_wall_s": time.perf_counter() - t_start,
     }
     print(json.dumps(result, indent=2))

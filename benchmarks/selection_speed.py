@@ -41,6 +41,13 @@ Everything runs in ONE process on the SAME model, LoRA weights and pool:
   normalised form that needs each candidate's gradient norm, one per-example gradient per
   candidate (``ours_scores_label_aware_normalised``); ratios to ``ours_scores_jvp``.
 
+* ours, factored projection (``factored_projection``): the same scalar's gradient projected by
+  ``FactoredProjection(p, seed)`` (per-layer Kronecker JL map applied to the layers' inputs
+  and output gradients; ``ntk_jax.kernels.factored_projection``), timed round-robin with the
+  train step, the torch.func peer and the dense features, and the Spearman correlation of its
+  NTK-Selector scores with the dense projection's (a different random map: agreement is
+  statistical, not exact).
+
 Agreement: on a few examples both sides' UNPROJECTED per-example gradients (same definition)
 are compared (max relative difference), and the projected features too.
 
@@ -72,6 +79,7 @@ from ntk_jax.data.encoding import encode_examples, max_length
 from ntk_jax.data.synthetic import TASKS, make_corpus
 from ntk_jax.data.tokenizer import CharTokenizer
 from ntk_jax.kernels.features import directional_derivatives, gradient_features, gradient_inner_products
+from ntk_jax.kernels.factored_projection import FactoredProjection
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.launcher.config_lib import model_config
 from ntk_jax.models.hf_loading import from_pretrained
@@ -359,6 +367,33 @@ def parse_args(argv=None):
     return a
 
 
+def factored_section(subset, runners, dense_runner, pool, warm_pool, args) -> dict:
+    """The factored (Kronecker) projection's features (``FactoredProjection(p, seed)``, the
+    per-example gradients of the LoRA factors never formed), timed round-robin with the train
+    step floor, the torch.func peer and the dense features; and the Spearman correlation of the
+    NTK-Selector scores (domain = the first batch) with the dense projection's."""
+    fact = FactoredProjection(args.projection_dim, seed=args.seed)
+    fact_runner = make_ours_runner(subset, fact, args.batch_size)
+    warm = warm_up({"ours_features_factored": fact_runner}, warm_pool)
+    timed = {"ours_features_factored": fact_runner, "ours_features": dense_runner,
+             "train_step_floor": runners["train_step_floor"], "torch_func_features": runners["torch_func_features"]}
+    sec = time_rounds(timed, pool, args.repeats)
+    fd, ff = dense_runner(pool), fact_runner(pool)
+    sd = fd.astype(np.float64) @ dense_runner(warm_pool).astype(np.float64).mean(axis=0)
+    sf = ff.astype(np.float64) @ fact_runner(warm_pool).astype(np.float64).mean(axis=0)
+    rd, rf = np.argsort(np.argsort(sd)), np.argsort(np.argsort(sf))
+    return dict(projection=f"FactoredProjection({args.projection_dim}, seed={args.seed})",
+                plan=fact.plan(ntk_selector_scalar_fn(subset), subset.params, model_batch(warm_pool))[:4],
+                warmup_s=warm["ours_features_factored"], seconds=sec,
+                candidates_per_s={k: args.n / v for k, v in sec.items()},
+                speedup_vs_torch_func=sec["torch_func_features"] / sec["ours_features_factored"],
+                speedup_vs_dense_features=sec["ours_features"] / sec["ours_features_factored"],
+                ratio_time_vs_train_step=sec["ours_features_factored"] / sec["train_step_floor"],
+                score_spearman_vs_dense=float(np.corrcoef(rd, rf)[0, 1]),
+                targets=dict(at_least_1_5x_torch_func=sec["torch_func_features"] >= 1.5 * sec["ours_features_factored"],
+                             within_1_2x_train_step=sec["ours_features_factored"] <= 1.2 * sec["train_step_floor"]))
+
+
 def main(argv=None) -> dict:
     import torch
 
@@ -420,6 +455,7 @@ def main(argv=None) -> dict:
 
     seconds = time_rounds(runners, pool, args.repeats)
     cps = {k: args.n / v for k, v in seconds.items()}
+    factored = factored_section(subset, runners, ours_runner, pool, warm_pool, args)
 
     # Pool-size scaling of our feature extraction (warm: the compiled shape is reused).
     ours = runners["ours_features"]
@@ -460,6 +496,7 @@ def main(argv=None) -> dict:
                      faster_than_torch_func=seconds["ours_features"] < seconds["torch_func_features"]),
         agreement=agreement,
         scaling=dict(points=scaling, linear_fit=fit),
+        factored_projection=factored,
     )
     print(json.dumps(report, indent=2))
     return report

@@ -11,7 +11,11 @@ On ``n_examples`` inputs from several tasks, with the pre-trained base model + L
   the mean cosine between different outputs' gradients, cos(∇f_a(x), ∇f_b(x)) for a ≠ b
   (from the diagonal blocks Θ(x, x));
 * the same statistics for fresh random-init models of increasing width d (scaling of the
-  cross terms, compared with d^(-1/2)).
+  cross terms, compared with d^(-1/2)); causal-LM backend only.
+
+Model, data and output come from the backend of ``config.model.task``
+(:mod:`experiments.backends`): for a classifier O = C (the class logits) and the examples are
+lexicon sentences.
 """
 from __future__ import annotations
 
@@ -21,9 +25,8 @@ import numpy as np
 import scipy.stats
 from flax import nnx
 
+from experiments.backends import make_backend
 from experiments.plotting import save, subplots
-from experiments.stability import kernel_inputs
-from ntk_jax.data.synthetic import make_corpus
 from ntk_jax.kernels.ntk import empirical_ntk, jacobian_free_ntk
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.models.lora import LoRAConfig, apply_lora
@@ -62,27 +65,29 @@ def pair_statistics(full: np.ndarray, jf: np.ndarray) -> dict:
     }
 
 
-def _kernels(model, x) -> tuple[np.ndarray, np.ndarray, object]:
-    subset = param_subset(model, nnx.LoRAParam)
-    f = lm_output_fn(subset)
-    full = empirical_ntk(f, subset.params, x, trace=False, block_size=16)
-    return full, jacobian_free_ntk(f, subset.params, x, block_size=16), (f, subset)
+def _kernels(model, x, wrt=nnx.LoRAParam, output_fn=lm_output_fn, block_size: int = 16
+             ) -> tuple[np.ndarray, np.ndarray, object]:
+    subset = param_subset(model, wrt)
+    f = output_fn(subset)
+    full = empirical_ntk(f, subset.params, x, trace=False, block_size=block_size)
+    return full, jacobian_free_ntk(f, subset.params, x, block_size=block_size), (f, subset)
 
 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.approximation
+    backend = make_backend(config, ctx)
     lora = LoRAConfig.from_dict(c.lora)
-    per_task = -(-c.n_examples // len(c.tasks))
-    records = make_corpus(list(c.tasks), per_task, seed=ctx.seed + 4)[: c.n_examples]
-    x = kernel_inputs(ctx.encode(records))
+    x = backend.kernel_inputs(backend.splits({"corpus": c.n_examples}, tuple(c.tasks))["corpus"])
+    n = int(x["input_ids"].shape[0])
 
-    model = ctx.load_model(lora)
-    full, jf, (f, subset) = _kernels(model, x)
+    model = backend.load_model(lora)
+    block = int(c.block_size)
+    full, jf, (f, subset) = _kernels(model, x, backend.wrt, backend.output_fn, block)
     jf_from_full = full.sum(axis=(2, 3))
     stats = pair_statistics(full, jf)
     projected = {}
     for p in c.projection_dims:
-        jp = jacobian_free_ntk(f, subset.params, x, projection_dim=int(p), seed=ctx.seed, block_size=16)
+        jp = jacobian_free_ntk(f, subset.params, x, projection_dim=int(p), seed=ctx.seed, block_size=block)
         iu = np.triu_indices(jp.shape[0])
         projected[str(p)] = {
             "rel_frobenius_error_vs_exact_jf": float(np.linalg.norm(jp - jf) / np.linalg.norm(jf)),
@@ -90,10 +95,13 @@ def run(config, out_dir: str, ctx) -> dict:
             "spearman_vs_trace_ntk": float(scipy.stats.spearmanr(jp[iu], np.einsum("ijaa->ij", full)[iu]).statistic),
         }
 
-    base = load_config(ctx.model_dir)
     widths = []
+    if c.widths and backend.task != "lm":
+        raise ValueError("approximation.widths (fresh decoders of width d) apply to config.model.task='lm' only; "
+                         "set --config.approximation.widths='()'")
     xw = {k: v[: c.n_width_examples] for k, v in x.items()}
     for d in progress(list(c.widths), desc="widths"):
+        base = load_config(ctx.model_dir)
         arch = {**base.to_dict(), "hidden_size": int(d), "intermediate_size": 2 * int(d), "head_dim": None}
         m = DecoderLM(DecoderConfig.from_dict(arch), rngs=nnx.Rngs(ctx.seed))
         apply_lora(m, lora, rngs=nnx.Rngs(ctx.seed + 1))
@@ -103,16 +111,18 @@ def run(config, out_dir: str, ctx) -> dict:
 
     report = {
         "experiment": "approximation",
-        "setup": {"n_examples": len(records), "tasks": list(c.tasks), "lora": dict(c.lora),
-                  "num_lora_params": subset.num_params, "output": "response-position-mean logits, O = V",
-                  "width_models": "fresh random init (not pre-trained), hidden = d, MLP = 2d", "model": ctx.info},
+        "setup": {"n_examples": n, "tasks": list(c.tasks) if backend.task == "lm" else ["lexicon"],
+                  "lora": dict(c.lora), "num_lora_params": subset.num_params, "output": backend.output,
+                  "kernel_params": backend.kernel_params,
+                  "width_models": "fresh random init (not pre-trained), hidden = d, MLP = 2d", "model": ctx.info,
+                  "backend": backend.describe()},
         **stats,
         "jacobian_free_consistency_max_abs": float(np.abs(jf - jf_from_full).max()),
         "jacobian_free_consistency_rel": float(np.abs(jf - jf_from_full).max() / np.abs(jf).max()),
         "projected": projected,
         "widths": widths,
-        "pairs": {"trace_ntk": np.einsum("ijaa->ij", full)[np.triu_indices(len(records))].tolist(),
-                  "jacobian_free": jf[np.triu_indices(len(records))].tolist()},
+        "pairs": {"trace_ntk": np.einsum("ijaa->ij", full)[np.triu_indices(n)].tolist(),
+                  "jacobian_free": jf[np.triu_indices(n)].tolist()},
     }
     report["plots"] = [plot(report, os.path.join(out_dir, "approximation.png"))]
     return report
@@ -134,6 +144,9 @@ def plot(report: dict, path: str) -> str:
     ax[0].set(title=f"Jacobian-free vs exact (Pearson {report['pearson']:.3f}, "
                     f"Spearman {report['spearman']:.3f})", xlabel="tr Θ(x, x')", ylabel="Θ̃(x, x')")
     ax[0].title.set_fontsize(8)
+    if not report["widths"]:
+        ax[1].set_axis_off()
+        return save(fig, path)
     w = np.array([r["width"] for r in report["widths"]], float)
     cos = np.array([r["mean_abs_output_grad_cosine"] for r in report["widths"]])
     cross = np.array([r["cross_term_rel_size"] for r in report["widths"]])

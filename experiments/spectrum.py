@@ -7,7 +7,9 @@ the kernel-regression risk R = (1/n)‖(I − K(K+σI)⁻¹)y‖² with the *cor
 (σ/(σ+λmax))²‖y‖²/n ≤ R ≤ (σ/(σ+λmin))²‖y‖²/n, and the paper's printed bounds
 σ‖y‖²/(n(σ+λ)) whose lower half is false in general. Then the placement is fine-tuned and
 the Spearman rank correlation between κ and the train/eval loss is reported (the paper's
-claim: lower κ ↔ lower loss). Targets y: ±1 from the task's two labels.
+claim: lower κ ↔ lower loss). Targets y: ±1 from the task's two labels; with the lexicon
+task (``config.model.task="classification"``, :mod:`experiments.backends`) also the risk with
+the regression targets (the mean human valence). A placement may carry its own LoRA ``rank``.
 
 Also: the printed lower bound's failure rate on random PSD kernels (the finding of SPEC §3.2).
 """
@@ -17,27 +19,17 @@ import os
 
 import numpy as np
 import scipy.stats
-from flax import nnx
 
+from experiments.backends import binary_targets, make_backend  # noqa: F401  (binary_targets: re-export)
 from experiments.plotting import save, subplots
-from experiments.stability import kernel_inputs
-from ntk_jax.data.synthetic import generate_task
-from ntk_jax.kernels.ntk import empirical_ntk
-from ntk_jax.kernels.outputs import lm_output_fn
+from experiments.stability import probe_programs
+from ntk_jax.kernels.ntk import check_finite, output_size
 from ntk_jax.kernels.spectrum import (condition_number, effective_rank, eigenvalues, paper_printed_bounds,
                                       risk_bounds)
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
-from ntk_jax.training.trainer import TrainConfig, evaluate, train
+from ntk_jax.training.trainer import TrainConfig, train
 from ntk_jax.utils import progress
-
-
-def binary_targets(records) -> np.ndarray:
-    """±1 targets from a two-label task (the lexicographically first label is +1)."""
-    labels = sorted({r["response"] for r in records})
-    if len(labels) != 2:
-        raise ValueError(f"the spectrum experiment needs a two-label task; got labels {labels}")
-    return np.array([1.0 if r["response"] == labels[0] else -1.0 for r in records])
 
 
 def random_psd_violation_rate(n_kernels: int, seed: int) -> dict:
@@ -62,57 +54,76 @@ def random_psd_violation_rate(n_kernels: int, seed: int) -> dict:
 def placement_lora(lora, placement) -> LoRAConfig:
     """The LoRA config of one ``spectrum.placements`` entry: the ``lora`` section with the
     entry's ``targets`` and ``layers`` (sequences; e.g. ``{'targets': ('k_proj',), 'layers': (0,)}``,
-    what ``--config.spectrum.placements="(...,)"`` gives)."""
+    what ``--config.spectrum.placements="(...,)"`` gives) and, if the entry has one, its
+    ``rank``."""
+    extra = {"rank": int(placement["rank"])} if placement.get("rank") is not None else {}
     return LoRAConfig.from_dict({**dict(lora), "targets": tuple(placement["targets"]),
-                                 "layers": tuple(placement["layers"])})
+                                 "layers": tuple(placement["layers"]), **extra})
+
+
+def _risk_row(K, y, sigma, prefix: str) -> dict:
+    lower, risk, upper = risk_bounds(K, y, sigma)
+    p_lower, p_upper = paper_printed_bounds(K, y, sigma)
+    return {f"{prefix}risk": risk, f"{prefix}correct_lower": lower, f"{prefix}correct_upper": upper,
+            f"{prefix}printed_lower": p_lower, f"{prefix}printed_upper": p_upper,
+            f"{prefix}risk_within_correct_bounds": bool(lower <= risk * (1 + 1e-9) and risk <= upper * (1 + 1e-9)),
+            f"{prefix}printed_lower_violated": bool(p_lower > risk * (1 + 1e-9))}
+
+
+def _spearman(a, b) -> dict:
+    r = scipy.stats.spearmanr(a, b)
+    return {"rho": float(r.statistic), "p": float(r.pvalue)}
 
 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.spectrum
-    kernel_records = generate_task(c.task, c.n_kernel, seed=ctx.seed + 2)
-    y = binary_targets(kernel_records)
-    x = kernel_inputs(ctx.encode(kernel_records))
-    train_data = ctx.encode(generate_task(c.task, c.n_train, seed=ctx.seed))
-    eval_data = ctx.encode(generate_task(c.task, c.n_eval, seed=ctx.seed + 3))
+    backend = make_backend(config, ctx)
+    splits = backend.splits({"kernel": c.n_kernel, "train": c.n_train, "eval": c.n_eval}, c.task)
+    y = backend.binary_targets(splits["kernel"])
+    y_reg = backend.regression_targets(splits["kernel"])
+    x = backend.kernel_inputs(splits["kernel"])
     train_cfg = TrainConfig.from_dict({**dict(c.train), "seed": ctx.seed})
 
     rows = []
     for placement in progress(list(c.placements), desc="placements"):
         lora = placement_lora(c.lora, placement)
-        model = ctx.load_model(lora)
-        subset = param_subset(model, nnx.LoRAParam)
-        K = empirical_ntk(lm_output_fn(subset), subset.params, x)
+        model = backend.load_model(lora)
+        subset = param_subset(model, backend.wrt)
+        kernel, _ = probe_programs(backend, subset, output_size(backend.output_fn(subset), subset.params, x))
+        K = check_finite(np.asarray(kernel(subset.params, subset._template, subset.frozen, x)), "eNTK")
         lam = eigenvalues(K)
-        lower, risk, upper = risk_bounds(K, y, c.sigma)
-        p_lower, p_upper = paper_printed_bounds(K, y, c.sigma)
-        loss_before = evaluate(model, eval_data, batch_size=128)
-        result = train(model, train_data, train_cfg, wrt=nnx.LoRAParam)
+        before = backend.evaluate(model, splits["eval"])
+        result = train(model, splits["train"].arrays, train_cfg, wrt=backend.wrt, loss_fn=backend.loss_fn)
         train_losses = [h["loss"] for h in result.history if "loss" in h]
-        rows.append({
-            "targets": list(lora.targets), "layers": list(lora.layers),
+        after = backend.evaluate(model, splits["eval"])
+        row = {
+            "targets": list(lora.targets), "layers": list(lora.layers), "rank": lora.rank,
             "num_lora_params": subset.num_params,
             "eigenvalues": lam.tolist(), "lambda_max": float(lam[-1]), "lambda_min": float(lam[0]),
             "kappa": condition_number(K, c.sigma), "effective_rank": effective_rank(K),
-            "risk": risk, "correct_lower": lower, "correct_upper": upper,
-            "printed_lower": p_lower, "printed_upper": p_upper,
-            "risk_within_correct_bounds": bool(lower <= risk * (1 + 1e-9) and risk <= upper * (1 + 1e-9)),
-            "printed_lower_violated": bool(p_lower > risk * (1 + 1e-9)),
-            "eval_loss_before": loss_before,
+            **_risk_row(K, y, c.sigma, ""),
+            "eval_loss_before": before["loss"],
             "train_loss_final": float(np.mean(train_losses[-3:])),
-            "eval_loss_after": evaluate(model, eval_data, batch_size=128),
-        })
+            "eval_loss_after": after["loss"],
+        }
+        if y_reg is not None:
+            row.update(_risk_row(K, y_reg, c.sigma, "regression_"))
+        if "accuracy" in after:
+            row.update(eval_accuracy_before=before["accuracy"], eval_accuracy_after=after["accuracy"])
+        rows.append(row)
     kappa = [r["kappa"] for r in rows]
-    rho_train = scipy.stats.spearmanr(kappa, [r["train_loss_final"] for r in rows])
-    rho_eval = scipy.stats.spearmanr(kappa, [r["eval_loss_after"] for r in rows])
     report = {
         "experiment": "spectrum",
-        "setup": {"task": c.task, "n_kernel": c.n_kernel, "sigma": c.sigma, "lora": dict(c.lora),
+        "setup": {"task": c.task if backend.task == "lm" else "lexicon", "n_kernel": c.n_kernel,
+                  "sigma": c.sigma, "lora": dict(c.lora),
                   "train": train_cfg.to_dict(), "targets_y": "±1 labels",
+                  "regression_targets": None if y_reg is None else "mean human valence of the kernel words",
                   "risk_normalisation": "R = (1/n)‖(I − K(K+σI)⁻¹)y‖²",
-                  "model": ctx.info},
+                  "kernel": f"exact traced eNTK of the {backend.output}", "kernel_params": backend.kernel_params,
+                  "model": ctx.info, "backend": backend.describe()},
         "placements": rows,
-        "spearman_kappa_vs_train_loss": {"rho": float(rho_train.statistic), "p": float(rho_train.pvalue)},
-        "spearman_kappa_vs_eval_loss": {"rho": float(rho_eval.statistic), "p": float(rho_eval.pvalue)},
+        "spearman_kappa_vs_train_loss": _spearman(kappa, [r["train_loss_final"] for r in rows]),
+        "spearman_kappa_vs_eval_loss": _spearman(kappa, [r["eval_loss_after"] for r in rows]),
         "all_risks_within_correct_bounds": all(r["risk_within_correct_bounds"] for r in rows),
         "printed_lower_violated_on_real_kernels": sum(r["printed_lower_violated"] for r in rows),
         "random_psd": random_psd_violation_rate(int(c.n_random_kernels), ctx.seed),
@@ -120,6 +131,13 @@ def run(config, out_dir: str, ctx) -> dict:
                     "kernel-regression risk in general (K = λI: (σ/(σ+λ))²‖y‖² < σ‖y‖²/(σ+λ)); "
                     "the squared bounds hold. See random_psd and printed_lower_violated."),
     }
+    if rows and "eval_accuracy_after" in rows[0]:
+        report["spearman_kappa_vs_eval_accuracy"] = _spearman(kappa, [r["eval_accuracy_after"] for r in rows])
+    if y_reg is not None:
+        report["all_regression_risks_within_correct_bounds"] = all(
+            r["regression_risk_within_correct_bounds"] for r in rows)
+        report["printed_lower_violated_on_regression_targets"] = sum(
+            r["regression_printed_lower_violated"] for r in rows)
     report["plots"] = [plot(report, os.path.join(out_dir, "spectrum.png"))]
     return report
 
@@ -132,7 +150,8 @@ def summary(report: dict) -> dict:
 
 
 def _label(row) -> str:
-    return f"{'+'.join(t.replace('_proj', '') for t in row['targets'])} L{row['layers']}"
+    rank = f" r{row['rank']}" if "rank" in row else ""
+    return f"{'+'.join(t.replace('_proj', '') for t in row['targets'])} L{row['layers']}{rank}"
 
 
 def plot(report: dict, path: str) -> str:

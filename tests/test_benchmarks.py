@@ -12,8 +12,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "ntk_speed.py")
 
-LIBRARY_METHODS = ("jacobian", "ntk_vp", "neural_tangents_jacobian_contraction",
+LIBRARY_METHODS = ("jacobian", "ntk_vp", "structured", "neural_tangents_jacobian_contraction",
                    "neural_tangents_ntk_vector_products", "jacobian_free", "jacobian_free_proj8192")
+NT_MODES = ("neural_tangents_jacobian_contraction", "neural_tangents_ntk_vector_products")
 
 
 @pytest.mark.slow
@@ -21,7 +22,7 @@ LIBRARY_METHODS = ("jacobian", "ntk_vp", "neural_tangents_jacobian_contraction",
 def test_ntk_speed_quick():
     env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, SCRIPT, "--quick"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stderr[-4000:]}"
     out = json.loads(proc.stdout)  # stdout is exactly one JSON object
 
@@ -43,17 +44,17 @@ def test_ntk_speed_quick():
         for m in LIBRARY_METHODS:
             assert out["timings_s"][form][m] > 0
             assert out["ratios_vs_best_neural_tangents"][form][m] > 0
-        assert out["best_exact_method"][form] in ("jacobian", "ntk_vp")
-        assert out["best_neural_tangents_mode"][form] in LIBRARY_METHODS[2:4]
+        assert out["best_exact_method"][form] in ("jacobian", "ntk_vp", "structured")
+        assert out["best_neural_tangents_mode"][form] in NT_MODES
         assert out["speedup_best_exact_vs_best_nt"][form] > 0
     assert not any(k.startswith("proto") for k in out), "prototype section must be gone"
     assert out["settings"]["basis_batch_arg"] is None  # library default
 
     agreement = out["agreement_max_rel_diff"]
     # Every exact method in both forms is compared with the cross `jacobian` kernel.
-    assert {"ntk_vp", "neural_tangents_jacobian_contraction", "neural_tangents_ntk_vector_products",
+    assert {"ntk_vp", "structured", "neural_tangents_jacobian_contraction", "neural_tangents_ntk_vector_products",
             "jacobian_free_vs_sum_of_full_kernel"} <= set(agreement["cross"])
-    assert {"jacobian", "ntk_vp", "neural_tangents_jacobian_contraction",
+    assert {"jacobian", "ntk_vp", "structured", "neural_tangents_jacobian_contraction",
             "neural_tangents_ntk_vector_products",
             "jacobian_free_vs_sum_of_full_kernel"} <= set(agreement["symmetric"])
     for form in forms:
@@ -70,3 +71,19 @@ def test_ntk_speed_quick():
     assert blocked["wall_s"] > 0 and blocked["bound_mb"] > 0
     assert "bound_definition" in blocked
     assert blocked["within_bound"] is True, blocked
+
+    # Every form (traced/full × cross/symmetric) of both problems: best ours vs best neural-tangents.
+    comp = out["every_form_comparison"]
+    assert comp["n"] == 8 and set(comp["results"]) == {"mlp"}  # --quick: the transformer's forms are above
+    for problem, kinds in comp["results"].items():
+        assert set(kinds) == {"traced", "full"}
+        for kind, by_form in kinds.items():
+            assert set(by_form) == set(forms)
+            for form, r in by_form.items():
+                assert r["best_library_method"] in ("jacobian", "ntk_vp", "structured")
+                assert r["best_neural_tangents_mode"] in NT_MODES
+                assert r["speedup_best_library_vs_best_nt"] > 0
+                assert r["auto_choice"] in ("jacobian", "ntk_vp", "structured")
+                assert r["agreement_max_rel_diff_vs_cross_jacobian"]["structured"] < 1e-3, (problem, kind, form)
+    assert comp["structured_plan_summary"]["mlp/traced"].get("factored", 0) >= 1
+    assert "| mlp | traced | cross |" in comp["table_markdown"]

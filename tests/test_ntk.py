@@ -183,7 +183,7 @@ def test_non_finite_kernel_error():
 def test_bad_method_and_batch_axis_errors():
     f, params, x1, _ = mlp_problem()
     with pytest.raises(ValueError, match="unknown NTK method"):
-        empirical_ntk(f, params, x1, method="structured")
+        empirical_ntk(f, params, x1, method="no_such_method")
     with pytest.raises(ValueError, match="batch axis"):
         empirical_ntk(lambda p, x: f(p, x).sum(), params, x1)
     with pytest.raises(ValueError, match="empty batch"):

@@ -16,4 +16,7 @@ Modules:
   ``encode_buckets``) and option rows for classification accuracy (``encode_options``).
 * :mod:`ntk_jax.data.controlled` — the controlled selection benchmark with known useful,
   unrelated and conflicting pool families (``make_controlled_benchmark``).
+* :mod:`ntk_jax.data.lexicon` — a real-word sentiment task: VADER lexicon words (human
+  valence ratings, read from the installed ``vaderSentiment`` package) in sentence templates,
+  splits disjoint by word, binary labels and valence regression targets (``lexicon_splits``).
 """

@@ -103,7 +103,10 @@ def flatten_per_example(grads: PyTree) -> jax.Array:
 
 def _projection_matrix(projection: RandomProjection, params: PyTree) -> jax.Array | None:
     """The cached whole matrix for per-example gradients shaped like ``params`` (one shared
-    float dtype), or ``None`` (on-the-fly path: traced params, mixed dtypes, over budget)."""
+    float dtype), or ``None`` (on-the-fly path: traced params, mixed dtypes, over budget;
+    factored projections, which have no whole matrix)."""
+    if getattr(projection, "is_factored", False):
+        return None
     leaves = jax.tree.leaves(params)
     dtypes = {jnp.promote_types(jnp.result_type(leaf), jnp.float32) for leaf in leaves}
     if len(dtypes) != 1:
@@ -124,15 +127,26 @@ def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = N
     batch is projected with one ``(n, P) @ (P, p)`` GEMM; otherwise (huge P, or ``params``
     traced by an enclosing transformation) Π is generated on the fly inside the program.
 
+    A :class:`~ntk_jax.kernels.factored_projection.FactoredProjection` projects linear layers
+    through their input / output-gradient factors (the per-example gradient of those layers is
+    never formed); it takes no ``transform`` (a preconditioner acts on gradient entries).
+
     Args:
       scalar_fn: ``s(params, x) -> (n,)``.
-      projection: optional JL projection applied to each example's gradient.
+      projection: optional JL projection applied to each example's gradient
+        (:class:`RandomProjection` or ``FactoredProjection``).
       transform: optional map applied to the per-example gradient pytree before projection
         (e.g. an Adam preconditioner ``g -> m'/(sqrt(v')+eps)``; leaves carry the batch axis).
     """
+    factored = getattr(projection, "is_factored", False)
+    if factored and transform is not None:
+        raise ValueError("a FactoredProjection cannot apply a gradient transform (the per-example "
+                         "gradients of linear layers are never formed); use RandomProjection")
 
     @jax.jit
     def compiled(params, x, matrix):
+        if factored:
+            return projection.project_features(scalar_fn, params, x)
         g = per_example_grads(scalar_fn, params, x)
         if transform is not None:
             g = transform(g)

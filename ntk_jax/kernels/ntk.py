@@ -7,7 +7,10 @@ parameters passed in (θ_train; take a subset with :func:`ntk_jax.models.subset.
   ``(n1, n2)`` with the output axis traced (``Σ_k Θ_kk``). Three independent methods:
   ``"jacobian"`` (per-example reverse-mode Jacobians, contracted), ``"ntk_vp"``
   (NTK-vector products ``J(x)(J(x')ᵀ e_b)`` by ``vjp`` then ``jvp``; J is never formed) and
-  ``"neural_tangents"`` (the neural-tangents library, as an oracle).
+  ``"neural_tangents"`` (the neural-tangents library, as an oracle); plus ``"structured"``
+  (linear layers contracted through their input / output-cotangent factors,
+  :mod:`ntk_jax.kernels.structured`, SPEC §6.6) and ``"auto"`` (the cheapest by
+  :func:`~ntk_jax.kernels.structured.structured_plan`'s cost model; docs/kernels.md).
 * :func:`jacobian_free_ntk` — ``Θ̃(x, x') = ⟨∇θ Σ_k f_k(x), ∇θ Σ_k f_k(x')⟩`` (NTK-Selector
   Def. 2), exact or through a seeded JL projection.
 * :func:`loss_gradient_kernel` — ``⟨∇θ L(x), ∇θ L(x')⟩`` (LESS/TracIn style).
@@ -19,7 +22,6 @@ host memory (numpy). Blocks are padded to one shape, so each driver compiles onc
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any, Callable
 
 import jax
@@ -28,9 +30,11 @@ import numpy as np
 
 from ntk_jax.kernels import nt_compat
 from ntk_jax.kernels.checks import NonFiniteKernelError, check_finite  # noqa: F401 (re-exported)
+from ntk_jax.kernels.contract import contract_jacobians, gram as _gram, output_size  # noqa: F401 (re-exported)
 from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
                                       slice_batch, sum_of_outputs)
 from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.structured import StructuredPlan, structured_block, structured_plan
 from ntk_jax.utils import progress
 
 PyTree = Any
@@ -43,6 +47,8 @@ class NtkMethod(str, enum.Enum):
     JACOBIAN = "jacobian"                # per-example Jacobian rows, contracted
     NTK_VP = "ntk_vp"                    # NTK-vector products: J is never formed
     NEURAL_TANGENTS = "neural_tangents"  # the neural-tangents library (oracle; nt_compat)
+    STRUCTURED = "structured"            # linear layers through their factors (kernels.structured)
+    AUTO = "auto"                        # the cheapest of the above by the structured plan's cost model
 
 
 METHODS = tuple(m.value for m in NtkMethod)
@@ -54,16 +60,6 @@ def ntk_method(method) -> NtkMethod:
         return NtkMethod(method)
     except ValueError:
         raise ValueError(f"unknown NTK method {method!r}; use one of {METHODS}") from None
-
-
-def output_size(f: Callable, params: PyTree, x: PyTree) -> int:
-    """O = prod(out_shape) of ``f``, checking that ``f`` keeps the batch axis."""
-    x1 = slice_batch(x, 0, 1)
-    out = jax.eval_shape(f, params, x1)
-    if not out.shape or out.shape[0] != 1:
-        raise ValueError(f"f(params, x) must return (n, *out_shape) with the batch axis first; "
-                         f"for a batch of 1 it returned shape {out.shape}")
-    return int(math.prod(out.shape[1:]))
 
 
 # --- one block, as pure jittable functions -------------------------------------------------
@@ -84,20 +80,6 @@ def per_example_jacobians(f: Callable, params: PyTree, x: PyTree) -> PyTree:
     return jax.vmap(one)(x)
 
 
-def contract_jacobians(j1: PyTree, j2: PyTree, trace: bool) -> jax.Array:
-    """Σ over leaves of ``J1 J2ᵀ``: ``(n1, n2)`` if ``trace`` else ``(n1, n2, O, O)``."""
-    total = None
-    for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)):
-        a = a.reshape(a.shape[0], a.shape[1], -1)
-        b = b.reshape(b.shape[0], b.shape[1], -1)
-        if trace:
-            k = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
-        else:
-            k = jnp.einsum("iap,jbp->ijab", a, b)
-        total = k if total is None else total + k
-    return total
-
-
 def per_example_vjp(f: Callable, params: PyTree, x: PyTree):
     """``v ↦ (J(x_i)ᵀ v_i)_i`` for cotangents ``v (n, O)``, from one forward pass over the batch.
 
@@ -111,12 +93,6 @@ def per_example_vjp(f: Callable, params: PyTree, x: PyTree):
     per_ex = jax.vmap(lambda p, xj: f(p, jax.tree.map(lambda a: a[None], xj)).reshape(-1))
     out, vjp = jax.vjp(lambda ps: per_ex(ps, x), stacked)
     return vjp, out
-
-
-def _gram(c1: PyTree, c2: PyTree) -> jax.Array:
-    """Σ over leaves of ``c1 c2ᵀ`` for leaves ``(n1, ...)``, ``(n2, ...)`` → ``(n1, n2)``."""
-    return sum(a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
-               for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)))
 
 
 def _jacobian_block(f, trace, O, basis_batch):
@@ -184,13 +160,14 @@ def _neural_tangents_block(f, trace, implementation, O):
 
 # Output basis vectors per step: jacobian groups rows (8 was fastest on CPU in
 # benchmarks/ntk_speed.py); ntk_vp is fastest one at a time.
-DEFAULT_BASIS_BATCH = {"jacobian": 8, "ntk_vp": 1}
+DEFAULT_BASIS_BATCH = {"jacobian": 8, "ntk_vp": 1, "structured": 8}
 
 # method -> block builder (f, trace, O, basis_batch, nt_implementation) -> kernel(params, x1, x2)
 _BLOCK_BUILDERS: dict[NtkMethod, Callable] = {
     NtkMethod.JACOBIAN: lambda f, trace, O, bb, impl: _jacobian_block(f, trace, O, bb),
     NtkMethod.NTK_VP: lambda f, trace, O, bb, impl: _ntk_vp_block(f, trace, O, bb),
     NtkMethod.NEURAL_TANGENTS: lambda f, trace, O, bb, impl: _neural_tangents_block(f, trace, impl, O),
+    NtkMethod.STRUCTURED: lambda f, trace, O, bb, impl: structured_block(f, trace, O, bb),
 }
 
 
@@ -205,6 +182,9 @@ def ntk_fn(f: Callable, *, trace: bool = True, method: str = "jacobian",
     (default :data:`DEFAULT_BASIS_BATCH`).
     """
     method = ntk_method(method)
+    if method is NtkMethod.AUTO:
+        raise ValueError("method='auto' is resolved from the input shapes by empirical_ntk (or "
+                         "structured_plan(...).auto); ntk_fn needs a concrete method")
     if output_dim is None and (trace or method is not NtkMethod.JACOBIAN):
         raise ValueError(f"method={method.value!r} needs output_dim (O)")
     bb = min(basis_batch or DEFAULT_BASIS_BATCH.get(method.value, 1), output_dim or 1)
@@ -250,7 +230,7 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
 def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
                   trace: bool = True, method: str = "jacobian", block_size: int | None = None,
                   nt_implementation: str = "jacobian_contraction", basis_batch: int | None = None,
-                  check: bool = True) -> np.ndarray:
+                  check: bool = True, return_info: bool = False):
     """The exact empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` over ``params``.
 
     Args:
@@ -259,16 +239,23 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
       x1: batch of n1 examples. x2: batch of n2 examples, or ``None`` for ``x2 = x1``.
       trace: ``True`` → ``(n1, n2)`` = Σ_k Θ_kk (trace over the O output entries);
         ``False`` → ``(n1, n2, O, O)`` with ``O = prod(out_shape)``.
-      method: ``"jacobian"``, ``"ntk_vp"`` or ``"neural_tangents"``.
+      method: ``"jacobian"``, ``"ntk_vp"``, ``"neural_tangents"``, ``"structured"`` (linear
+        layers contracted through their input / output-cotangent factors, every other leaf
+        as ``jacobian``; :mod:`ntk_jax.kernels.structured`) or ``"auto"`` (the cheapest of
+        ``structured`` / ``jacobian`` / ``ntk_vp`` by :func:`structured_plan`'s cost model
+        for the block shape; docs/kernels.md).
       block_size: examples per row/column block (bounds device memory); ``None`` = one block.
       nt_implementation: neural-tangents mode, ``"jacobian_contraction"`` or
         ``"ntk_vector_products"``.
       basis_batch: output basis vectors per ``vjp``/``jvp`` step (``jacobian`` traced and
         ``ntk_vp``); default :data:`DEFAULT_BASIS_BATCH`.
       check: raise :class:`NonFiniteKernelError` on NaN/inf.
+      return_info: also return ``{"method": <method run>, "plan": StructuredPlan | None}``
+        (the plan — per-leaf factored / materialized / fallback — for ``structured`` and
+        ``auto``).
 
     Returns:
-      numpy array ``(n1, n2)`` or ``(n1, n2, O, O)``.
+      numpy array ``(n1, n2)`` or ``(n1, n2, O, O)`` (and the info dict with ``return_info``).
     """
     method = ntk_method(method).value
     n1 = batch_size_of(x1, "x1")
@@ -280,11 +267,16 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
     if not jax.tree.leaves(params):
         raise ValueError("params is empty: the kernel needs at least one parameter")
     O = output_size(f, params, x1)
+    plan: StructuredPlan | None = None
+    if method in ("structured", "auto"):
+        plan = structured_plan(f, params, x1, x2, trace=trace, block_size=block_size)
+        method = plan.auto if method == "auto" else method
     block = ntk_fn(f, trace=trace, method=method, nt_implementation=nt_implementation,
                    output_dim=O, basis_batch=basis_batch)
     K = blocked_kernel(block, params, x1, x2, block_size, full=not trace, desc=f"eNTK ({method})")
     del n1
-    return check_finite(K, f"eNTK ({method})") if check else K
+    K = check_finite(K, f"eNTK ({method})") if check else K
+    return (K, {"method": method, "plan": plan}) if return_info else K
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

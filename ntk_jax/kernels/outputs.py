@@ -1,4 +1,4 @@
-"""Which model outputs a kernel is taken over, for language models.
+"""Which model outputs a kernel is taken over: language models and sequence classifiers.
 
 A language model's logits are ``(n, T, V)``. The kernels of this library need ``f(params, x)``
 with one output vector per example; for LMs the positions that count (all real tokens, or only
@@ -10,6 +10,9 @@ long and short examples are comparable (SPEC §2):
   vocabulary entries.
 * ``reduce="none"``: ``f(x)_t = m_t z_t(x) / |M_x| ∈ R^{T×V}`` (O = T·V), positions aligned
   by index. Same sum of outputs as ``"mean"``.
+
+A sequence classifier's logits are already ``(n, C)``: :func:`classification_output_fn` takes
+them as they are (O = C; for a binary head the kernel is over the 2 logits).
 """
 from __future__ import annotations
 
@@ -61,5 +64,27 @@ def lm_output_fn(subset: "ParamSubset", *, reduce: str = "mean", mask_key: str =
         logits = call(subset.merge(params), batch)
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 → f32
         return head(logits, batch[mask_key])
+
+    return f
+
+
+def default_classifier_call(model, batch: dict) -> jax.Array:
+    """``model(input_ids, attention_mask=..., token_type_ids=...)`` → logits ``(n, C)``
+    (``token_type_ids`` only when the batch has them)."""
+    kw = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kw)
+
+
+def classification_output_fn(subset: "ParamSubset",
+                             call: Callable[[Any, dict], jax.Array] = default_classifier_call) -> Callable:
+    """``f(params, batch)`` → class logits ``(n, C)`` float32 of a sequence classifier, over
+    ``subset``'s parameters. ``batch`` holds ``input_ids (n, T)`` and ``attention_mask (n, T)``
+    (and optionally ``token_type_ids``)."""
+
+    def f(params, batch):
+        logits = call(subset.merge(params), batch)
+        if logits.ndim != 2:
+            raise ValueError(f"a classifier's logits must be (n, C); got shape {logits.shape}")
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
     return f

@@ -30,7 +30,16 @@ def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         # A local directory with config.json + weights (+ tokenizer). Empty: the embedded
         # default model, pre-trained by the job itself into WORKDIR/base_model.
+        # "packaged:<name>": a checkpoint shipped in an installed package
+        # (ntk_jax.models.packaged, e.g. "packaged:all-MiniLM-L6-v2").
         path="",
+        # What the validation experiments (stability, spectrum, approximation) run
+        # (experiments/backends.py): "lm" — the causal LM on the synthetic tasks, kernel over
+        # response-position-mean logits; "classification" — a BERT/RoBERTa checkpoint with a new
+        # num_labels-way head on the lexicon task (config.lexicon), kernel over the class logits.
+        task="lm",
+        num_labels=2,               # classification: size of the new head
+        train_head=False,           # classification: train the head (and take the kernel over it) too
         # Architecture of the embedded default model (ntk_jax.models.transformer.DecoderConfig).
         arch=dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=128,
                   max_position_embeddings=64, rope_theta=10000.0),
@@ -64,6 +73,10 @@ def stability_config() -> ml_collections.ConfigDict:
         lora=lora_config(b_init_std=0.02),
         train=finetune_train_config(total_steps=100, learning_rate=2e-3),
         epsilon=0.01,               # the NTK-like threshold checked in the report (S ≥ 1-ε)
+        # S_min map: one more run per learning rate (at lora.rank) and per LoRA rank (at
+        # train.learning_rate); empty: only the base run
+        sweep_learning_rates=(),
+        sweep_ranks=(),
     ))
 
 
@@ -100,6 +113,17 @@ def approximation_config() -> ml_collections.ConfigDict:
         lora=lora_config(targets=("q_proj", "v_proj"), b_init_std=0.02),
         widths=(16, 32, 64, 128),   # hidden sizes of fresh (random-init) models for the scaling
         n_width_examples=8,
+        block_size=16,              # examples per kernel block (bounds memory; each block shape compiles once)
+    ))
+
+
+def lexicon_config() -> ml_collections.ConfigDict:
+    """The real-word task of ``config.model.task="classification"`` (ntk_jax.data.lexicon):
+    VADER lexicon words with human valence labels in sentence templates."""
+    return ml_collections.ConfigDict(dict(
+        max_len=16,                 # tokens per sentence ([CLS] ... [SEP], right-padded; never truncated)
+        min_abs_valence=1.5,        # keep clearly positive / negative words
+        max_pieces=1,               # keep words the tokenizer holds as at most this many WordPiece pieces
     ))
 
 
@@ -275,6 +299,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.enable_x64 = False
     c.model = model_config()
     c.pretrain = pretrain_config()
+    c.lexicon = lexicon_config()
     c.distributed = distributed_config()
     c.mesh = mesh_config()
     for name, section in SECTIONS.items():

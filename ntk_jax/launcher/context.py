@@ -10,8 +10,12 @@ model, pre-trained by the job itself.
 Special tokens: every encoded example is ``[bos] + prompt + response + [eos]``
 (:mod:`ntk_jax.data.encoding`). A tokenizer without a bos token (e.g. Qwen's) encodes without
 one; a tokenizer without a pad token (Llama, GPT-2) pads with its eos id (padding is masked
-out of attention and loss, so its id does not matter); a tokenizer without an eos token is an
-error, since the final eos is a scored target.
+out of attention and loss, so its id does not matter); an encoder tokenizer without one (BERT)
+ends sequences with its sep token ([SEP]), which then serves as eos; a tokenizer with neither
+is an error, since the final eos is a scored target.
+
+``config.model.path = "packaged:<name>"`` names a checkpoint shipped in an installed package
+(:mod:`ntk_jax.models.packaged`), extracted once into a cache directory.
 
 Device mesh: :func:`prepare_context` builds ``Context.mesh`` from ``config.mesh``
 (``data`` × ``model`` over this process's ``jax.local_devices()``, -1 = all remaining
@@ -36,6 +40,7 @@ from ntk_jax.models.hf_loading import from_pretrained, read_hf_config
 from ntk_jax.models.hf_loading import load_tokenizer as load_hf_tokenizer
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.models.packaged import resolve_model_path
 from ntk_jax.models.transformer import MODEL_TYPE
 from ntk_jax.training.pretrain import pretrain_default_model
 
@@ -96,6 +101,9 @@ class Context:
 def _with_special_ids(tokenizer, directory: str):
     """``tokenizer`` with a pad id (the eos id if it has none); ValueError without eos."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None and getattr(tokenizer, "sep_token_id", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token  # encoders (BERT) end every sequence with [SEP]
+        eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"the tokenizer in {directory!r} has no eos token; the encoding ends every "
                          "response with eos (a scored target). Set eos_token in its tokenizer_config.json")
@@ -139,7 +147,7 @@ def prepare_context(config, workdir: str) -> Context:
     if already there). ``config.model.dtype`` / ``param_dtype`` set the dtypes models are
     loaded with; ``config.mesh`` the device mesh models are loaded onto (see the module
     docstring; ``ValueError`` when it does not fit this process's devices)."""
-    model_dir = os.path.abspath(config.model.path) if config.model.path else None
+    model_dir = os.path.abspath(resolve_model_path(config.model.path)) if config.model.path else None
     if model_dir is not None and not os.path.isdir(model_dir):
         raise FileNotFoundError(
             f"config.model.path {model_dir!r} is not a directory: set --config.model.path=DIR to a local "

@@ -85,8 +85,8 @@ _log()  # an empty list when this run computes nothing
 real_write = store_lib.ScoreStore.write_shard
 
 
-def write_shard(self, k, scores, features=None):
-    path = real_write(self, k, scores, features)
+def write_shard(self, k, scores, features=None, **kwargs):
+    path = real_write(self, k, scores, features, **kwargs)
     name = os.path.basename(self.directory)
     computed.append([name, int(k)])
     _log()

@@ -1,0 +1,174 @@
+"""Factored (Kronecker-structured) JL projections of per-example gradients (SPEC §6.6; LoGra,
+Choe et al. 2024).
+
+For a linear site ``y_t = x_t W`` (found as in :mod:`ntk_jax.kernels.structured`), the
+per-example gradient of a scalar ``s`` is ``G = Σ_t x_t δ_tᵀ`` (``d_in × d_out``, δ = ∂s/∂y_t).
+With seeded random factors ``P_in (k_in × d_in)`` and ``P_out (k_out × d_out)`` the projected
+gradient is
+
+    vec(P_in G P_outᵀ) = Σ_t (P_in x_t) ⊗ (P_out δ_t) ∈ R^{k_in·k_out},   k_in·k_out = p,
+
+computed from the projected factors: ``G`` is never formed. ``P_in ⊗ P_out`` has i.i.d.-like
+±1/√k (or N(0, 1/k)) factors, so ``E ⟨(P_in ⊗ P_out) g, (P_in ⊗ P_out) g'⟩ = ⟨g, g'⟩``.
+Every linear leaf is mapped into the same ``p`` dimensions and the maps are summed (as the
+row blocks of a dense :class:`~ntk_jax.kernels.projection.RandomProjection` are); leaves that
+are not linear sites (biases, norms, embeddings, tied weights) take a dense
+``RandomProjection(p, seed)`` of their gradients, added in.
+
+Choosing ``k_in, k_out`` (:meth:`FactoredProjection.split`): the error of a Kronecker JL map
+grows like ``1/k_in + 1/k_out``, so the sides are balanced (``k_in ≈ k_out ≈ √p``), except
+that a side of size ``d ≤ √p`` that divides ``p`` is kept exact (``P = I_d``, no error from
+that side) and the other side gets ``k = p / d``. One side exact and the other random keeps
+every leaf's map zero-mean, so the leaves' sum stays unbiased.
+
+Seeded and deterministic: the factors of leaf ``i`` come from
+``fold_in(fold_in(fold_in(key(seed), TAG), i), side)``; the same seed, parameter structure
+and ``p`` give the same map in every process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_jax.kernels import structured
+from ntk_jax.kernels.features import batch_size_of, slice_batch
+from ntk_jax.kernels.projection import KINDS, RandomProjection, _generate_matrix
+
+_TAG = 0x6B726F6E  # separates the factor keys from RandomProjection's fold_in(leaf, chunk) keys
+
+
+def _divisors(p: int) -> list[int]:
+    return [d for d in range(1, p + 1) if p % d == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredProjection:
+    """Per-layer Kronecker JL map of per-example gradients to ``dim`` = p features.
+
+    Attributes:
+      dim: output dimension p (a power of two splits best; any p works).
+      seed: integer seed of every factor and of the dense fallback.
+      kind: ``"rademacher"`` (±1/√k) or ``"gaussian"`` (N(0, 1/k)) factors.
+    """
+
+    dim: int
+    seed: int = 0
+    kind: str = "rademacher"
+    is_factored = True  # duck-typed by kernels.features (no import cycle)
+
+    def __post_init__(self):
+        if self.dim <= 0:
+            raise ValueError(f"projection dim must be positive, got {self.dim}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown projection kind {self.kind!r}; use one of {KINDS}")
+
+    def split(self, d_in: int, d_out: int) -> tuple[int, int, bool, bool]:
+        """``(k_in, k_out, exact_in, exact_out)`` with ``k_in · k_out = dim`` (module docstring)."""
+        p, root = self.dim, math.sqrt(self.dim)
+        for d, first in sorted(((d_in, True), (d_out, False))):
+            if d <= root and p % d == 0:
+                return (d, p // d, True, False) if first else (p // d, d, False, True)
+        k_in = min(_divisors(p), key=lambda k: (abs(math.log(k / root)), -k))
+        return k_in, p // k_in, False, False
+
+    def factor(self, leaf_index: int, side: int, k: int, d: int, dtype=jnp.float32) -> jax.Array:
+        """The ``(k, d)`` factor of leaf ``leaf_index`` (``side`` 0 = input, 1 = output)."""
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _TAG),
+                                                    leaf_index), side)
+        if self.kind == "rademacher":
+            m = jax.random.rademacher(key, (k, d), dtype=dtype)
+        else:
+            m = jax.random.normal(key, (k, d), dtype=dtype)
+        return m * jnp.asarray(1.0 / math.sqrt(k), dtype)
+
+    def factors(self, leaf_index: int, d_in: int, d_out: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """``(P_in (k_in, d_in), P_out (k_out, d_out))`` of a linear leaf (identity on an exact side)."""
+        k_in, k_out, exact_in, exact_out = self.split(d_in, d_out)
+        p_in = jnp.eye(d_in, dtype=dtype) if exact_in else self.factor(leaf_index, 0, k_in, d_in, dtype)
+        p_out = jnp.eye(d_out, dtype=dtype) if exact_out else self.factor(leaf_index, 1, k_out, d_out, dtype)
+        return p_in, p_out
+
+    @property
+    def fallback(self) -> RandomProjection:
+        """The dense projection of the leaves that are not linear sites."""
+        return RandomProjection(self.dim, seed=self.seed, kind=self.kind, cache_bytes=0)
+
+    def plan(self, scalar_fn, params, x) -> list[dict]:
+        """Per parameter leaf: ``{"path", "kind": "factored" | "dense", "d_in", "d_out",
+        "k_in", "k_out"}`` (shapes only)."""
+        _, interp, n_leaves = structured._analyse(scalar_fn, params, slice_batch(x, 0, 1))
+        linear = structured._linear_sites(interp, n_leaves)
+        out = []
+        for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(params)):
+            if i in linear:
+                site = interp.sites[linear[i]]
+                k_in, k_out, _, _ = self.split(site.d_in, site.d_out)
+                out.append({"path": jax.tree_util.keystr(path), "kind": "factored", "d_in": site.d_in,
+                            "d_out": site.d_out, "k_in": k_in, "k_out": k_out})
+            else:
+                out.append({"path": jax.tree_util.keystr(path), "kind": "dense"})
+        return out
+
+    def project_features(self, scalar_fn, params, x) -> jax.Array:
+        """``(n, dim)`` projected per-example gradients of ``scalar_fn(params, x) -> (n,)``
+        (pure and jittable; the site analysis runs at trace time)."""
+        n = batch_size_of(x)
+        closed, interp, n_leaves = structured._analyse(scalar_fn, params, slice_batch(x, 0, 1))
+        linear = structured._linear_sites(interp, n_leaves)
+        taps, cotangents, out = structured._factors(scalar_fn, params, x, closed, interp, linear, n_leaves)
+        if out.shape != (n, 1):
+            raise ValueError(f"scalar_fn must return one scalar per example (n,); got {out.shape[1]} per example")
+        deltas, fb = cotangents(jnp.ones_like(out))
+        dtype = jnp.promote_types(out.dtype, jnp.float32)
+        total = jnp.zeros((n, self.dim), dtype)
+        for leaf, s in sorted(linear.items()):
+            total = total + self._project_site(leaf, taps[s].astype(dtype), deltas[s].astype(dtype), dtype)
+        if fb:
+            total = total + self.fallback(list(fb)).astype(dtype)
+        return total
+
+    def _project_site(self, leaf: int, x: jax.Array, d: jax.Array, dtype) -> jax.Array:
+        """``(n, dim)``: ``vec(P_in (xᵀ d) P_outᵀ)`` for ``x (n, T, d_in)``, ``d (n, T, d_out)``,
+        in the cheaper order — factored ``Σ_t (P_in x_t) ⊗ (P_out d_t)`` or through the
+        ``d_in × d_out`` gradient (cheaper when T is large or a side is exact); an exact
+        side (``P = I``) is not multiplied."""
+        n, T, d_in = x.shape
+        d_out = d.shape[2]
+        k_in, k_out, exact_in, exact_out = self.split(d_in, d_out)
+        p_in, p_out = self.factors(leaf, d_in, d_out, dtype)
+        factored = T * ((0 if exact_in else d_in * k_in) + (0 if exact_out else d_out * k_out) + k_in * k_out)
+        through_g = (T * d_in * d_out + (0 if exact_in else k_in * d_in * d_out)
+                     + (0 if exact_out else k_in * d_out * k_out))
+        if factored < through_g:
+            a = x if exact_in else jnp.einsum("ntc,kc->ntk", x, p_in)
+            b = d if exact_out else jnp.einsum("ntf,lf->ntl", d, p_out)
+            return jnp.einsum("ntk,ntl->nkl", a, b).reshape(n, self.dim)
+        g = jnp.einsum("ntc,ntf->ncf", x, d)
+        g = g if exact_in else jnp.einsum("kc,ncf->nkf", p_in, g)
+        g = g if exact_out else jnp.einsum("nkf,lf->nkl", g, p_out)
+        return g.reshape(n, self.dim)
+
+    def explicit_matrix(self, params, linear_dims: dict[int, tuple[int, int]], dtype="float64") -> np.ndarray:
+        """The ``(P, dim)`` matrix of this map for parameter leaves whose linear sites have
+        ``(d_in, d_out)`` = ``linear_dims[leaf]`` and whose gradients are laid out
+        ``(d_in, d_out)`` row-major (``x @ W`` kernels); other leaves get the dense fallback's
+        rows. For tests on small P: ``features = flat_grad @ M``."""
+        leaves = jax.tree.leaves(params)
+        fb_idx = [i for i in range(len(leaves)) if i not in linear_dims]
+        fb_sizes = tuple(int(np.prod(np.shape(leaves[i]))) for i in fb_idx)
+        fb_matrix = np.asarray(_generate_matrix(self.fallback, fb_sizes, jnp.dtype(dtype).name)) if fb_idx else None
+        blocks, fb_start = [], 0
+        for i, leaf in enumerate(leaves):
+            if i in linear_dims:
+                d_in, d_out = linear_dims[i]
+                p_in, p_out = self.factors(i, d_in, d_out, jnp.dtype(dtype))
+                blocks.append(np.kron(np.asarray(p_in).T, np.asarray(p_out).T))  # vec(G) row-major
+            else:
+                size = int(np.prod(np.shape(leaf)))
+                blocks.append(fb_matrix[fb_start:fb_start + size])
+                fb_start += size
+        return np.concatenate(blocks, axis=0)

@@ -1,0 +1,86 @@
+"""Factored (Kronecker) JL projection of per-example gradients: determinism, the explicit
+Kronecker map on materialised gradients, unbiasedness at large p."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntk_jax.kernels.factored_projection import FactoredProjection
+from ntk_jax.kernels.features import flatten_per_example, gradient_features, per_example_grads, sum_of_outputs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def problem():
+    """tanh net over a short sequence (T = 3 uses per weight): w1, w2 linear, b1 dense fallback."""
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {"w1": 0.5 * jax.random.normal(k[0], (4, 6), jnp.float64),
+              "b1": jax.random.normal(k[1], (6,), jnp.float64),
+              "w2": 0.4 * jax.random.normal(k[2], (6, 16), jnp.float64)}
+
+    def f(p, x):  # x (n, 3, 4) -> (n, 16)
+        return jnp.tanh(x @ p["w1"] + p["b1"]).mean(axis=1) @ p["w2"] + jnp.tanh(x @ p["w1"] + p["b1"])[:, 0] @ p["w2"]
+
+    def f_once(p, x):  # every weight used once
+        h = jnp.tanh(jnp.einsum("ntd,de->nte", x, p["w1"]) + p["b1"])
+        return jnp.einsum("nte,ek->nk", h, p["w2"])
+
+    return f_once, params, jax.random.normal(k[3], (5, 3, 4), jnp.float64)
+
+
+def test_split_rule():
+    fp = FactoredProjection(8192)
+    assert fp.split(8, 64) == (8, 1024, True, False)       # small input side kept exact
+    assert fp.split(64, 8) == (1024, 8, False, True)
+    assert fp.split(512, 512) == (128, 64, False, False)   # balanced, k_in k_out = p
+    k_in, k_out, _, _ = FactoredProjection(1000).split(300, 300)
+    assert k_in * k_out == 1000
+
+
+def test_equals_explicit_kronecker_map_and_is_deterministic():
+    f, params, x = problem()
+    s = sum_of_outputs(f)
+    fp = FactoredProjection(64, seed=3)
+    plan = {row["path"]: row for row in fp.plan(s, params, x)}
+    assert plan["['w1']"]["kind"] == "factored" and plan["['b1']"]["kind"] == "dense"
+    assert plan["['w2']"]["kind"] == "factored"
+    feats = gradient_features(s, params, x, projection=fp, batch_size=3)
+    again = gradient_features(s, params, x, projection=FactoredProjection(64, seed=3), batch_size=3)
+    np.testing.assert_array_equal(feats, again)  # same seed, same map
+    # Oracle: the materialised per-example gradient times the explicit (P, p) matrix. At p=64,
+    # w1 (4 -> 6, input side exact) goes through the gradient, w2 (6 -> 16) the factored order.
+    g = np.asarray(jax.jit(lambda p, x: flatten_per_example(per_example_grads(s, p, x)))(params, x))
+    leaves = jax.tree.leaves(params)  # b1, w1, w2 (dict order)
+    dims = {i: leaf.shape for i, leaf in enumerate(leaves) if leaf.ndim == 2}
+    M = fp.explicit_matrix(params, dims)
+    assert np.abs(FactoredProjection(64, seed=4).explicit_matrix(params, dims) - M).max() > 1e-3
+    assert M.shape == (g.shape[1], 64)
+    np.testing.assert_allclose(feats, g @ M, rtol=1e-10, atol=1e-12)
+
+
+def test_unbiased_inner_products():
+    """Mean over seeds of ⟨Pg_i, Pg_j⟩ → ⟨g_i, g_j⟩ (error of the mean shrinks like 1/√seeds)."""
+    f, params, x = problem()
+    s = sum_of_outputs(f)
+    g = np.asarray(jax.jit(lambda p, x: flatten_per_example(per_example_grads(s, p, x)))(params, x))
+    exact = g @ g.T
+    dims = {i: leaf.shape for i, leaf in enumerate(jax.tree.leaves(params)) if leaf.ndim == 2}
+    seeds = 200
+    est = np.zeros_like(exact)
+    for seed in range(seeds):  # the explicit map: equal to the features (test above), cheap to build
+        M = FactoredProjection(256, seed=seed).explicit_matrix(params, dims)
+        F = g @ M
+        est += F @ F.T / seeds
+    rel = np.abs(est - exact).max() / np.abs(exact).max()
+    assert rel < 0.05, rel
+
+
+def test_transform_is_refused():
+    from ntk_jax.kernels.features import make_feature_fn
+    with pytest.raises(ValueError, match="FactoredProjection"):
+        make_feature_fn(lambda p, x: x, FactoredProjection(8), transform=lambda g: g)

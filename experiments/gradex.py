@@ -41,7 +41,7 @@ from flax import nnx
 
 from experiments.plotting import save, subplots
 from ntk_jax.data.synthetic import TASKS, generate_task
-from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.factored_projection import make_projection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import gradex as gx
@@ -165,7 +165,11 @@ def run(config, out_dir: str, ctx) -> dict:
     subset = param_subset(model, nnx.LoRAParam)
     theta_star = meta.params
     f_fn = gx.gradex_output_fn(subset, clip_eps=float(c.clip_eps))
-    projection = RandomProjection(int(c.projection_dim), seed=int(c.projection_seed), kind=str(c.projection_kind))
+    if int(c.projection_dim) < 1:
+        raise ValueError(f"gradex.projection_dim must be >= 1 (the estimator works in d projected dims), "
+                         f"got {c.projection_dim}")
+    projection = make_projection(int(c.projection_dim), int(c.projection_seed), str(c.projection_type),
+                                 kind=str(c.projection_kind))
     target_loss_fn = gx.TargetLosses(subset, target_eval, clip_eps=float(c.clip_eps), batch_size=int(c.eval_batch_size))
 
     # ---- 2. features at θ*, in resumable shards of one store over every part
@@ -185,6 +189,7 @@ def run(config, out_dir: str, ctx) -> dict:
     fill_store(store, features, desc="gradex features", with_features=True)
     _, f_all, G = store.merge(with_features=True)
     feature_time = store.compute_seconds()
+    back = gx.parameter_projection(projection, f_fn, theta_star, everything)  # Δ = Π w
     bounds = np.cumsum([0] + [len(d["input_ids"]) for d in parts.values()])
     feats = {"task_index": task_index}
     for name, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
@@ -245,7 +250,7 @@ def run(config, out_dir: str, ctx) -> dict:
             loss, w = estimator.estimate(mask)
             fit_s = time.time() - t
             t = time.time()
-            at_delta = target_loss_fn(gx.add_delta(theta_star, gx.project_back(projection, theta_star, w)))
+            at_delta = target_loss_fn(gx.add_delta(theta_star, gx.project_back(back, theta_star, w)))
             cache[key] = {"linearised_logistic": loss, "w_norm": float(np.linalg.norm(w)),
                           "model_at_delta_logistic": at_delta["logistic"], "model_at_delta_ce": at_delta["ce"],
                           "fit_time_s": fit_s, "model_at_delta_time_s": time.time() - t, "w": w}
@@ -290,7 +295,8 @@ def run(config, out_dir: str, ctx) -> dict:
         "setup": {"target": target, "aux_tasks": aux, "n_train_per_task": int(c.n_train_per_task),
                   "n_target_train": int(c.n_target_train), "n_target_eval": int(c.n_target_eval),
                   "lora": dict(c.lora), "meta_train": meta_cfg.to_dict(), "finetune": ft_cfg.to_dict(),
-                  "projection": {"dim": projection.dim, "seed": projection.seed, "kind": projection.kind},
+                  "projection": {"dim": projection.dim, "seed": projection.seed, "kind": projection.kind,
+                                 "type": str(c.projection_type)},
                   "num_lora_params": subset.num_params, "C_config": float(c.C), "C": C_used,
                   "calibrate_C": bool(c.calibrate_C), "clip_eps": float(c.clip_eps),
                   "n_subsets": int(c.n_subsets), "subset_prob": float(c.subset_prob),

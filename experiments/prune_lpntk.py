@@ -39,7 +39,7 @@ from flax import nnx
 
 from experiments.plotting import save, subplots
 from ntk_jax.data.synthetic import generate_task
-from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.factored_projection import make_projection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.lpntk import (class_clusters, lpntk_features, lpntk_kernel, prune_clusters,
@@ -157,8 +157,7 @@ def _features(c, out_dir: str, fingerprint: str, model, data: dict, num_classes:
     shards of a :class:`~ntk_jax.selection.store.ScoreStore` under ``features/`` (scores:
     the feature norms); returns ``(features (n, P or p), compute seconds)``."""
     subset = param_subset(model, nnx.LoRAParam)
-    projection = (RandomProjection(int(c.projection_dim), seed=int(c.projection_seed))
-                  if int(c.projection_dim) > 0 else None)
+    projection = make_projection(int(c.projection_dim), int(c.projection_seed), str(c.projection_type))
     batch = {k: data[k] for k in ("input_ids", "attention_mask", "answer_pos", "class_ids", "label")}
     logits_fn = subset.apply_fn(class_logits)
     store = ScoreStore(os.path.join(out_dir, FEATURES_DIR), [str(i) for i in range(len(batch["label"]))],

@@ -84,3 +84,75 @@ def test_transform_is_refused():
     from ntk_jax.kernels.features import make_feature_fn
     with pytest.raises(ValueError, match="FactoredProjection"):
         make_feature_fn(lambda p, x: x, FactoredProjection(8), transform=lambda g: g)
+
+
+def relabelled_problem():
+    """Weights that reach their matmul through relabellings: a transpose, a reshape into
+    heads, a multi-axis contraction; plus a bias (dense fallback)."""
+    k = jax.random.split(jax.random.key(5), 6)
+    params = {"wt": 0.5 * jax.random.normal(k[0], (6, 4), jnp.float64),       # used as wt.T
+              "heads": 0.4 * jax.random.normal(k[1], (6, 12), jnp.float64),    # reshaped (6, 3, 4)
+              "b": jax.random.normal(k[2], (6,), jnp.float64),
+              "out": 0.3 * jax.random.normal(k[3], (3, 4, 5), jnp.float64)}    # contracts 2 axes
+
+    def f(p, x):  # x (n, T, 4) -> (n, 5)
+        h = jnp.tanh(x @ p["wt"].T + p["b"])
+        a = jnp.tanh(jnp.einsum("nte,ehd->nthd", h, p["heads"].reshape(6, 3, 4)))
+        return jnp.einsum("nthd,hdk->nk", a, p["out"])
+
+    return f, params, jax.random.normal(k[4], (5, 3, 4), jnp.float64)
+
+
+def lora_transformer_problem():
+    from flax import nnx
+
+    from ntk_jax.kernels.outputs import lm_output_fn
+    from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_filter
+    from ntk_jax.models.subset import param_subset
+    from ntk_jax.models.transformer import DecoderConfig, DecoderLM
+    cfg = DecoderConfig(vocab_size=11, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        intermediate_size=24, dtype="float64", param_dtype="float64")
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, LoRAConfig(rank=2, targets=("q_proj", "v_proj", "down_proj"), b_init_std=0.1),
+               rngs=nnx.Rngs(1))
+    subset = param_subset(model, lora_filter())
+    rng = np.random.default_rng(0)
+    x = {"input_ids": jnp.asarray(rng.integers(0, 11, (4, 5)), jnp.int32),
+         "attention_mask": jnp.ones((4, 5), jnp.int32), "loss_mask": jnp.ones((4, 5))}
+    return lm_output_fn(subset), subset.params, x
+
+
+@pytest.mark.parametrize("make", [relabelled_problem, lora_transformer_problem])
+def test_bound_map_equals_features_and_its_adjoint_is_the_transpose(make):
+    """``bind`` gives the same Πᵀ as the features (which never form the gradient) when applied
+    to materialised per-example gradients — so the layouts it reads are right — and
+    ``⟨g, Π w⟩ = ⟨Πᵀ g, w⟩``."""
+    f, params, x = make()
+    s = sum_of_outputs(f)
+    fp = FactoredProjection(64, seed=2)
+    assert any(row["kind"] == "factored" for row in fp.plan(s, params, x))
+    feats = np.asarray(gradient_features(s, params, x, projection=fp))
+    bound = fp.bind(s, params, x)
+    grads = jax.jit(lambda p, x: per_example_grads(s, p, x))(params, x)
+    np.testing.assert_allclose(np.asarray(bound(grads)), feats, rtol=1e-9, atol=1e-11)
+    w = np.random.default_rng(1).normal(size=64)
+    back = bound.adjoint(w, params)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    g0 = jax.tree.map(lambda a: a[0], grads)
+    lhs = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(back)))
+    np.testing.assert_allclose(lhs, float(np.dot(feats[0], w)), rtol=1e-5)  # adjoint in float32
+    with pytest.raises(ValueError, match="projection dim"):
+        bound.adjoint(np.ones(3), params)
+
+
+def test_make_projection_names_the_problem():
+    from ntk_jax.kernels.factored_projection import make_projection
+    from ntk_jax.kernels.projection import RandomProjection
+    assert make_projection(0) is None
+    assert isinstance(make_projection(16, 1), RandomProjection)
+    fp = make_projection(16, 1, "factored", kind="gaussian")
+    assert isinstance(fp, FactoredProjection) and (fp.dim, fp.seed, fp.kind) == (16, 1, "gaussian")
+    with pytest.raises(ValueError, match="unknown projection type 'kron'"):
+        make_projection(16, 0, "kron")
+    with pytest.raises(ValueError, match=">= 0"):
+        make_projection(-1)

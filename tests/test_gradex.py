@@ -151,6 +151,20 @@ def test_projection_round_trip(tiny):
         gx.project_back(proj, subset.params, w[:-1])
 
 
+def test_factored_projection_round_trip(tiny):
+    """gradex.projection_type="factored": Δ = project_back(parameter_projection(...), w) is
+    the transpose of the factored features, ⟨g̃, w⟩ = ⟨∇f, Δ⟩ for every example."""
+    from ntk_jax.kernels.factored_projection import FactoredProjection
+    subset, batch, G_full = tiny["subset"], tiny["batch"], tiny["G_full"]
+    f = gx.gradex_output_fn(subset, clip_eps=EPS)
+    proj = FactoredProjection(32, seed=5)
+    G_proj = gx.projected_gradients(f, subset.params, batch, proj)
+    w = np.random.default_rng(0).normal(size=proj.dim)
+    delta = gx.project_back(gx.parameter_projection(proj, f, subset.params, batch), subset.params, w)
+    flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(delta)])
+    np.testing.assert_allclose(G_proj @ w, G_full @ flat, rtol=1e-4, atol=1e-4 * np.abs(G_full @ flat).max())
+
+
 def test_linearisation_is_first_order(tiny):
     """f(θ + sΔ) − [f(θ) + s⟨g̃, w⟩] is o(s): the relative error shrinks like O(s)."""
     subset, f, jbatch = tiny["subset"], tiny["f"], tiny["jbatch"]

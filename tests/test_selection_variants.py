@@ -183,7 +183,40 @@ def test_projected_direction_and_jvp_path(tmp_path, context, bench):
     assert exact["diagnostics"]["spearman_score_vs_feature_norm"] is not None and jvp["selected_ids"]
 
 
+def test_factored_projection_scores_are_projected_feature_products(tmp_path, context, bench):
+    """select.projection_type="factored": the JVP score along the sketched direction equals
+    ⟨Πᵀḡ, Πᵀg_j⟩ with Πᵀ the factored features (which never form g_j), and tracks the exact
+    score."""
+    from scipy.stats import spearmanr
+
+    from ntk_jax.data.encoding import lm_batch
+    from ntk_jax.data.records import encode_records
+    from ntk_jax.kernels.factored_projection import FactoredProjection
+    from ntk_jax.selection.jobs import lora_filter
+
+    base = dict(point="base", normalize="none", feature_norms=False)
+    cfg = {**_cfg(**base), "projection_dim": 4096, "projection_type": "factored"}
+    run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "f"), seed=0, plot=False)
+    exact = run_selection(context, _cfg(**base), bench.domain, bench.pool, str(tmp_path / "e"), seed=0, plot=False)
+    got, e = np.load(tmp_path / "f" / "all_scores.npz")["scores"], np.load(tmp_path / "e" / "all_scores.npz")["scores"]
+    subset = param_subset(context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=0), lora_filter())
+    fn = selection_scalar_fn(subset, cfg["ntk"]["output"], cfg["ntk"]["reduce"])
+    fp = FactoredProjection(4096, seed=0)
+    dom, cand = (gradient_features(fn, subset.params, lm_batch(encode_records(context.tokenizer, recs, 32)),
+                                   projection=fp) for recs in (bench.domain, bench.pool))
+    ref = cand.astype(np.float64) @ dom.astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+    assert spearmanr(got, e).statistic > 0.9
+    assert exact["selected_ids"]
+
+
 def test_bad_variant_settings_are_named(tmp_path, context, bench):
+    with pytest.raises(ValueError, match="select.projection_type='kron'"):
+        run_selection(context, {**_cfg(), "projection_type": "kron"}, bench.domain, bench.pool,
+                      str(tmp_path / "x"), seed=0)
+    with pytest.raises(ValueError, match="LESS needs select.projection_type='dense'"):
+        run_selection(context, {**_cfg(), "method": "less", "projection_type": "factored"}, bench.domain,
+                      bench.pool, str(tmp_path / "x"), seed=0)
     for ntk, match in ((dict(normalize="l2"), "select.ntk.normalize"),
                        (dict(point="base", precondition="adam"), "point='warmup'"),
                        (dict(output="logits"), "select.ntk.output")):

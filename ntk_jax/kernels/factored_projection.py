@@ -28,6 +28,7 @@ and ``p`` give the same map in every process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -131,6 +132,17 @@ class FactoredProjection:
             total = total + self.fallback(list(fb)).astype(dtype)
         return total
 
+    def bind(self, scalar_fn, params, x) -> "BoundFactoredProjection":
+        """This map as a linear map of gradient pytrees shaped like ``params`` — the same
+        ``Πᵀ`` that :meth:`project_features` applies to ``scalar_fn``'s per-example gradients,
+        with ``__call__(grads)`` and ``adjoint(w, params)`` like
+        :class:`~ntk_jax.kernels.projection.RandomProjection`. Which leaves are linear sites,
+        and how each leaf is laid out as ``(d_in, d_out)``, is read from ``scalar_fn`` at
+        ``params`` and one example of ``x`` (shapes only)."""
+        _, interp, n_leaves = structured._analyse(scalar_fn, params, slice_batch(x, 0, 1))
+        linear = structured._linear_sites(interp, n_leaves)
+        return BoundFactoredProjection(self, {leaf: interp.sites[s] for leaf, s in linear.items()}, n_leaves)
+
     def _project_site(self, leaf: int, x: jax.Array, d: jax.Array, dtype) -> jax.Array:
         """``(n, dim)``: ``vec(P_in (xᵀ d) P_outᵀ)`` for ``x (n, T, d_in)``, ``d (n, T, d_out)``,
         in the cheaper order — factored ``Σ_t (P_in x_t) ⊗ (P_out d_t)`` or through the
@@ -172,3 +184,87 @@ class FactoredProjection:
                 blocks.append(fb_matrix[fb_start:fb_start + size])
                 fb_start += size
         return np.concatenate(blocks, axis=0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundFactoredProjection:
+    """A :class:`FactoredProjection` bound to one function's parameter layout
+    (:meth:`FactoredProjection.bind`): ``Πᵀ`` of gradient pytrees, and its transpose.
+
+    ``self(g)`` equals ``projection.project_features(scalar_fn, params, x)`` when ``g`` holds
+    the per-example gradients of ``scalar_fn`` (tests/test_factored_projection.py); it forms
+    each linear leaf's gradient, so it is for a few vectors (a domain direction), not a pool.
+    """
+
+    projection: FactoredProjection
+    sites: dict          # leaf index -> structured._Site of its linear site
+    n_leaves: int
+
+    @property
+    def dim(self) -> int:
+        return self.projection.dim
+
+    def __call__(self, grads, batch_axis: bool = True) -> jax.Array:
+        """``(b, dim)`` (``(dim,)`` without ``batch_axis``) for a gradient pytree shaped like
+        the bound ``params`` (leaves ``(b, *leaf)`` with ``batch_axis``)."""
+        if not batch_axis:
+            return self(jax.tree.map(lambda a: jnp.asarray(a)[None], grads))[0]
+        leaves = jax.tree.leaves(grads)
+        if len(leaves) != self.n_leaves:
+            raise ValueError(f"the gradient pytree has {len(leaves)} leaves; the projection was bound to "
+                             f"parameters with {self.n_leaves}")
+        b = leaves[0].shape[0]
+        dtype = jnp.promote_types(leaves[0].dtype, jnp.float32)
+        total = jnp.zeros((b, self.dim), dtype)
+        fallback = []
+        for i, g in enumerate(leaves):
+            g = jnp.asarray(g).astype(dtype)
+            if i not in self.sites:
+                fallback.append(g)
+                continue
+            site = self.sites[i]
+            p_in, p_out = self.projection.factors(i, site.d_in, site.d_out, dtype)
+            m = jax.vmap(lambda a: structured.site_matrix(site, a))(g)          # (b, d_in, d_out)
+            total = total + jnp.einsum("kc,bcf,lf->bkl", p_in, m, p_out).reshape(b, self.dim)
+        if fallback:
+            total = total + self.projection.fallback(fallback).astype(dtype)
+        return total
+
+    def adjoint(self, w, params):
+        """``Π w`` shaped like ``params`` (float32): ``⟨g, Π w⟩ = ⟨Πᵀ g, w⟩`` for every
+        gradient pytree ``g``."""
+        w = jnp.asarray(w, jnp.float32)
+        if w.shape != (self.dim,):
+            raise ValueError(f"w must have shape ({self.dim},) (the projection dim), got {w.shape}")
+        return _bound_adjoint(self, jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32), params), w)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _bound_adjoint(projection: BoundFactoredProjection, zeros, w: jax.Array):
+    """The cotangent map of the linear ``g ↦ Πᵀ g`` (taken at ``g = 0``) applied to ``w``."""
+    _, vjp = jax.vjp(lambda g: projection(g, batch_axis=False), zeros)
+    return vjp(w)[0]
+
+
+def bind_projection(projection, scalar_fn, params, x):
+    """``projection`` as a linear map of gradient pytrees shaped like ``params``: a
+    :class:`~ntk_jax.kernels.projection.RandomProjection` as it is, a
+    :class:`FactoredProjection` bound to ``scalar_fn``'s layout (:meth:`FactoredProjection.bind`)."""
+    return projection.bind(scalar_fn, params, x) if getattr(projection, "is_factored", False) else projection
+
+
+PROJECTION_TYPES = ("dense", "factored")
+
+
+def make_projection(dim: int, seed: int = 0, projection_type: str = "dense", kind: str = "rademacher"):
+    """The JL projection a config names: ``None`` for ``dim == 0`` (exact gradients),
+    ``RandomProjection(dim, seed, kind)`` for ``projection_type="dense"``,
+    ``FactoredProjection(dim, seed, kind)`` for ``"factored"``."""
+    if int(dim) < 0:
+        raise ValueError(f"projection dim must be >= 0 (0: no projection), got {dim}")
+    if projection_type not in PROJECTION_TYPES:
+        raise ValueError(f"unknown projection type {projection_type!r}; use one of {PROJECTION_TYPES}")
+    if not int(dim):
+        return None
+    cls = FactoredProjection if projection_type == "factored" else RandomProjection
+    return cls(int(dim), seed=int(seed), kind=str(kind))

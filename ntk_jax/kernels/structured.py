@@ -83,6 +83,11 @@ class _Site:
     out_shape: tuple[int, ...]
     out_dtype: Any
     out_perm: tuple[int, ...]  # output axes → (X free..., W free...)
+    # How the leaf becomes W: the relabelling primitives applied to it, in order, then W's
+    # axes as (contracting..., free...) — so ``site_matrix`` maps a leaf-shaped array to the
+    # ``(d_in, d_out)`` layout of the gradient ``Σ_t x_tᵀ δ_t``.
+    w_chain: tuple = ()
+    w_perm: tuple[int, ...] = ()
 
 
 class _Interp:
@@ -100,27 +105,33 @@ class _Interp:
         self.taps: dict[int, jax.Array] = {}
         self.dot_flops = 0
 
-    def eval(self, jaxpr, consts, args, tags):
+    def eval(self, jaxpr, consts, args, tags, chains=None):
+        """``(outputs, their leaf tags, their relabelling chains)``; ``tags[i]`` is the leaf
+        index of ``args[i]`` (or ``None``), ``chains[i]`` the relabellings applied to it so far."""
         env: dict = {}
         vtags: dict = {}
+        vchains: dict = {}
+        chains = chains if chains is not None else [()] * len(args)
 
         def read(v):
             return v.val if isinstance(v, jcore.Literal) else env[v]
 
         for v, c in zip(jaxpr.constvars, consts):
             env[v] = c
-        for v, a, t in zip(jaxpr.invars, args, tags):
+        for v, a, t, c in zip(jaxpr.invars, args, tags, chains):
             env[v] = a
             if t is not None:
-                vtags[v] = t
+                vtags[v], vchains[v] = t, c
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             in_tags = [None if isinstance(v, jcore.Literal) else vtags.get(v) for v in eqn.invars]
+            in_chains = [() if isinstance(v, jcore.Literal) else vchains.get(v, ()) for v in eqn.invars]
             name = eqn.primitive.name
             out_tags = [None] * len(eqn.outvars)
+            out_chains = [()] * len(eqn.outvars)
             if name in _CALLS and "jaxpr" in eqn.params:
                 closed = eqn.params["jaxpr"]
-                outs, out_tags = self.eval(closed.jaxpr, closed.consts, invals, in_tags)
+                outs, out_tags, out_chains = self.eval(closed.jaxpr, closed.consts, invals, in_tags, in_chains)
             else:
                 with eqn.ctx.manager:
                     outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
@@ -129,23 +140,26 @@ class _Interp:
                 if any(t is not None for t in in_tags):
                     if name in _ALIAS and len(eqn.invars) >= 1 and in_tags[0] is not None and len(outs) == 1:
                         out_tags = [in_tags[0]]
+                        out_chains = [in_chains[0] + ((eqn.primitive, eqn.primitive.get_bind_params(eqn.params)),)]
                     elif name == "dot_general":
-                        outs = [self._dot(eqn, invals, in_tags, outs[0])]
+                        outs = [self._dot(eqn, invals, in_tags, in_chains, outs[0])]
                     else:
                         self._other(in_tags, name)
-            for v, o, t in zip(eqn.outvars, outs, out_tags):
+            for v, o, t, c in zip(eqn.outvars, outs, out_tags, out_chains):
                 env[v] = o
                 if t is not None:
-                    vtags[v] = t
-        return [read(v) for v in jaxpr.outvars], [
-            None if isinstance(v, jcore.Literal) else vtags.get(v) for v in jaxpr.outvars]
+                    vtags[v], vchains[v] = t, c
+        live = [not isinstance(v, jcore.Literal) for v in jaxpr.outvars]
+        return ([read(v) for v in jaxpr.outvars],
+                [vtags.get(v) if ok else None for v, ok in zip(jaxpr.outvars, live)],
+                [vchains.get(v, ()) if ok else () for v, ok in zip(jaxpr.outvars, live)])
 
     def _other(self, in_tags, what: str):
         for t in in_tags:
             if t is not None:
                 self.other_uses.setdefault(t, set()).add(what)
 
-    def _dot(self, eqn, invals, in_tags, out):
+    def _dot(self, eqn, invals, in_tags, in_chains, out):
         site_id = self.counter
         self.counter += 1
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -166,13 +180,28 @@ class _Interp:
         out_perm = (tuple(range(nwf, nwf + nxf)) + tuple(range(nwf))) if p_lhs else tuple(range(nxf + nwf))
         if self.mode == "analyse":
             self.sites[site_id] = _Site(leaf, p_lhs, tuple(x_free) + tuple(xc), T, d_in, d_out,
-                                        tuple(np.shape(out)), jnp.result_type(out), out_perm)
+                                        tuple(np.shape(out)), jnp.result_type(out), out_perm,
+                                        in_chains[0] if p_lhs else in_chains[1], tuple(wc) + tuple(w_free))
             return out
         if site_id in self.active:
             site = self.sites[site_id]
             self.taps[site_id] = jnp.transpose(x, site.x_perm).reshape(T, d_in)
             out = out + self.probes[site_id]
         return out
+
+
+_CASTS = frozenset({"convert_element_type", "copy", "copy_p"})
+
+
+def site_matrix(site: _Site, leaf_value: jax.Array) -> jax.Array:
+    """``(d_in, d_out)``: a parameter-leaf-shaped array (e.g. a gradient) in the layout of the
+    site's gradient ``Σ_t x_tᵀ δ_t`` — the leaf's relabellings replayed (casts skipped: the
+    value keeps its dtype), then W's axes ordered (contracting..., free...). A permutation."""
+    v = leaf_value
+    for primitive, params in site.w_chain:
+        if primitive.name not in _CASTS:
+            v = primitive.bind(v, **params)
+    return jnp.transpose(v, site.w_perm).reshape(site.d_in, site.d_out)
 
 
 def _matmul_flops(eqn) -> int:
@@ -284,7 +313,7 @@ def _analyse(f: Callable, params: PyTree, x: PyTree):
     tags = list(range(n_leaves)) + [None] * (len(args) - n_leaves)
 
     def run(*a):
-        outs, out_tags = interp.eval(closed.jaxpr, closed.consts, a, tags)
+        outs, out_tags, _ = interp.eval(closed.jaxpr, closed.consts, a, tags)
         interp._other(out_tags, "output of f")
         return outs
 

@@ -145,6 +145,7 @@ def gradex_config() -> ml_collections.ConfigDict:
         projection_dim=200,         # d (the paper's code: 100-400)
         projection_seed=0,
         projection_kind="rademacher",
+        projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
         clip_eps=1e-4,              # q clipped to [eps, 1-eps] in f = mean log(q/(1-q))
         # Logistic fit: sum of the subset's losses + |w|^2/(2C). C sets the size of Δ (nothing is
         # rescaled). With calibrate_C, C is picked from C_grid on n_calibrate extra really
@@ -192,6 +193,7 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
         seeds=(0, 1, 2),
         projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
         projection_seed=0,
+        projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
         feature_batch_size=64,
         shard_size=256,             # features in resumable shards of this many examples (features/)
     ))
@@ -217,6 +219,10 @@ def select_config() -> ml_collections.ConfigDict:
         knn_k=32,                   # votes per domain example (coarse filter)
         projection_dim=8192,        # p
         projection_seed=0,
+        # "dense": a Rademacher (P, p) matrix (the paper's); "factored": per-layer Kronecker
+        # factors of the layers' inputs and output gradients (LoGra; docs/kernels.md), which
+        # never form a per-example gradient. LESS needs "dense".
+        projection_type="dense",
         shard_size=128,             # candidates per ScoreStore shard
         feature_batch_size=64,
         # scoring/embedding in length buckets: widths rounded up to this multiple (at most

@@ -13,7 +13,10 @@ Instead of fine-tuning on every candidate ``S``, GradEx fine-tunes once on all t
    token clipped to ``[ε, 1 − ε]`` (:func:`mean_token_logit`, :func:`gradex_output_fn`), and
    its LoRA gradient at θ* projected to d dims: ``g̃(x) = Πᵀ ∇_θ f(θ*, x)`` with ``Π`` the
    ``(P, d)`` Rademacher matrix of :class:`ntk_jax.kernels.projection.RandomProjection`
-   (entries ±1/√d) — computed by :func:`ntk_jax.kernels.features.gradient_features`.
+   (entries ±1/√d; or the per-layer Kronecker map of
+   :class:`ntk_jax.kernels.factored_projection.FactoredProjection`,
+   ``gradex.projection_type="factored"``) — computed by
+   :func:`ntk_jax.kernels.features.gradient_features`.
 3. For a subset S: the logistic model in d dims, with the offset ``b_i = f(θ*, x_i)`` kept,
 
    ``w_S = argmin_w Σ_{i∈S} log(1 + exp(−(b_i + ⟨g̃_i, w⟩))) + ‖w‖² / (2C)``
@@ -50,6 +53,7 @@ import scipy.special
 from ntk_jax.data.encoding import LM_TRAIN_INPUTS
 from ntk_jax.kernels.features import batch_size_of, gradient_features, pad_batch, slice_batch
 from ntk_jax.kernels.outputs import default_lm_call
+from ntk_jax.kernels.factored_projection import bind_projection
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.subset import ParamSubset
 from ntk_jax.training.losses import token_log_probs
@@ -222,26 +226,21 @@ def meta_initialise(model, data: dict, cfg: TrainConfig | dict, *, workdir: str 
 # From d dims back to the parameters
 
 
-def project_back(projection: RandomProjection, params: PyTree, w: np.ndarray) -> PyTree:
-    """``Δ = Π w``, a pytree shaped like ``params`` (the transpose of ``projection``).
+def parameter_projection(projection, scalar_fn: Callable, params: PyTree, batch: dict):
+    """The projection of :func:`projected_gradients` as a linear map of gradient pytrees shaped
+    like ``params`` (what :func:`project_back` transposes): a ``RandomProjection`` as it is, a
+    ``FactoredProjection`` bound to ``scalar_fn``'s layer layout."""
+    return bind_projection(projection, scalar_fn, params, _model_batch(batch))
 
-    ``projection`` maps a gradient pytree ``g`` to ``Πᵀ g`` (``(P, d)`` matrix ``Π``, see
-    :meth:`RandomProjection.matrix`), so the cotangent of that linear map at ``w`` is ``Π w``
-    and ``⟨g, Π w⟩ = ⟨Πᵀ g, w⟩`` for every g. Π is never formed.
-    """
-    w = np.asarray(w)
-    if w.shape != (projection.dim,):
-        raise ValueError(f"w must have shape ({projection.dim},) (the projection dim), got {w.shape}")
-    zeros = jax.tree.map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
-    delta = _transpose_projection(projection, zeros, jnp.asarray(w, jnp.float32))
+
+def project_back(projection, params: PyTree, w: np.ndarray) -> PyTree:
+    """``Δ = Π w``, a pytree shaped (and typed) like ``params``: the transpose of
+    ``projection``, which maps a gradient pytree ``g`` to ``Πᵀ g`` — a
+    :class:`~ntk_jax.kernels.projection.RandomProjection` or a factored projection bound to the
+    output function (:func:`~ntk_jax.kernels.factored_projection.bind_projection`) — so
+    ``⟨g, Π w⟩ = ⟨Πᵀ g, w⟩`` for every g."""
+    delta = projection.adjoint(np.asarray(w), params)
     return jax.tree.map(lambda d, p: d.astype(jnp.asarray(p).dtype), delta, params)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _transpose_projection(projection: RandomProjection, zeros: PyTree, w: jax.Array) -> PyTree:
-    """The cotangent map of ``g ↦ Πᵀ g`` (linear, so taken at ``g = 0``) applied to ``w``."""
-    _, vjp = jax.vjp(lambda g: projection(g, batch_axis=False), zeros)
-    return vjp(w)[0]
 
 
 def add_delta(params: PyTree, delta: PyTree, scale: float = 1.0) -> PyTree:

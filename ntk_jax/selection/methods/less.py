@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from ntk_jax.data.records import encode_records
-from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.factored_projection import make_projection
 from ntk_jax.models.lora import lora_config
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.jobs import lora_filter
@@ -45,6 +45,10 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"select.less.epochs must be >= 1, got {lcfg['epochs']}")
     if int(cfg["projection_dim"]) < 0:
         raise ValueError(f"select.projection_dim must be >= 0, got {cfg['projection_dim']}")
+    if cfg["projection_type"] != "dense":
+        raise ValueError(f"LESS needs select.projection_type='dense' (got {cfg['projection_type']!r}): its Adam "
+                         "preconditioner acts on each entry of the per-example gradient, which a factored "
+                         "projection never forms")
 
 
 def select(job) -> Selection:
@@ -68,8 +72,7 @@ def select(job) -> Selection:
         for step, state in job.checkpoints(model, wcfg).items():
             adam = find_adam_state(state["opt_state"])
             ckpts.append((step, state["params"], adam, float(schedule(step - 1))))
-        projection = RandomProjection(int(cfg["projection_dim"]), seed=int(cfg["projection_seed"])) \
-            if int(cfg["projection_dim"]) else None
+        projection = make_projection(int(cfg["projection_dim"]), int(cfg["projection_seed"]))
         groups = subtask_groups(job.domain)
         lfn = loss_scalar_fn(subset)
         targets = [less_features(subset, params, job.domain_arrays, projection=projection, batch_size=fbs,

@@ -29,7 +29,9 @@ point and ``s`` set by ``select.ntk.output`` / ``reduce``
   (:func:`~ntk_jax.selection.less.adam_diagonal`): ``⟨ḡ, D g_j⟩`` — the first-order change of
   the domain loss under an Adam-like step on j, as LESS preconditions its candidates;
 * ``projection_dim = p > 0``: the domain direction is replaced by its JL sketch
-  ``Π Πᵀ (D) ḡ`` (seeded :class:`~ntk_jax.kernels.projection.RandomProjection`), which makes
+  ``Π Πᵀ (D) ḡ`` (seeded; ``select.projection_type="dense"``:
+  :class:`~ntk_jax.kernels.projection.RandomProjection`, ``"factored"``: the per-layer
+  Kronecker map :class:`~ntk_jax.kernels.factored_projection.FactoredProjection`), which makes
   ``s_j = ⟨Πᵀ ḡ, Πᵀ g_j⟩`` the score of projected features (the paper's features at p = 8192);
   ``p = 0`` uses the exact direction.
 
@@ -49,7 +51,7 @@ import numpy as np
 
 from ntk_jax.data.encoding import lm_batch
 from ntk_jax.kernels.features import directional_derivatives, gradient_inner_products, mean_gradient
-from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.factored_projection import PROJECTION_TYPES, bind_projection, make_projection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.jobs import lora_filter
@@ -108,21 +110,26 @@ def check_config(cfg: dict) -> None:
         raise ValueError("select.ntk.precondition='adam' needs a warm-up (select.warmup.total_steps >= 1)")
     if int(n["filter_factor"]) < 0 or int(cfg["projection_dim"]) < 0:
         raise ValueError("select.ntk.filter_factor and select.projection_dim must be >= 0")
+    if cfg["projection_type"] not in PROJECTION_TYPES:
+        raise ValueError(f"select.projection_type={cfg['projection_type']!r} is not one of {PROJECTION_TYPES}")
 
 
 def domain_direction(subset, scalar_fn, domain_arrays: dict, *, normalize: str, metric=None, projection_dim: int = 0,
-                     projection_seed: int = 0, batch_size: int | None = None, params=None):
+                     projection_seed: int = 0, projection_type: str = "dense", batch_size: int | None = None,
+                     params=None):
     """The tangent ``t`` with ``s_j ∝ ⟨t, g_j⟩``: ``D · (1/|D|) Σ_i g_i [/‖g_i‖_D]`` (``D`` =
-    ``metric`` or 1), replaced by ``Π Πᵀ t`` when ``projection_dim > 0``. A pytree like
-    ``subset.params``; gradients at ``params`` (default ``subset.params``)."""
+    ``metric`` or 1), replaced by ``Π Πᵀ t`` when ``projection_dim > 0`` (``projection_type``:
+    ``"dense"`` or ``"factored"``, :func:`~ntk_jax.kernels.factored_projection.make_projection`).
+    A pytree like ``subset.params``; gradients at ``params`` (default ``subset.params``)."""
     params = subset.params if params is None else params
     x = lm_batch(domain_arrays)
     u, _ = mean_gradient(scalar_fn, params, x, normalize=(normalize == "cosine"), metric=metric,
                          batch_size=batch_size, progress_desc="ntk: domain gradients")
     if metric is not None:
         u = jax.tree.map(lambda a, w: a * w, u, metric)
-    if projection_dim:
-        projection = RandomProjection(int(projection_dim), seed=int(projection_seed))
+    projection = make_projection(projection_dim, projection_seed, projection_type)
+    if projection is not None:
+        projection = bind_projection(projection, scalar_fn, params, x)
         u = projection.adjoint(projection(u, batch_axis=False), params)
     return u
 
@@ -171,7 +178,8 @@ def select(job) -> Selection:
         sfn = selection_scalar_fn(subset, ncfg["output"], ncfg["reduce"])
         tangents = [domain_direction(subset, sfn, job.domain_arrays, normalize=ncfg["normalize"], metric=metric,
                                      projection_dim=int(cfg["projection_dim"]),
-                                     projection_seed=int(cfg["projection_seed"]), batch_size=fbs, params=params)
+                                     projection_seed=int(cfg["projection_seed"]),
+                                     projection_type=cfg["projection_type"], batch_size=fbs, params=params)
                     for _, params, metric in points]
         use_norms = ncfg["normalize"] != "none" or bool(ncfg["feature_norms"])
         kept_ids = [job.pool_ids[int(i)] for i in kept]

@@ -2,6 +2,7 @@
 
     python benchmarks/selection_speed.py [--n 1024] [--batch-size 256] [--sizes 1024,4096,16384]
                                          [--projection-dim 8192] [--repeats 2] [--quick]
+                                         [--hidden H] [--layers L] [--seq-len T]
 
 Everything runs in ONE process on the SAME model, LoRA weights and pool:
 
@@ -13,6 +14,9 @@ Everything runs in ONE process on the SAME model, LoRA weights and pool:
   alpha 16 on ``q_proj``/``v_proj`` of every layer (``b_init_std=0.02``, so the gradient wrt
   ``A`` is not zero), P = 5376 LoRA parameters; the same A/B values are copied to the
   PyTorch side, where LoRA is added by hand (``y = base(x) + (alpha/r)·(x A) B``).
+  ``--hidden`` / ``--layers`` widen / deepen it (MLP 2× hidden) and ``--seq-len`` repeats each
+  record's tokens to that length, to see how the shares move on a larger model
+  (docs/selection.md, Cost).
 * pool: ``ntk_jax.data.synthetic.make_corpus`` over every synthetic task, encoded with
   ``ntk_jax.data.encoding.encode_examples`` (right padding; ``loss_mask`` on the response).
 * features (ours): exactly the NTK-Selector composition
@@ -116,7 +120,19 @@ def hf_llama_config(vocab_size: int, arch: dict | None = None) -> dict:
                 tie_word_embeddings=False)
 
 
-def build_models(seed: int, directory: str):
+def bench_arch(hidden: int | None = None, layers: int | None = None, seq_len: int = 0) -> dict:
+    """The embedded default architecture, optionally wider (``hidden``; MLP 2× hidden, 4
+    heads / 2 kv heads as the default), deeper (``layers``) and with positions for ``seq_len``."""
+    arch = dict(model_config().arch)
+    if hidden:
+        arch.update(hidden_size=int(hidden), intermediate_size=2 * int(hidden))
+    if layers:
+        arch.update(num_layers=int(layers))
+    arch["max_position_embeddings"] = max(int(arch["max_position_embeddings"]), int(seq_len))
+    return arch
+
+
+def build_models(seed: int, directory: str, arch: dict | None = None):
     """The HF Llama (torch, eval, float32) and our port of the same checkpoint with LoRA.
 
     Returns ``(hf_model, jax_model, subset, tokenizer)``.
@@ -127,7 +143,7 @@ def build_models(seed: int, directory: str):
     tokenizer = CharTokenizer()
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **hf_llama_config(tokenizer.vocab_size), attn_implementation="eager")).eval()
+        **hf_llama_config(tokenizer.vocab_size, arch), attn_implementation="eager")).eval()
     hf.save_pretrained(directory)
     model = from_pretrained(directory, lora=LORA, rngs=nnx.Rngs(seed + 1))
     subset = param_subset(model, lora_filter())
@@ -153,6 +169,17 @@ def model_batch(pool: dict) -> dict:
 
 def take(pool: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in pool.items()}
+
+
+def lengthen(pool: dict, seq_len: int) -> dict:
+    """Every row's tokens (and masks) repeated along the sequence to ``seq_len`` positions
+    (timing at longer sequences than the synthetic records; ``seq_len <= T``: unchanged)."""
+    T = pool["input_ids"].shape[1]
+    if seq_len <= T:
+        return pool
+    reps = -(-seq_len // T)
+    return {k: (np.tile(v, (1, reps))[:, :seq_len] if np.ndim(v) == 2 and v.shape[1] == T else v)
+            for k, v in pool.items()}
 
 
 def tile_pool(pool: dict, n: int) -> dict:
@@ -356,6 +383,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n-check", type=int, default=4, help="examples of the cross-implementation check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=0, help="hidden size (0: the embedded default's)")
+    p.add_argument("--layers", type=int, default=0, help="layers (0: the embedded default's)")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="tokens per candidate, the records repeated along the sequence (0: as generated)")
     p.add_argument("--quick", action="store_true",
                    help="n=64, batch 32, sizes 64,128,256, repeats 1 (for tests)")
     a = p.parse_args(argv)
@@ -364,6 +395,8 @@ def parse_args(argv=None):
     a.sizes = [int(s) for s in a.sizes.split(",") if s]
     if a.n <= 0 or a.batch_size <= 0 or a.repeats <= 0 or not a.sizes or min(a.sizes) <= 0:
         p.error("--n, --batch-size, --repeats and every --sizes entry must be positive")
+    if min(a.hidden, a.layers, a.seq_len) < 0 or a.hidden % 4:
+        p.error("--hidden (a multiple of 4 heads), --layers and --seq-len must be >= 0")
     return a
 
 
@@ -400,10 +433,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = jax_cpu_threads()
     torch.set_num_threads(threads)
+    arch = bench_arch(args.hidden, args.layers, args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        hf, model, subset, tokenizer = build_models(args.seed, tmp)
+        hf, model, subset, tokenizer = build_models(args.seed, tmp, arch)
     projection = RandomProjection(args.projection_dim, seed=args.seed)
-    corpus = make_pool(tokenizer, max(args.n, min(max(args.sizes), 4096)), args.seed)
+    corpus = lengthen(make_pool(tokenizer, max(args.n, min(max(args.sizes), 4096)), args.seed), args.seq_len)
     pool = tile_pool(corpus, args.n)
     warm_pool = take(pool, 0, args.batch_size)
     T = int(pool["input_ids"].shape[1])
@@ -473,7 +507,7 @@ def main(argv=None) -> dict:
     report = dict(
         device=f"{dev.platform}:{dev.device_kind} ({threads} cores for JAX and torch, {platform.machine()})",
         jax_version=jax.__version__, torch_version=torch.__version__,
-        model=dict(arch={k: v for k, v in dict(model_config().arch).items()}, vocab_size=tokenizer.vocab_size,
+        model=dict(arch=arch, vocab_size=tokenizer.vocab_size,
                    lora=dict(rank=LORA.rank, alpha=LORA.alpha, targets=list(LORA.targets), layers="all",
                              b_init_std=LORA.b_init_std),
                    P=subset.num_params, source="transformers LlamaForCausalLM -> from_pretrained"),

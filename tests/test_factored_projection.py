@@ -87,8 +87,8 @@ def test_transform_is_refused():
 
 
 def relabelled_problem():
-    """Weights that reach their matmul through relabellings: a transpose, a reshape into
-    heads, a multi-axis contraction; plus a bias (dense fallback)."""
+    """Weights that reach their matmul through relabellings: a scaled transpose, a reshape
+    into heads, a multi-axis contraction; plus a bias (dense fallback)."""
     k = jax.random.split(jax.random.key(5), 6)
     params = {"wt": 0.5 * jax.random.normal(k[0], (6, 4), jnp.float64),       # used as wt.T
               "heads": 0.4 * jax.random.normal(k[1], (6, 12), jnp.float64),    # reshaped (6, 3, 4)
@@ -96,7 +96,7 @@ def relabelled_problem():
               "out": 0.3 * jax.random.normal(k[3], (3, 4, 5), jnp.float64)}    # contracts 2 axes
 
     def f(p, x):  # x (n, T, 4) -> (n, 5)
-        h = jnp.tanh(x @ p["wt"].T + p["b"])
+        h = jnp.tanh(x @ (p["wt"] / 2.0).T + p["b"])
         a = jnp.tanh(jnp.einsum("nte,ehd->nthd", h, p["heads"].reshape(6, 3, 4)))
         return jnp.einsum("nthd,hdk->nk", a, p["out"])
 

@@ -94,6 +94,26 @@ def _kinds(plan):
     return {leaf.path: leaf.kind for leaf in plan.leaves}
 
 
+def scaled_problem():
+    """Standard-parameterisation style: weights scaled by scalars before their matmul
+    (``x @ (W / √fan_in)``, ``(c * W)`` with c computed, a scaled and transposed weight); a
+    weight scaled by a vector is not linear in one matmul's sense and falls back."""
+    k = jax.random.split(jax.random.key(2), 8)
+    params = {"w1": _normal(k[0], (5, 7)), "w2": _normal(k[1], (7, 6)), "w3": _normal(k[2], (3, 6)),
+              "wv": _normal(k[3], (3, 3), 0.4)}
+
+    def f(p, x):
+        h = jnp.tanh(x @ (p["w1"] / np.sqrt(5.0)))
+        h = jnp.tanh(h @ (jnp.sqrt(jnp.asarray(1.0 / 7.0)) * p["w2"]))
+        h = jnp.tanh(h @ (0.4 * p["w3"]).T)
+        return h @ (p["wv"] * jnp.arange(1.0, 4.0))
+
+    return f, params, _normal(k[4], (4, 5)), _normal(k[5], (3, 5))
+
+
+SCALED_CASES = [(None, True, False, None), ("factored", False, True, None), ("materialized", False, False, 2)]
+
+
 def reference(f, params, x1, x2):
     """Full and traced kernels from explicit per-example Jacobians (no kernel method)."""
     j1 = np.asarray(flatten_jacobian(f, params, x1))
@@ -130,9 +150,13 @@ DENSE_CASES = [(None, False, True, None), (None, True, False, 2), ("factored", T
                ("materialized", False, False, 2)]
 
 
-@pytest.mark.parametrize("problem,cases", [(mlp_problem, MLP_CASES), (dense_problem, DENSE_CASES)])
+@pytest.mark.parametrize("problem,cases", [(mlp_problem, MLP_CASES), (dense_problem, DENSE_CASES),
+                                           (scaled_problem, SCALED_CASES)])
 def test_dense_nets_equal_reference_all_forms(problem, cases, monkeypatch):
     f, params, x1, x2 = problem()
+    if problem is scaled_problem:  # scalar-scaled weights are linear sites, the vector-scaled one is not
+        kinds = _kinds(structured_plan(f, params, x1, x2))
+        assert kinds["['wv']"] == "fallback" and all(kinds[f"['{w}']"] != "fallback" for w in ("w1", "w2", "w3"))
     refs = {sym: reference(f, params, x1, None if sym else x2) for sym in (False, True)}
     for force, trace, sym, bs in cases:
         monkeypatch.setattr(structured, "FORCE_KIND", force)

@@ -14,8 +14,10 @@ automatically and computes the kernel from ``x`` and ``δ`` (``method="structure
 
 1. ``f`` is traced for ONE example to a jaxpr. A parameter leaf is *linear* when its only
    use — through bijective relabellings (``convert_element_type``, ``reshape``,
-   ``transpose``, ``squeeze``, ``expand_dims``, ``copy``, and nested ``jit`` calls) — is one
-   operand of one ``dot_general`` without batch dimensions on its side. Every other leaf
+   ``transpose``, ``squeeze``, ``expand_dims``, ``copy``, and nested ``jit`` calls) and
+   scalings by a scalar (``W * c``, ``W / c``: standard parameterisation; the scale goes into
+   the recorded ``x``) — is one operand of one ``dot_general`` without batch dimensions on its
+   side. Every other leaf
    (norm scales, biases, embeddings, tied weights, weights used twice or non-linearly)
    *falls back* to per-example Jacobian rows, contracted as the ``jacobian`` method does.
 2. The jaxpr is re-evaluated by a small interpreter that records the other operand ``x``
@@ -143,6 +145,10 @@ class _Interp:
                         out_chains = [in_chains[0] + ((eqn.primitive, eqn.primitive.get_bind_params(eqn.params)),)]
                     elif name == "dot_general":
                         outs = [self._dot(eqn, invals, in_tags, in_chains, outs[0])]
+                    elif (scaled := _scalar_scaling(name, invals, in_tags)) is not None:
+                        i, factor = scaled  # W·c or W/c with a scalar c: still linear in W
+                        out_tags = [in_tags[i]]
+                        out_chains = [in_chains[i] + ((_SCALE, factor if self.mode == "run" else None),)]
                     else:
                         self._other(in_tags, name)
             for v, o, t, c in zip(eqn.outvars, outs, out_tags, out_chains):
@@ -185,12 +191,31 @@ class _Interp:
             return out
         if site_id in self.active:
             site = self.sites[site_id]
-            self.taps[site_id] = jnp.transpose(x, site.x_perm).reshape(T, d_in)
+            tap = jnp.transpose(x, site.x_perm).reshape(T, d_in)
+            for entry in (in_chains[0] if site.param_is_lhs else in_chains[1]):
+                if entry[0] is _SCALE:  # ∂f/∂W = c xᵀδ for W·c: the scale goes into the tap
+                    tap = tap * jnp.asarray(entry[1], tap.dtype)
+            self.taps[site_id] = tap
             out = out + self.probes[site_id]
         return out
 
 
 _CASTS = frozenset({"convert_element_type", "copy", "copy_p"})
+_SCALE = "scale"  # chain entry (_SCALE, c): the leaf multiplied by the scalar c on its way to W
+
+
+def _scalar_scaling(name: str, invals, in_tags):
+    """``(index of the tagged operand, factor)`` when the equation scales one parameter
+    relabelling by an untagged scalar (``W * c``, ``c * W``, ``W / c``), else ``None``."""
+    if name not in ("mul", "div") or len(invals) != 2 or (in_tags[0] is None) == (in_tags[1] is None):
+        return None
+    i = 0 if in_tags[0] is not None else 1
+    other = invals[1 - i]
+    if np.ndim(other) != 0 or not jnp.issubdtype(jnp.result_type(other), jnp.inexact):
+        return None
+    if name == "div":
+        return (0, 1.0 / other) if i == 0 else None
+    return i, other
 
 
 def site_matrix(site: _Site, leaf_value: jax.Array) -> jax.Array:
@@ -199,7 +224,7 @@ def site_matrix(site: _Site, leaf_value: jax.Array) -> jax.Array:
     value keeps its dtype), then W's axes ordered (contracting..., free...). A permutation."""
     v = leaf_value
     for primitive, params in site.w_chain:
-        if primitive.name not in _CASTS:
+        if primitive is not _SCALE and primitive.name not in _CASTS:  # scales live in the taps
             v = primitive.bind(v, **params)
     return jnp.transpose(v, site.w_perm).reshape(site.d_in, site.d_out)
 

@@ -172,14 +172,22 @@ def take(pool: dict, start: int, stop: int) -> dict:
 
 
 def lengthen(pool: dict, seq_len: int) -> dict:
-    """Every row's tokens (and masks) repeated along the sequence to ``seq_len`` positions
-    (timing at longer sequences than the synthetic records; ``seq_len <= T``: unchanged)."""
+    """Every row's real tokens (``attention_mask == 1``; right padding) repeated cyclically
+    to ``seq_len`` positions, with every per-position array (``loss_mask``, ...) repeated the
+    same way and ``attention_mask`` all ones: no padding inside a row, so the PyTorch peer
+    (which is given no mask) computes the same function (timing at longer sequences than the
+    synthetic records; ``seq_len <= T``: unchanged)."""
     T = pool["input_ids"].shape[1]
     if seq_len <= T:
         return pool
-    reps = -(-seq_len // T)
-    return {k: (np.tile(v, (1, reps))[:, :seq_len] if np.ndim(v) == 2 and v.shape[1] == T else v)
-            for k, v in pool.items()}
+    lengths = np.asarray(pool["attention_mask"]).sum(axis=1).astype(int)
+    if lengths.min() < 1:
+        raise ValueError("lengthen: a row has no real token")
+    idx = np.arange(seq_len)[None, :] % lengths[:, None]  # (n, seq_len): cyclic over the real part
+    out = {k: (np.take_along_axis(np.asarray(v), idx, axis=1) if np.ndim(v) == 2 and v.shape[1] == T else v)
+           for k, v in pool.items()}
+    out["attention_mask"] = np.ones_like(out["attention_mask"])
+    return out
 
 
 def tile_pool(pool: dict, n: int) -> dict:

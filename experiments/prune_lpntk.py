@@ -40,6 +40,7 @@ from flax import nnx
 from experiments.plotting import save, subplots
 from ntk_jax.data.synthetic import generate_task
 from ntk_jax.kernels.factored_projection import make_projection
+from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.lpntk import (class_clusters, lpntk_features, lpntk_kernel, prune_clusters,
@@ -114,7 +115,7 @@ def make_accuracy_fn(subset):
     """``acc(params, batch) -> (accuracy, mean loss)`` (jitted once per batch shape)."""
     logits_fn = subset.apply_fn(class_logits)
 
-    @jax.jit
+    @jit_constants_as_args
     def acc(params, batch):
         z = logits_fn(params, batch)
         loss = optax.softmax_cross_entropy_with_integer_labels(z, batch["label"]).mean()

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax import mesh as sh
 from ntk_jax.utils import progress
@@ -143,7 +144,7 @@ def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = N
         raise ValueError("a FactoredProjection cannot apply a gradient transform (the per-example "
                          "gradients of linear layers are never formed); use RandomProjection")
 
-    @jax.jit
+    @jit_constants_as_args
     def compiled(params, x, matrix):
         if factored:
             return projection.project_features(scalar_fn, params, x)
@@ -234,7 +235,7 @@ def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
 
 @functools.lru_cache(maxsize=8)
 def _shared_jvp_fn(scalar_fn: ScalarFn) -> Callable:
-    @jax.jit
+    @jit_constants_as_args
     def directional(params, x, tangent):
         return jax.jvp(lambda p: scalar_fn(p, x), (params,), (tangent,))[1]
 
@@ -316,7 +317,7 @@ def _tree_sq_norm_rows(g: PyTree, metric: PyTree | None) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _shared_mean_gradient_fn(scalar_fn: ScalarFn, normalize: bool) -> Callable:
-    @jax.jit
+    @jit_constants_as_args
     def block_sum(params, x, weights, metric):
         g = per_example_grads(scalar_fn, params, x)
         sq = _tree_sq_norm_rows(g, metric)
@@ -365,7 +366,7 @@ def mean_gradient(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *, normalize: 
 
 @functools.lru_cache(maxsize=8)
 def _shared_inner_product_fn(scalar_fn: ScalarFn) -> Callable:
-    @jax.jit
+    @jit_constants_as_args
     def inner(params, x, tangent, metric):
         g = per_example_grads(scalar_fn, params, x)
         return _tree_vdot_rows(g, tangent), _tree_sq_norm_rows(g, metric)

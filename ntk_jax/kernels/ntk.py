@@ -34,6 +34,7 @@ from ntk_jax.kernels.contract import contract_jacobians, gram as _gram, output_s
 from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
                                       slice_batch, sum_of_outputs)
 from ntk_jax.kernels.projection import RandomProjection
+from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.kernels.structured import StructuredPlan, structured_block, structured_plan
 from ntk_jax.utils import progress
 
@@ -205,7 +206,7 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
     n1, n2 = batch_size_of(x1, "x1"), batch_size_of(x2, "x2")
-    fn = jax.jit(block_fn)
+    fn = jit_constants_as_args(block_fn)
     if block_size is None:
         return np.asarray(fn(params, x1, None if symmetric else x2))
     if block_size <= 0:

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ntk_jax.kernels.checks import check_finite
+from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.kernels.features import batch_size_of, pad_batch, slice_batch
 from ntk_jax.utils import atomic_write, progress, read_json, write_json
 
@@ -112,7 +113,7 @@ def sharded_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     num_stripes = -(-n1 // b1)
     rows = NamedSharding(mesh, PartitionSpec(axis))
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(block_fn, out_shardings=rows)
+    fn = jit_constants_as_args(block_fn, out_shardings=rows)
     params = jax.device_put(params, replicated)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)

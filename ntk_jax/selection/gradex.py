@@ -54,6 +54,7 @@ from ntk_jax.data.encoding import LM_TRAIN_INPUTS
 from ntk_jax.kernels.features import batch_size_of, gradient_features, pad_batch, slice_batch
 from ntk_jax.kernels.outputs import default_lm_call
 from ntk_jax.kernels.factored_projection import bind_projection
+from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.subset import ParamSubset
 from ntk_jax.training.losses import token_log_probs
@@ -181,7 +182,7 @@ class TargetLosses:
         self.batch_size = int(batch_size)
         self.n = batch_size_of(self.batch, "target batch")
 
-        @jax.jit
+        @jit_constants_as_args
         def fn(params, b):
             out = per_example_target_losses(call(subset.merge(params), b), b, clip_eps)
             return {"logistic": out["logistic"], "ce": out["ce"]}
@@ -205,7 +206,7 @@ def output_values(scalar_fn: Callable, params: PyTree, batch: dict, *, batch_siz
 
 @functools.lru_cache(maxsize=8)
 def _jitted_outputs(scalar_fn: Callable) -> Callable:
-    return jax.jit(lambda params, b: {"f": scalar_fn(params, b)})
+    return jit_constants_as_args(lambda params, b: {"f": scalar_fn(params, b)})
 
 
 def projected_gradients(scalar_fn: Callable, params: PyTree, batch: dict, projection: RandomProjection, *,

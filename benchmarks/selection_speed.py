@@ -494,6 +494,10 @@ def main(argv=None) -> dict:
                      projected_max_rel_diff=max_rel_diff(torch_proj, ours_proj),
                      n_examples=n_check, feature_norm_mean=float(np.linalg.norm(ours_raw, axis=1).mean()))
     log(f"agreement: {agreement}")
+    if agreement["unprojected_max_rel_diff"] > 1e-3:
+        raise SystemExit(f"the PyTorch peer's per-example gradients differ from ours (max relative difference "
+                         f"{agreement['unprojected_max_rel_diff']:.3g}): the two sides do not compute the same "
+                         "function, so their timings would not compare the same work")
 
     seconds = time_rounds(runners, pool, args.repeats)
     cps = {k: args.n / v for k, v in seconds.items()}

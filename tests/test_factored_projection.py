@@ -156,3 +156,30 @@ def test_make_projection_names_the_problem():
         make_projection(16, 0, "kron")
     with pytest.raises(ValueError, match=">= 0"):
         make_projection(-1)
+
+
+@pytest.mark.parametrize("T", [2, 40])
+def test_sites_sharing_a_split_are_summed_in_one_contraction(T):
+    """Two linear sites per split kind (input side exact, both random, output side exact) at
+    p = 64, T short (factored order) and long (through the gradients): equal to the explicit
+    Kronecker map on the materialised gradients."""
+    fp = FactoredProjection(64, seed=5)
+    shapes = {"w1a": (4, 12), "w1b": (4, 12), "w2a": (12, 12), "w2b": (12, 12), "w3a": (12, 4), "w3b": (12, 4)}
+    keys = jax.random.split(jax.random.key(1), len(shapes) + 1)
+    params = {k: 0.4 * jax.random.normal(key, s, jnp.float64) for key, (k, s) in zip(keys, shapes.items())}
+    x = jax.random.normal(keys[-1], (3, T, 4), jnp.float64)
+    assert {fp.split(*s) for s in shapes.values()} == {(4, 16, True, False), (8, 8, False, False),
+                                                        (16, 4, False, True)}
+
+    def f(p, x):  # every weight used once: x (n, T, 4) -> (n, 4)
+        lin = lambda h, w: jnp.einsum("ntd,de->nte", h, w)  # noqa: E731
+        h_a = jnp.tanh(lin(jnp.tanh(lin(x, p["w1a"])), p["w2a"]))
+        h_b = jnp.tanh(lin(jnp.tanh(lin(x, p["w1b"])), p["w2b"]))
+        return (lin(h_a, p["w3a"]) + lin(h_b, p["w3b"])).mean(axis=1)
+
+    s = sum_of_outputs(f)
+    assert all(row["kind"] == "factored" for row in fp.plan(s, params, x))
+    feats = gradient_features(s, params, x, projection=fp)
+    g = np.asarray(jax.jit(lambda p, x: flatten_per_example(per_example_grads(s, p, x)))(params, x))
+    M = fp.explicit_matrix(params, {i: leaf.shape for i, leaf in enumerate(jax.tree.leaves(params))})
+    np.testing.assert_allclose(feats, g @ M, rtol=1e-10, atol=1e-12)

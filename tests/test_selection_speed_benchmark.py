@@ -99,3 +99,23 @@ def test_cost_model_parameter_counts_match_published_sizes():
         assert abs(total / published - 1) < 0.01, (shape.name, total)
     # LoRA r=8 on q/v: L·r·((d + H·d_h) + (d + H_kv·d_h)).
     assert cost_model.LLAMA3_8B.lora_params(8, ("q_proj", "v_proj")) == 32 * 8 * (8192 + 5120)
+
+
+def test_lengthen_repeats_real_tokens_without_inner_padding():
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("selection_speed", os.path.join(ROOT, "benchmarks",
+                                                                                "selection_speed.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pool = {"input_ids": np.array([[5, 6, 7, 0], [8, 9, 0, 0]]),
+            "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]]),
+            "loss_mask": np.array([[0, 1, 1, 0], [0, 1, 0, 0]], np.float32), "label": np.array([1, 2])}
+    out = mod.lengthen(pool, 7)
+    np.testing.assert_array_equal(out["input_ids"], [[5, 6, 7, 5, 6, 7, 5], [8, 9, 8, 9, 8, 9, 8]])
+    np.testing.assert_array_equal(out["attention_mask"], np.ones((2, 7)))  # no padding inside a row
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1, 0]])
+    np.testing.assert_array_equal(out["label"], [1, 2])
+    assert mod.lengthen(pool, 4) is pool

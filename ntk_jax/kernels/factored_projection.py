@@ -125,9 +125,14 @@ class FactoredProjection:
             raise ValueError(f"scalar_fn must return one scalar per example (n,); got {out.shape[1]} per example")
         deltas, fb = cotangents(jnp.ones_like(out))
         dtype = jnp.promote_types(out.dtype, jnp.float32)
-        total = jnp.zeros((n, self.dim), dtype)
+        groups: dict = {}  # sites with the same split share one accumulation
         for leaf, s in sorted(linear.items()):
-            total = total + self._project_site(leaf, taps[s].astype(dtype), deltas[s].astype(dtype), dtype)
+            site = interp.sites[s]
+            groups.setdefault(self.split(site.d_in, site.d_out), []).append(
+                (leaf, taps[s].astype(dtype), deltas[s].astype(dtype)))
+        total = jnp.zeros((n, self.dim), dtype)
+        for split, members in groups.items():
+            total = total + self._project_group(split, members, dtype)
         if fb:
             total = total + self.fallback(list(fb)).astype(dtype)
         return total
@@ -143,26 +148,35 @@ class FactoredProjection:
         linear = structured._linear_sites(interp, n_leaves)
         return BoundFactoredProjection(self, {leaf: interp.sites[s] for leaf, s in linear.items()}, n_leaves)
 
-    def _project_site(self, leaf: int, x: jax.Array, d: jax.Array, dtype) -> jax.Array:
-        """``(n, dim)``: ``vec(P_in (xᵀ d) P_outᵀ)`` for ``x (n, T, d_in)``, ``d (n, T, d_out)``,
-        in the cheaper order — factored ``Σ_t (P_in x_t) ⊗ (P_out d_t)`` or through the
-        ``d_in × d_out`` gradient (cheaper when T is large or a side is exact); an exact
-        side (``P = I``) is not multiplied."""
-        n, T, d_in = x.shape
-        d_out = d.shape[2]
-        k_in, k_out, exact_in, exact_out = self.split(d_in, d_out)
-        p_in, p_out = self.factors(leaf, d_in, d_out, dtype)
-        factored = T * ((0 if exact_in else d_in * k_in) + (0 if exact_out else d_out * k_out) + k_in * k_out)
-        through_g = (T * d_in * d_out + (0 if exact_in else k_in * d_in * d_out)
-                     + (0 if exact_out else k_in * d_out * k_out))
-        if factored < through_g:
-            a = x if exact_in else jnp.einsum("ntc,kc->ntk", x, p_in)
-            b = d if exact_out else jnp.einsum("ntf,lf->ntl", d, p_out)
+    def _project_group(self, split, members, dtype) -> jax.Array:
+        """``(n, dim)``: ``Σ_s vec(P_in,s (x_sᵀ d_s) P_out,sᵀ)`` over linear sites ``s`` with the
+        same ``split`` (``members``: ``(leaf, x (n, T_s, d_in,s), d (n, T_s, d_out,s))``), in
+        the cheaper order for the group — factored ``Σ_s Σ_t (P_in,s x_st) ⊗ (P_out,s d_st)`` or
+        through each site's ``d_in × d_out`` gradient ``G_s`` (cheaper when T is large or a side
+        is exact). The sum over sites runs inside one contraction (the sites' factors and
+        operands concatenated along the contracted axis), so no per-site ``(n, dim)`` array is
+        formed; an exact side (``P = I``) is not multiplied."""
+        k_in, k_out, exact_in, exact_out = split
+        n = members[0][1].shape[0]
+        mats = [(x, d) + self.factors(leaf, x.shape[2], d.shape[2], dtype) for leaf, x, d in members]
+        factored = through_g = 0
+        for x, d, _, _ in mats:
+            T, d_in, d_out = x.shape[1], x.shape[2], d.shape[2]
+            factored += T * ((0 if exact_in else d_in * k_in) + (0 if exact_out else d_out * k_out) + k_in * k_out)
+            through_g += (T * d_in * d_out + (0 if exact_in else k_in * d_in * d_out)
+                          + (0 if exact_out else k_in * d_out * k_out))
+        if factored < through_g:  # Σ over (site, t) of outer products: concatenate along t
+            a = jnp.concatenate([x if exact_in else jnp.einsum("ntc,kc->ntk", x, p_in) for x, _, p_in, _ in mats], 1)
+            b = jnp.concatenate([d if exact_out else jnp.einsum("ntf,lf->ntl", d, p_out) for _, d, _, p_out in mats], 1)
             return jnp.einsum("ntk,ntl->nkl", a, b).reshape(n, self.dim)
-        g = jnp.einsum("ntc,ntf->ncf", x, d)
-        g = g if exact_in else jnp.einsum("kc,ncf->nkf", p_in, g)
-        g = g if exact_out else jnp.einsum("nkf,lf->nkl", g, p_out)
-        return g.reshape(n, self.dim)
+        grads = [jnp.einsum("ntc,ntf->ncf", x, d) for x, d, _, _ in mats]  # G_s (n, d_in, d_out)
+        if exact_out:  # Σ_s P_in,s G_s, one contraction over the concatenated input axes (split
+            # keeps at most one side exact)
+            p_in = jnp.concatenate([m[2] for m in mats], axis=1)  # (k_in, Σ d_in)
+            return jnp.einsum("kc,ncf->nkf", p_in, jnp.concatenate(grads, axis=1)).reshape(n, self.dim)
+        left = [g if exact_in else jnp.einsum("kc,ncf->nkf", m[2], g) for g, m in zip(grads, mats)]
+        p_out = jnp.concatenate([m[3] for m in mats], axis=1)  # (k_out, Σ d_out)
+        return jnp.einsum("nkf,lf->nkl", jnp.concatenate(left, axis=2), p_out).reshape(n, self.dim)
 
     def explicit_matrix(self, params, linear_dims: dict[int, tuple[int, int]], dtype="float64") -> np.ndarray:
         """The ``(P, dim)`` matrix of this map for parameter leaves whose linear sites have

@@ -34,7 +34,9 @@ JACOBIAN_CONTRACTION / NTK_VECTOR_PRODUCTS on {a 3-layer tanh MLP ``--mlp-in`` â
 Ã— {cross, symmetric} at ``--compare-n`` (64) examples, interleaved rounds, medians; it
 prints a markdown table (stderr) of the best library method vs the best neural-tangents mode
 per form, with the method ``method="auto"`` would pick. A method that runs out of memory
-is reported as ``None``.
+is reported as ``None``. Each problem also times its backward floor (:func:`backward_floor`:
+the O backward passes every exact method makes, twice for a cross kernel), and the table
+gives ``best neural-tangents / floor``, the largest speedup any exact method could reach.
 
 The blocked run computes the traced symmetric kernel of ``--big-n`` examples with
 ``empirical_ntk(X, None, block_size=--block-size, method=<fastest exact library method,
@@ -68,7 +70,7 @@ from ntk_jax.kernels.ntk import (DEFAULT_BASIS_BATCH, contract_jacobians, empiri
                                  per_example_jacobians)
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.projection import RandomProjection
-from ntk_jax.kernels.structured import structured_plan
+from ntk_jax.kernels.structured import site_cotangents, structured_plan
 from ntk_jax.launcher.config_lib import model_config
 from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_filter
 from ntk_jax.models.subset import param_subset
@@ -354,9 +356,10 @@ COMPARE_SKIP_DEFAULT = ("transformer_lora:ntk_vp", "transformer_lora:neural_tang
 
 
 def _safe_call(fn, args):
-    """``fn(*args)`` to host, or ``None`` if XLA runs out of memory (reported, not fatal)."""
+    """``fn(*args)`` to host (each leaf of a pytree result), or ``None`` if XLA runs out of
+    memory (reported, not fatal)."""
     try:
-        return np.asarray(jax.block_until_ready(fn(*args)))
+        return jax.tree.map(np.asarray, jax.block_until_ready(fn(*args)))
     except Exception as e:  # noqa: BLE001 - XlaRuntimeError RESOURCE_EXHAUSTED and the like
         log(f"[failed] {type(e).__name__}: {str(e)[:200]}")
         return None
@@ -393,6 +396,7 @@ def forms_comparison(args) -> dict:
             plan = structured_plan(f, params, x, None, trace=trace)
             autos[(pname, kind)] = plan.auto
             plans[(pname, kind)] = plan.summary()
+        fns[(pname, "floor", "one_argument", "backward_passes")] = (backward_floor(f, O), (params, x))
     outputs, times = {}, {k: [] for k in fns}
     for key, (fn, a) in fns.items():
         t = time.perf_counter()
@@ -419,6 +423,8 @@ def forms_comparison(args) -> dict:
                 agree = {m: max_rel_diff(outputs[(pname, kind, form, m)], ref) for m in methods
                          if outputs.get((pname, kind, form, m)) is not None and (form, m) != ("cross", "jacobian")}
                 ratio = ok[best_nt] / ok[best_lib] if best_nt else None
+                floor_one = times.get((pname, "floor", "one_argument", "backward_passes"))
+                floor = (float(np.median(floor_one)) * (2 if form == "cross" else 1)) if floor_one else None
                 auto = autos[(pname, kind)]
                 table.setdefault(pname, {}).setdefault(kind, {})[form] = {
                     "median_s": med, "best_library_method": best_lib, "best_neural_tangents_mode": best_nt,
@@ -426,13 +432,18 @@ def forms_comparison(args) -> dict:
                     "auto_choice": auto, "auto_speedup_vs_best_nt": (ok[best_nt] / ok[auto]
                                                                      if best_nt and auto in ok else None),
                     "target_1_5x": bool(ratio is not None and ratio >= 1.5),
+                    "backward_floor_s": floor,
+                    "best_nt_over_floor": (ok[best_nt] / floor if best_nt and floor else None),
                     "agreement_max_rel_diff_vs_cross_jacobian": agree}
-                rows.append((pname, kind, form, best_lib, ok[best_lib], best_nt, ok.get(best_nt), ratio, auto))
-    lines = ["| problem | kernel | form | best ours | s | best neural-tangents | s | speedup | auto |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for pname, kind, form, bl, tl, bn, tn, ratio, auto in rows:
+                rows.append((pname, kind, form, best_lib, ok[best_lib], best_nt, ok.get(best_nt), ratio, auto, floor))
+    lines = ["| problem | kernel | form | best ours | s | best neural-tangents | s | speedup | auto "
+             "| backward floor s | NT / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pname, kind, form, bl, tl, bn, tn, ratio, auto, floor in rows:
+        bound = f"{tn / floor:.2f}x" if tn is not None and floor else "n/a"
         lines.append(f"| {pname} | {kind} | {form} | {bl} | {tl:.4g} | {bn} | "
-                     f"{'n/a' if tn is None else f'{tn:.4g}'} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | {auto} |")
+                     f"{'n/a' if tn is None else f'{tn:.4g}'} | {'n/a' if ratio is None else f'{ratio:.2f}x'} | {auto} "
+                     f"| {'n/a' if floor is None else f'{floor:.4g}'} | {bound} |")
     log("\n".join(lines))
     return {"n": args.compare_n, "repeats": args.repeats, "skipped": sorted(args.compare_skip),
             "problems": {p: v[4] for p, v in problems.items()},
@@ -441,7 +452,20 @@ def forms_comparison(args) -> dict:
             "definition": "speedup = median(best neural-tangents mode) / median(best library method of "
                           "jacobian, ntk_vp, structured), same problem, kernel (traced (n, n) / full "
                           "(n, n, O, O)) and form (cross: kernel(params, x, x); symmetric: kernel(params, "
-                          "x, None)); jitted block functions, interleaved rounds; None = failed (OOM)"}
+                          "x, None)); jitted block functions, interleaved rounds; None = failed (OOM); "
+                          "backward_floor_s = the O backward passes every exact method makes (backward_floor; "
+                          "twice for cross), best_nt_over_floor = the largest speedup any exact method could "
+                          "reach"}
+
+
+def backward_floor(f, O: int):
+    """``(params, x) -> `` the O backward passes over the batch that every exact method makes
+    (``ntk_jax.kernels.structured.site_cotangents``: one forward, then per output the
+    cotangents at every linear site's output and the other leaves' gradients; no weight
+    gradient formed, nothing contracted). Its time bounds any exact method's from below (a
+    cross kernel pays it for both arguments), so ``best neural-tangents time / floor`` bounds
+    the speedup any exact method can reach on the problem."""
+    return jax.jit(lambda params, x: site_cotangents(f, params, x, O))
 
 
 def _best(timings: dict, names) -> str:

@@ -85,5 +85,6 @@ def test_ntk_speed_quick():
                 assert r["speedup_best_library_vs_best_nt"] > 0
                 assert r["auto_choice"] in ("jacobian", "ntk_vp", "structured")
                 assert r["agreement_max_rel_diff_vs_cross_jacobian"]["structured"] < 1e-3, (problem, kind, form)
+                assert r["backward_floor_s"] > 0 and r["best_nt_over_floor"] > 0
     assert comp["structured_plan_summary"]["mlp/traced"].get("factored", 0) >= 1
     assert "| mlp | traced | cross |" in comp["table_markdown"]

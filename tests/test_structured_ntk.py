@@ -255,3 +255,28 @@ def test_auto_picks_structured_for_a_wide_mlp_and_reports_the_plan():
 def test_auto_is_not_a_block_method():
     with pytest.raises(ValueError, match="auto"):
         ntk_fn(lambda p, x: x, method="auto", output_dim=1)
+
+
+def test_site_cotangents_are_the_per_output_backward_passes():
+    """``site_cotangents`` (the benchmarks' floor of any exact method): per output, the cotangent
+    at each linear site's output and the other leaves' gradients, against closed forms of a
+    one-hidden-layer tanh net ``f = tanh(x W1 + b1) W2 + b2``."""
+    k = jax.random.split(jax.random.key(3), 3)
+    params = {"b1": _normal(k[0], (5,)), "b2": jnp.zeros((3,), jnp.float64),
+              "w1": _normal(k[1], (4, 5)), "w2": _normal(k[2], (5, 3))}
+    x = _normal(jax.random.key(4), (6, 4))
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    deltas, fallback = jax.jit(lambda p, x: structured.site_cotangents(f, p, x, 3, basis_batch=2))(params, x)
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    want_hidden = (1 - h * h)[None] * params["w2"].T[:, None, :]        # (O, n, 5): δ at x W1
+    want_out = jnp.broadcast_to(jnp.eye(3)[:, None, :], (3, 6, 3))     # (O, n, 3): δ at h W2
+    by_width = {d.shape[-1]: np.asarray(d).reshape(3, 6, -1) for d in deltas.values()}
+    assert sorted(by_width) == [3, 5]
+    np.testing.assert_allclose(by_width[5], want_hidden, rtol=1e-12)
+    np.testing.assert_allclose(by_width[3], want_out, rtol=1e-12)
+    b1_grad, b2_grad = fallback  # the biases are not linear sites: their per-example gradients
+    np.testing.assert_allclose(b1_grad, want_hidden, rtol=1e-12)
+    np.testing.assert_allclose(b2_grad, want_out, rtol=1e-12)

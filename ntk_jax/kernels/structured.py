@@ -448,6 +448,22 @@ def _factors(f, params, x, closed, interp, linear, n_leaves):
     return taps, cotangents, out
 
 
+def site_cotangents(f: Callable, params: PyTree, x: PyTree, O: int, basis_batch: int = 8) -> tuple[dict, list]:
+    """The per-output backward passes of ``f(params, x) -> (n, O)``, and nothing else: for
+    every output ``o``, the cotangent ``δ`` of each linear site's output ``{site: (O, n, T,
+    d_out)}`` and the gradients of the other parameter leaves (leading axis O) — one forward,
+    then O backward passes over the batch, no weight gradient of a linear site formed, nothing
+    contracted. Every exact eNTK method needs at least these (they are the rows of the
+    Jacobian's factors), so ``benchmarks/ntk_speed.py`` times this as the floor of any exact
+    method on a problem. The outputs are taken ``basis_batch`` at a time (``jax.lax.map``), as
+    the ``jacobian`` and ``structured`` methods take them by default. Pure and jittable."""
+    closed, interp, n_leaves = _analyse(f, params, slice_batch(x, 0, 1))
+    linear = _linear_sites(interp, n_leaves)
+    _, cotangents, out = _factors(f, params, x, closed, interp, linear, n_leaves)
+    basis = jnp.eye(O, dtype=out.dtype)
+    return jax.lax.map(lambda e: cotangents(jnp.broadcast_to(e, out.shape)), basis, batch_size=basis_batch)
+
+
 def _acc(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 

@@ -23,18 +23,27 @@ def output_size(f: Callable, params: PyTree, x: PyTree) -> int:
     return int(math.prod(out.shape[1:]))
 
 
+CONCAT_MAX_BYTES = 256 * 1024 ** 2  # full kernels: leaves concatenated into one GEMM up to this size
+
+
 def contract_jacobians(j1: PyTree, j2: PyTree, trace: bool) -> jax.Array:
-    """Σ over leaves of ``J1 J2ᵀ``: ``(n1, n2)`` if ``trace`` else ``(n1, n2, O, O)``."""
-    total = None
-    for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)):
-        a = a.reshape(a.shape[0], a.shape[1], -1)
-        b = b.reshape(b.shape[0], b.shape[1], -1)
-        if trace:
-            k = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
-        else:
-            k = jnp.einsum("iap,jbp->ijab", a, b)
-        total = k if total is None else total + k
-    return total
+    """Σ over leaves of ``J1 J2ᵀ``: ``(n1, n2)`` if ``trace`` else ``(n1, n2, O, O)``.
+
+    Leaves are per-example Jacobian rows ``(n, O, *leaf)``; pass ``j2 is j1`` for a symmetric
+    block. The full kernel is one ``(n1·O, P) @ (P, n2·O)`` GEMM over the leaves concatenated
+    (while the rows take at most :data:`CONCAT_MAX_BYTES`; otherwise a sum of per-leaf GEMMs),
+    accumulated as ``(n1, O, n2, O)`` and transposed once."""
+    rows1 = [a.reshape(a.shape[0], a.shape[1], -1) for a in jax.tree.leaves(j1)]
+    rows2 = rows1 if j2 is j1 else [b.reshape(b.shape[0], b.shape[1], -1) for b in jax.tree.leaves(j2)]
+    if trace:
+        return sum(a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T for a, b in zip(rows1, rows2))
+    nbytes = sum(a.size * a.dtype.itemsize for a in rows1) * (1 if rows2 is rows1 else 2)
+    if len(rows1) > 1 and nbytes <= CONCAT_MAX_BYTES:
+        same = rows2 is rows1
+        rows1 = [jnp.concatenate(rows1, axis=2)]
+        rows2 = rows1 if same else [jnp.concatenate(rows2, axis=2)]
+    total = sum(jnp.einsum("iap,jbp->iajb", a, b) for a, b in zip(rows1, rows2))
+    return total.transpose(0, 2, 1, 3)
 
 
 def gram(c1: PyTree, c2: PyTree) -> jax.Array:

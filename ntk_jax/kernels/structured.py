@@ -509,16 +509,20 @@ def structured_block(f: Callable, trace: bool, O: int, basis_batch: int) -> Call
         d1, fb1 = all_rows(cot1, out1)
         d2, fb2 = (d1, fb1) if x2 is None else all_rows(cot2, out2)
         k = jnp.zeros((n1, n2, O, O), _acc(out1.dtype))
-        if fb1:  # (O, n, *leaf) -> per-example Jacobian rows (n, O, *leaf)
-            k = k + contract.contract_jacobians([jnp.swapaxes(a, 0, 1) for a in fb1],
-                                                [jnp.swapaxes(b, 0, 1) for b in fb2], trace=False)
         for s in fact:
             tmp = jnp.einsum("ijts,aitf->ijasf", kx[s], d1[s])
             k = k + jnp.einsum("ijasf,bjsf->ijab", tmp, d2[s])
-        for s in mat:
-            g1 = jnp.einsum("itc,aitf->iacf", taps1[s], d1[s]).reshape(n1, O, -1)
-            g2 = g1 if x2 is None else jnp.einsum("itc,aitf->iacf", taps2[s], d2[s]).reshape(n2, O, -1)
-            k = k + jnp.einsum("iap,jbp->ijab", g1, g2)
+        # Per-example Jacobian rows (n, O, *leaf) of the fallback leaves ((O, n, *leaf) here) and
+        # of the materialised sites, contracted together in one GEMM.
+        rows1 = [jnp.swapaxes(a, 0, 1) for a in fb1]
+        rows1 += [jnp.einsum("itc,aitf->iacf", taps1[s], d1[s]).reshape(n1, O, -1) for s in mat]
+        if x2 is None:
+            rows2 = rows1
+        else:
+            rows2 = [jnp.swapaxes(b, 0, 1) for b in fb2]
+            rows2 += [jnp.einsum("itc,aitf->iacf", taps2[s], d2[s]).reshape(n2, O, -1) for s in mat]
+        if rows1:
+            k = k + contract.contract_jacobians(rows1, rows2, trace=False)
         return k
 
     return block

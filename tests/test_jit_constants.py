@@ -41,6 +41,10 @@ def test_same_values_as_jit_and_large_closures_are_arguments():
         np.testing.assert_allclose(got["a"], want["a"], rtol=1e-6)
         assert (got["b"] is None) == (y is None)
     assert [c.shape for c in g.hoisted_constants(x, None)] == [(256, 128)]  # `small` stays embedded
+    host = np.asarray(w)  # a large host array stays embedded (as an argument it would be copied every call)
+    h = jit_constants_as_args(lambda x: x @ host)
+    assert h.hoisted_constants(x) == []
+    np.testing.assert_allclose(h(x), x @ w, rtol=1e-5)
     assert largest_constant(jax.jit(f).lower(x, None)) == 256 * 128  # the check can fail...
     assert largest_constant(g.lower(x, None)) < 256 * 128  # ...and does not here
     # a new shape is a new signature; inside a transformation it is jax.jit(f)

@@ -13,10 +13,12 @@ as arguments, where they stay on their devices with their shardings, shared and 
     fn(params, x)           # same values as jax.jit(...)(params, x)
 
 How: per input signature (pytree structure and avals of the arguments) the function is
-traced once with ``jax.make_jaxpr``; its closed-over constants over
-:data:`EMBED_MAX_BYTES` are hoisted and passed to a ``jax.jit`` that evaluates the jaxpr
-(smaller ones stay embedded, as XLA may fold them). Called with tracers (inside an enclosing
-transformation), it behaves as ``jax.jit(fun)``: nothing is compiled separately there.
+traced once with ``jax.make_jaxpr``; its closed-over device arrays (``jax.Array``) over
+:data:`EMBED_MAX_BYTES` are hoisted and passed to a ``jax.jit`` that evaluates the jaxpr.
+Smaller ones stay embedded (XLA may fold them), and so do host (numpy) arrays: as arguments
+they would be copied to the device on every call, embedded they are copied once. Called with
+tracers (inside an enclosing transformation), it behaves as ``jax.jit(fun)``: nothing is
+compiled separately there.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class ConstantsAsArgs:
         hit = self._programs.get(key)
         if hit is None:
             closed, out_shape = jax.make_jaxpr(self._fun, return_shape=True)(*args)
-            hoist = [_nbytes(c) > self._embed_max_bytes for c in closed.consts]
+            hoist = [isinstance(c, jax.Array) and _nbytes(c) > self._embed_max_bytes for c in closed.consts]
             program = _Program(closed.jaxpr, [_HOISTED if h else c for c, h in zip(closed.consts, hoist)],
                                jax.tree.structure(out_shape))
             hit = (program, [c for c, h in zip(closed.consts, hoist) if h])

@@ -264,20 +264,49 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
       mesh: as in :func:`gradient_features` (default: the mesh ``params`` live on); the
         tangent is laid out like ``params``.
     """
-    n = batch_size_of(x)
     mesh = sh.resolve_mesh(mesh, params)
     tangent = like_params(tangent, params, mesh, "tangent")
-    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
     try:
         fn = _shared_jvp_fn(scalar_fn)
     except TypeError:  # unhashable callable
         fn = _shared_jvp_fn.__wrapped__(scalar_fn)
+    return _map_row_blocks(lambda block: fn(params, block, tangent), x, batch_size, mesh,
+                           progress_desc or "directional derivatives")
+
+
+def _map_row_blocks(fn: Callable[[PyTree], jax.Array], x: PyTree, batch_size: int | None, mesh,
+                    desc: str) -> np.ndarray:
+    """``fn(block) -> (bs,)`` over blocks of ``bs = round_up_to_data(min(batch_size, n))``
+    examples of ``x`` (the last padded, each placed over the mesh's ``data`` axis); the
+    ``(n,)`` results, padding dropped. Calls are dispatched before earlier results are read."""
+    n = batch_size_of(x)
+    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
     out = []
-    for start in progress(range(0, n, bs), desc=progress_desc or "directional derivatives", total=-(-n // bs)):
+    for start in progress(range(0, n, bs), desc=desc, total=-(-n // bs)):
         stop = min(start + bs, n)
         block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
-        out.append((fn(params, block, tangent), stop - start))
+        out.append((fn(block), stop - start))
     return np.concatenate([np.asarray(v[:k]) for v, k in out], axis=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_value_fn(scalar_fn: ScalarFn) -> Callable:
+    return jit_constants_as_args(scalar_fn)
+
+
+def scalar_values(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *, batch_size: int | None = None,
+                  progress_desc: str | None = None, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """``s(params, x_i)`` for every example i: ``(n,)`` numpy array — forward passes only (no
+    derivative), in compiled blocks of ``batch_size`` examples laid out as in
+    :func:`directional_derivatives` (the frozen weights ``scalar_fn`` closes over are
+    program arguments, :func:`~ntk_jax.kernels.jit.jit_constants_as_args`). E.g. the
+    per-record response loss at several parameter points (loss-change selection scores)."""
+    mesh = sh.resolve_mesh(mesh, params)
+    try:
+        fn = _shared_value_fn(scalar_fn)
+    except TypeError:  # unhashable callable
+        fn = _shared_value_fn.__wrapped__(scalar_fn)
+    return _map_row_blocks(lambda block: fn(params, block), x, batch_size, mesh, progress_desc or "forward values")
 
 
 def like_params(tree: PyTree, params: PyTree, mesh, name: str = "tangent") -> PyTree:

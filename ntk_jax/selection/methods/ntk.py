@@ -56,51 +56,88 @@ from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.jobs import lora_filter
 from ntk_jax.selection.less import adam_diagonal, find_adam_state
+from ntk_jax.selection import loss_change
 from ntk_jax.selection.methods import Selection
 from ntk_jax.selection.methods.embedding import pool_embeddings
 from ntk_jax.selection.ntk_selector import (SCORE_OUTPUTS, TOKEN_REDUCTIONS, knn_votes, selection_scalar_fn,
-                                            top_by_votes, top_n)
+                                            top_n)
 
 NORMALIZATIONS = ("none", "cosine", "candidate")
 POINTS = ("warmup", "base", "base+warmup")
 PRECONDITIONERS = ("none", "adam")
+FILTERS = ("none", "knn", "loss_change")
+COMBINATIONS = ("gradient", "rank_mean")
 
 PAPER = {"ntk.output": "sum_of_logits", "ntk.reduce": "mean", "ntk.normalize": "none", "ntk.point": "warmup",
-         "ntk.precondition": "none", "ntk.filter_factor": 4}
-"""SPEC §6.1 as the paper states it: length-normalised sum-of-logits gradients after the
+         "ntk.precondition": "none", "ntk.filter": "knn", "ntk.filter_factor": 4, "ntk.gradient": True,
+         "ntk.combine": "gradient"}
+"""NTK-Selector as the paper states it: length-normalised sum-of-logits gradients after the
 domain warm-up, unnormalised mean kernel to the domain, kNN filter to 4N."""
 
-RECOMMENDED = {"ntk.output": "loss", "ntk.reduce": "mean", "ntk.normalize": "cosine", "ntk.point": "base+warmup",
-               "ntk.precondition": "none", "ntk.filter_factor": 0}
-"""The default (docs/selection.md, chosen on the benchmark suite): label-aware loss gradients,
-cosine-normalised, averaged over the fresh-LoRA and the warmed-up kernel points, the whole
-pool scored (no kNN filter)."""
+GRADIENT = {"ntk.output": "loss", "ntk.reduce": "mean", "ntk.normalize": "cosine", "ntk.point": "base+warmup",
+            "ntk.precondition": "none", "ntk.filter": "none", "ntk.filter_factor": 0, "ntk.gradient": True,
+            "ntk.combine": "gradient"}
+"""The first-order label-aware score over the whole pool (the default until 2026-12-07,
+docs/selection.md): loss gradients, cosine-normalised, averaged over the fresh-LoRA and the
+warmed-up kernel points; one per-example gradient per candidate at each point."""
 
-PRESETS = {"paper": PAPER, "recommended": RECOMMENDED}
+LOSS_CHANGE = {"ntk.filter": "loss_change", "ntk.filter_factor": 0, "ntk.gradient": False,
+               "ntk.combine": "gradient", "ntk.loss_change.reduce": "mean", "ntk.loss_change.relative": False,
+               "ntk.loss_change.checkpoints": 1, "ntk.loss_change.cross_fit": False}
+"""Forward-only: the top N by the loss change Δ_j over the whole pool (two forward passes per
+candidate, :mod:`ntk_jax.selection.loss_change`)."""
+
+STAGED = {**GRADIENT, "ntk.filter": "loss_change", "ntk.filter_factor": 4, "ntk.combine": "rank_mean",
+          "ntk.loss_change.reduce": "mean", "ntk.loss_change.relative": False, "ntk.loss_change.checkpoints": 1,
+          "ntk.loss_change.cross_fit": False}
+"""Δ_j over the whole pool, then the label-aware gradient score on its top 4N, and the mean of
+the two ranks inside those 4N."""
+
+RECOMMENDED = dict(GRADIENT)
+"""The default (docs/selection.md, chosen on the benchmark suite)."""
+
+PRESETS = {"paper": PAPER, "gradient": GRADIENT, "loss_change": LOSS_CHANGE, "staged": STAGED,
+           "recommended": RECOMMENDED}
 
 
 def config() -> ml_collections.ConfigDict:
-    """``select.ntk``: the score variant (see the module docstring). The defaults are
-    :data:`RECOMMENDED`; the paper's reading is the preset ``"paper"`` (an arm ``"ntk@paper"``,
-    or ``configs/select_ntk.py:paper``)."""
-    return ml_collections.ConfigDict(dict(
+    """``select.ntk``: the pipeline and the score variant (see the module docstring). The
+    defaults are :data:`RECOMMENDED`; other presets by name (an arm ``"ntk@paper"``, or
+    ``configs/select_ntk.py:paper``)."""
+    c = ml_collections.ConfigDict(dict(
+        # stage 1, over the whole pool: none | knn (domain votes over mean hidden states of the
+        # warm-up model, the paper) | loss_change (forward-only Δ_j, select.ntk.loss_change)
+        filter="none",
+        filter_factor=0,            # stage 1 keeps M = filter_factor·N for stage 2 (0: every candidate)
+        gradient=True,              # stage 2: gradient scores of the kept (False: top N of stage 1)
+        combine="gradient",         # gradient: stage 2's score alone | rank_mean: mean of both stages' ranks
         output="loss",              # loss (label-aware) | sum_of_logits (label-blind, the paper)
         reduce="mean",              # response tokens: mean (the paper) | sum
         normalize="cosine",         # cosine | candidate | none (the paper)
         point="base+warmup",        # kernel point: base (fresh LoRA) | warmup (after the domain
                                     # warm-up, the paper) | base+warmup (mean of the two points' scores)
         precondition="none",        # none | adam (the warm-up's Adam diagonal, at the warm-up point)
-        filter_factor=0,            # kNN coarse filter keeps M = filter_factor·N (0: score the whole
-                                    # pool; the paper: 4)
         feature_norms=True,         # also compute ‖g_j‖ for the diagnostics (one per-example
                                     # gradient per candidate instead of a JVP when normalize=none)
     ))
+    c.loss_change = loss_change.config()
+    for key, value in RECOMMENDED.items():
+        _set(c, key.partition(".")[2], value)
+    return c
+
+
+def _set(c, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        c = c[p]
+    c[leaf] = value
 
 
 def check_config(cfg: dict) -> None:
     n = cfg["ntk"]
     for key, allowed in (("output", SCORE_OUTPUTS), ("reduce", TOKEN_REDUCTIONS), ("normalize", NORMALIZATIONS),
-                         ("point", POINTS), ("precondition", PRECONDITIONERS)):
+                         ("point", POINTS), ("precondition", PRECONDITIONERS), ("filter", FILTERS),
+                         ("combine", COMBINATIONS)):
         if n[key] not in allowed:
             raise ValueError(f"select.ntk.{key}={n[key]!r} is not one of {allowed}")
     if n["precondition"] == "adam" and n["point"] == "base":
@@ -110,6 +147,11 @@ def check_config(cfg: dict) -> None:
         raise ValueError("select.ntk.precondition='adam' needs a warm-up (select.warmup.total_steps >= 1)")
     if int(n["filter_factor"]) < 0 or int(cfg["projection_dim"]) < 0:
         raise ValueError("select.ntk.filter_factor and select.projection_dim must be >= 0")
+    if n["filter"] == "none" and (not n["gradient"] or n["combine"] != "gradient" or int(n["filter_factor"])):
+        raise ValueError("select.ntk.filter='none' has no stage 1: it needs select.ntk.gradient=True, "
+                         "combine='gradient' and filter_factor=0")
+    if n["filter"] == "loss_change":
+        loss_change.check_config(n["loss_change"], cfg["warmup"])
     if cfg["projection_type"] not in PROJECTION_TYPES:
         raise ValueError(f"select.projection_type={cfg['projection_type']!r} is not one of {PROJECTION_TYPES}")
 
@@ -134,77 +176,138 @@ def domain_direction(subset, scalar_fn, domain_arrays: dict, *, normalize: str, 
     return u
 
 
+def _needs_warmup(ncfg: dict) -> bool:
+    """Whether the full-domain warm-up is trained: for a warm-up kernel point, the kNN filter's
+    embeddings, or a loss-change stage without cross-fitting."""
+    return ((ncfg["gradient"] and ncfg["point"] in ("warmup", "base+warmup")) or ncfg["filter"] == "knn"
+            or (ncfg["filter"] == "loss_change" and not ncfg["loss_change"]["cross_fit"]))
+
+
 def kernel_points(job, ncfg: dict):
-    """``(model, [(name, params, metric), ...])``: the LoRA parameters the kernel is taken at
-    (``point``: ``base`` = fresh factors, ``warmup`` = after the domain warm-up,
-    ``base+warmup`` = both, scores averaged) and the Adam metric of each (``None``: none)."""
+    """``(base model, warm-up (model, TrainConfig) or None, loss points or None)``: the fresh
+    LoRA model (θ_0), the full-domain warm-up when a stage needs it, and the parameter points
+    of a loss-change stage (:func:`ntk_jax.selection.loss_change.warmup_points`, which trains
+    the warm-up with the checkpoints it needs; the gradient stage reuses it)."""
     cfg = job.cfg
-    lora = LoRAConfig.from_dict(cfg["lora"])
-    points, model = [], None
+    base = job.context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=job.seed)
+    warm, lpoints = None, None
+    if ncfg["filter"] == "loss_change":
+        lpoints = loss_change.warmup_points(job, ncfg["loss_change"], base)
+        if not ncfg["loss_change"]["cross_fit"]:
+            warm = (lpoints.model, lpoints.wcfg)
+    if warm is None and _needs_warmup(ncfg):
+        warm = job.warm_up(cfg["lora"], cfg["warmup"])
+    return base, warm, lpoints
+
+
+def gradient_points(job, ncfg: dict, base, warm) -> list:
+    """``[(name, params, metric)]``: the kernel points of the gradient stage (``point``) and the
+    Adam metric of each (``None``: none)."""
+    points = []
     if ncfg["point"] in ("base", "base+warmup"):
-        model = job.context.load_model(lora, seed=job.seed)
-        points.append(("base", param_subset(model, lora_filter()).params, None))
+        points.append(("base", param_subset(base, lora_filter()).params, None))
     if ncfg["point"] in ("warmup", "base+warmup"):
-        model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"])
+        model, wcfg = warm
         metric = None
         if ncfg["precondition"] == "adam":
             state = job.checkpoints(model, wcfg, steps=[wcfg.total_steps])[wcfg.total_steps]
             metric = adam_diagonal(find_adam_state(state["opt_state"]).nu, wcfg.total_steps)
         points.append(("warmup", param_subset(model, lora_filter()).params, metric))
-    return model, points
+    return points
+
+
+def gradient_stage(job, ncfg: dict, model, points: list, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stage 2: the gradient score of the pool records ``kept`` (pool indices), the mean over
+    the kernel ``points``, in resumable shards (store ``scores/``). Returns ``(scores (m,),
+    ‖g_j‖ at the first point (m,) or None)``."""
+    cfg = job.cfg
+    fbs = job.feature_batch_size
+    subset = param_subset(model, lora_filter())
+    sfn = selection_scalar_fn(subset, ncfg["output"], ncfg["reduce"])
+    tangents = [domain_direction(subset, sfn, job.domain_arrays, normalize=ncfg["normalize"], metric=metric,
+                                 projection_dim=int(cfg["projection_dim"]),
+                                 projection_seed=int(cfg["projection_seed"]),
+                                 projection_type=cfg["projection_type"], batch_size=fbs, params=params)
+                for _, params, metric in points]
+    use_norms = ncfg["normalize"] != "none" or bool(ncfg["feature_norms"])
+    store = job.store("scores", [job.pool_ids[int(i)] for i in kept], "ntk_scores")
+
+    def score_rows(batch):
+        x = lm_batch(batch)
+        scores, norms = [], []
+        for (_, params, metric), tangent in zip(points, tangents):
+            if not use_norms:
+                scores.append(directional_derivatives(sfn, params, x, tangent, batch_size=fbs))
+                norms.append(np.full_like(scores[-1], np.nan))
+                continue
+            dots, sq = gradient_inner_products(sfn, params, x, tangent, metric=metric, batch_size=fbs)
+            norms.append(np.sqrt(sq))
+            scores.append(dots if ncfg["normalize"] == "none" else dots / np.maximum(norms[-1], 1e-30))
+        return np.stack([np.mean(scores, axis=0), norms[0]], axis=1)  # norm at the first point
+
+    def score(lo, hi):
+        out = job.map_records(score_rows, lo, hi, kept)
+        return out[:, 0], out[:, 1:]
+
+    job.score_shards(store, score, desc="ntk: score candidates", with_features=True)
+    _, s, norms = store.merge(with_features=True)
+    return s, (norms[:, 0] if use_norms else None)
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """``(m,)`` rank of each score, 0 = best (ties: lower index first)."""
+    r = np.empty(len(scores), np.int64)
+    r[top_n(scores, len(scores))] = np.arange(len(scores))
+    return r
 
 
 def select(job) -> Selection:
+    """The staged pipeline: stage 1 over the whole pool (``filter``: kNN votes or loss change Δ_j)
+    keeps ``M = filter_factor·N``; stage 2 scores those by gradients (``gradient``); ``combine``
+    gives the final score; top N."""
     cfg = job.cfg
     ncfg = cfg["ntk"]
     n_select = int(cfg["n_select"])
-    fbs = job.feature_batch_size
     with job.timed("warmup"):
-        model, points = kernel_points(job, ncfg)
-    # ---- coarse filter (every process, on the merged embeddings: the same result)
-    m = min(int(ncfg["filter_factor"]) * n_select, len(job.pool))
-    if m > 0:
+        base, warm, lpoints = kernel_points(job, ncfg)
+    model = warm[0] if warm is not None else (lpoints.model if lpoints is not None else base)
+    arrays = {}
+    # ---- stage 1: a cheap score of every pool record (every process merges all shards)
+    if ncfg["filter"] == "knn":
         dom_emb, cand_emb, _ = pool_embeddings(job, model)
         with job.timed("filter"):
             votes, mean_cos = knn_votes(dom_emb, cand_emb, int(cfg["knn_k"]))
-            kept = np.sort(top_by_votes(votes, mean_cos, max(m, n_select)))  # the store in pool order
-        job.extra.update(n_filtered=int(len(kept)), n_voted=int((votes > 0).sum()))
+        first = votes + (np.asarray(mean_cos) + 1.0) / 2.0001  # votes, ties by mean cosine
+        arrays.update(votes=votes, mean_cos=mean_cos)
+        job.extra.update(n_voted=int((votes > 0).sum()))
+    elif ncfg["filter"] == "loss_change":
+        first, losses = loss_change.loss_change_stage(job, ncfg["loss_change"], lpoints)
+        arrays.update(loss_change=first, loss_base=losses[:, 0], loss_warm=losses[:, 1:].mean(axis=1))
+        job.extra["loss_change"] = {**lpoints.info, "points": [name for name, _ in lpoints.warm],
+                                    "pool_mean_change": float(np.mean(first))}
     else:
+        first = None
+    m = len(job.pool) if first is None or not int(ncfg["filter_factor"]) else \
+        min(max(int(ncfg["filter_factor"]) * n_select, n_select), len(job.pool))
+    if m == len(job.pool) or not ncfg["gradient"]:
         kept = np.arange(len(job.pool))
-        job.extra.update(n_filtered=len(kept))
-    # ---- scores of the kept candidates (mean over the kernel points)
-    with job.timed("score"):
-        subset = param_subset(model, lora_filter())
-        sfn = selection_scalar_fn(subset, ncfg["output"], ncfg["reduce"])
-        tangents = [domain_direction(subset, sfn, job.domain_arrays, normalize=ncfg["normalize"], metric=metric,
-                                     projection_dim=int(cfg["projection_dim"]),
-                                     projection_seed=int(cfg["projection_seed"]),
-                                     projection_type=cfg["projection_type"], batch_size=fbs, params=params)
-                    for _, params, metric in points]
-        use_norms = ncfg["normalize"] != "none" or bool(ncfg["feature_norms"])
-        kept_ids = [job.pool_ids[int(i)] for i in kept]
-        store = job.store("scores", kept_ids, "ntk_scores")
-
-        def score_rows(batch):
-            x = lm_batch(batch)
-            scores, norms = [], []
-            for (_, params, metric), tangent in zip(points, tangents):
-                if not use_norms:
-                    scores.append(directional_derivatives(sfn, params, x, tangent, batch_size=fbs))
-                    norms.append(np.full_like(scores[-1], np.nan))
-                    continue
-                dots, sq = gradient_inner_products(sfn, params, x, tangent, metric=metric, batch_size=fbs)
-                norms.append(np.sqrt(sq))
-                scores.append(dots if ncfg["normalize"] == "none" else dots / np.maximum(norms[-1], 1e-30))
-            return np.stack([np.mean(scores, axis=0), norms[0]], axis=1)  # norm at the first point
-
-        def score(lo, hi):
-            out = job.map_records(score_rows, lo, hi, kept)
-            return out[:, 0], out[:, 1:]
-
-        job.score_shards(store, score, desc="ntk: score candidates", with_features=True)
-        _, s, norms = store.merge(with_features=True)
+    else:
+        kept = np.sort(top_n(first, m))  # the store in pool order
+    job.extra.update(n_filtered=int(len(kept)))
+    norms = None
+    if not ncfg["gradient"]:  # stage 1 alone
+        scores = first
+    else:  # ---- stage 2: gradient scores of the kept
+        with job.timed("score"):
+            grad, norms = gradient_stage(job, ncfg, model, gradient_points(job, ncfg, base, warm), kept)
+        arrays = {k: np.asarray(v)[kept] for k, v in arrays.items()}
+        arrays["gradient_score"] = grad
+        if ncfg["combine"] == "rank_mean":  # higher is better: minus the mean rank
+            scores = -0.5 * (ranks(first[kept]) + ranks(grad))
+        else:
+            scores = grad
     with job.timed("select"):
-        chosen = kept[top_n(s, n_select)]
-    job.extra.update(ntk_variant={k: ncfg[k] for k in ("output", "reduce", "normalize", "point", "precondition")})
-    return Selection(chosen=chosen, scored=kept, scores=s, feature_norms=norms[:, 0] if use_norms else None)
+        chosen = kept[top_n(scores, n_select)]
+    job.extra.update(ntk_variant={k: ncfg[k] for k in ("filter", "filter_factor", "gradient", "combine", "output",
+                                                       "reduce", "normalize", "point", "precondition")})
+    return Selection(chosen=chosen, scored=kept, scores=scores, feature_norms=norms, arrays=arrays)

@@ -1,0 +1,140 @@
+"""Loss-change scores and the staged NTK-Selector pipeline (docs/theory.md, loss-change scores).
+
+Oracles: each record's response NLL from the model's own logits (``per_example_lm_loss``
+over a plain forward, not the job's forward program) at the fresh LoRA factors and at the
+warm-up's checkpoints; the Δ formula and the rank combination by hand; a killed and resumed
+job gives the same selection bitwise."""
+import numpy as np
+import pytest
+
+from ntk_jax.data.controlled import make_controlled_benchmark
+from ntk_jax.data.records import encode_records
+from ntk_jax.launcher.config_lib import base_config
+from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.selection.jobs import SelectionJob, StopRequested, plain, run_selection
+from ntk_jax.selection.loss_change import loss_change
+from ntk_jax.selection.methods import apply_preset
+from ntk_jax.training.losses import per_example_lm_loss
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return make_controlled_benchmark(0, n_domain=6, n_test=4, n_pool_per_family=2)  # 26 pool records
+
+
+@pytest.fixture(scope="module")
+def context(tiny_model_dir):
+    from ntk_jax.launcher.context import Context, load_tokenizer
+
+    return Context(model_dir=tiny_model_dir, tokenizer=load_tokenizer(tiny_model_dir), max_len=32, seed=0, info={})
+
+
+def _cfg(preset="ntk@loss_change", **lc):
+    c = plain(base_config().select)
+    c.update(n_select=5, shard_size=8, projection_dim=0, feature_batch_size=16, bucket_multiple=0)
+    c["warmup"].update(total_steps=4, batch_size=4)
+    c = apply_preset(c, preset)
+    c["ntk"]["loss_change"].update(lc)
+    return c
+
+
+def _nll(model, arrays, reduce="mean"):
+    """Per-record response NLL from a plain forward of ``model``."""
+    logits = model(arrays["input_ids"], attention_mask=arrays["attention_mask"])
+    mean = np.asarray(per_example_lm_loss(logits, arrays["targets"], arrays["loss_mask"]), np.float64)
+    return mean if reduce == "mean" else mean * np.asarray(arrays["loss_mask"]).sum(axis=1)
+
+
+def _job(context, cfg, bench, out_dir):
+    return SelectionJob(context=context, cfg=cfg, domain=bench.domain, pool=bench.pool,
+                        domain_arrays=encode_records(context.tokenizer, bench.domain, 32), out_dir=out_dir, seed=0)
+
+
+def test_loss_change_formula():
+    base = np.array([2.0, 1.0, 4.0])
+    pts = np.array([[1.0, 0.5], [1.5, 1.5], [4.0, 2.0]])
+    np.testing.assert_allclose(loss_change(base, pts), [1.25, -0.5, 1.0])
+    np.testing.assert_allclose(loss_change(base, pts, relative=True), [0.625, -0.5, 0.25])
+    with pytest.raises(ValueError, match=r"\(n, K\)"):
+        loss_change(base, pts[:2])
+
+
+@pytest.mark.parametrize("lc", [dict(reduce="mean", checkpoints=1), dict(reduce="sum", checkpoints=2, relative=True)])
+def test_job_scores_are_loss_changes(tmp_path, context, bench, lc):
+    cfg = _cfg(**lc)
+    out = str(tmp_path / "job")
+    rep = run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False)
+    got = np.load(tmp_path / "job" / "all_scores.npz")
+    # the oracle: plain forwards at θ_0 and at the warm-up checkpoint(s) the job saved
+    job = _job(context, cfg, bench, out)
+    pool = encode_records(context.tokenizer, bench.pool, 32)
+    base_model = context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=0)
+    l0 = _nll(base_model, pool, lc["reduce"])
+    k = lc["checkpoints"]
+    steps = [4] if k == 1 else [2, 4]
+    model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"], checkpoint_every=steps[0], max_to_keep=k + 1) \
+        if k > 1 else job.warm_up(cfg["lora"], cfg["warmup"])  # resumes: the trained factors
+    from ntk_jax.models.subset import param_subset
+    from ntk_jax.selection.jobs import lora_filter
+
+    sub = param_subset(model, lora_filter())
+    lk = []
+    for s in steps:
+        params = job.checkpoints(model, wcfg, steps=[s])[s]["params"]
+        lk.append(_nll(sub.merge(params), pool, lc["reduce"]))
+    ref = loss_change(l0, np.stack(lk, axis=1), relative=lc.get("relative", False))
+    # Δ is a difference of float32 losses: its error scales with the losses, not with Δ
+    np.testing.assert_allclose(got["scores"], ref, rtol=1e-4, atol=2e-6 * np.abs(l0).max())
+    np.testing.assert_allclose(got["loss_base"], l0, rtol=1e-4)
+    assert rep["loss_change"]["checkpoint_steps"] == steps and rep["n_filtered"] == len(bench.pool)
+    assert "loss_change" in rep["timings_s"] and "score" not in rep["timings_s"]  # forward-only
+    order = np.lexsort((np.arange(len(ref)), -np.asarray(got["scores"])))
+    assert rep["selected_ids"] == [bench.pool[i]["id"] for i in order[:5]]
+
+
+def test_staged_pipeline_combines_ranks_and_resumes(tmp_path, context, bench):
+    cfg = _cfg("ntk@staged")
+    cfg["ntk"]["filter_factor"] = 2  # M = 10 of 26 go to the gradient stage
+    out = str(tmp_path / "job")
+    with pytest.raises(StopRequested):  # killed in stage 1 (4 shards) after 3
+        run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False, stop_after_shards=3)
+    rep = run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False)
+    got = np.load(tmp_path / "job" / "all_scores.npz")
+    assert rep["n_filtered"] == 10 and len(got["ids"]) == 10
+    # stage 1: the kept are the top 10 by Δ of the whole pool (in the loss_change store)
+    run_selection(context, _cfg(), bench.domain, bench.pool, str(tmp_path / "lc"), seed=0, plot=False)
+    delta = np.load(tmp_path / "lc" / "all_scores.npz")["scores"]
+    top10 = set(np.asarray([r["id"] for r in bench.pool])[np.argsort(-delta, kind="stable")[:10]])
+    assert set(got["ids"]) == top10
+    np.testing.assert_allclose(got["loss_change"], [delta[[r["id"] for r in bench.pool].index(i)] for i in got["ids"]])
+    # combination: minus the mean of the two ranks inside the kept
+    def rank(s):
+        r = np.empty(len(s))
+        r[np.lexsort((np.arange(len(s)), -s))] = np.arange(len(s))
+        return r
+    np.testing.assert_allclose(got["scores"], -0.5 * (rank(got["loss_change"]) + rank(got["gradient_score"])))
+    # resumed run = uninterrupted run
+    again = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "fresh"), seed=0, plot=False)
+    assert again["selected_ids"] == rep["selected_ids"]
+    assert {"warmup", "loss_change", "score", "select"} <= set(rep["timings_s"])
+
+
+def test_cross_fit_reports_held_out_change(tmp_path, context, bench):
+    cfg = _cfg(cross_fit=True)
+    rep = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "job"), seed=0, plot=False)
+    lc = rep["loss_change"]
+    assert lc["points"] == ["half_a@4", "half_b@4"]
+    for half in ("half_a", "half_b"):
+        h = lc["held_out_domain"][half]
+        assert np.isfinite(h["held_out_change"]) and h["trained_on_change"] > h["held_out_change"]
+
+
+def test_bad_loss_change_settings_are_named(tmp_path, context, bench):
+    for lc, match in ((dict(reduce="max"), "loss_change.reduce"), (dict(checkpoints=9), "more than the warm-up"),
+                      (dict(checkpoints=0), "checkpoints must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            run_selection(context, _cfg(**lc), bench.domain, bench.pool, str(tmp_path / "bad"), seed=0, plot=False)
+    cfg = _cfg()
+    cfg["ntk"]["filter"] = "none"
+    with pytest.raises(ValueError, match="no stage 1"):
+        run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "bad2"), seed=0, plot=False)

@@ -14,6 +14,7 @@ Without JSONL paths the job runs on the controlled benchmark (ntk_jax.data.contr
 target ``select.benchmark.target``) and reports precision@N against the pool's base rate.
 """
 from ntk_jax.launcher.config_lib import base_config
+from ntk_jax.selection.methods import apply_overrides
 from ntk_jax.selection.methods.ntk import PRESETS
 
 
@@ -25,7 +26,5 @@ def get_config(arg=None):
     config.experiments = ("select",)
     config.select.method = "ntk"
     # The score variant (select.ntk; the defaults are the recommended preset):
-    for key, value in PRESETS[preset].items():
-        section, field = key.split(".")
-        config.select[section][field] = value
+    apply_overrides(config.select, PRESETS[preset])
     return config

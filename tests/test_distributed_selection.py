@@ -16,20 +16,24 @@ STORES = ("embeddings", "scores")
 
 
 def run_job(workdir, model_dir, n, *, method="ntk@paper", die_after=None, log="computed", timeout=300,
-            experiment="select"):
+            experiment="select", heartbeat_timeout_s=None):
     """Runs one selection job as ``n`` worker processes; returns ``[(rc, output)]`` per
     process. With ``die_after``, process ``n-1`` exits with 3 after that many score shards and
-    the survivors (waiting at a barrier for it) are then killed."""
+    the survivors (waiting at a barrier for it) are then killed — unless
+    ``heartbeat_timeout_s`` is given: then they are left to notice it themselves."""
     port = str(free_port())
     args = []
     for pid in range(n):
         a = [workdir, model_dir, "--log", log, "--method", method, "--experiment", experiment]
+        if heartbeat_timeout_s is not None:
+            a += ["--heartbeat_timeout_s", str(heartbeat_timeout_s)]
         if n > 1:
             a += ["--process_id", str(pid), "--num_processes", str(n), "--port", port]
         if die_after is not None and pid == n - 1:
             a += ["--die_after", str(die_after)]
         args.append(a)
-    return run_workers(WORKER, args, timeout=timeout, kill_when_last_dies=die_after is not None)
+    return run_workers(WORKER, args, timeout=timeout,
+                       kill_when_last_dies=die_after is not None and heartbeat_timeout_s is None)
 
 
 def computed(workdir, pid, log="computed"):
@@ -77,12 +81,14 @@ def test_selection_two_processes_equal_one_and_resume_after_kill(tmp_path, tiny_
     assert n_emb == 7 and n_score == 4  # 52 candidates, 32 after the filter, shards of 8
     assert computed(one, 0) == [("embeddings", k) for k in range(7)] + [("scores", k) for k in range(4)]
 
-    # Two processes; process 1 dies right after its first score shard (shard 1).
+    # Two processes; process 1 dies right after its first score shard (shard 1). Process 0
+    # stops by itself after the heartbeat timeout, naming the setting and how to resume.
     two = str(tmp_path / "two")
     job = os.path.join(two, "select")
-    outs = run_job(two, tiny_model_dir, 2, die_after=1, log="first")
+    outs = run_job(two, tiny_model_dir, 2, die_after=1, log="first", heartbeat_timeout_s=5)
     assert outs[1][0] == 3, outs[1][1]
-    assert outs[0][0] != 0  # killed while waiting for process 1
+    rc, out = outs[0]
+    assert rc != 0 and "heartbeat_timeout_s" in out and "Rerun the same command" in out, out[-3000:]
     assert not os.path.exists(os.path.join(job, "selected.jsonl"))
     assert not os.path.exists(os.path.join(job, "report.json"))
     first = {pid: computed(two, pid, "first") for pid in (0, 1)}

@@ -189,10 +189,10 @@ def _select_cfg(method, **kw):
     c = base_config().select
     c.method = method
     if method == "ntk":
+        from ntk_jax.selection.methods import apply_overrides
         from ntk_jax.selection.methods.ntk import PAPER
 
-        for key, value in PAPER.items():
-            c[key.split(".")[0]][key.split(".")[1]] = value
+        apply_overrides(c, PAPER)
     c.n_select = 8
     c.shard_size = 16
     c.projection_dim = 512

@@ -270,6 +270,9 @@ def distributed_config() -> ml_collections.ConfigDict:
         num_processes=0,            # 0: from JAX_NUM_PROCESSES / the cluster
         process_id=-1,              # -1: from JAX_PROCESS_ID / the cluster
         cpu_collectives="gloo",     # CPU backend's cross-process collectives ("" = JAX default)
+        # seconds without a heartbeat after which a process counts as dead: the others then stop
+        # at their next barrier with an error saying how to resume (JAX's default: 100)
+        heartbeat_timeout_s=100,
     ))
 
 

@@ -28,6 +28,7 @@ import jax
 from absl import logging
 
 MODES = ("auto", "on", "off")
+_HEARTBEAT_TIMEOUT_S = 100  # as initialize() set it (JAX's default until then)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +106,36 @@ def initialize(cfg) -> ProcessInfo:
     if cfg.cpu_collectives:
         # Cross-process collectives of the CPU backend (barriers, gathers); no effect on GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    global _HEARTBEAT_TIMEOUT_S
+    timeout = int(cfg.get("heartbeat_timeout_s", 100))
+    if timeout < 1:
+        raise ValueError(f"config.distributed.heartbeat_timeout_s must be >= 1, got {timeout}")
+    _HEARTBEAT_TIMEOUT_S = timeout
     if settings is not None:
         logging.info("jax.distributed: process %d/%d, coordinator %s", settings["process_id"],
                      settings["num_processes"], settings["coordinator_address"])
-        jax.distributed.initialize(**settings)
+        jax.distributed.initialize(**settings, heartbeat_timeout_seconds=timeout)
     else:
         logging.info("jax.distributed: %s environment detected", cluster)
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=timeout)
     return ProcessInfo(jax.process_index(), jax.process_count(), True)
 
 
 def barrier(name: str) -> None:
-    """Waits until every process reaches ``barrier(name)`` (no-op with one process)."""
+    """Waits until every process reaches ``barrier(name)`` (no-op with one process).
+
+    A process that died or stopped answering is noticed after the heartbeat timeout
+    (``config.distributed.heartbeat_timeout_s``, JAX's default 100 s); the survivors then stop
+    with a ``RuntimeError`` naming the barrier and how to resume (rerunning the same command
+    recomputes only what is missing)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        try:
+            multihost_utils.sync_global_devices(name)
+        except Exception as e:  # the runtime's error says little about what to do
+            raise RuntimeError(
+                f"process {jax.process_index()} of {jax.process_count()}: barrier {name!r} failed — another process "
+                f"died or stopped answering (noticed after the heartbeat timeout, {_HEARTBEAT_TIMEOUT_S} s: "
+                "config.distributed.heartbeat_timeout_s). Rerun the same command, with any number of processes, "
+                f"to resume from the results written so far. Cause: {type(e).__name__}: {e}") from e

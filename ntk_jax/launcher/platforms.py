@@ -134,6 +134,7 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
     ``model_path``: the checkpoint directory placeholder (``prepare_context`` raises a clear
     ``FileNotFoundError`` while it does not exist; override with ``--config.model.path``)."""
     from ntk_jax.launcher.config_lib import base_config, finetune_train_config, lora_config
+    from ntk_jax.selection.methods import apply_overrides
     from ntk_jax.selection.methods.ntk import PAPER
 
     lay = layout(platform_name)
@@ -158,8 +159,7 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
                                      checkpoint_every=max(steps // 4, 1), log_every=10)
     s.knn_k = 100
     # the paper's NTK-Selector (SPEC §6.1): the JVP scoring path the memory estimates assume
-    for key, value in PAPER.items():
-        s[key.split(".")[0]][key.split(".")[1]] = value
+    apply_overrides(s, PAPER)
     s.ntk.feature_norms = False
     s.projection_dim = PROJECTION_DIM
     s.projection_seed = 0

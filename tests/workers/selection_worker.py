@@ -28,6 +28,7 @@ ap.add_argument("--port", type=int, default=0)
 ap.add_argument("--die_after", type=int, default=-1, help="os._exit(3) after this many scores shards")
 ap.add_argument("--log", default="computed")
 ap.add_argument("--experiment", default="select", choices=("select", "select_compare"))
+ap.add_argument("--heartbeat_timeout_s", type=int, default=100)
 args = ap.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
@@ -35,7 +36,7 @@ os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
 from ntk_jax.launcher.config_lib import base_config  # noqa: E402
 from ntk_jax.launcher.run import run  # noqa: E402
 from ntk_jax.selection import store as store_lib  # noqa: E402
-from ntk_jax.selection.methods import get_method, split_arm  # noqa: E402
+from ntk_jax.selection.methods import apply_overrides, get_method, split_arm  # noqa: E402
 
 c = base_config()
 c.experiments = (args.experiment,)
@@ -45,12 +46,11 @@ if args.num_processes > 1:
     c.distributed.coordinator_address = f"localhost:{args.port}"
     c.distributed.num_processes = args.num_processes
     c.distributed.process_id = args.process_id
+    c.distributed.heartbeat_timeout_s = args.heartbeat_timeout_s
 s = c.select
 name, preset = split_arm(args.method)
 s.method = name
-for key, value in (get_method(name).presets[preset] if preset else {}).items():
-    section, field = key.split(".")
-    s[section][field] = value
+apply_overrides(s, get_method(name).presets[preset] if preset else {})
 s.benchmark.n_domain = 8
 s.benchmark.n_test = 8
 s.benchmark.n_pool_per_family = 4   # 52 candidates

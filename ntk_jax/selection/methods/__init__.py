@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Selection", "Method", "method_names", "get_method", "apply_preset", "split_arm"]
+__all__ = ["Selection", "Method", "method_names", "get_method", "apply_preset", "apply_overrides", "set_dotted",
+           "split_arm"]
 
 
 @dataclasses.dataclass
@@ -98,15 +99,28 @@ def split_arm(arm: str) -> tuple[str, str | None]:
     return name, (preset or None)
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
+def set_dotted(cfg, key: str, value: Any) -> None:
+    """``cfg[a][b]...[leaf] = value`` for ``key = "a.b....leaf"`` in a nested dict or
+    ``ConfigDict``; ``KeyError`` if a section or the field does not exist (nothing is created)."""
     *parents, leaf = key.split(".")
+    d = cfg
     for p in parents:
-        if p not in d or not isinstance(d[p], dict):
+        if p not in d or not hasattr(d[p], "keys"):
             raise KeyError(key)
         d = d[p]
     if leaf not in d:
         raise KeyError(key)
     d[leaf] = value
+
+
+def apply_overrides(cfg, overrides: dict) -> None:
+    """Sets every ``{dotted key: value}`` of ``overrides`` (e.g. a preset) in ``cfg`` in place
+    (:func:`set_dotted`); ``ValueError`` naming a key the config does not have."""
+    for key, value in overrides.items():
+        try:
+            set_dotted(cfg, key, copy.deepcopy(value))
+        except KeyError:
+            raise ValueError(f"setting {key!r}: the select config has no such field") from None
 
 
 def apply_preset(select_cfg: dict, arm: str) -> dict:
@@ -120,9 +134,8 @@ def apply_preset(select_cfg: dict, arm: str) -> dict:
     if preset is not None:
         if preset not in method.presets:
             raise ValueError(f"method {name!r} has no preset {preset!r}; presets: {sorted(method.presets)}")
-        for key, value in method.presets[preset].items():
-            try:
-                _set_dotted(cfg, key, copy.deepcopy(value))
-            except KeyError:
-                raise ValueError(f"preset {arm!r} sets {key!r}, which the select config does not have") from None
+        try:
+            apply_overrides(cfg, method.presets[preset])
+        except ValueError as e:
+            raise ValueError(f"preset {arm!r}: {e}") from None
     return cfg

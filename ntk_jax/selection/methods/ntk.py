@@ -57,7 +57,7 @@ from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.jobs import lora_filter
 from ntk_jax.selection.less import adam_diagonal, find_adam_state
 from ntk_jax.selection import loss_change
-from ntk_jax.selection.methods import Selection
+from ntk_jax.selection.methods import Selection, apply_overrides
 from ntk_jax.selection.methods.embedding import pool_embeddings
 from ntk_jax.selection.ntk_selector import (SCORE_OUTPUTS, TOKEN_REDUCTIONS, knn_votes, selection_scalar_fn,
                                             top_n)
@@ -121,16 +121,8 @@ def config() -> ml_collections.ConfigDict:
                                     # gradient per candidate instead of a JVP when normalize=none)
     ))
     c.loss_change = loss_change.config()
-    for key, value in RECOMMENDED.items():
-        _set(c, key.partition(".")[2], value)
+    apply_overrides(c, {key.partition(".")[2]: value for key, value in RECOMMENDED.items()})
     return c
-
-
-def _set(c, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        c = c[p]
-    c[leaf] = value
 
 
 def check_config(cfg: dict) -> None:

@@ -1,0 +1,143 @@
+"""Screen of NTK-Selector pipelines on the controlled suite: precision@N of every arm (no
+fine-tuning), and the first-order vs exact comparison (docs/selection.md).
+
+For each target × variant × seed of the suite's controlled benchmark (the embedded model the
+suite uses, pre-trained into ``WORKDIR/base_model``), every arm of :data:`ARMS` runs as a
+selection job (``run_selection``; resumable: a finished arm is read back, not rerun). The
+projection is off (``p = 0``: exact directions), as in the earlier variant screen. Printed
+JSON: per cell and arm precision@N and base rate; per arm the mean and minimum over cells; and
+per cell the Spearman correlations of the label-aware gradient scores at θ_0, θ_w and
+θ_0+θ_w with the loss change Δ_j (40 and 120 warm-up steps), with the precision of the
+records each picks that the other does not.
+
+    python benchmarks/selection_screen.py --workdir runs/screen --targets flipped_sentiment mirror \\
+        --variants no_conflict contradicting --seeds 0 > screen.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ntk_jax.data.controlled import TARGETS, VARIANTS, make_benchmark  # noqa: E402
+from ntk_jax.launcher.config_lib import base_config  # noqa: E402
+from ntk_jax.launcher.context import prepare_context  # noqa: E402
+from ntk_jax.selection.jobs import plain, run_selection  # noqa: E402
+from ntk_jax.selection.methods import apply_overrides, apply_preset  # noqa: E402
+from ntk_jax.utils import write_json  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+# name -> (arm, select-section overrides with dotted keys)
+ARMS = {
+    "paper": ("ntk@paper", {}),
+    "gradient": ("ntk@gradient", {}),
+    "grad_base": ("ntk@gradient", {"ntk.point": "base"}),
+    "grad_warm": ("ntk@gradient", {"ntk.point": "warmup"}),
+    "lc": ("ntk@loss_change", {}),
+    "lc_sum": ("ntk@loss_change", {"ntk.loss_change.reduce": "sum"}),
+    "lc_rel": ("ntk@loss_change", {"ntk.loss_change.relative": True}),
+    "lc_ckpt4": ("ntk@loss_change", {"ntk.loss_change.checkpoints": 4}),
+    "lc_xfit": ("ntk@loss_change", {"ntk.loss_change.cross_fit": True}),
+    "lc_120": ("ntk@loss_change", {"warmup.total_steps": 120}),
+    "staged_rank": ("ntk@staged", {}),
+    "staged_filter": ("ntk@staged", {"ntk.combine": "gradient"}),
+    "staged_rank_base": ("ntk@staged", {"ntk.point": "base"}),
+    "staged_rank_120": ("ntk@staged", {"warmup.total_steps": 120}),
+}
+
+
+def arm_config(select: dict, arm: str, overrides: dict) -> dict:
+    cfg = apply_preset(select, arm)
+    apply_overrides(cfg, {**overrides, "projection_dim": 0})
+    return cfg
+
+
+def run_arm(context, select: dict, bench, name: str, out_dir: str, seed: int) -> dict:
+    path = os.path.join(out_dir, "report.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    arm, overrides = ARMS[name]
+    rep = run_selection(context, arm_config(select, arm, overrides), bench.domain, bench.pool, out_dir, seed=seed,
+                        plot=False)
+    write_json(path, rep)
+    return rep
+
+
+def _scores(out_dir: str, pool_ids: list[str]) -> np.ndarray:
+    """The arm's scores in pool order (NaN where it scored nothing)."""
+    z = np.load(os.path.join(out_dir, "all_scores.npz"))
+    pos = {i: k for k, i in enumerate(pool_ids)}
+    out = np.full(len(pool_ids), np.nan)
+    out[[pos[str(i)] for i in z["ids"]]] = z["scores"]
+    return out
+
+
+def first_order_vs_exact(cell_dir: str, pool: list[dict], n: int) -> dict:
+    """Spearman of each gradient score with Δ (40, 120 steps) over the pool, and where the
+    top-N sets differ, the useful share of the records only one of them picks."""
+    ids = [str(r["id"]) for r in pool]
+    useful = np.array([r.get("role") == "useful" for r in pool])
+    out = {}
+    for delta_arm in ("lc", "lc_120"):
+        d = _scores(os.path.join(cell_dir, delta_arm), ids)
+        top_d = set(np.argsort(-d, kind="stable")[:n])
+        for grad_arm in ("grad_base", "grad_warm", "gradient"):
+            g = _scores(os.path.join(cell_dir, grad_arm), ids)
+            top_g = set(np.argsort(-g, kind="stable")[:n])
+            only_d, only_g = sorted(top_d - top_g), sorted(top_g - top_d)
+            out[f"{grad_arm}~{delta_arm}"] = {
+                "spearman": float(spearmanr(g, d).statistic), "overlap": len(top_d & top_g) / n,
+                "only_delta_useful": float(useful[only_d].mean()) if only_d else None,
+                "only_gradient_useful": float(useful[only_g].mean()) if only_g else None}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="runs/selection_screen")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    args = ap.parse_args(argv)
+    config = base_config()
+    context = prepare_context(config, args.workdir)
+    select = plain(config.select)
+    b = select["benchmark"]
+    cells, per_arm = {}, {a: [] for a in args.arms}
+    for target in args.targets:
+        for variant in args.variants:
+            for seed in args.seeds:
+                bench = make_benchmark(target, seed, n_domain=int(b["n_domain"]), n_test=int(b["n_test"]),
+                                       n_pool_per_family=int(b["n_pool_per_family"]), variant=variant)
+                cell_dir = os.path.join(args.workdir, target, variant, f"seed{seed}")
+                row = {}
+                for name in args.arms:
+                    rep = run_arm(context, select, bench, name, os.path.join(cell_dir, name), seed)
+                    row[name] = {"precision_at_n": rep["precision_at_n"], "base_rate": rep["base_rate"],
+                                 "seconds": float(sum(rep["timings_s"].values()))}
+                    per_arm[name].append(rep["precision_at_n"])
+                cell = {"arms": row}
+                if {"lc", "lc_120", "grad_base", "grad_warm", "gradient"} <= set(args.arms):
+                    cell["first_order_vs_exact"] = first_order_vs_exact(cell_dir, bench.pool,
+                                                                        int(select["n_select"]))
+                cells[f"{target}/{variant}/seed{seed}"] = cell
+                print(json.dumps({f"{target}/{variant}/seed{seed}": row}), file=sys.stderr, flush=True)
+    summary = {a: {v: {"mean": float(np.mean([cells[c]["arms"][a]["precision_at_n"] for c in cells
+                                                 if f"/{v}/" in c])),
+                       "min": float(np.min([cells[c]["arms"][a]["precision_at_n"] for c in cells if f"/{v}/" in c]))}
+                   for v in args.variants} for a in args.arms}
+    result = {"cells": cells, "summary": summary}
+    write_json(os.path.join(args.workdir, "screen.json"), result)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@
                                     [--projection-dim 8192] [--mfu 0.4] [--tokens 512,1024]
                                     [--pool 1800000] [--docs docs/cost_model.md] [--quick]
 
-Three parts (what SPEC §6.1 costs at the scale of SPEC §7; the page is ``docs/cost_model.md``),
+Three parts (what docs/theory.md §6.1 costs at the scale of docs/theory.md §8.3; the page is ``docs/cost_model.md``),
 printed as one JSON object on stdout and written as a Markdown page to ``--docs``:
 
 1. MEASURED — the per-example feature cost on tiny Llama-architecture ``DecoderLM`` models

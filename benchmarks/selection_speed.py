@@ -40,7 +40,7 @@ Everything runs in ONE process on the SAME model, LoRA weights and pool:
   (``RandomProjection.adjoint`` + ``ntk_jax.kernels.features.directional_derivatives``), with no
   per-example gradient and no projection per candidate. Reported as ``ours_scores_jvp``; its
   agreement with the features' ``F @ u`` is checked.
-* ours, label-aware scores (SPEC §6.5, ``select.ntk.output="loss"``): the same JVP of the
+* ours, label-aware scores (docs/theory.md §6.5, ``select.ntk.output="loss"``): the same JVP of the
   per-example loss instead of the sum of logits (``ours_scores_label_aware_jvp``), and the
   normalised form that needs each candidate's gradient norm, one per-example gradient per
   candidate (``ours_scores_label_aware_normalised``); ratios to ``ours_scores_jvp``.
@@ -243,7 +243,7 @@ def make_ours_runner(subset, projection, batch_size: int):
 
 def make_ours_score_runner(subset, tangent, batch_size: int, output: str = "sum_of_logits", normalized=False):
     """Scores only: ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` as one JVP per batch along ``Π u``
-    (``output="loss"``: the label-aware score of SPEC §6.5, g the per-example loss gradient);
+    (``output="loss"``: the label-aware score of docs/theory.md §6.5, g the per-example loss gradient);
     ``normalized``: one per-example gradient per candidate instead, giving ⟨g_j, t⟩ and ‖g_j‖
     (the cosine / candidate-norm variants)."""
     scalar_fn = selection_scalar_fn(subset, output, "mean")
@@ -471,7 +471,7 @@ def main(argv=None) -> dict:
     u = ours_runner(warm_pool).mean(axis=0)
     tangent = projection.adjoint(u, subset.params)
     runners["ours_scores_jvp"] = make_ours_score_runner(subset, tangent, args.batch_size)
-    # the label-aware score (SPEC §6.5) along the same kind of direction: JVP of the loss, and
+    # the label-aware score (docs/theory.md §6.5) along the same kind of direction: JVP of the loss, and
     # the normalised form (per-example gradient: inner product and norm)
     runners["ours_scores_label_aware_jvp"] = make_ours_score_runner(subset, tangent, args.batch_size, "loss")
     runners["ours_scores_label_aware_normalised"] = make_ours_score_runner(subset, tangent, args.batch_size, "loss",

@@ -1,4 +1,4 @@
-"""SPEC §3.3: the Jacobian-free approximation Θ̃ vs the exact eNTK tr Θ, and the cross-output
+"""docs/theory.md §5.3: the Jacobian-free approximation Θ̃ vs the exact eNTK tr Θ, and the cross-output
 terms vs width (experiments/approximation.py).
 
     python -m ntk_jax.main --config=configs/approximation.py --workdir=runs/approximation

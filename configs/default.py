@@ -1,5 +1,5 @@
 """The main job: pre-train the embedded tiny model (about a minute on CPU), then run the
-three validation experiments of SPEC §3 (stability, spectrum, approximation) with the settings
+three validation experiments of docs/theory.md §5 (stability, spectrum, approximation) with the settings
 stated in ``configs/stability.py``, ``configs/spectrum.py`` and ``configs/approximation.py``
 (``tests/test_config_overrides.py`` checks that they are the same).
 

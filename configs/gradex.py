@@ -1,4 +1,4 @@
-"""SPEC §6.4: first-order subset estimation (GradEx) — meta-initialisation, projected
+"""docs/theory.md §6.4: first-order subset estimation (GradEx) — meta-initialisation, projected
 gradients, per-subset linearised logistic fits, task selection, and a check of the
 estimates against real LoRA fine-tuning on a few subsets (experiments/gradex.py).
 

@@ -1,4 +1,4 @@
-"""One selection job with method 'embedding' (SPEC §6.2; experiments/select.py) on the controlled
+"""One selection job with method 'embedding' (docs/theory.md §6.2; experiments/select.py) on the controlled
 benchmark by default (set select.domain_path / pool_path for your own JSONL).
 
     python -m ntk_jax.main --config=configs/select_embedding.py --workdir=runs/select_embedding

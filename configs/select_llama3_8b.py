@@ -1,4 +1,4 @@
-"""NTK-Selector on Llama-3-8B-Instruct at the paper's scale (SPEC §6.1; ``experiments/select.py``):
+"""NTK-Selector on Llama-3-8B-Instruct at the paper's scale (docs/theory.md §6.1; ``experiments/select.py``):
 N = 9000 selected from a ~1.8M-record pool for ~1000 domain records.
 
     python -m ntk_jax.main --config=configs/select_llama3_8b.py:PLATFORM --workdir=WORKDIR \\

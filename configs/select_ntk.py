@@ -1,4 +1,4 @@
-"""One NTK-Selector job (SPEC §6.1, §6.5; experiments/select.py) with the recommended score
+"""One NTK-Selector job (docs/theory.md §6.1, §6.5; experiments/select.py) with the recommended score
 (docs/selection.md): label-aware loss gradients over the LoRA factors, cosine-normalised,
 averaged over two kernel points (fresh LoRA and after the domain warm-up), the whole pool
 scored. ``:paper`` gives the paper's reading instead (sum-of-logits gradients after the

@@ -1,4 +1,4 @@
-"""One selection job with method 'random' (SPEC §6.2; experiments/select.py) on the controlled
+"""One selection job with method 'random' (docs/theory.md §6.2; experiments/select.py) on the controlled
 benchmark by default (set select.domain_path / pool_path for your own JSONL).
 
     python -m ntk_jax.main --config=configs/select_random.py --workdir=runs/select_random

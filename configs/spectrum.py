@@ -1,4 +1,4 @@
-"""SPEC §3.2: eNTK spectrum, κ and the risk bounds over LoRA placements (experiments/spectrum.py).
+"""docs/theory.md §5.2: eNTK spectrum, κ and the risk bounds over LoRA placements (experiments/spectrum.py).
 
     python -m ntk_jax.main --config=configs/spectrum.py --workdir=runs/spectrum
 

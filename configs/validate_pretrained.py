@@ -1,4 +1,4 @@
-"""SPEC §3 on a real pre-trained transformer: the three validation experiments (stability,
+"""docs/theory.md §5.4 on a real pre-trained transformer: the three validation experiments (stability,
 spectrum, approximation) on all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters)
 with a new 2-way head, LoRA r=8 on query/value, on the VADER lexicon task (human valence
 labels, ntk_jax.data.lexicon; results in docs/validation.md).

@@ -1,4 +1,4 @@
-"""SPEC §3.3 — how well the Jacobian-free kernel tracks the exact eNTK (NTK-Selector Fig. 2b).
+"""docs/theory.md §5.3 — how well the Jacobian-free kernel tracks the exact eNTK (NTK-Selector Fig. 2b).
 
 On ``n_examples`` inputs from several tasks, with the pre-trained base model + LoRA:
 

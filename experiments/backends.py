@@ -1,4 +1,4 @@
-"""What the validation experiments (SPEC §3) run on: the model, the kernel's output function,
+"""What the validation experiments (docs/theory.md §5) run on: the model, the kernel's output function,
 the data and the loss, chosen by ``config.model.task``. The experiments themselves are the
 same code for both.
 

@@ -1,4 +1,4 @@
-"""SPEC §6.4 — first-order subset estimation (GradEx), checked against real fine-tuning.
+"""docs/theory.md §6.4 — first-order subset estimation (GradEx), checked against real fine-tuning.
 
     python -m ntk_jax.main --config=configs/gradex.py --workdir=runs/gradex
 

@@ -1,4 +1,4 @@
-"""SPEC §6.3 — lpNTK data pruning with farthest-point clustering, against random pruning.
+"""docs/theory.md §6.3 — lpNTK data pruning with farthest-point clustering, against random pruning.
 
 The classifier: the base language model (embedded tiny decoder or any checkpoint the
 launcher loads) with LoRA adapters, read as a K-class classifier on a labelled synthetic task

@@ -1,4 +1,4 @@
-"""SPEC §3.2 — eNTK spectrum, condition number and the kernel-regression risk bounds
+"""docs/theory.md §5.2 — eNTK spectrum, condition number and the kernel-regression risk bounds
 (NTK-spectrum paper, Thm. 1), over a sweep of LoRA placements.
 
 For each placement (target projections × layers): the exact traced eNTK K over the LoRA
@@ -11,7 +11,7 @@ claim: lower κ ↔ lower loss). Targets y: ±1 from the task's two labels; with
 task (``config.model.task="classification"``, :mod:`experiments.backends`) also the risk with
 the regression targets (the mean human valence). A placement may carry its own LoRA ``rank``.
 
-Also: the printed lower bound's failure rate on random PSD kernels (the finding of SPEC §3.2).
+Also: the printed lower bound's failure rate on random PSD kernels (the finding of docs/theory.md §4.3).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §3.1 — NTK-like stability during LoRA fine-tuning (NTK-Selector Def. 1, Thm. 1).
+"""docs/theory.md §5.1 — NTK-like stability during LoRA fine-tuning (NTK-Selector Def. 1, Thm. 1).
 
 On a fixed probe set, the exact traced eNTK Θ_t over the LoRA factors is computed every
 ``kernel_every`` steps of LoRA fine-tuning of the pre-trained base model on a task it was not

@@ -1,4 +1,4 @@
-"""Multi-process and multi-device runs (SPEC §7; docs/scale.md): jax.distributed on localhost
+"""Multi-process and multi-device runs (docs/theory.md §8.3; docs/scale.md): jax.distributed on localhost
 CPU processes, row-striped exact kernels, resume after a process is killed, the launcher's
 settings."""
 import json

@@ -1,4 +1,4 @@
-"""Selection jobs split across jax.distributed processes (SPEC §7; docs/scale.md): localhost
+"""Selection jobs split across jax.distributed processes (docs/theory.md §8.3; docs/scale.md): localhost
 CPU processes run ``experiments/select.py`` through the launcher (tests/workers/
 selection_worker.py); the shards, scores and selection must equal a one-process run bitwise,
 each process must compute exactly its own shards (``k mod n``), and after one process is

@@ -1,4 +1,4 @@
-"""GradEx (SPEC §6.4): the logistic fit, the projection round trip, the first-order
+"""GradEx (docs/theory.md §6.4): the logistic fit, the projection round trip, the first-order
 linearisation, the per-example output f, the ensemble scores, greedy selection, the ridge
 surrogate, and the job end to end through the launcher."""
 import glob

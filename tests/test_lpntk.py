@@ -1,5 +1,5 @@
-"""lpNTK (SPEC §6.3): features and kernel against closed forms and brute force, farthest-point
-clustering against an independent implementation of the SPEC rules, pruning counts, the
+"""lpNTK (docs/theory.md §6.3): features and kernel against closed forms and brute force, farthest-point
+clustering against an independent implementation of the docs/theory.md §6.3 rules, pruning counts, the
 interchangeable / contradictory behaviour on a trained classifier, and the job end to end."""
 import glob
 import json
@@ -112,7 +112,7 @@ def test_label_validation():
 
 # --------------------------------------------------------------------------- clustering
 def reference_fpc(S, k):
-    """Independent, loop-by-loop implementation of the SPEC §6.3 rules."""
+    """Independent, loop-by-loop implementation of the docs/theory.md §6.3 rules."""
     n = len(S)
     best, first = -np.inf, None
     for i in range(n):

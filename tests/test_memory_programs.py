@@ -1,5 +1,5 @@
 """The selection-job programs of ``estimate_memory`` (hidden / projected / jvp / train) and
-the CPU bf16 upcast count, on a tiny decoder and one device (SPEC §7; docs/scale.md)."""
+the CPU bf16 upcast count, on a tiny decoder and one device (docs/theory.md §8.3; docs/scale.md)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,5 @@
 """``config.mesh`` → ``Context.mesh`` and data-parallel features / JVP scores / hidden states /
-fine-tuning / evaluation (SPEC §7; docs/scale.md).
+fine-tuning / evaluation (docs/theory.md §8.3; docs/scale.md).
 
 The 8-device comparison runs in a subprocess (``tests/mesh_jobs_checks.py``, started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``); the one-device behaviour is checked

@@ -1,5 +1,5 @@
 """The 8B selection configs (``configs/select_llama3_8b.py``, ``configs/select_qwen3_8b.py``)
-for every platform of :mod:`ntk_jax.launcher.platforms` (SPEC §7; docs/scale.md).
+for every platform of :mod:`ntk_jax.launcher.platforms` (docs/theory.md §8.3; docs/scale.md).
 
 Each config is loaded the way ``ntk_jax.main`` loads it (ml_collections ``config_flags``
 with ``--config=FILE:PLATFORM``, locked), checked by the launcher's checks, and its layout

@@ -1,4 +1,4 @@
-"""Selection core (SPEC §6): ScoreStore resume, NTK-Selector scores vs the exact
+"""Selection core (docs/theory.md §6): ScoreStore resume, NTK-Selector scores vs the exact
 Jacobian-free kernel, kNN votes vs brute force, the LESS preconditioner vs optax, bad
 inputs, and a shrunken end-to-end comparison through the launcher."""
 import json

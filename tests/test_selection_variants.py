@@ -1,4 +1,4 @@
-"""NTK score variants (SPEC §6.5), the method plug-ins and the selection diagnostics.
+"""NTK score variants (docs/theory.md §6.5), the method plug-ins and the selection diagnostics.
 
 Oracles: per-example gradients formed explicitly (``gradient_features`` without
 projection) and the variant formulas evaluated by hand; finite differences of the domain

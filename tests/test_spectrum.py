@@ -1,4 +1,4 @@
-"""Tests for ntk_jax.kernels.spectrum (SPEC §3.2): spectrum, kernel regression, risk bounds."""
+"""Tests for ntk_jax.kernels.spectrum (docs/theory.md §4): spectrum, kernel regression, risk bounds."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for ntk_jax.kernels.stability (SPEC §3.1): cosine, scale, residual, u(t), Thm. 1 factor."""
+"""Tests for ntk_jax.kernels.stability (docs/theory.md §3): cosine, scale, residual, u(t), Thm. 1 factor."""
 import json
 import math
 

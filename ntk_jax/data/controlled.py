@@ -2,7 +2,7 @@
 
 Selection quality has to be shown on tasks the selection method was not built around, so the
 benchmark is a suite: :data:`TARGETS` maps a target name to a :class:`TargetSpec`, and
-:func:`make_benchmark` builds any of them (SPEC §6.1/§6.2; how the selection jobs use it:
+:func:`make_benchmark` builds any of them (docs/theory.md §7; how the selection jobs use it:
 ``docs/selection.md``). Every target has
 
 * its own surface form (``template``) and rule; ``domain`` (``n_domain`` records) and

@@ -1,4 +1,4 @@
-"""Factored (Kronecker-structured) JL projections of per-example gradients (SPEC §6.6; LoGra,
+"""Factored (Kronecker-structured) JL projections of per-example gradients (docs/theory.md §2.6; LoGra,
 Choe et al. 2024).
 
 For a linear site ``y_t = x_t W`` (found as in :mod:`ntk_jax.kernels.structured`), the

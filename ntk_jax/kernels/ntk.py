@@ -1,6 +1,6 @@
 """Empirical neural tangent kernels of ``f(params, x)`` with respect to ``params``.
 
-Notation (SPEC §1–2): ``f(θ, x) ∈ R^O`` per example, ``J(x) = ∂f/∂θ ∈ R^{O×P}`` over the
+Notation (docs/theory.md §1, §2): ``f(θ, x) ∈ R^O`` per example, ``J(x) = ∂f/∂θ ∈ R^{O×P}`` over the
 parameters passed in (θ_train; take a subset with :func:`ntk_jax.models.subset.param_subset`).
 
 * :func:`empirical_ntk` — exact ``Θ(x, x') = J(x) J(x')ᵀ``: ``(n1, n2, O, O)``, or
@@ -9,7 +9,7 @@ parameters passed in (θ_train; take a subset with :func:`ntk_jax.models.subset.
   (NTK-vector products ``J(x)(J(x')ᵀ e_b)`` by ``vjp`` then ``jvp``; J is never formed) and
   ``"neural_tangents"`` (the neural-tangents library, as an oracle); plus ``"structured"``
   (linear layers contracted through their input / output-cotangent factors,
-  :mod:`ntk_jax.kernels.structured`, SPEC §6.6) and ``"auto"`` (the cheapest by
+  :mod:`ntk_jax.kernels.structured`, docs/theory.md §2.5) and ``"auto"`` (the cheapest by
   :func:`~ntk_jax.kernels.structured.structured_plan`'s cost model; docs/kernels.md).
 * :func:`jacobian_free_ntk` — ``Θ̃(x, x') = ⟨∇θ Σ_k f_k(x), ∇θ Σ_k f_k(x')⟩`` (NTK-Selector
   Def. 2), exact or through a seeded JL projection.

@@ -3,7 +3,7 @@
 A language model's logits are ``(n, T, V)``. The kernels of this library need ``f(params, x)``
 with one output vector per example; for LMs the positions that count (all real tokens, or only
 response tokens) are given by a mask the caller passes, and positions are averaged so that
-long and short examples are comparable (SPEC §2):
+long and short examples are comparable (docs/theory.md §1.2):
 
 * ``reduce="mean"``: ``f(x) = (1/|M_x|) Σ_{t∈M_x} z_t(x) ∈ R^V`` (O = V). Its sum of outputs
   is the length-normalised sum of logits of NTK-Selector; its traced exact kernel pairs equal

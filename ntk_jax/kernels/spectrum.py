@@ -1,4 +1,4 @@
-"""Spectrum of a kernel matrix and the kernel-regression risk bounds (SPEC §3.2).
+"""Spectrum of a kernel matrix and the kernel-regression risk bounds (docs/theory.md §4).
 
 All functions are host-side analysis utilities: they accept numpy or jax arrays and
 return numpy arrays or python floats. Kernels are symmetrised, ``(K + Kᵀ)/2``, before

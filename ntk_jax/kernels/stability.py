@@ -1,4 +1,4 @@
-"""NTK-like stability of a kernel trajectory (SPEC §3.1; NTK-Selector Def. 1, Thm. 1).
+"""NTK-like stability of a kernel trajectory (docs/theory.md §3; NTK-Selector Def. 1, Thm. 1).
 
 Given kernels ``Θ_t`` on a fixed probe set at training steps ``t`` and the reference
 ``Θ_0``, all with the same (arbitrary) shape, and Frobenius inner products

@@ -18,7 +18,7 @@ from ntk_jax.models.lora import lora_config  # noqa: F401  (a building block of 
 from ntk_jax.selection.methods import get_method, method_names
 from ntk_jax.training.trainer import finetune_train_config  # noqa: F401
 
-# The validation experiments the default job runs (SPEC §3). Any job with a section in
+# The validation experiments the default job runs (docs/theory.md §5). Any job with a section in
 # SECTIONS below can be listed in ``config.experiments``.
 EXPERIMENTS = ("stability", "spectrum", "approximation")
 
@@ -62,14 +62,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
 
 def stability_config() -> ml_collections.ConfigDict:
-    """SPEC §3.1: Θ_t on a fixed probe set during LoRA fine-tuning."""
+    """docs/theory.md §5.1: Θ_t on a fixed probe set during LoRA fine-tuning."""
     return ml_collections.ConfigDict(dict(
         task="add_spaced",          # fine-tuning task (not in the pre-training mix)
         n_train=512,
         n_probe=16,
         kernel_every=10,            # compute Θ_t every this many steps
         # B ~ N(0, b_init_std²) instead of B = 0, so the gradient w.r.t. A (and Θ_0) is not
-        # degenerate at step 0 (SPEC §3.1 note).
+        # degenerate at step 0 (docs/theory.md §3.4).
         lora=lora_config(b_init_std=0.02),
         train=finetune_train_config(total_steps=100, learning_rate=2e-3),
         epsilon=0.01,               # the NTK-like threshold checked in the report (S ≥ 1-ε)
@@ -81,7 +81,7 @@ def stability_config() -> ml_collections.ConfigDict:
 
 
 def spectrum_config() -> ml_collections.ConfigDict:
-    """SPEC §3.2: κ and risk bounds over LoRA placements, then fine-tune each."""
+    """docs/theory.md §5.2: κ and risk bounds over LoRA placements, then fine-tune each."""
     return ml_collections.ConfigDict(dict(
         task="sentiment_flipped",  # labels opposite to pre-training: fine-tuning must move
         n_kernel=32,                # examples in the kernel (the paper: 32)
@@ -105,7 +105,7 @@ def spectrum_config() -> ml_collections.ConfigDict:
 
 
 def approximation_config() -> ml_collections.ConfigDict:
-    """SPEC §3.3: Jacobian-free Θ̃ vs exact tr Θ, and cross-output terms vs width."""
+    """docs/theory.md §5.3: Jacobian-free Θ̃ vs exact tr Θ, and cross-output terms vs width."""
     return ml_collections.ConfigDict(dict(
         tasks=PRETRAIN_TASKS,
         n_examples=48,              # all pairs of these examples are compared
@@ -128,7 +128,7 @@ def lexicon_config() -> ml_collections.ConfigDict:
 
 
 def gradex_config() -> ml_collections.ConfigDict:
-    """SPEC §6.4: first-order subset estimation (GradEx) over synthetic auxiliary tasks,
+    """docs/theory.md §6.4: first-order subset estimation (GradEx) over synthetic auxiliary tasks,
     checked against real LoRA fine-tuning on a few subsets (experiments/gradex.py)."""
     return ml_collections.ConfigDict(dict(
         target="add_spaced",        # target task (not in the pre-training mix)
@@ -170,7 +170,7 @@ def gradex_config() -> ml_collections.ConfigDict:
 
 
 def prune_lpntk_config() -> ml_collections.ConfigDict:
-    """SPEC §6.3: lpNTK farthest-point-clustering pruning vs random pruning
+    """docs/theory.md §6.3: lpNTK farthest-point-clustering pruning vs random pruning
     (experiments/prune_lpntk.py)."""
     return ml_collections.ConfigDict(dict(
         # Labelled synthetic task; classes = its distinct responses. sentiment_flipped: the
@@ -200,7 +200,7 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
 
 
 def select_config() -> ml_collections.ConfigDict:
-    """SPEC §6.1/§6.2: one data-selection job (experiments/select.py); also the per-method
+    """docs/theory.md §6.1/§6.2: one data-selection job (experiments/select.py); also the per-method
     settings the comparison (select_compare) uses."""
     c = ml_collections.ConfigDict(dict(
         method="ntk",               # a module of ntk_jax.selection.methods: ntk | less | random | embedding
@@ -238,7 +238,7 @@ def select_config() -> ml_collections.ConfigDict:
 
 
 def select_compare_config() -> ml_collections.ConfigDict:
-    """SPEC §6 (docs/selection.md): domain-only vs domain ∪ selected(method) over seeds
+    """docs/theory.md §7.2 (docs/selection.md): domain-only vs domain ∪ selected(method) over seeds
     (experiments/select_compare.py); selection settings come from ``config.select``."""
     return ml_collections.ConfigDict(dict(
         methods=("random", "embedding", "less", "ntk"),

@@ -92,7 +92,7 @@ def layout(name: str | None) -> Layout:
     return lay
 
 
-# NTK-Selector at the paper's scale (SPEC §6.1): N = 9000 selected from a 1.8M pool for 1000
+# NTK-Selector at the paper's scale (docs/theory.md §6.1): N = 9000 selected from a 1.8M pool for 1000
 # domain examples, p = 8192, sequence length 1024, LoRA on the attention projections.
 N_SELECT = 9000
 PROJECTION_DIM = 8192
@@ -110,7 +110,7 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
 
     * LoRA r = 128, α = 512 on q/k/v/o of every layer, dropout 0. The NTK-Selector paper's own
       LoRA hyper-parameters were not available here (only its abstract); these are LESS's (Xia
-      et al. 2024; SPEC §6.2), the baseline the paper compares against, so both methods select
+      et al. 2024; docs/theory.md §6.2), the baseline the paper compares against, so both methods select
       through the same adapters.
     * p = 8192 (Rademacher, seed 0), candidate scores by JVP (no per-candidate features);
       sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
@@ -158,7 +158,7 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
                                      schedule="linear", batch_size=lay.train_batch_size,
                                      checkpoint_every=max(steps // 4, 1), log_every=10)
     s.knn_k = 100
-    # the paper's NTK-Selector (SPEC §6.1): the JVP scoring path the memory estimates assume
+    # the paper's NTK-Selector (docs/theory.md §6.1): the JVP scoring path the memory estimates assume
     apply_overrides(s, PAPER)
     s.ntk.feature_norms = False
     s.projection_dim = PROJECTION_DIM

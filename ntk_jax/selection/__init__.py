@@ -1,4 +1,4 @@
-"""Data selection for LLM fine-tuning (SPEC §6; results in docs/selection.md).
+"""Data selection for LLM fine-tuning (docs/theory.md §6; results in docs/selection.md).
 
 Modules:
 

@@ -1,4 +1,4 @@
-"""Selection baselines (SPEC §6.2) that need no gradients: random, and embedding similarity
+"""Selection baselines (docs/theory.md §6.2) that need no gradients: random, and embedding similarity
 (the NTK-Selector coarse filter alone). LESS lives in :mod:`ntk_jax.selection.less`."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 * ``share_by_role`` (pools whose records carry ``role``): the same per role;
 * ``spearman_score_vs_feature_norm``: Spearman correlation, over the scored candidates,
   of the score with the norm of the candidate's feature / gradient (``None`` where the
-  method has no norm): near 1 means the score mostly ranks gradient norms (SPEC §6.5);
+  method has no norm): near 1 means the score mostly ranks gradient norms (docs/theory.md §6.5);
 * ``spearman_score_vs_response_length``: the same against the number of scored (response)
   tokens;
 * ``score_by_role``: mean / median / min / max score per role (where roles exist).

@@ -1,4 +1,4 @@
-"""First-order subset estimation (GradEx; SPEC §6.4; Li, Zhang, Wang, Zhang, "Scalable
+"""First-order subset estimation (GradEx; docs/theory.md §6.4; Li, Zhang, Wang, Zhang, "Scalable
 fine-tuning from multiple data sources: a first-order approximation approach", EMNLP 2024).
 
 Which subset ``S`` of ``n`` auxiliary tasks should a model be fine-tuned on for a target task?
@@ -36,7 +36,7 @@ Instead of fine-tuning on every candidate ``S``, GradEx fine-tunes once on all t
    ``Σ(est − true)² / Σ true²``.
 
 Scale: nothing is rescaled. The only knob that sets the size of Δ is ``C`` (the loss is a
-*sum* over the subset's examples, as in SPEC §6.4, so larger subsets are regularised less).
+*sum* over the subset's examples, as in docs/theory.md §6.4, so larger subsets are regularised less).
 The paper's code drops the offset ``b_i`` and rescales Δ by hand; here the offset is kept.
 """
 from __future__ import annotations

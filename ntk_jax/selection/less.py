@@ -1,4 +1,4 @@
-"""LESS (SPEC §6.2): Adam-preconditioned loss-gradient similarity, summed over warm-up
+"""LESS (docs/theory.md §6.2): Adam-preconditioned loss-gradient similarity, summed over warm-up
 checkpoints.
 
 For each warm-up checkpoint c (LoRA params θ_c and its optax Adam moments m_c, v_c; the

@@ -1,4 +1,4 @@
-"""lpNTK: the labelled pseudo-NTK and farthest-point-clustering data pruning (SPEC §6.3).
+"""lpNTK: the labelled pseudo-NTK and farthest-point-clustering data pruning (docs/theory.md §6.3).
 
 For a K-class classifier with raw logits ``z(x) ∈ R^K`` (``logits_fn(params, x) -> (n, K)``)
 and an integer label ``y``, the sign vector ``s(y) ∈ {±1}^K`` is +1 at the label and -1
@@ -102,7 +102,7 @@ def lpntk_kernel(features1: np.ndarray, num_classes: int, features2: np.ndarray 
 
 # ------------------------------------------------------------------------------ clustering
 def farthest_point_clustering(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Farthest-point clustering on a symmetric ``(n, n)`` similarity matrix (SPEC §6.3).
+    """Farthest-point clustering on a symmetric ``(n, n)`` similarity matrix (docs/theory.md §6.3).
 
     1. The first centre is a member of the most similar pair ``argmax_{i≠j} S_ij`` (the one
        with the smaller index; ties broken by the first pair in row-major order); every

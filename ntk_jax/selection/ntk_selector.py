@@ -1,4 +1,4 @@
-"""NTK-Selector (SPEC §6.1): warm-up, coarse kNN filter, Jacobian-free kernel scores, top-N.
+"""NTK-Selector (docs/theory.md §6.1): warm-up, coarse kNN filter, Jacobian-free kernel scores, top-N.
 
 The pieces, each a small function (the job that strings them together, with resumable
 sharded scoring, is :mod:`ntk_jax.selection.jobs`):
@@ -45,7 +45,7 @@ __all__ = ["SCORE_OUTPUTS", "TOKEN_REDUCTIONS", "selection_scalar_fn", "ntk_scal
 
 
 SCORE_OUTPUTS = ("sum_of_logits", "loss")
-"""What the per-example scalar ``s(θ, x)`` is (SPEC §6.1, §6.5): the sum of the logits over
+"""What the per-example scalar ``s(θ, x)`` is (docs/theory.md §6.1, §6.5): the sum of the logits over
 the vocabulary (NTK-Selector; label-blind) or the token NLL of the record's response
 (label-aware: its gradient is ``Σ_t J_tᵀ r_t`` with ``r_t = softmax(z_t) − e_{y_t}``)."""
 

@@ -1,4 +1,4 @@
-"""A minimal, exactly resumable fine-tuning loop (SPEC §5).
+"""A minimal, exactly resumable fine-tuning loop (docs/theory.md §8.2).
 
     result = train(model, data, TrainConfig(total_steps=200), wrt=nnx.LoRAParam, workdir="run")
 

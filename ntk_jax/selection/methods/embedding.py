@@ -1,4 +1,4 @@
-"""Embedding similarity (SPEC §6.2): NTK-Selector's coarse filter alone — each domain record
+"""Embedding similarity (docs/theory.md §6.2): NTK-Selector's coarse filter alone — each domain record
 votes for its ``knn_k`` nearest pool records by cosine of the mean final hidden states of the
 warm-up model; the N most-voted are selected (ties by mean cosine, then pool order).
 

@@ -1,4 +1,4 @@
-"""LESS (SPEC §6.2; math in :mod:`ntk_jax.selection.less`): a LoRA warm-up on a
+"""LESS (docs/theory.md §6.2; math in :mod:`ntk_jax.selection.less`): a LoRA warm-up on a
 ``sample_fraction`` sample of the pool with a checkpoint per epoch; per checkpoint,
 Adam-preconditioned projected loss gradients of the candidates against the plain loss
 gradients of the domain records (cosine), summed over checkpoints weighted by their learning
@@ -25,7 +25,7 @@ from ntk_jax.training.trainer import finetune_train_config, make_schedule
 
 
 def config() -> ml_collections.ConfigDict:
-    """``select.less``: LESS's own LoRA and warm-up (SPEC §6.2: 5 % of the pool, 4 epochs, a
+    """``select.less``: LESS's own LoRA and warm-up (docs/theory.md §6.2: 5 % of the pool, 4 epochs, a
     checkpoint per epoch)."""
     return ml_collections.ConfigDict(dict(
         sample_fraction=0.05,       # share of the pool the warm-up trains on

@@ -1,4 +1,4 @@
-"""NTK-Selector (SPEC §6.1) and its score variants (SPEC §6.5); the math is in
+"""NTK-Selector (docs/theory.md §6.1) and its score variants (docs/theory.md §6.5); the math is in
 :mod:`ntk_jax.selection.ntk_selector` and :mod:`ntk_jax.kernels.features`.
 
 Stages: (1) the kernel point — a LoRA warm-up on the domain set (``point="warmup"``), the
@@ -13,8 +13,8 @@ point and ``s`` set by ``select.ntk.output`` / ``reduce``
 (:func:`~ntk_jax.selection.ntk_selector.selection_scalar_fn`):
 
 * ``output="sum_of_logits"``: ``s = Σ_{t∈M} Σ_v z_{t,v}`` — ``⟨g(x_i), g(x_j)⟩`` is the
-  Jacobian-free kernel ``Θ̃(x_i, x_j)`` of SPEC §2 (label-blind);
-* ``output="loss"`` (label-aware, SPEC §6.5): ``s = Σ_{t∈M} −log p(y_t)``, so
+  Jacobian-free kernel ``Θ̃(x_i, x_j)`` of docs/theory.md §2.2 (label-blind);
+* ``output="loss"`` (label-aware, docs/theory.md §6.5): ``s = Σ_{t∈M} −log p(y_t)``, so
   ``⟨g(x_i), g(x_j)⟩ = Σ_{t,t'} r_{i,t}ᵀ Θ(x_{i,t}, x_{j,t'}) r_{j,t'}`` with the residuals
   ``r = softmax(z) − e_y``: one SGD step of size η on j changes the domain loss by ≈ −η times
   the score;

@@ -1,4 +1,4 @@
-"""Random selection (SPEC §6.2): N distinct pool records drawn uniformly with the job's seed."""
+"""Random selection (docs/theory.md §6.2): N distinct pool records drawn uniformly with the job's seed."""
 from __future__ import annotations
 
 from ntk_jax.selection.baselines import random_selection

@@ -1,4 +1,4 @@
-"""Loss-change scores and the staged NTK-Selector pipeline (docs/theory.md, loss-change scores).
+"""Loss-change scores and the staged NTK-Selector pipeline (docs/theory.md §6.7).
 
 Oracles: each record's response NLL from the model's own logits (``per_example_lm_loss``
 over a plain forward, not the job's forward program) at the fresh LoRA factors and at the

@@ -10,7 +10,7 @@ with ``ℓ_j`` the record's response-token NLL (``reduce``: mean or sum over the
 tokens), ``θ_0`` the fresh LoRA factors (B = 0: the base model) and ``θ_w`` the LoRA factors
 after the domain warm-up. Under gradient flow on the domain loss ``L_D``,
 ``Δ_j = ∫ η ⟨∇ℓ_j(θ_t), ∇L_D(θ_t)⟩ dt``: the label-aware NTK score integrated along the
-warm-up path (docs/theory.md, loss-change scores), of which the two-point gradient score is a
+warm-up path (docs/theory.md §6.7), of which the two-point gradient score is a
 first-order approximation. It costs one forward pass per record and parameter point, no
 backward pass.
 

@@ -1,12 +1,23 @@
 """NTK-Selector (docs/theory.md §6.1) and its score variants (docs/theory.md §6.5); the math is in
 :mod:`ntk_jax.selection.ntk_selector` and :mod:`ntk_jax.kernels.features`.
 
-Stages: (1) the kernel point — a LoRA warm-up on the domain set (``point="warmup"``), the
-model with fresh LoRA factors (``point="base"``), or both (``point="base+warmup"``: the
-score is the mean of the two points' scores, a two-point TracIn-style sum); (2) the coarse filter — kNN votes of the
-domain records over mean hidden states keep ``M = ntk.filter_factor · N`` candidates
-(``0``: score the whole pool); (3) per-candidate scores in resumable shards;
-(4) the top N.
+A staged pipeline (docs/theory.md §6.7), every stage in resumable shards and timed:
+
+0. the parameter points — the fresh LoRA factors θ_0 and, where a stage needs it, the LoRA
+   warm-up on the domain set θ_w (``select.warmup``; resumable);
+1. a cheap stage over the whole pool (``filter``): ``"knn"`` — each domain record votes for
+   its ``knn_k`` nearest pool records by cosine of the warm-up model's mean hidden states (the
+   paper's coarse filter); ``"loss_change"`` — the forward-only loss change
+   ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` (:mod:`ntk_jax.selection.loss_change`, variants in
+   ``select.ntk.loss_change``); ``"none"``. It keeps ``M = filter_factor · N`` candidates
+   (``0``: all);
+2. gradient scores of the kept candidates (``gradient=True``; below), at the kernel point(s)
+   ``point``: ``"base"`` (θ_0), ``"warmup"`` (θ_w, the paper) or ``"base+warmup"`` (the mean of
+   the two points' scores, a two-point TracIn-style sum);
+3. the final score (``combine``): ``"gradient"`` — stage 2's score alone (the paper: the kNN
+   filter then the kernel score); ``"rank_mean"`` — minus the mean of the two stages' ranks
+   inside the kept set; with ``gradient=False``, stage 1's score alone;
+4. the top N.
 
 The score of candidate j, with ``g(x) = ∇_θ s(θ, x)`` over the LoRA factors at the kernel
 point and ``s`` set by ``select.ntk.output`` / ``reduce``

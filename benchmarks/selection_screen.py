@@ -32,10 +32,9 @@ from ntk_jax.selection.methods import apply_overrides, apply_preset  # noqa: E40
 from ntk_jax.utils import write_json  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-# name -> (arm, select-section overrides with dotted keys)
+# Arms run as selection jobs: name -> (arm, select-section overrides with dotted keys).
 ARMS = {
     "paper": ("ntk@paper", {}),
-    "gradient": ("ntk@gradient", {}),
     "grad_base": ("ntk@gradient", {"ntk.point": "base"}),
     "grad_warm": ("ntk@gradient", {"ntk.point": "warmup"}),
     "lc": ("ntk@loss_change", {}),
@@ -44,11 +43,14 @@ ARMS = {
     "lc_ckpt4": ("ntk@loss_change", {"ntk.loss_change.checkpoints": 4}),
     "lc_xfit": ("ntk@loss_change", {"ntk.loss_change.cross_fit": True}),
     "lc_120": ("ntk@loss_change", {"warmup.total_steps": 120}),
-    "staged_rank": ("ntk@staged", {}),
-    "staged_filter": ("ntk@staged", {"ntk.combine": "gradient"}),
-    "staged_rank_base": ("ntk@staged", {"ntk.point": "base"}),
-    "staged_rank_120": ("ntk@staged", {"warmup.total_steps": 120}),
 }
+# Arms computed from the jobs' saved scores, exactly as the staged pipeline combines them
+# (ntk_jax.selection.methods.ntk.select): "gradient" is the mean of the two points' scores
+# (the preset ntk@gradient); "<Δ arm>><gradient>@<k>[:filter]" keeps the top k·N by Δ and ranks
+# them by the mean of the two ranks (":filter": by the gradient score alone).
+GRADIENTS = {"gradient": ("grad_base", "grad_warm"), "grad_base": ("grad_base",), "grad_warm": ("grad_warm",)}
+DERIVED = ["gradient"] + [f"{d}>{g}@{k}{c}" for d in ("lc", "lc_120", "lc_xfit") for g in GRADIENTS
+                          for k in (2, 4) for c in ("", ":filter")]
 
 
 def arm_config(select: dict, arm: str, overrides: dict) -> dict:
@@ -78,6 +80,32 @@ def _scores(out_dir: str, pool_ids: list[str]) -> np.ndarray:
     return out
 
 
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(np.lexsort((np.arange(len(scores)), -scores)), kind="stable").astype(float)
+
+
+def derived_scores(cell_dir: str, pool_ids: list[str], name: str, n: int) -> np.ndarray:
+    """Pool-order scores of a :data:`DERIVED` arm (``-inf`` for records it does not keep)."""
+    def grad(g):
+        return np.mean([_scores(os.path.join(cell_dir, a), pool_ids) for a in GRADIENTS[g]], axis=0)
+
+    if name in GRADIENTS:
+        return grad(name)
+    spec, _, combine = name.partition(":")
+    delta_arm, _, rest = spec.partition(">")
+    g_name, _, k = rest.partition("@")
+    delta, g = _scores(os.path.join(cell_dir, delta_arm), pool_ids), grad(g_name)
+    kept = np.sort(np.lexsort((np.arange(len(delta)), -delta))[: int(k) * n])
+    out = np.full(len(delta), -np.inf)
+    out[kept] = g[kept] if combine == "filter" else -0.5 * (_ranks(delta[kept]) + _ranks(g[kept]))
+    return out
+
+
+def precision(scores: np.ndarray, pool: list[dict], n: int) -> float:
+    top = np.lexsort((np.arange(len(scores)), -scores))[:n]
+    return float(np.mean([pool[i].get("role") == "useful" for i in top]))
+
+
 def first_order_vs_exact(cell_dir: str, pool: list[dict], n: int) -> dict:
     """Spearman of each gradient score with Δ (40, 120 steps) over the pool, and where the
     top-N sets differ, the useful share of the records only one of them picks."""
@@ -87,8 +115,8 @@ def first_order_vs_exact(cell_dir: str, pool: list[dict], n: int) -> dict:
     for delta_arm in ("lc", "lc_120"):
         d = _scores(os.path.join(cell_dir, delta_arm), ids)
         top_d = set(np.argsort(-d, kind="stable")[:n])
-        for grad_arm in ("grad_base", "grad_warm", "gradient"):
-            g = _scores(os.path.join(cell_dir, grad_arm), ids)
+        for grad_arm in GRADIENTS:
+            g = derived_scores(cell_dir, ids, grad_arm, n)
             top_g = set(np.argsort(-g, kind="stable")[:n])
             only_d, only_g = sorted(top_d - top_g), sorted(top_g - top_d)
             out[f"{grad_arm}~{delta_arm}"] = {
@@ -123,8 +151,15 @@ def main(argv=None) -> dict:
                     row[name] = {"precision_at_n": rep["precision_at_n"], "base_rate": rep["base_rate"],
                                  "seconds": float(sum(rep["timings_s"].values()))}
                     per_arm[name].append(rep["precision_at_n"])
+                if {"lc", "lc_120", "lc_xfit", "grad_base", "grad_warm"} <= set(args.arms):
+                    ids = [str(r["id"]) for r in bench.pool]
+                    for name in DERIVED:
+                        p = precision(derived_scores(cell_dir, ids, name, int(select["n_select"])), bench.pool,
+                                      int(select["n_select"]))
+                        row[name] = {"precision_at_n": p, "base_rate": row["lc"]["base_rate"]}
+                        per_arm.setdefault(name, []).append(p)
                 cell = {"arms": row}
-                if {"lc", "lc_120", "grad_base", "grad_warm", "gradient"} <= set(args.arms):
+                if {"lc", "lc_120", "grad_base", "grad_warm"} <= set(args.arms):
                     cell["first_order_vs_exact"] = first_order_vs_exact(cell_dir, bench.pool,
                                                                         int(select["n_select"]))
                 cells[f"{target}/{variant}/seed{seed}"] = cell
@@ -132,7 +167,7 @@ def main(argv=None) -> dict:
     summary = {a: {v: {"mean": float(np.mean([cells[c]["arms"][a]["precision_at_n"] for c in cells
                                                  if f"/{v}/" in c])),
                        "min": float(np.min([cells[c]["arms"][a]["precision_at_n"] for c in cells if f"/{v}/" in c]))}
-                   for v in args.variants} for a in args.arms}
+                   for v in args.variants} for a in per_arm}
     result = {"cells": cells, "summary": summary}
     write_json(os.path.join(args.workdir, "screen.json"), result)
     print(json.dumps(result, indent=1))

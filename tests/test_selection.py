@@ -51,6 +51,26 @@ def test_store_resume_identical_and_no_recompute(tmp_path):
     np.testing.assert_array_equal(got, _scores_of(0, 23))
 
 
+def test_corrupt_shard_is_named_and_recomputed(tmp_path):
+    from ntk_jax.selection.store import CorruptShardError
+
+    ids = [f"c{i}" for i in range(12)]
+    store = ScoreStore(tmp_path / "s", ids, 4, "fp")
+    _fill(store, [])
+    path = store.shard_path(1)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:  # truncated, as by an interrupted copy or a full disk
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match=r"shard 1 of .*shard_00001\.npz.* is corrupt.*rerun the job"):
+        store.merge()
+    calls = []
+    _fill(ScoreStore(tmp_path / "s", ids, 4, "fp"), calls)
+    assert calls == [1]  # only the damaged shard is recomputed
+    assert os.path.exists(path + ".corrupt")
+    np.testing.assert_array_equal(store.merge()[1], _scores_of(0, 12))
+
+
 def test_fill_store_features_seconds_and_processes(tmp_path):
     ids = [f"c{i}" for i in range(10)]
     st = ScoreStore(tmp_path / "f", ids, 4, "fp")  # shards of 4, 4, 2

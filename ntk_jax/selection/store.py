@@ -15,7 +15,9 @@ Layout of ``directory``:
   ``[k·shard_size, min((k+1)·shard_size, n))``), ``scores`` (float64 ``(b,)``) and
   optionally ``features`` (``(b, p)``), written atomically (:func:`ntk_jax.utils.atomic_write`),
   so a shard either exists completely or not at all; a killed job loses at most the shard
-  it was computing.
+  it was computing. A shard file damaged afterwards (truncated by a copy, a full disk) is
+  named in a :class:`CorruptShardError` when read, and :func:`fill_store` moves it aside
+  (``.corrupt``) and recomputes it on the next run.
 
 Several processes (``jax.distributed``, see :mod:`ntk_jax.selection.jobs`): every process
 opens the same store on a shared filesystem; shard ``k`` belongs to process
@@ -37,6 +39,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import logging
 
 from ntk_jax.kernels.sharded import stripes_for_process
 from ntk_jax.utils import progress, read_json, to_jsonable, write_json, write_npz
@@ -159,14 +162,39 @@ class ScoreStore:
         write_npz(path, **arrays)
         return path
 
-    def read_shard(self, k: int) -> dict[str, np.ndarray]:
+    def read_shard(self, k: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of shard ``k`` (all, or ``names``). :class:`CorruptShardError` naming the
+        file when it cannot be read (truncated, not an npz, arrays missing) or holds other ids."""
         lo, hi = self.shard_bounds(k)
-        with np.load(self.shard_path(k)) as z:
-            out = {name: z[name] for name in z.files}
+        path = self.shard_path(k)
+        try:
+            with np.load(path) as z:
+                out = {name: z[name] for name in (z.files if names is None else ("ids", *names))}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, EOFError, KeyError, ValueError, zlib.error ...
+            raise CorruptShardError(f"shard {k} of {self.directory!r} ({path}) is corrupt ({type(e).__name__}: "
+                                    f"{e}); rerun the job: a rerun recomputes it (nothing else is lost)") from e
         if list(out["ids"]) != self.ids[lo:hi]:
-            raise ValueError(f"shard {k} of {self.directory!r} holds other ids than the pool positions "
-                             f"[{lo}, {hi}); the store is corrupt")
+            raise CorruptShardError(f"shard {k} of {self.directory!r} ({path}) holds other ids than the pool "
+                                    f"positions [{lo}, {hi}); rerun the job: a rerun recomputes it")
         return out
+
+    def discard_corrupt(self, shards: Sequence[int]) -> list[int]:
+        """Checks the written shards among ``shards`` (their ids and scores are read, not their
+        features) and moves every corrupt one aside (``shard_k.npz.corrupt``, kept for
+        inspection) so that it counts as missing; returns their indices."""
+        bad = []
+        for k in shards:
+            if not self.has_shard(k):
+                continue
+            try:
+                self.read_shard(k, names=("scores",))
+            except CorruptShardError as e:
+                logging.warning("%s; recomputing it", e)
+                os.replace(self.shard_path(k), self.shard_path(k) + ".corrupt")
+                bad.append(k)
+        return bad
 
     def merge(self, *, with_features: bool = False):
         """``(ids, scores)`` (list of str, float64 ``(n,)``) in pool order — plus
@@ -193,6 +221,10 @@ class ScoreStore:
         return total
 
 
+class CorruptShardError(ValueError):
+    """A shard file that exists but cannot be read back (see :meth:`ScoreStore.read_shard`)."""
+
+
 class StopRequested(RuntimeError):
     """Raised by :func:`fill_store` after ``stop_after_shards`` new shards (tests simulate a
     killed job with it)."""
@@ -212,7 +244,9 @@ def fill_store(store: ScoreStore, score_fn: Callable[[int, int], Any], *, desc: 
       stop_after_shards, on_shard: test hooks (raise :class:`StopRequested` after that many
         new shards; called with each written shard's index).
     """
-    todo = [k for k in store.shards_for_process(process_index, process_count) if not store.has_shard(k)]
+    mine = store.shards_for_process(process_index, process_count)
+    store.discard_corrupt(mine)  # a truncated file (a crash mid-copy, a full disk) is recomputed
+    todo = [k for k in mine if not store.has_shard(k)]
     done = 0
     for k in progress(todo, desc=desc, total=len(todo)):
         if stop_after_shards is not None and done >= stop_after_shards:

@@ -43,14 +43,18 @@ ARMS = {
     "lc_ckpt4": ("ntk@loss_change", {"ntk.loss_change.checkpoints": 4}),
     "lc_xfit": ("ntk@loss_change", {"ntk.loss_change.cross_fit": True}),
     "lc_120": ("ntk@loss_change", {"warmup.total_steps": 120}),
+    # kNN votes over mean hidden states at θ_0 (no warm-up: the pass that gives ℓ(θ_0)) and at θ_w
+    "knn0": ("embedding", {"warmup.total_steps": 0}),
+    "knnw": ("embedding", {}),
 }
 # Arms computed from the jobs' saved scores, exactly as the staged pipeline combines them
 # (ntk_jax.selection.methods.ntk.select): "gradient" is the mean of the two points' scores
 # (the preset ntk@gradient); "<Δ arm>><gradient>@<k>[:filter]" keeps the top k·N by Δ and ranks
 # them by the mean of the two ranks (":filter": by the gradient score alone).
 GRADIENTS = {"gradient": ("grad_base", "grad_warm"), "grad_base": ("grad_base",), "grad_warm": ("grad_warm",)}
-DERIVED = ["gradient"] + [f"{d}>{g}@{k}{c}" for d in ("lc", "lc_120", "lc_xfit") for g in GRADIENTS
-                          for k in (2, 4) for c in ("", ":filter")]
+DERIVED = (["gradient"] + [f"{d}>{g}@{k}{c}" for d in ("lc", "lc_120", "lc_xfit") for g in GRADIENTS
+                           for k in (2, 4) for c in ("", ":filter")]
+           + [f"{knn}>lc@{k}:filter" for knn in ("knn0", "knnw") for k in (2, 4)])
 
 
 def arm_config(select: dict, arm: str, overrides: dict) -> dict:
@@ -91,6 +95,14 @@ def derived_scores(cell_dir: str, pool_ids: list[str], name: str, n: int) -> np.
 
     if name in GRADIENTS:
         return grad(name)
+    if name.startswith("knn"):  # kNN votes keep k·N, the loss change ranks them
+        spec, _, k = name.partition(":")[0].partition("@")
+        knn_arm, _, delta_arm = spec.partition(">")
+        key, delta = _scores(os.path.join(cell_dir, knn_arm), pool_ids), _scores(os.path.join(cell_dir, delta_arm), pool_ids)
+        kept = np.lexsort((np.arange(len(key)), -key))[: int(k) * n]
+        out = np.full(len(key), -np.inf)
+        out[kept] = delta[kept]
+        return out
     spec, _, combine = name.partition(":")
     delta_arm, _, rest = spec.partition(">")
     g_name, _, k = rest.partition("@")
@@ -151,7 +163,7 @@ def main(argv=None) -> dict:
                     row[name] = {"precision_at_n": rep["precision_at_n"], "base_rate": rep["base_rate"],
                                  "seconds": float(sum(rep["timings_s"].values()))}
                     per_arm[name].append(rep["precision_at_n"])
-                if {"lc", "lc_120", "lc_xfit", "grad_base", "grad_warm"} <= set(args.arms):
+                if {"lc", "lc_120", "lc_xfit", "grad_base", "grad_warm", "knn0", "knnw"} <= set(args.arms):
                     ids = [str(r["id"]) for r in bench.pool]
                     for name in DERIVED:
                         p = precision(derived_scores(cell_dir, ids, name, int(select["n_select"])), bench.pool,

@@ -112,8 +112,8 @@ def context(tiny_model_dir):
 
 def _cfg(**ntk):
     c = plain(base_config().select)
-    c.update(method="ntk", n_select=5, shard_size=8, projection_dim=0, feature_batch_size=16, bucket_multiple=0)
-    c["ntk"]["filter_factor"] = 0
+    c.update(n_select=5, shard_size=8, projection_dim=0, feature_batch_size=16, bucket_multiple=0)
+    c = apply_preset(c, "ntk@gradient")  # the gradient scores over the whole pool
     c["warmup"].update(total_steps=3, batch_size=4)
     c["ntk"].update(ntk)
     return c

@@ -112,16 +112,16 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
       LoRA hyper-parameters were not available here (only its abstract); these are LESS's (Xia
       et al. 2024; docs/theory.md §6.2), the baseline the paper compares against, so both methods select
       through the same adapters.
-    * p = 8192 (Rademacher, seed 0), candidate scores by JVP (no per-candidate features);
-      sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
+    * Scores: the recommended pipeline (the ``select.ntk`` defaults, docs/selection.md): the
+      forward-only loss change ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` of every pool record — two forward
+      passes per candidate, no backward, no projection (:mod:`ntk_jax.selection.loss_change`).
+      Sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
     * Warm-up: one epoch over ~1000 domain records at lr 2e-5 (LESS's), linear decay after 3 %
-      warm-up, batch per platform (:data:`LAYOUTS`). Coarse filter: each domain record votes for its 100 nearest
-      pool records (``knn_k``), M = 4N = 36000 candidates are scored (``ntk.filter_factor``).
-    * Scores: the paper's (the preset ``paper`` of :mod:`ntk_jax.selection.methods.ntk`:
-      length-normalised sum-of-logits gradients at the warm-up point, JVP per candidate). The
-      recommended label-aware variant (the ``select.ntk`` defaults, docs/selection.md) needs a
-      per-example gradient per candidate at two kernel points; its memory at 8B is not
-      estimated here.
+      warm-up, batch per platform (:data:`LAYOUTS`).
+    * For the other presets (``--config.select.ntk.filter=knn --config.select.ntk.gradient=True
+      ...``, see ``ntk_jax.selection.methods.ntk.PRESETS``): p = 8192 (Rademacher, seed 0),
+      candidate scores by JVP where unnormalised (``ntk.feature_norms=False``); kNN filter with
+      100 votes per domain record (``knn_k``), M = 4N = 36000 candidates (``ntk.filter_factor``).
     * bf16 compute (norms, softmax and logits in float32). Weights stored in float32 where the
       memory estimate leaves room (``gpu8``, ``v4-*``: the LoRA factors and the Adam moments are
       then float32 too), else bfloat16 (``gpu1``, ``v5e-*``): bf16 LoRA factors lose Adam
@@ -135,7 +135,7 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
     ``FileNotFoundError`` while it does not exist; override with ``--config.model.path``)."""
     from ntk_jax.launcher.config_lib import base_config, finetune_train_config, lora_config
     from ntk_jax.selection.methods import apply_overrides
-    from ntk_jax.selection.methods.ntk import PAPER
+    from ntk_jax.selection.methods.ntk import RECOMMENDED
 
     lay = layout(platform_name)
     config = base_config()
@@ -158,8 +158,9 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
                                      schedule="linear", batch_size=lay.train_batch_size,
                                      checkpoint_every=max(steps // 4, 1), log_every=10)
     s.knn_k = 100
-    # the paper's NTK-Selector (docs/theory.md §6.1): the JVP scoring path the memory estimates assume
-    apply_overrides(s, PAPER)
+    # the recommended pipeline (forward-only loss change, docs/theory.md §6.7)
+    apply_overrides(s, RECOMMENDED)
+    s.ntk.filter_factor = 4
     s.ntk.feature_norms = False
     s.projection_dim = PROJECTION_DIM
     s.projection_seed = 0

@@ -1,6 +1,6 @@
 """The selection comparison on one target (docs/selection.md): domain-only, the oracle arms,
-random, embedding, LESS, the paper's NTK-Selector (``ntk@paper``) and the recommended NTK
-scores (``ntk``) over three seeds on the controlled benchmark (target
+random, embedding, LESS, the paper's NTK-Selector (``ntk@paper``), the label-aware gradient
+scores (``ntk@gradient``) and the recommended pipeline (``ntk``: the forward-only loss change) over three seeds on the controlled benchmark (target
 ``select.benchmark.target``, default flipped_sentiment) or the JSONL paths in config.select;
 writes table.json, table.md and comparison.png. The whole suite of targets:
 configs/select_suite.py.
@@ -24,7 +24,7 @@ def get_config(arg=None):
     config = base_config()
     config.experiments = ("select_compare",)
     config.select.benchmark.variant = variant
-    config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk")
+    config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk@gradient", "ntk")
     if variant == "no_conflict":
         config.select_compare.oracles = ("useful",)
     return config

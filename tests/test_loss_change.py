@@ -138,3 +138,28 @@ def test_bad_loss_change_settings_are_named(tmp_path, context, bench):
     cfg["ntk"]["filter"] = "none"
     with pytest.raises(ValueError, match="no stage 1"):
         run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "bad2"), seed=0, plot=False)
+
+
+def test_base_losses_are_shared_across_targets(tmp_path, context, bench):
+    """ℓ(θ_0) does not depend on the target: jobs with another domain set reuse the cached
+    store (no θ_0 shard recomputed) and score exactly as without the cache."""
+    import os
+
+    cache = str(tmp_path / "cache")
+    a = _cfg(base_cache=cache)
+    run_selection(context, a, bench.domain, bench.pool, str(tmp_path / "a"), seed=0, plot=False)
+    (sub,) = os.listdir(cache)
+    shards = sorted(f for f in os.listdir(os.path.join(cache, sub)) if f.startswith("shard_"))
+    mtimes = [os.stat(os.path.join(cache, sub, f)).st_mtime_ns for f in shards]
+    other_domain = bench.domain[:4]
+    rep = run_selection(context, a, other_domain, bench.pool, str(tmp_path / "b"), seed=0, plot=False)
+    assert os.listdir(cache) == [sub] and rep["loss_change"]["base_losses"] == os.path.join(cache, sub)
+    assert [os.stat(os.path.join(cache, sub, f)).st_mtime_ns for f in shards] == mtimes  # reused, not recomputed
+    ref = run_selection(context, _cfg(), other_domain, bench.pool, str(tmp_path / "c"), seed=0, plot=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "all_scores.npz")["scores"],
+                                  np.load(tmp_path / "c" / "all_scores.npz")["scores"])
+    assert rep["selected_ids"] == ref["selected_ids"]
+    nonzero = _cfg(base_cache=cache)
+    nonzero["lora"]["b_init_std"] = 0.02  # θ_0 is no longer the base model: another cache entry
+    run_selection(context, nonzero, bench.domain, bench.pool, str(tmp_path / "d"), seed=0, plot=False)
+    assert len(os.listdir(cache)) == 2

@@ -26,12 +26,15 @@ Variants (``select.ntk.loss_change``):
   how much of the warm-up's effect generalises beyond memorising the domain records, i.e. the
   Δ a useful record can be expected to reach. Three forward passes.
 
-The stage writes ``(ℓ_j(θ_0), ℓ_j(θ_1), …)`` per candidate into a resumable ScoreStore
-(``loss_change/``, split over processes like every score) with ``Δ_j`` as its score.
+The stage writes ``ℓ_j(θ_0)`` into one resumable ScoreStore (``loss_base/``, or a cache shared
+by jobs on the same pool: ``base_cache``, since θ_0 does not depend on the target) and
+``(ℓ_j(θ_1), …)`` with ``Δ_j`` as the score into another (``loss_change/``), both split over
+processes like every score.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 import numpy as np
@@ -41,8 +44,10 @@ from ntk_jax.kernels.features import scalar_values
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.jobs import lora_filter
 from ntk_jax.selection.ntk_selector import TOKEN_REDUCTIONS, selection_scalar_fn
+from ntk_jax.selection.store import ScoreStore, fingerprint_of
 
-__all__ = ["config", "check_config", "loss_change", "LossPoints", "warmup_points", "loss_change_stage"]
+__all__ = ["config", "check_config", "loss_change", "LossPoints", "warmup_points", "base_loss_store",
+           "loss_change_stage"]
 
 
 def config() -> ml_collections.ConfigDict:
@@ -52,6 +57,9 @@ def config() -> ml_collections.ConfigDict:
         relative=False,             # Δ_j / ℓ_j(θ_0) instead of Δ_j
         checkpoints=1,              # K evenly spaced warm-up checkpoints, Δ averaged (1: the last)
         cross_fit=False,            # two warm-ups on halves of the domain, Δ averaged over them
+        # a directory shared by jobs on the same pool and model: ℓ_j(θ_0) does not depend on the
+        # target, so it is computed once and reused (empty: inside the job's directory)
+        base_cache="",
     ))
 
 
@@ -158,28 +166,59 @@ def _held_out_change(job, lcfg, model, base, warm, half_a, half_b) -> dict:
     return out
 
 
+def base_loss_store(job, lcfg: dict, kept: np.ndarray) -> ScoreStore:
+    """The store of ``ℓ_j(θ_0)`` for the pool records ``kept``. θ_0 does not depend on the
+    target (the domain, the warm-up): with ``lcfg["base_cache"]`` set, the store lives in
+    ``base_cache/<fingerprint>/`` and every job on the same pool, model and encoding reuses it
+    — a further target then costs one forward pass per candidate. Its fingerprint: the model
+    and dtypes, the encoding (the select section's length settings, the context's
+    ``max_len``, bucketing), the token reduction, the candidates' ids and contents, and the
+    LoRA factors where they are not zero at θ_0 (``b_init_std > 0``; with B = 0, θ_0 is the
+    base model whatever the LoRA)."""
+    cfg, ctx = job.cfg, job.context
+    lora = dict(cfg["lora"])
+    recs = [job.pool[int(i)] for i in kept]
+    key = {"stage": "loss_base", "model_dir": os.path.abspath(ctx.model_dir), "dtype": ctx.dtype,
+           "param_dtype": ctx.param_dtype, "context_max_len": int(ctx.max_len),
+           "encoding": {k: cfg.get(k) for k in ("max_len", "truncation", "bucket_multiple", "feature_batch_size")},
+           "reduce": lcfg["reduce"],
+           "lora": {**lora, "seed": int(job.seed)} if float(lora.get("b_init_std") or 0.0) > 0 else None,
+           "candidates": fingerprint_of([str(r["id"]) for r in recs]), "contents": fingerprint_of(recs)}
+    fp = fingerprint_of(key)
+    directory = os.path.join(lcfg["base_cache"], fp[:16]) if lcfg.get("base_cache") else \
+        os.path.join(job.out_dir, "loss_base")
+    return ScoreStore(directory, [str(r["id"]) for r in recs], int(cfg["shard_size"]), fp)
+
+
 def loss_change_stage(job, lcfg: dict, points: LossPoints, kept: np.ndarray | None = None,
                       store_name: str = "loss_change") -> tuple[np.ndarray, np.ndarray]:
-    """Δ_j for the pool records ``kept`` (pool indices; default all) in resumable shards of the
-    store ``store_name``, every process its own shards. Returns ``(Δ (m,), losses (m, 1+K))``
-    in ``kept`` order, ``losses[:, 0]`` at θ_0."""
+    """Δ_j for the pool records ``kept`` (pool indices; default all): ``ℓ_j(θ_0)`` in the store
+    of :func:`base_loss_store` (reused when it is already complete), then the warmed-up losses
+    and Δ_j in the store ``store_name``; resumable shards, every process its own. Returns
+    ``(Δ (m,), losses (m, 1+K))`` in ``kept`` order, ``losses[:, 0]`` at θ_0."""
     kept = np.arange(len(job.pool)) if kept is None else np.asarray(kept)
     sfn = selection_scalar_fn(param_subset(points.model, lora_filter()), "loss", lcfg["reduce"])
     fbs = job.feature_batch_size
-    params = [points.base] + [p for _, p in points.warm]
     relative = bool(lcfg["relative"])
 
-    def rows(batch):
-        x = lm_batch(batch)
-        losses = np.stack([scalar_values(sfn, p, x, batch_size=fbs) for p in params], axis=1)
-        return np.concatenate([loss_change(losses[:, 0], losses[:, 1:], relative=relative)[:, None], losses], axis=1)
-
-    def score(lo, hi):
-        out = job.map_records(rows, lo, hi, kept)
-        return out[:, 0], out[:, 1:]
+    def losses_at(params_list):
+        def rows(batch):
+            x = lm_batch(batch)
+            return np.stack([scalar_values(sfn, p, x, batch_size=fbs) for p in params_list], axis=1)
+        return rows
 
     with job.timed("loss_change"):
-        store = job.store(store_name, [job.pool_ids[int(i)] for i in kept], "loss_change")
-        job.score_shards(store, score, desc="loss change: forward passes", with_features=True)
-        _, delta, losses = store.merge(with_features=True)
-    return delta, losses
+        base_store = base_loss_store(job, lcfg, kept)
+        job.score_shards(base_store, lambda lo, hi: job.map_records(losses_at([points.base]), lo, hi, kept)[:, 0],
+                         desc="loss change: forward passes at θ_0")
+        _, base = base_store.merge()
+
+        def score(lo, hi):
+            warm = job.map_records(losses_at([p for _, p in points.warm]), lo, hi, kept)
+            return loss_change(base[lo:hi], warm, relative=relative), warm
+
+        store = job.store(store_name, [job.pool_ids[int(i)] for i in kept], "loss_change_warm")
+        job.score_shards(store, score, desc="loss change: forward passes after the warm-up", with_features=True)
+        _, delta, warm = store.merge(with_features=True)
+    job.extra.setdefault("loss_change", {})["base_losses"] = base_store.directory
+    return delta, np.concatenate([base[:, None], warm], axis=1)

@@ -290,8 +290,8 @@ def select(job) -> Selection:
     elif ncfg["filter"] == "loss_change":
         first, losses = loss_change.loss_change_stage(job, ncfg["loss_change"], lpoints)
         arrays.update(loss_change=first, loss_base=losses[:, 0], loss_warm=losses[:, 1:].mean(axis=1))
-        job.extra["loss_change"] = {**lpoints.info, "points": [name for name, _ in lpoints.warm],
-                                    "pool_mean_change": float(np.mean(first))}
+        job.extra.setdefault("loss_change", {}).update(**lpoints.info, points=[name for name, _ in lpoints.warm],
+                                                       pool_mean_change=float(np.mean(first)))
     else:
         first = None
     m = len(job.pool) if first is None or not int(ncfg["filter_factor"]) else \

@@ -82,7 +82,8 @@ from flax import nnx
 from ntk_jax.data.encoding import encode_examples, max_length
 from ntk_jax.data.synthetic import TASKS, make_corpus
 from ntk_jax.data.tokenizer import CharTokenizer
-from ntk_jax.kernels.features import directional_derivatives, gradient_features, gradient_inner_products
+from ntk_jax.kernels.features import (directional_derivatives, gradient_features, gradient_inner_products,
+                                      scalar_values)
 from ntk_jax.kernels.factored_projection import FactoredProjection
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.launcher.config_lib import model_config
@@ -261,6 +262,41 @@ def make_ours_score_runner(subset, tangent, batch_size: int, output: str = "sum_
     return run
 
 
+def make_loss_change_runner(subset, batch_size: int):
+    """The recommended pipeline's pool-wide stage (docs/theory.md §6.7): each candidate's
+    response loss at two parameter points (θ_0 = the LoRA factors as built, θ_w = the same
+    shifted by a fixed random amount, standing in for the warm-up), forward passes only
+    (:func:`ntk_jax.kernels.features.scalar_values`); returns Δ."""
+    scalar_fn = selection_scalar_fn(subset, "loss", "mean")
+    rng = np.random.default_rng(0)
+    shifted = jax.tree.map(lambda a: a + jnp.asarray(0.01 * rng.standard_normal(a.shape), a.dtype), subset.params)
+    keys = ("input_ids", "attention_mask", "loss_mask", "targets")
+
+    def run(pool: dict) -> np.ndarray:
+        x = {k: jnp.asarray(pool[k]) for k in keys}
+        l0, lw = (scalar_values(scalar_fn, p, x, batch_size=batch_size, progress_desc="loss change (ours)")
+                  for p in (subset.params, shifted))
+        return l0 - lw
+
+    return run
+
+
+def pipeline_costs(seconds: dict, pool_over_n: int) -> dict:
+    """Time per pool candidate of the selection pipelines on a pool of ``pool_over_n · N``,
+    from the per-candidate times measured in the same rounds, against a train step on the same
+    tokens: ``loss_change`` (the recommended pipeline: two forward passes), ``staged`` (+ the
+    normalised label-aware score at two points on the top 4N), ``gradient`` (the previous default:
+    the normalised score at two points on every candidate), ``paper`` (its JVP score on 4N; the
+    kNN forward is not timed here, about half of ``loss_change``)."""
+    kept = 4.0 / pool_over_n
+    lc = seconds["ours_loss_change"]
+    grad = 2.0 * seconds["ours_scores_label_aware_normalised"]
+    out = {"loss_change": lc, "staged": lc + kept * grad, "gradient": grad,
+           "paper_scores_only": kept * seconds["ours_scores_jvp"]}
+    return {"pool_over_n": pool_over_n,
+            "time_vs_train_step": {k: v / seconds["train_step_floor"] for k, v in out.items()}}
+
+
 # --- (b) the torch.func peer -----------------------------------------------------------------
 
 
@@ -395,6 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=0, help="layers (0: the embedded default's)")
     p.add_argument("--seq-len", type=int, default=0,
                    help="tokens per candidate, the records repeated along the sequence (0: as generated)")
+    p.add_argument("--pool-over-n", type=int, default=50,
+                   help="pool size / N for the per-candidate cost of the selection pipelines (the 8B configs: 200)")
     p.add_argument("--quick", action="store_true",
                    help="n=64, batch 32, sizes 64,128,256, repeats 1 (for tests)")
     a = p.parse_args(argv)
@@ -476,8 +514,10 @@ def main(argv=None) -> dict:
     runners["ours_scores_label_aware_jvp"] = make_ours_score_runner(subset, tangent, args.batch_size, "loss")
     runners["ours_scores_label_aware_normalised"] = make_ours_score_runner(subset, tangent, args.batch_size, "loss",
                                                                            normalized=True)
+    runners["ours_loss_change"] = make_loss_change_runner(subset, args.batch_size)
     warm.update(warm_up({k: runners[k] for k in ("ours_scores_jvp", "ours_scores_label_aware_jvp",
-                                                 "ours_scores_label_aware_normalised")}, warm_pool))
+                                                 "ours_scores_label_aware_normalised", "ours_loss_change")},
+                        warm_pool))
 
     # Cross-implementation agreement (same definition: unprojected, then projected), on the
     # first --n-check candidates (ours at the compiled batch shape).
@@ -543,6 +583,7 @@ def main(argv=None) -> dict:
         agreement=agreement,
         scaling=dict(points=scaling, linear_fit=fit),
         factored_projection=factored,
+        pipelines=pipeline_costs(seconds, args.pool_over_n),
     )
     print(json.dumps(report, indent=2))
     return report

@@ -26,10 +26,16 @@ def run_benchmark(name, *args):
 def test_selection_speed_quick():
     out = run_benchmark("selection_speed.py")
     runners = {"train_step_floor", "ours_features", "torch_func_features", "ours_unprojected_grads",
-               "ours_scores_jvp", "ours_scores_label_aware_jvp", "ours_scores_label_aware_normalised"}
+               "ours_scores_jvp", "ours_scores_label_aware_jvp", "ours_scores_label_aware_normalised",
+               "ours_loss_change"}
     for key in ("warmup_s", "seconds", "candidates_per_s"):
         assert set(out[key]) == runners, key
         assert all(v > 0 for v in out[key].values()), key
+    pipes = out["pipelines"]
+    assert pipes["pool_over_n"] == 50
+    sec = out["seconds"]
+    assert pipes["time_vs_train_step"]["staged"] == pytest.approx(
+        (sec["ours_loss_change"] + 4 / 50 * 2 * sec["ours_scores_label_aware_normalised"]) / sec["train_step_floor"])
     model = out["model"]
     assert model["P"] == 3 * 8 * (64 + 64) + 3 * 8 * (64 + 32)  # LoRA r=8 on q (64→64), v (64→32)
     assert model["lora"]["targets"] == ["q_proj", "v_proj"] and model["lora"]["rank"] == 8

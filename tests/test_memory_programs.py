@@ -32,7 +32,7 @@ def test_cpu_upcast_bytes_closed_form():
 
 def test_job_programs_outputs():
     n, T, p, b = 4, 8, 16, 2
-    programs = ("hidden", "projected", "jvp", "train")  # forward / features: test_sharding's memory table
+    programs = ("hidden", "loss", "projected", "jvp", "train")  # forward / features: test_sharding's memory table
     r = estimate_memory(CFG, LORA, mesh_shape=(1, 1), batch_size=n, seq_len=T, dtype="float32",
                         param_dtype="float32", programs=programs, projection_dim=p, train_batch_size=b)
     assert r["programs"] == list(programs) and set(r["totals"]) == set(programs)
@@ -42,6 +42,8 @@ def test_job_programs_outputs():
     assert r["hidden"]["output"] == n * 32 * 4          # (n, hidden) mean hidden states
     assert r["projected"]["output"] == n * p * 4        # (n, p) projected features
     assert r["jvp"]["output"] == n * 4                  # (n,) directional derivatives
+    assert r["loss"]["output"] == n * 4                 # (n,) per-record losses
+    assert r["loss"]["temp"] >= n * T * CFG.vocab_size * 4  # the logits over the vocabulary
     # the train step takes the weights, the LoRA factors twice more (AdamW moments) and the batch
     assert r["train"]["argument"] >= weights + 2 * 4 * P + 4 * b * T * 4
     assert r["train"]["output"] >= 3 * 4 * P            # new params and moments

@@ -16,7 +16,9 @@ byte counts. Nothing is allocated:
   ``compiled.memory_analysis()`` gives XLA's per-device ``temp`` (activations, gradients,
   workspace), ``argument`` and ``output`` sizes. ``programs=`` adds the other programs of a
   selection job, compiled the same way: ``"hidden"`` (mean final hidden states, the coarse
-  filter's embedding), ``"projected"`` (the NTK-Selector features: per-example gradients
+  filter's embedding), ``"loss"`` (the per-record response loss at one parameter point: the
+  forward pass of the loss-change stage, :mod:`ntk_jax.selection.loss_change`, logits over the
+  vocabulary included), ``"projected"`` (the NTK-Selector features: per-example gradients
   JL-projected to ``projection_dim`` on the fly, as :func:`ntk_jax.kernels.features.gradient_features`
   does when the ``(P, p)`` matrix is too big to cache), ``"jvp"`` (the JVP candidate scores of
   :func:`ntk_jax.kernels.features.directional_derivatives`) and ``"train"`` (the LoRA
@@ -65,7 +67,7 @@ __all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "PROGRAMS", "decoder_config
            "param_memory", "cpu_upcast_bytes", "compiled_memory", "estimate_memory"]
 
 # Programs compiled_memory can analyse (see the module docstring).
-PROGRAMS = ("forward", "features", "hidden", "projected", "jvp", "train")
+PROGRAMS = ("forward", "features", "hidden", "loss", "projected", "jvp", "train")
 
 # Hugging Face config.json values (meta-llama/Meta-Llama-3-8B, Qwen/Qwen3-8B).
 LLAMA3_8B: dict[str, Any] = dict(
@@ -194,7 +196,7 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise ValueError(f"unknown program(s) {unknown}; choose from {PROGRAMS}")
-    needs_lora = sorted(set(programs) & {"features", "projected", "jvp", "train"})
+    needs_lora = sorted(set(programs) & {"features", "loss", "projected", "jvp", "train"})
     if lora is None and needs_lora:
         raise ValueError(f"program(s) {needs_lora} take gradients over LoRA factors: pass lora")
     model = abstract_model(config, lora)
@@ -238,6 +240,14 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
             return make_feature_fn(scalar_fn(params, frozen)).compiled(params, batch, None)
 
         out["features"] = compile_(feature_step, params_abs, frozen_abs, batch)
+    if "loss" in programs:
+        from ntk_jax.selection.ntk_selector import selection_scalar_fn
+
+        def loss_step(params, frozen, batch):  # the loss change's forward pass (one parameter point)
+            s = selection_scalar_fn(dataclasses.replace(subset, params=params, frozen=frozen), "loss", "mean")
+            return s(params, batch)
+
+        out["loss"] = compile_(loss_step, params_abs, frozen_abs, lm_batch(batch_size, train=True))
     if "projected" in programs:
         projection = RandomProjection(int(projection_dim))
 

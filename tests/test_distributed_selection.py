@@ -12,7 +12,7 @@ import pytest
 from procs import ROOT, free_port, run_workers
 
 WORKER = os.path.join(ROOT, "tests", "workers", "selection_worker.py")
-STORES = ("embeddings", "scores")
+STORES = ("embeddings", "scores")  # the stores of ntk@paper
 
 
 def run_job(workdir, model_dir, n, *, method="ntk@paper", die_after=None, log="computed", timeout=300,
@@ -42,7 +42,9 @@ def computed(workdir, pid, log="computed"):
 
 
 def shards_on_disk(job):
-    return {(st, int(f[len("shard_"):-len(".npz")])) for st in STORES if os.path.isdir(os.path.join(job, st))
+    """``{(store, shard)}`` of every ScoreStore of the job (a directory with a ``meta.json``)."""
+    stores = [st for st in sorted(os.listdir(job)) if os.path.exists(os.path.join(job, st, "meta.json"))]
+    return {(st, int(f[len("shard_"):-len(".npz")])) for st in stores
             for f in os.listdir(os.path.join(job, st)) if f.startswith("shard_") and f.endswith(".npz")
             and ".tmp" not in f}
 
@@ -114,11 +116,13 @@ def test_selection_two_processes_equal_one_and_resume_after_kill(tmp_path, tiny_
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NTK_JAX_EXTRA_PROCESS_TESTS"),
                     reason="about 2 min on 2 cores; set NTK_JAX_EXTRA_PROCESS_TESTS=1 to run")
-@pytest.mark.parametrize("method,n", [("ntk@paper", 4), ("ntk", 2), ("less", 2)])
+@pytest.mark.parametrize("method,n", [("ntk@paper", 4), ("ntk", 2), ("ntk@staged", 2), ("ntk@gradient", 2),
+                                      ("less", 2)])
 def test_selection_n_processes_equal_one_process(tmp_path, tiny_model_dir, method, n):
-    """Four processes (the paper's ntk) / the recommended ntk (two kernel points) and LESS
-    (warm-up checkpoints restored by every process) on two: bitwise the one-process result,
-    each process computing its own shards."""
+    """Four processes (the paper's ntk) / the recommended ntk (loss change: the θ_0 and the
+    warm-up stores), the staged pipeline (+ gradient scores of the kept), the gradient scores
+    (two kernel points) and LESS (warm-up checkpoints restored by every process) on two:
+    bitwise the one-process result, each process computing its own shards."""
     one, many = str(tmp_path / "one"), str(tmp_path / "many")
     (rc, out), = run_job(one, tiny_model_dir, 1, method=method)
     assert rc == 0, out

@@ -113,7 +113,11 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
       et al. 2024; SPEC §6.2), the baseline the paper compares against, so both methods select
       through the same adapters.
     * p = 8192 (Rademacher, seed 0), candidate scores by JVP (no per-candidate features);
-      sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
+      sequence length 1024 (``select.max_len``, the encoding length of every record), longer
+      records truncated on the left (``select.truncation="left"``: leading prompt tokens go,
+      the response stays; a record whose response alone exceeds 1024 tokens is dropped and
+      counted in ``report.json``): a 1.8M-record pool holds longer records, and stopping an
+      8B job over them would waste it.
     * Warm-up: one epoch over ~1000 domain records at lr 2e-5 (LESS's), linear decay after 3 %
       warm-up, batch per platform (:data:`LAYOUTS`). Coarse filter: each domain record votes for its 100 nearest
       pool records (``knn_k``), M = 4N = 36000 candidates are scored (``ntk.filter_factor``).
@@ -142,13 +146,14 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
     config.model.path = model_path
     config.model.dtype = "bfloat16"
     config.model.param_dtype = lay.param_dtype
-    config.pretrain.max_len = SEQ_LEN  # the sequence length every record is encoded to
     # data=-1: all local devices the model axis leaves (the layout's mesh on this platform).
     config.mesh.data = -1
     config.mesh.model = lay.mesh[1]
     s = config.select
     s.method = "ntk"
     s.n_select = N_SELECT
+    s.max_len = SEQ_LEN  # the sequence length every record is encoded to
+    s.truncation = "left"  # keep the response; counts of truncated / dropped records in report.json
     s.domain_path = "/path/to/domain.jsonl"
     s.pool_path = "/path/to/pool.jsonl"
     s.lora = lora_config(**LORA)

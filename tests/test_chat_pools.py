@@ -125,7 +125,8 @@ def test_turn_rendered_differently_when_last_and_plain_rendering(tok):
     assert tok.decode(ids) == rendering
     runs = tok.decode([t if f else tok.convert_tokens_to_ids(SH) for t, f in zip(ids, flags)]).split(SH)
     pieces = [p for p in runs if p]
-    assert pieces[-3:] == [msgs[2]["content"] + EOT, msgs[4]["content"] + EOT, "<think></think>" + msgs[6]["content"] + EOT]
+    assert pieces[-3:] == [msgs[2]["content"] + EOT, msgs[4]["content"] + EOT,
+                           "<think></think>" + msgs[6]["content"] + EOT]
     # no template: the documented plain rendering, loss on each assistant content + eos
     ids, flags, keep = tokenize_record(tok, {"messages": msgs[:5]}, chat_template=False)
     assert keep == 1 and tok.decode(ids) == (BOS + "System: " + msgs[0]["content"] + "\n\nUser: " + msgs[1]["content"]

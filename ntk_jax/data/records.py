@@ -7,8 +7,11 @@ records back as they were), with
 * ``"id"``: a string. A record without one gets ``f"{index}"``, its 0-based position among
   the records of the file (blank JSONL lines do not count); an integer id is converted to
   its decimal string. Ids must be unique within a file.
-* either ``"prompt"`` and ``"response"`` (strings; the loss is on the response) or
-  ``"text"`` (a string; the loss is on every token);
+* one of: ``"messages"`` (a chat: a non-empty list of turns ``{"role": "system" | "user" |
+  "assistant", "content": str}``, multi-turn; the loss is on the assistant turns; at least
+  one assistant turn, and a system or user turn before the first); ``"prompt"`` and
+  ``"response"`` (strings; the loss is on the response); or ``"text"`` (a string; the loss is
+  on every token). Formats may be mixed within one file;
 * optionally ``"label"``, ``"task"``, ``"family"``, ``"role"`` (one of :data:`ROLES`) and
   ``"options"`` (a non-empty list of distinct strings, the candidate responses of a
   classification / multiple-choice record; its ``response``, if any, must be one of them).
@@ -23,12 +26,26 @@ Every error names where it happened: ``file.jsonl: line 7: ...`` (1-based line) 
 
 Encoding (:func:`encode_records`) gives the arrays of :mod:`ntk_jax.data.encoding`
 (``input_ids``, ``targets``, ``loss_mask``, ``attention_mask``). With a chat template
-(``chat_template="auto"`` and a tokenizer that has one), a prompt/response record is
-rendered as the conversation ``[user: prompt, assistant: response]`` and only the
-assistant part (everything after the rendering of ``[user: prompt]`` with
-``add_generation_prompt=True``, which must be a prefix of the full rendering) is scored; no
-bos/eos is added around the rendering (the template places its own special tokens). Text
-records are never templated.
+(``chat_template="auto"`` and a tokenizer that has one), a messages record is rendered by the
+template, and a prompt/response record as the conversation ``[user: prompt, assistant:
+response]``. Assistant turn ``k`` (every one, or with ``assistant_turns="last"`` the last)
+is scored: the text between the rendering of ``messages[:k]`` with
+``add_generation_prompt=True`` (which must be a prefix of the next) and the rendering of
+``messages[:k + 1]`` — its content and the template's end-of-turn marker; everything before
+it is its prompt. A template that renders a turn differently once later turns follow (e.g.
+a reasoning block only on the last turn) is handled by finding the turn's content in the
+full rendering. No bos/eos is added around the rendering (the template places its own
+special tokens). Without a template a messages record has the plain rendering ``[bos]
+"System: ..." "\n\nUser: ..." "\n\nAssistant: " content [eos] ...`` (each turn ``"<Role>: " +
+content``, turns separated by a blank line), the loss on each scored assistant content and
+its eos. Text records are never templated.
+
+Length policy (:func:`fit_records`, :func:`check_lengths`): a pass over the records that
+tokenizes each once and keeps four numbers per record (:func:`length_profile`), then applies
+one of :data:`LENGTH_POLICIES` to the records longer than ``max_len`` — ``"error"`` (a
+ValueError naming ``file: line N``, the record id, its length, what each other policy would
+do and the setting to change), ``"left"`` / ``"right"`` (truncated at encoding; those the
+policy cannot fit are dropped) or ``"drop"`` — and counts what it did.
 
 Bucketing (:func:`bucket_by_length`) groups records of similar length into batches so that
 scoring a large pool pads little; :func:`encode_buckets` yields each bucket's pool indices
@@ -308,7 +325,8 @@ def _locate_turn(full: str, piece: str, content: str, cursor: int, rid: str, k: 
     return pos, hi + len(tail) if tail and full.startswith(tail, hi) else hi
 
 
-def _template_segments(tokenizer, messages: list[dict], template, scored: list[int], rid: str) -> list[tuple[str, bool]]:
+def _template_segments(tokenizer, messages: list[dict], template, scored: list[int],
+                       rid: str) -> list[tuple[str, bool]]:
     """The chat template's rendering of ``messages`` cut into ``(text, scored)`` pieces.
 
     Assistant turn ``k`` in ``scored`` is the text between the rendering of ``messages[:k]``
@@ -683,7 +701,8 @@ def map_length_buckets(fn: Callable[[dict[str, np.ndarray]], Any], tokenizer, re
 
 
 def encode_options(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_template="auto",
-                   add_bos: bool | None = None, add_eos: bool = True, truncation: str = "error") -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                   add_bos: bool | None = None, add_eos: bool = True,
+                   truncation: str = "error") -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One row per (record, option) for option-likelihood accuracy.
 
     Each record with ``options`` ``[o_1..o_k]`` contributes rows ``{prompt, response=o_j}``.

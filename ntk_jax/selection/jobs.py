@@ -8,8 +8,13 @@ The runner owns what every method shares; the method (``cfg.method``, a module o
 :mod:`ntk_jax.selection.methods`) owns only its own stages and returns a
 :class:`~ntk_jax.selection.methods.Selection`:
 
-* ``validate``: non-empty pool, ``N <= |pool|``, unique ids (pool and domain), every domain
-  record encodes with at least one loss token (else ``ValueError`` naming the record);
+* ``validate``: non-empty pool, ``N <= |pool|``, unique ids (pool and domain), the length
+  policy (``cfg.max_len``, ``cfg.truncation``: :func:`ntk_jax.data.records.fit_records`) over
+  every domain and pool record before any model work — ``"error"`` stops here naming the
+  record's file and line, ``"drop"`` and the records ``"left"`` / ``"right"`` cannot fit
+  leave the job's pool (counts in ``report["data"]["lengths"]``) — and every domain record
+  encodes with at least one loss token (else ``ValueError`` naming the record). The job
+  encodes to ``cfg.max_len`` (:func:`selection_context`), never ``pretrain.max_len``;
 * the method's stages, through the :class:`SelectionJob` it is handed: the warm-up
   (:meth:`SelectionJob.warm_up`, resumable through the trainer's orbax checkpoints),
   pool embeddings and per-candidate scores in resumable, fingerprinted shards of a

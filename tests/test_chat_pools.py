@@ -134,6 +134,10 @@ def test_turn_rendered_differently_when_last_and_plain_rendering(tok):
                                              + msgs[3]["content"] + "\n\nAssistant: " + msgs[4]["content"] + EOT)
     scored = tok.decode([t if f else tok.convert_tokens_to_ids(SH) for t, f in zip(ids, flags)]).split(SH)
     assert [p for p in scored if p] == [msgs[2]["content"] + EOT, msgs[4]["content"] + EOT]
+    # a template that refuses a turn (as templates without system turns do) names the record
+    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    with pytest.raises(ValueError, match=r"record s: the chat template cannot render .*System role not supported"):
+        tokenize_record(tok, {"id": "s", "messages": msgs[:3]}, chat_template=strict + LLAMA3_TEMPLATE)
 
 
 def test_messages_records_read_validate_and_mix(tmp_path, tok):
@@ -222,3 +226,26 @@ def test_length_policies_end_to_end(chat_llama_dir, tmp_path):
         selected = [json.loads(x) for x in open(tmp_path / policy / "select" / "selected.jsonl")]
         by_id = {r["id"]: r for r in read_records(paths["pool"])}
         assert len(selected) == 4 and all(r == by_id[r["id"]] for r in selected)  # written back unchanged
+
+
+def test_select_compare_fine_tunes_on_messages(chat_llama_dir, tmp_path):
+    """select_compare (configs/select_compare.py's job) on a messages pool with long records:
+    the selection, the fine-tuning and the evaluation all follow select.max_len / truncation."""
+    rng = np.random.default_rng(4)
+    paths = write_pool(str(tmp_path), rng)
+    paths["test"] = os.path.join(str(tmp_path), "test.jsonl")
+    with open(paths["test"], "w") as f:
+        f.writelines(json.dumps({"id": f"t{i}", "messages": conversation(rng, 1, False, words=2)}) + "\n"
+                     for i in range(4))
+    c = load("select_compare.py", None, f"--config.model.path={chat_llama_dir}",
+             f"--config.select.domain_path={paths['domain']}", f"--config.select.pool_path={paths['pool']}",
+             f"--config.select.test_path={paths['test']}", f"--config.select.max_len={MAX_LEN}",
+             "--config.select.truncation=left", "--config.select.n_select=4", "--config.select_compare.seeds=(0,)",
+             "--config.select_compare.methods=('random',)", "--config.select_compare.oracles=()",
+             "--config.select_compare.finetune.total_steps=2", "--config.select_compare.finetune.batch_size=4")
+    rep = run(c, str(tmp_path / "compare"))["select_compare"]
+    results = rep["results"]
+    assert set(results) == {"0/domain_only", "0/random"}
+    assert results["0/random"]["n_train"] == 6 + 4 and np.isfinite(results["0/random"]["test_loss"])
+    sel = json.load(open(tmp_path / "compare" / "select_compare" / "seed_0" / "random" / "report.json"))
+    assert sel["data"]["lengths"]["pool"]["truncated"] == 1  # long_prompt, kept and truncated

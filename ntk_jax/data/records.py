@@ -290,10 +290,17 @@ def _use_template(tokenizer, chat_template) -> str | None | bool:
                      f"got {chat_template!r}")
 
 
-def _render(tokenizer, messages, template, add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages, template, add_generation_prompt: bool, rid: str = "?") -> str:
+    """The chat template's rendering of ``messages``; ValueError naming the record ``rid`` when
+    the template refuses them (e.g. a template without system turns raising on one)."""
     kwargs = {} if template is None else {"chat_template": template}
-    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                        **kwargs)
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            **kwargs)
+    except Exception as e:  # jinja2's TemplateError (raise_exception in the template), or another template error
+        roles = [m.get("role") for m in messages]
+        raise ValueError(f"record {rid}: the chat template cannot render the turns {roles} "
+                         f"(add_generation_prompt={add_generation_prompt}): {type(e).__name__}: {e}") from e
     if not isinstance(out, str):  # pragma: no cover - transformers returns str with tokenize=False
         raise ValueError(f"apply_chat_template returned {type(out).__name__}, expected a string")
     return out
@@ -333,11 +340,11 @@ def _template_segments(tokenizer, messages: list[dict], template, scored: list[i
     with ``add_generation_prompt=True`` and that of ``messages[:k + 1]`` (its content and
     end-of-turn marker); everything before it (system, user turns, the generation prompt) is
     its prompt. ValueError naming the record if the first is not a prefix of the second."""
-    full = _render(tokenizer, messages, template, False)
+    full = _render(tokenizer, messages, template, False, rid)
     pieces, cursor = [], 0
     for k in scored:
-        head = _render(tokenizer, messages[:k], template, True)
-        end = full if k + 1 == len(messages) else _render(tokenizer, messages[:k + 1], template, False)
+        head = _render(tokenizer, messages[:k], template, True, rid)
+        end = full if k + 1 == len(messages) else _render(tokenizer, messages[:k + 1], template, False, rid)
         if not end.startswith(head):
             raise ValueError(f"record {rid}: the chat template's rendering of the prompt with "
                              f"add_generation_prompt=True is not a prefix of the rendering with the response, so "
@@ -631,7 +638,9 @@ def bucket_by_length(lengths: Sequence[int] | np.ndarray, batch_size: int, *, mu
         raise ValueError(f"lengths must be positive, got min {lengths.min()}")
     if max_len is not None and lengths.size and lengths.max() > max_len:
         i = int(np.argmax(lengths))
-        raise ValueError(f"index {i} has length {int(lengths[i])} > max_len={max_len}")
+        raise ValueError(f"index {i} has length {int(lengths[i])} > max_len={max_len} (truncate longer records: "
+                         f"truncation='left' or 'right' of encode_buckets / map_length_buckets; in a selection job "
+                         f"--config.select.truncation, checked before any model work)")
     order = np.lexsort((np.arange(lengths.size), lengths)).astype(np.int64)
     return [order[lo:lo + batch_size] for lo in range(0, lengths.size, batch_size)]
 

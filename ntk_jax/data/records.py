@@ -73,6 +73,7 @@ __all__ = [
     "read_records",
     "has_chat_template",
     "tokenize_record",
+    "tokenize_records",
     "encode_records",
     "encoded_lengths",
     "length_profile",
@@ -390,40 +391,40 @@ def _join_pieces(tokenizer, pieces: Sequence[tuple[Any, bool]]) -> tuple[list[in
     return ids, np.asarray(flags, dtype=bool)
 
 
-def _tokenize_rendering(tokenizer, pieces: Sequence[tuple[str, bool]]) -> tuple[list[int], np.ndarray]:
-    """Token ids and scored flags of a rendering given as ``(text, scored)`` pieces: with a
-    fast tokenizer, the tokenization of the whole rendering (as a chat model sees it), a token
-    scored when its first character lies in a scored piece; otherwise :func:`_join_pieces`."""
+def _tokenize_renderings(tokenizer, renderings: Sequence[Sequence[tuple[str, bool]]]) -> list[tuple[list[int], np.ndarray]]:
+    """Token ids and scored flags of renderings, each given as ``(text, scored)`` pieces: with
+    a fast tokenizer, the tokenization of each whole rendering (as a chat model sees it; one
+    batched call, which the tokenizer spreads over the cores), a token scored when its first
+    character lies in a scored piece; otherwise :func:`_join_pieces` per rendering."""
+    if not renderings:
+        return []
     if not getattr(tokenizer, "is_fast", False):
-        return _join_pieces(tokenizer, pieces)
-    enc = tokenizer("".join(p for p, _ in pieces), add_special_tokens=False, return_offsets_mapping=True)
-    bounds = np.cumsum([len(p) for p, _ in pieces])
-    starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
-    scored = np.asarray([f for _, f in pieces], dtype=bool)
-    return [int(t) for t in enc["input_ids"]], scored[np.searchsorted(bounds, starts, side="right")]
+        return [_join_pieces(tokenizer, pieces) for pieces in renderings]
+    enc = tokenizer(["".join(p for p, _ in pieces) for pieces in renderings], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    out = []
+    for pieces, ids, offsets in zip(renderings, enc["input_ids"], enc["offset_mapping"]):
+        bounds = np.cumsum([len(p) for p, _ in pieces])
+        starts = np.asarray([st for st, _ in offsets], dtype=np.int64)
+        scored = np.asarray([f for _, f in pieces], dtype=bool)
+        out.append(([int(t) for t in ids], scored[np.searchsorted(bounds, starts, side="right")]))
+    return out
 
 
-def tokenize_record(tokenizer, record: Mapping, *, chat_template="auto", add_bos: bool | None = None,
-                    add_eos: bool = True, assistant_turns: str = "all") -> tuple[list[int], np.ndarray, int]:
-    """Token ids of one record, which of them are scored, and how many leading tokens
-    left-truncation must keep.
+def _checked(ids: list[int], flags: np.ndarray, keep_head: int, rid: str) -> tuple[list[int], np.ndarray, int]:
+    """``(ids, flags, keep_head)``; ValueError naming the record if nothing, or the first token, is scored."""
+    if not flags.any():
+        raise ValueError(f"record {rid}: zero loss tokens (the assistant part renders to nothing)")
+    if flags[0]:
+        raise ValueError(f"record {rid}: the chat template renders the prompt to zero tokens, so the first "
+                         "response token cannot be scored")
+    return ids, flags, keep_head
 
-    Returns ``(ids, scored, keep_head)``: ``scored`` bool ``(len(ids),)``, True where the
-    token is a loss target. Without a chat template, prompt/response and text records are
-    :func:`ntk_jax.data.encoding.encode_record` (``add_bos`` default: whether the tokenizer
-    has a bos token; ``keep_head`` = 1 with a bos) and ``messages`` records the plain
-    rendering (module docstring). With one: the template's rendering of the conversation
-    (``[user: prompt, assistant: response]`` for a prompt/response record), the scored
-    assistant turns (``assistant_turns``: ``"all"`` or ``"last"``) cut out by rendering
-    prefixes; the whole rendering tokenized without added special tokens (a fast tokenizer's
-    offsets place each token in its turn; a slow one tokenizes turn by turn); ``keep_head = 0``.
-    ValueError (naming the record id) if a prefix rendering is not a prefix, or nothing
-    would be scored.
-    """
+
+def _tokenize_or_render(tokenizer, record: Mapping, template, add_bos: bool, add_eos: bool, assistant_turns: str):
+    """One record's ``(ids, flags, keep_head)``, or, on the chat-template path, its rendering
+    as ``(text, scored)`` pieces (tokenized in batches by :func:`_tokenize_renderings`)."""
     rid = str(record.get("id", "?"))
-    template = _use_template(tokenizer, chat_template)
-    if add_bos is None:
-        add_bos = getattr(tokenizer, "bos_token_id", None) is not None
     if "messages" in record:
         messages = [dict(m) for m in record["messages"]]
     elif template is False or "text" in record and "prompt" not in record:
@@ -438,19 +439,59 @@ def tokenize_record(tokenizer, record: Mapping, *, chat_template="auto", add_bos
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["response"]}]
     scored = _turns_scored(messages, assistant_turns)
-    if template is False:
-        head = [_special_id(tokenizer, "bos_token_id", "add_bos=True")] if add_bos else []
-        ids, flags = _join_pieces(tokenizer, [(head, False)] + _plain_chat_pieces(tokenizer, messages, scored, add_eos))
-        keep_head = len(head)
-    else:
-        ids, flags = _tokenize_rendering(tokenizer, _template_segments(tokenizer, messages, template, scored, rid))
-        keep_head = 0
-    if not flags.any():
-        raise ValueError(f"record {rid}: zero loss tokens (the assistant part renders to nothing)")
-    if flags[0]:
-        raise ValueError(f"record {rid}: the chat template renders the prompt to zero tokens, so the first "
-                         "response token cannot be scored")
-    return ids, flags, keep_head
+    if template is not False:
+        return _template_segments(tokenizer, messages, template, scored, rid)
+    head = [_special_id(tokenizer, "bos_token_id", "add_bos=True")] if add_bos else []
+    ids, flags = _join_pieces(tokenizer, [(head, False)] + _plain_chat_pieces(tokenizer, messages, scored, add_eos))
+    return _checked(ids, flags, len(head), rid)
+
+
+def tokenize_records(tokenizer, records: Sequence[Mapping], *, chat_template="auto", add_bos: bool | None = None,
+                     add_eos: bool = True, assistant_turns: str = "all",
+                     locate: Callable[[int], str] | None = None) -> list[tuple[list[int], np.ndarray, int]]:
+    """Token ids of each record, which of them are scored, and how many leading tokens
+    left-truncation must keep.
+
+    Returns one ``(ids, scored, keep_head)`` per record: ``scored`` bool ``(len(ids),)``, True
+    where the token is a loss target. Without a chat template, prompt/response and text
+    records are :func:`ntk_jax.data.encoding.encode_record` (``add_bos`` default: whether the
+    tokenizer has a bos token; ``keep_head`` = 1 with a bos) and ``messages`` records the plain
+    rendering (module docstring). With one: the template's rendering of the conversation
+    (``[user: prompt, assistant: response]`` for a prompt/response record), the scored
+    assistant turns (``assistant_turns``: ``"all"`` or ``"last"``) cut out by rendering
+    prefixes; the whole rendering tokenized without added special tokens (a fast tokenizer's
+    offsets place each token in its turn, all records in one batched call; a slow one
+    tokenizes turn by turn); ``keep_head = 0``. ValueError naming the record id (prefixed with
+    ``locate(i)``, e.g. ``pool.jsonl: line 7``, if given) if the template refuses the turns, a
+    prefix rendering is not a prefix, or nothing would be scored.
+    """
+    template = _use_template(tokenizer, chat_template)
+    if add_bos is None:
+        add_bos = getattr(tokenizer, "bos_token_id", None) is not None
+    out: list = [None] * len(records)
+    pending: list[int] = []
+
+    def located(i: int, e: ValueError) -> ValueError:
+        return ValueError(f"{locate(i)}: {e}") if locate is not None else e
+
+    for i, r in enumerate(records):
+        try:
+            out[i] = _tokenize_or_render(tokenizer, r, template, add_bos, add_eos, assistant_turns)
+        except ValueError as e:
+            raise located(i, e) from e
+        if isinstance(out[i], list):
+            pending.append(i)
+    for i, (ids, flags) in zip(pending, _tokenize_renderings(tokenizer, [out[i] for i in pending])):
+        try:
+            out[i] = _checked(ids, flags, 0, str(records[i].get("id", "?")))
+        except ValueError as e:
+            raise located(i, e) from e
+    return out
+
+
+def tokenize_record(tokenizer, record: Mapping, **encode_kw) -> tuple[list[int], np.ndarray, int]:
+    """:func:`tokenize_records` of one record (``encode_kw``: its options)."""
+    return tokenize_records(tokenizer, [record], **encode_kw)[0]
 
 
 def encode_records(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_template="auto",
@@ -475,30 +516,27 @@ def encode_records(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_
         pad = getattr(tokenizer, "eos_token_id", None)
     if pad is None:
         raise ValueError("tokenizer has neither pad_token_id nor eos_token_id (needed for padding)")
-    tokenized = [tokenize_record(tokenizer, r, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos,
-                                 assistant_turns=assistant_turns) for r in records]
+    tokenized = tokenize_records(tokenizer, records, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos,
+                                 assistant_turns=assistant_turns)
     return pack_sequences([(ids, flags) for ids, flags, _ in tokenized], max_len, int(pad),
                           record_ids=[str(r.get("id", f"#{i}")) for i, r in enumerate(records)],
                           truncation=truncation, keep_head=[k for _, _, k in tokenized])
 
 
 def length_profile(tokenizer, records: Iterable[Mapping], *, locate: Callable[[int], str] | None = None,
-                   **encode_kw) -> np.ndarray:
+                   block: int = 256, **encode_kw) -> np.ndarray:
     """What a length policy needs of each record, as :func:`encode_records` would encode it
     (``encode_kw``: its ``chat_template``, ``add_bos``, ``add_eos``, ``assistant_turns``):
     int64 ``(n, 4)`` columns :data:`PROFILE_COLUMNS` (the untruncated length, the first
     scored position, where the last scored span starts, the tokens left truncation keeps).
-    One record at a time: only these four numbers per record are kept. ``locate(i)``
-    (:func:`record_locator`) prefixes a record's encoding error with where it is."""
-    rows = []
-    for i, r in enumerate(records):
-        try:
-            ids, flags, keep_head = tokenize_record(tokenizer, r, **encode_kw)
-        except ValueError as e:
-            if locate is None:
-                raise
-            raise ValueError(f"{locate(i)}: {e}") from e
-        rows.append((len(ids), *scored_spans(flags), keep_head))
+    Streams ``block`` records at a time: only these four numbers per record are kept.
+    ``locate(i)`` (:func:`record_locator`) prefixes a record's encoding error with where it is."""
+    rows, it, lo = [], iter(records), 0
+    while chunk := list(itertools.islice(it, block)):
+        where = None if locate is None else (lambda i, lo=lo: locate(lo + i))
+        for ids, flags, keep_head in tokenize_records(tokenizer, chunk, locate=where, **encode_kw):
+            rows.append((len(ids), *scored_spans(flags), keep_head))
+        lo += len(chunk)
     return np.asarray(rows, dtype=np.int64).reshape(-1, len(PROFILE_COLUMNS))
 
 

@@ -218,7 +218,8 @@ def test_length_policies_end_to_end(chat_llama_dir, tmp_path):
         assert (lengths["n_over"], lengths["truncated"], lengths["dropped"]) == (2, truncated, dropped), lengths
         assert lengths["by_policy"]["left"] == {"truncated": 1, "dropped": 1}
         assert lengths["longest"] > 20 * MAX_LEN and rep["data"]["lengths"]["domain"]["n_over"] == 0
-        assert rep["counts"]["pool"] == 20 - dropped and rep["data"]["pool_path"] == os.path.abspath(paths["pool"])
+        assert rep["timings_s"]["lengths"] < 5 and rep["counts"]["pool"] == 20 - dropped
+        assert rep["data"]["pool_path"] == os.path.abspath(paths["pool"])
         if dropped_id:
             assert lengths["dropped_ids"] == [dropped_id]
         with open(tmp_path / policy / "select" / "report.json") as f:

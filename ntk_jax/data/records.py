@@ -78,6 +78,7 @@ __all__ = [
     "encoded_lengths",
     "length_profile",
     "LENGTH_POLICIES",
+    "ASSISTANT_TURNS",
     "LengthCheck",
     "check_lengths",
     "fit_records",

@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ntk_jax.data.records import LENGTH_POLICIES, encode_records, fit_records, map_length_buckets
+from ntk_jax.data.records import ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, map_length_buckets
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
@@ -174,8 +174,10 @@ def encoding_options(cfg) -> dict:
     policy = str(cfg["truncation"])
     if policy not in LENGTH_POLICIES:
         raise ValueError(f"unknown select.truncation {policy!r}; choose one of {LENGTH_POLICIES}")
-    return {"truncation": policy if policy in ("left", "right") else "error",
-            "assistant_turns": str(cfg["assistant_turns"])}
+    turns = str(cfg["assistant_turns"])
+    if turns not in ASSISTANT_TURNS:
+        raise ValueError(f"unknown select.assistant_turns {turns!r}; choose one of {ASSISTANT_TURNS}")
+    return {"truncation": policy if policy in ("left", "right") else "error", "assistant_turns": turns}
 
 
 def fit_to_length(context, cfg, records: list[dict], what: str, path: str | None = None):
@@ -379,9 +381,11 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     check_unique_ids(domain, "domain")
     # ---- the length policy, over every record before any model work (errors name file and line)
     context, encoding = selection_context(context, cfg), encoding_options(cfg)
+    t_lengths = time.time()
     domain, dom_check = fit_to_length(context, cfg, domain, "domain", cfg.get("domain_path"))
     pool, pool_check = fit_to_length(context, cfg, pool, "pool", cfg.get("pool_path"))
     lengths = {"domain": dom_check.summary, "pool": pool_check.summary}
+    t_lengths = time.time() - t_lengths
     for what, summ in lengths.items():
         if summ["n_over"]:
             print(f"[select] {what}: {summ['n_over']} of {summ['records']} records longer than "
@@ -402,7 +406,8 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
                        out_dir=out_dir, seed=int(seed), process_index=process_index, process_count=process_count,
                        barrier=barrier, stop_after_shards=stop_after_shards, on_shard=on_shard, encoding=encoding,
                        pool_lengths=pool_check.lengths)
-    job.timings["validate"] = time.time() - t
+    job.timings["validate"] = time.time() - t - t_lengths
+    job.timings["lengths"] = t_lengths  # the length pass over every domain and pool record
 
     result: Selection = method.select(job)
 

@@ -61,6 +61,23 @@ pool of ``--n`` candidates in batches of ``--batch-size``, ``--repeats`` times r
 ``--sizes`` candidates (one timed pass each after warm-up), a least-squares line
 time = a + b·n with its R², and the time per candidate at each size.
 
+Data pipeline (``data_pipeline``; ``--data-only`` runs just this): what the selection job does
+to a pool before and besides the model, on ONE core (one record at a time, as the job does):
+``--data-records`` chat records (``messages``: an optional system turn, 1-3 user/assistant
+turns of 20-120 / 40-250 words of a 2000-word vocabulary; byte-level BPE tokenizer trained
+here, 4000 tokens, Llama-3 specials and chat template) written to a JSONL file, then
+
+* read: ``read_records`` (records/s; Python heap per record by ``tracemalloc``, reported as GB
+  per million records);
+* the length pre-pass: ``length_profile`` (records/s) with the chat template and with the
+  plain rendering (``chat_template=False``);
+* encode: ``encode_records`` at ``--data-max-len`` (default 1024) with ``truncation="left"``, in
+  blocks of 64, with and without the template (records/s);
+
+extrapolated to 1.8M records (read + pre-pass + encode, one core), next to the accelerator's
+scoring rate *estimated* in docs/cost_model.md (1.8M records of 1024 tokens in 41 H100-hours at
+40 % MFU: no accelerator has run it).
+
 Prints one JSON object on stdout (progress and notes go to stderr).
 """
 from __future__ import annotations
@@ -418,6 +435,116 @@ def max_rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
 # --- main ------------------------------------------------------------------------------------
 
 
+# --- data pipeline ----------------------------------------------------------------------------
+PAPER_POOL = 1_800_000
+# docs/cost_model.md (estimate, not a measurement): one H100 SXM scores 1.8M records of 1024 tokens
+# of an 8B model in 41 hours at 40 % MFU.
+H100_HOURS_PER_PAPER_POOL = 41.0
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def pipeline_vocabulary(seed: int, n_words: int = 2000) -> list[str]:
+    """``n_words`` pseudo-words of 2-9 lowercase letters (BPE splits the rarer ones)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    return ["".join(rng.choice(letters, size=int(rng.integers(2, 10)))) for _ in range(n_words)]
+
+
+def chat_records(n: int, seed: int) -> list[dict]:
+    """``n`` ``messages`` records (see the module docstring), Zipf-like word frequencies."""
+    rng = np.random.default_rng(seed)
+    words = np.array(pipeline_vocabulary(seed))
+    weights = 1.0 / np.arange(1, words.size + 1)
+    weights /= weights.sum()
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words, size=int(rng.integers(lo, hi)), p=weights))
+
+    out = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": text(5, 20)}] if rng.random() < 0.5 else []
+        for _ in range(int(rng.integers(1, 4))):
+            msgs += [{"role": "user", "content": text(20, 120)}, {"role": "assistant", "content": text(40, 250)}]
+        out.append({"id": f"r{i}", "messages": msgs})
+    return out
+
+
+def pipeline_tokenizer(records: list[dict]):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (4000 tokens, Llama-3 specials and chat
+    template) trained on the first records."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=list(LLAMA3_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((m["content"] for r in records[:2000] for m in r["messages"]), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=LLAMA3_SPECIALS[0],
+                                                eos_token=LLAMA3_SPECIALS[1], pad_token=LLAMA3_SPECIALS[1])
+    fast.chat_template = LLAMA3_TEMPLATE
+    return fast
+
+
+def _rate(fn, n: int) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return n / (time.perf_counter() - t), out
+
+
+def data_pipeline(n: int, seed: int, max_len: int = 1024, block: int = 64) -> dict:
+    """Records/s of reading, the length pre-pass and encoding a ``messages`` pool, and host
+    memory per million records (see the module docstring), extrapolated to 1.8M records."""
+    import tracemalloc
+
+    from ntk_jax.data.records import encode_records, length_profile, read_records
+
+    records = chat_records(n, seed)
+    tok = pipeline_tokenizer(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pool.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        file_bytes = os.path.getsize(path)
+        read_rate, recs = _rate(lambda: read_records(path), n)
+        tracemalloc.start()
+        held = read_records(path)
+        heap_bytes = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del held
+    out = dict(records=n, file_mb=file_bytes / 1e6, max_len=max_len, read_per_s=read_rate,
+               heap_bytes_per_record=heap_bytes / n, heap_gb_per_million=heap_bytes / n * 1e6 / 1e9,
+               profile_gb_per_million=4 * 8 * 1e6 / 1e9)
+    for name, template in (("chat_template", "auto"), ("plain", False)):
+        pre_rate, profile = _rate(lambda: length_profile(tok, recs, chat_template=template), n)
+        enc_rate, _ = _rate(lambda: [encode_records(tok, recs[lo:lo + block], max_len, chat_template=template,
+                                                    truncation="left") for lo in range(0, n, block)], n)
+        lengths = profile[:, 0]
+        job_s = PAPER_POOL / read_rate + PAPER_POOL / pre_rate + PAPER_POOL / enc_rate
+        out[name] = dict(length_prepass_per_s=pre_rate, encode_per_s=enc_rate,
+                         tokens_per_record_mean=float(lengths.mean()),
+                         tokens_per_record_p99=float(np.percentile(lengths, 99)),
+                         over_max_len=float((lengths > max_len).mean()),
+                         paper_pool_one_core_s=dict(read=PAPER_POOL / read_rate, length_prepass=PAPER_POOL / pre_rate,
+                                                    encode=PAPER_POOL / enc_rate, total=job_s))
+        log(f"[data] {name}: read {read_rate:.0f}/s, pre-pass {pre_rate:.0f}/s, encode {enc_rate:.0f}/s, "
+            f"{lengths.mean():.0f} tokens/record")
+    h100 = PAPER_POOL / (H100_HOURS_PER_PAPER_POOL * 3600)
+    out["accelerator_estimate"] = dict(source="docs/cost_model.md (estimated, 40 % MFU; no accelerator has run it)",
+                                       h100_records_per_s=h100, gpu8_records_per_s=8 * h100,
+                                       paper_pool_h100_hours=H100_HOURS_PER_PAPER_POOL)
+    slowest = min(out["chat_template"]["length_prepass_per_s"], out["chat_template"]["encode_per_s"])
+    out["data_vs_one_h100"] = 1.0 / (1.0 / out["chat_template"]["length_prepass_per_s"]
+                                     + 1.0 / out["chat_template"]["encode_per_s"]) / h100
+    out["bottleneck"] = "accelerator" if slowest / 2 > 8 * h100 else "data pipeline"
+    out["paper_pool_host_memory_gb"] = out["heap_gb_per_million"] * PAPER_POOL / 1e6
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1024, help="candidates in the timed pool")
@@ -433,11 +560,14 @@ def parse_args(argv=None):
                    help="tokens per candidate, the records repeated along the sequence (0: as generated)")
     p.add_argument("--pool-over-n", type=int, default=50,
                    help="pool size / N for the per-candidate cost of the selection pipelines (the 8B configs: 200)")
+    p.add_argument("--data-records", type=int, default=20000, help="records of the data-pipeline pool")
+    p.add_argument("--data-max-len", type=int, default=1024, help="encoding length of the data pipeline")
+    p.add_argument("--data-only", action="store_true", help="run only the data-pipeline section")
     p.add_argument("--quick", action="store_true",
-                   help="n=64, batch 32, sizes 64,128,256, repeats 1 (for tests)")
+                   help="n=64, batch 32, sizes 64,128,256, repeats 1, 200 data records (for tests)")
     a = p.parse_args(argv)
     if a.quick:
-        a.n, a.batch_size, a.sizes, a.repeats = 64, 32, "64,128,256", 1
+        a.n, a.batch_size, a.sizes, a.repeats, a.data_records = 64, 32, "64,128,256", 1, 200
     a.sizes = [int(s) for s in a.sizes.split(",") if s]
     if a.n <= 0 or a.batch_size <= 0 or a.repeats <= 0 or not a.sizes or min(a.sizes) <= 0:
         p.error("--n, --batch-size, --repeats and every --sizes entry must be positive")
@@ -477,6 +607,10 @@ def main(argv=None) -> dict:
     import torch
 
     args = parse_args(argv)
+    if args.data_only:
+        report = dict(data_pipeline=data_pipeline(args.data_records, args.seed, args.data_max_len))
+        print(json.dumps(report, indent=2))
+        return report
     threads = jax_cpu_threads()
     torch.set_num_threads(threads)
     arch = bench_arch(args.hidden, args.layers, args.seq_len)
@@ -584,6 +718,7 @@ def main(argv=None) -> dict:
         scaling=dict(points=scaling, linear_fit=fit),
         factored_projection=factored,
         pipelines=pipeline_costs(seconds, args.pool_over_n),
+        data_pipeline=data_pipeline(args.data_records, args.seed, args.data_max_len),
     )
     print(json.dumps(report, indent=2))
     return report

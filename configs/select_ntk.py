@@ -6,8 +6,10 @@ warm-up, unnormalised, kNN filter to 4N).
 
     python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/select_ntk
     python -m ntk_jax.main --config=configs/select_ntk.py:paper --workdir=runs/select_ntk_paper
-    # your data (JSONL records with "prompt"/"response", or "text"):
+    # your data (JSONL records with "messages", "prompt"/"response", or "text") on your
+    # checkpoint, records encoded to 1024 tokens, longer ones truncated on the left:
     python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/mine \\
+        --config.model.path=CKPT --config.select.max_len=1024 --config.select.truncation=left \\
         --config.select.domain_path=domain.jsonl --config.select.pool_path=pool.jsonl
 
 Without JSONL paths the job runs on the controlled benchmark (ntk_jax.data.controlled,

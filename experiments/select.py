@@ -33,7 +33,7 @@ def run(config, out_dir, context):
         data = load_selection_data(cfg, data_dir, int(config.seed))
     report = run_selection(context, cfg, data["domain"], data["pool"], out_dir, seed=int(config.seed),
                            process_index=index, process_count=count, barrier=distributed.barrier)
-    report["data"] = data["source"]
+    report["data"] = {**data["source"], **report.get("data", {})}  # the sources, and the length policy's counts
     return report
 
 

@@ -28,7 +28,8 @@ import numpy as np
 from experiments.plotting import save, subplots
 from ntk_jax.launcher.distributed import barrier
 from ntk_jax.selection.evaluation import finetune_and_evaluate
-from ntk_jax.selection.jobs import load_selection_data, plain, run_selection
+from ntk_jax.selection.jobs import (encoding_options, fit_to_length, load_selection_data, plain, run_selection,
+                                    selection_context)
 from ntk_jax.selection.methods import apply_preset
 from ntk_jax.utils import read_json, write_json
 
@@ -130,6 +131,7 @@ def compare(context, sel, cc, out_dir: str) -> dict:
     index, count = _process(context)
     primary = index == 0
     arms = arms_of(cc, sel)
+    ctx, encoding = selection_context(context, sel), encoding_options(sel)  # select.max_len / truncation
     barrier(f"ntk_jax.compare.start.{out_dir}")  # nobody reads results.json while process 0 writes it
     results_path = os.path.join(out_dir, RESULTS_NAME)
     results = read_json(results_path) if os.path.exists(results_path) else {}
@@ -143,14 +145,17 @@ def compare(context, sel, cc, out_dir: str) -> dict:
             data = load_selection_data(sel, os.path.join(sdir, "data"), seed)
         if data["test"] is None:
             raise ValueError("select_compare needs a held-out test set: set select.test_path")
+        # the length policy on what is fine-tuned on and evaluated (run_selection applies it to its own inputs)
+        fitted = {what: fit_to_length(ctx, sel, data[what], what, sel[f"{what}_path"])[0]
+                  for what in ("domain", "pool", "test")}
         for arm in arms:
             key = f"{seed}/{arm}"
             if key in results:
                 continue
             entry = {"seed": seed, "arm": arm}
-            train_records = list(data["domain"])
+            train_records = list(fitted["domain"])
             if arm.startswith("oracle_"):
-                extra = oracle_records(data["pool"], arm[len("oracle_"):], int(sel["n_select"]))
+                extra = oracle_records(fitted["pool"], arm[len("oracle_"):], int(sel["n_select"]))
                 train_records += extra
                 entry["n_added"] = len(extra)
             elif arm != "domain_only":
@@ -172,9 +177,9 @@ def compare(context, sel, cc, out_dir: str) -> dict:
                 entry["selection_s"] = float(sum(report["timings_s"].values()))
             if not primary:
                 continue  # process 0 fine-tunes and evaluates
-            entry.update(finetune_and_evaluate(context, train_records, data["test"], lora=cc["lora"],
+            entry.update(finetune_and_evaluate(ctx, train_records, fitted["test"], lora=cc["lora"],
                                                train_cfg=cc["finetune"], seed=seed,
-                                               eval_batch_size=int(cc["eval_batch_size"])))
+                                               eval_batch_size=int(cc["eval_batch_size"]), encoding=encoding))
             results[key] = entry
             write_json(results_path, results)
             print(f"[select_compare] {os.path.basename(out_dir)} seed {seed} {arm}: " + ", ".join(

@@ -327,3 +327,69 @@ def test_map_length_buckets_order_shapes_and_off(tok, corpus):
     assert {s for s in shapes} == {(16, 32)}  # bucketing off: everything padded to max_len
     with pytest.raises(ValueError, match="no records"):
         map_length_buckets(fn, tok, [], 16, multiple=8, max_len=32)
+
+
+# ----------------------------------------------------------------------------- length policy
+def _chat(*contents):
+    """A messages record alternating user / assistant turns."""
+    return {"messages": [{"role": "user" if k % 2 == 0 else "assistant", "content": c} for k, c in enumerate(contents)]}
+
+
+def test_plain_messages_and_multi_span_truncation(tok):
+    rec = {"id": "m", **_chat("ab", "cd", "ef", "gh")}  # no template: the plain rendering
+    full = encode_records(tok, [rec], 64)
+    scored = full["targets"][0, full["loss_mask"][0] > 0]
+    assert scored.tolist() == tok.encode("cd") + [tok.eos_token_id] + tok.encode("gh") + [tok.eos_token_id]
+    last = encode_records(tok, [rec], 64, assistant_turns="last")
+    assert last["targets"][0, last["loss_mask"][0] > 0].tolist() == tok.encode("gh") + [tok.eos_token_id]
+    n = int(full["attention_mask"][0].sum())
+    # left: leading tokens go (the first assistant turn too); the last turn stays whole, bos kept
+    left = encode_records(tok, [rec], n - 25, truncation="left")  # "User: ab\n\nAssistant: cd<eos>" + 1 go
+    assert left["input_ids"][0, 0] == tok.bos_token_id
+    assert left["targets"][0, left["loss_mask"][0] > 0].tolist() == tok.encode("gh") + [tok.eos_token_id]
+    # right: the tail goes, the first assistant turn stays scored
+    right = encode_records(tok, [rec], 26, truncation="right")
+    assert right["targets"][0, right["loss_mask"][0] > 0].tolist() == tok.encode("cd") + [tok.eos_token_id]
+    with pytest.raises(ValueError, match="unknown assistant_turns"):
+        encode_records(tok, [rec], 64, assistant_turns="first")
+
+
+def test_check_lengths_policies_and_error_names_the_line(tmp_path, tok):
+    from ntk_jax.data.records import check_lengths, fit_records, length_profile
+
+    recs = [{"id": "a", "prompt": "ab", "response": "c"},            # 5 tokens: fits
+            {"id": "long_prompt", "prompt": "x" * 30, "response": "y"},  # left truncates, right cannot
+            {"id": "long_response", "prompt": "p", "response": "z" * 30}]  # right truncates, left cannot
+    path = _write_lines(tmp_path / "pool.jsonl", ["", json.dumps(recs[0]), json.dumps(recs[1]), json.dumps(recs[2])])
+    prof = length_profile(tok, read_records(path))
+    assert prof.tolist() == [[5, 3, 3, 1], [33, 31, 31, 1], [33, 2, 2, 1]]
+    with pytest.raises(ValueError, match=r"pool\.jsonl: line 3: record 'long_prompt' encodes to 33 tokens, more than "
+                                         r"select\.max_len=16 \(2 of 3 pool records are longer.*left: 1 truncated, 1 "
+                                         r"dropped; right: 1 truncated, 1 dropped; drop: 0 truncated, 2 dropped\) "
+                                         r"or raise --config\.select\.max_len"):
+        fit_records(tok, read_records(path), 16, "error", path=path)
+    for policy, kept, truncated in (("left", ["a", "long_prompt"], 1), ("right", ["a", "long_response"], 1),
+                                    ("drop", ["a"], 0)):
+        got, check = fit_records(tok, read_records(path), 16, policy, path=path)
+        assert [r["id"] for r in got] == kept and check.lengths.tolist() == [5] + [16] * (len(kept) - 1)
+        assert (check.summary["n_over"], check.summary["truncated"], check.summary["dropped"]) == (2, truncated,
+                                                                                                  3 - len(kept))
+        if policy != "drop":  # the kept records encode under the policy, at the checked lengths
+            arrays = encode_records(tok, got, 16, truncation=policy)
+            assert arrays["attention_mask"].sum(axis=1).tolist() == check.lengths.tolist()
+    assert check_lengths(prof, 64, "error", ids=["a", "b", "c"]).summary["n_over"] == 0
+    with pytest.raises(ValueError, match=r"every one of the 3 pool records is dropped"):
+        check_lengths(prof, 4, "drop", ids=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"unknown truncation policy 'middle'"):
+        check_lengths(prof, 4, "middle", ids=["a", "b", "c"])
+
+
+def test_buckets_truncate_with_known_lengths(tok, corpus):
+    recs = corpus[:10] + [{"id": "long", "prompt": "q" * 50, "response": "r"}]
+    got = {}
+    for idx, arrays in encode_buckets(tok, recs, 4, multiple=8, max_len=24, truncation="left"):
+        for j, i in enumerate(idx):
+            got[int(i)] = arrays["loss_mask"][j].sum()
+    assert sorted(got) == list(range(11)) and got[10] == 2  # the response and the eos, scored after truncation
+    with pytest.raises(ValueError, match=r"index 10 has length 53 > max_len=24"):
+        list(encode_buckets(tok, recs, 4, multiple=8, max_len=24))

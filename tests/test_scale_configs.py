@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ntk_jax.launcher import platforms as plat
-from ntk_jax.launcher.config_lib import SECTIONS
+from ntk_jax.launcher.config_lib import SECTIONS, base_config
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.launcher.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, param_memory
@@ -70,7 +70,8 @@ def test_config_loads_and_fits(file, platform):
     lay, p = plat.layout(platform), plat.platform(platform)
     assert (c.mesh.data, c.mesh.model) == (-1, lay.mesh[1]) and lay.mesh[0] * lay.mesh[1] == p.devices_per_host
     s = c.select
-    assert (s.method, s.n_select, s.projection_dim, c.pretrain.max_len) == ("ntk", 9000, 8192, 1024)
+    assert (s.method, s.n_select, s.projection_dim, s.max_len, s.truncation) == ("ntk", 9000, 8192, 1024, "left")
+    assert c.pretrain.max_len == base_config().pretrain.max_len  # the toy pre-training length, untouched
     assert (c.model.dtype, c.model.param_dtype) == ("bfloat16", lay.param_dtype)
     lora = LoRAConfig.from_dict(s.lora)
     assert (lora.rank, lora.alpha, lora.targets) == (128, 512.0, ("q_proj", "k_proj", "v_proj", "o_proj"))

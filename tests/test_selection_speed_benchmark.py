@@ -59,6 +59,16 @@ def test_selection_speed_quick():
     # Scores by one JVP along Π u equal the features' F @ u.
     assert agreement["scores_jvp_vs_features_max_rel_diff"] < 1e-4
 
+    # the data pipeline: read / length pre-pass / encode rates with and without a chat template
+    data = out["data_pipeline"]
+    assert data["records"] == 200 and data["read_per_s"] > 0 and data["heap_gb_per_million"] > 0
+    for name in ("chat_template", "plain"):
+        d = data[name]
+        assert d["length_prepass_per_s"] > 0 and d["encode_per_s"] > 0 and d["tokens_per_record_mean"] > 100
+        assert d["paper_pool_one_core_s"]["total"] == pytest.approx(sum(
+            d["paper_pool_one_core_s"][k] for k in ("read", "length_prepass", "encode")))
+    assert data["bottleneck"] in ("accelerator", "data pipeline") and "estimated" in data["accelerator_estimate"]["source"]
+
     points = out["scaling"]["points"]
     assert [p["n"] for p in points] == [64, 128, 256]
     assert all(p["seconds"] > 0 and p["ms_per_candidate"] > 0 for p in points)

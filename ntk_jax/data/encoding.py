@@ -32,7 +32,9 @@ sequence of length ``L > max_len``:
 
 * ``"error"`` (default): ValueError naming the record id and its length.
 * ``"left"``: drop prompt tokens from the left (after the bos, if any) until it fits;
-  ValueError if the bos + response (+ eos) alone exceed ``max_len``.
+  ValueError if the bos + response (+ eos) alone exceed ``max_len`` (with several scored
+  spans, e.g. the assistant turns of a chat, earlier spans may be dropped; the last is
+  kept whole).
 * ``"right"``: keep the first ``max_len`` tokens (the response tail and the eos are
   lost); ValueError if no scored token is left.
 
@@ -42,10 +44,12 @@ sequence of length ``L > max_len``:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["encode_record", "encode_examples", "pack_sequences", "truncate_sequence", "max_length",
+__all__ = ["encode_record", "encode_examples", "pack_sequences", "truncate_sequence", "scored_spans",
+           "fits_after_truncation", "max_length",
            "iterate_batches", "pad_to_batches", "TRUNCATION_POLICIES", "LM_INPUTS", "LM_TRAIN_INPUTS",
            "lm_batch"]
 
@@ -129,14 +133,57 @@ def max_length(tokenizer, records: Sequence[Mapping], *, add_bos: bool = True, a
                 for i, r in enumerate(records)), default=0)
 
 
-def truncate_sequence(ids: Sequence[int], start: int, max_len: int, *, truncation: str = "error",
-                      keep_head: int = 0, record_id: str = "?") -> tuple[list[int], int]:
-    """Fit one sequence ``ids`` (scored from ``start`` on) into ``max_len`` tokens.
+def _as_scored(ids: Sequence[int], scored) -> np.ndarray:
+    """The per-token scored flags of a sequence given as ``start`` (an int: tokens
+    ``start..`` are scored) or as a mask of ``len(ids)`` flags; bool ``(len(ids),)``."""
+    if isinstance(scored, (int, np.integer)) and not isinstance(scored, bool):
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[max(int(scored), 0):] = True
+        mask[0:1] |= int(scored) <= 0  # a start < 1 would score the first token: rejected by the caller
+        return mask
+    mask = np.asarray(scored, dtype=bool)
+    if mask.shape != (len(ids),):
+        raise ValueError(f"a scored mask of shape {mask.shape} for {len(ids)} tokens")
+    return mask
 
+
+def scored_spans(scored) -> tuple[int, int]:
+    """``(first, last_span_start)`` of a scored mask ``(L,)``: the first scored position and
+    where its last contiguous run of scored tokens starts (``(L, L)`` if nothing is scored)."""
+    mask = np.asarray(scored, dtype=bool)
+    hits = np.flatnonzero(mask)
+    if not hits.size:
+        return mask.size, mask.size
+    breaks = np.flatnonzero(np.diff(hits) > 1)
+    return int(hits[0]), int(hits[breaks[-1] + 1] if breaks.size else hits[0])
+
+
+def fits_after_truncation(length, first_scored, last_span_start, keep_head, max_len: int, truncation: str):
+    """Whether a sequence can be fitted into ``max_len`` tokens by ``truncation`` (scalars or
+    numpy arrays, elementwise): it already fits; or ``"left"`` keeps its last scored span
+    whole with at least one token before it (``length - max_len <= last_span_start -
+    max(keep_head, 1)``); or ``"right"`` keeps a scored token (``first_scored < max_len``).
+    The single rule :func:`truncate_sequence` and the selection jobs' length check share."""
+    length = np.asarray(length)
+    fits = length <= max_len
+    if truncation == "left":
+        return fits | (length - max_len <= np.asarray(last_span_start) - np.maximum(keep_head, 1))
+    if truncation == "right":
+        return fits | (np.asarray(first_scored) < max_len)
+    return fits
+
+
+def truncate_sequence(ids: Sequence[int], start, max_len: int, *, truncation: str = "error",
+                      keep_head: int = 0, record_id: str = "?"):
+    """Fit one sequence ``ids`` into ``max_len`` tokens.
+
+    ``start``: where the scored tokens begin (an int; they run to the end), or a per-token
+    scored mask ``(len(ids),)`` (several scored spans, e.g. every assistant turn of a chat).
     ``keep_head``: leading tokens that ``"left"`` truncation never drops (the bos).
-    Returns ``(ids, start)`` unchanged when it fits, else per ``truncation`` (see the
-    module docstring). ValueError naming ``record_id`` when it cannot fit or nothing
-    scored would be left.
+    Returns ``(ids, start)`` in the form ``start`` was given, unchanged when it fits, else
+    per ``truncation`` (see the module docstring; ``"left"`` drops leading tokens, earlier
+    scored spans included, but never the last scored span). ValueError naming
+    ``record_id`` when it cannot fit or nothing scored would be left.
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"unknown truncation {truncation!r}; choose one of {TRUNCATION_POLICIES}")
@@ -147,30 +194,39 @@ def truncate_sequence(ids: Sequence[int], start: int, max_len: int, *, truncatio
     if truncation == "error":
         raise ValueError(f"record {record_id}: encoded length {length} exceeds max_len={max_len} "
                          "(pass truncation='left' or 'right' to truncate)")
+    mask = _as_scored(ids, start)
+    first, last_start = scored_spans(mask)
+    if not fits_after_truncation(length, first, last_start, keep_head, max_len, truncation):
+        if truncation == "left":
+            raise ValueError(f"record {record_id}: the response alone ({length - last_start} tokens + "
+                             f"{max(keep_head, 1)} kept before it) does not fit max_len={max_len}")
+        raise ValueError(f"record {record_id}: right truncation to max_len={max_len} leaves no scored "
+                         f"token (the response starts at position {first})")
     if truncation == "left":
         drop = length - max_len
-        removable = start - keep_head  # prompt tokens after the kept head
-        if drop > removable:
-            raise ValueError(f"record {record_id}: the response alone ({length - start} tokens + "
-                             f"{keep_head} kept) does not fit max_len={max_len}")
-        return ids[:keep_head] + ids[keep_head + drop:], start - drop
-    if start >= max_len:
-        raise ValueError(f"record {record_id}: right truncation to max_len={max_len} leaves no scored "
-                         f"token (the response starts at position {start})")
-    return ids[:max_len], start
+        keep = np.r_[0:keep_head, keep_head + drop:length]
+    else:
+        keep = np.arange(max_len)
+    ids, mask = [ids[i] for i in keep], mask[keep]
+    mask[0] = False  # the first token is never a target
+    if isinstance(start, (int, np.integer)) and not isinstance(start, bool):
+        return ids, int(np.argmax(mask))
+    return ids, mask
 
 
-def pack_sequences(sequences: Sequence[tuple[Sequence[int], int]], max_len: int, pad_token_id: int, *,
+def pack_sequences(sequences: Sequence[tuple[Sequence[int], Any]], max_len: int, pad_token_id: int, *,
                    record_ids: Sequence[str] | None = None, truncation: str = "error",
                    keep_head: int | Sequence[int] = 0) -> dict[str, np.ndarray]:
     """Arrays of ``n = len(sequences)`` tokenized sequences ``(ids, start)``.
 
-    ``ids[start:]`` are the scored tokens (``start >= 1``: the first token is never a
-    target). Returns ``{"input_ids", "targets", "loss_mask", "attention_mask"}`` of shape
-    ``(n, max_len)`` as described in the module docstring (``loss_mask`` 1.0 at positions
-    ``start - 1 .. len(ids) - 2``). Over-long sequences follow ``truncation``;
-    ``keep_head`` (per sequence or one int) is the number of leading tokens ``"left"``
-    truncation keeps. ValueError (naming the record id) for a sequence with no scored token.
+    ``start``: where the scored tokens begin (``start >= 1``: the first token is never a
+    target), or a per-token scored mask ``(len(ids),)`` (token ``t`` scored means
+    ``loss_mask[:, t - 1] = 1``; its first entry must be False). Returns ``{"input_ids",
+    "targets", "loss_mask", "attention_mask"}`` of shape ``(n, max_len)`` as described in the
+    module docstring (``loss_mask`` 1.0 at positions ``start - 1 .. len(ids) - 2``).
+    Over-long sequences follow ``truncation``; ``keep_head`` (per sequence or one int) is the
+    number of leading tokens ``"left"`` truncation keeps. ValueError (naming the record id)
+    for a sequence with no scored token.
     """
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
         raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
@@ -184,16 +240,17 @@ def pack_sequences(sequences: Sequence[tuple[Sequence[int], int]], max_len: int,
     attention_mask = np.zeros((n, max_len), dtype=np.int32)
     for i, (ids, start) in enumerate(sequences):
         rid = str(record_ids[i]) if record_ids is not None else f"#{i}"
-        if not 1 <= start < len(ids):
-            raise ValueError(f"record {rid}: zero loss tokens (scored part starts at {start} of "
-                             f"{len(ids)} tokens)")
-        ids, start = truncate_sequence(ids, start, max_len, truncation=truncation, keep_head=heads[i],
-                                       record_id=rid)
+        mask = _as_scored(ids, start)
+        if not mask.any() or mask[0]:
+            raise ValueError(f"record {rid}: zero loss tokens (scored part starts at "
+                             f"{scored_spans(mask)[0]} of {len(ids)} tokens)")
+        ids, mask = truncate_sequence(ids, mask, max_len, truncation=truncation, keep_head=heads[i],
+                                      record_id=rid)
         length = len(ids)
         input_ids[i, :length] = ids
         targets[i, : length - 1] = ids[1:]
         attention_mask[i, :length] = 1
-        loss_mask[i, start - 1 : length - 1] = 1.0
+        loss_mask[i, : length - 1] = mask[1:]
     return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "attention_mask": attention_mask}
 
 

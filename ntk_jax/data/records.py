@@ -7,8 +7,11 @@ records back as they were), with
 * ``"id"``: a string. A record without one gets ``f"{index}"``, its 0-based position among
   the records of the file (blank JSONL lines do not count); an integer id is converted to
   its decimal string. Ids must be unique within a file.
-* either ``"prompt"`` and ``"response"`` (strings; the loss is on the response) or
-  ``"text"`` (a string; the loss is on every token);
+* one of: ``"messages"`` (a chat: a non-empty list of turns ``{"role": "system" | "user" |
+  "assistant", "content": str}``, multi-turn; the loss is on the assistant turns; at least
+  one assistant turn, and a system or user turn before the first); ``"prompt"`` and
+  ``"response"`` (strings; the loss is on the response); or ``"text"`` (a string; the loss is
+  on every token). Formats may be mixed within one file;
 * optionally ``"label"``, ``"task"``, ``"family"``, ``"role"`` (one of :data:`ROLES`) and
   ``"options"`` (a non-empty list of distinct strings, the candidate responses of a
   classification / multiple-choice record; its ``response``, if any, must be one of them).
@@ -23,12 +26,26 @@ Every error names where it happened: ``file.jsonl: line 7: ...`` (1-based line) 
 
 Encoding (:func:`encode_records`) gives the arrays of :mod:`ntk_jax.data.encoding`
 (``input_ids``, ``targets``, ``loss_mask``, ``attention_mask``). With a chat template
-(``chat_template="auto"`` and a tokenizer that has one), a prompt/response record is
-rendered as the conversation ``[user: prompt, assistant: response]`` and only the
-assistant part (everything after the rendering of ``[user: prompt]`` with
-``add_generation_prompt=True``, which must be a prefix of the full rendering) is scored; no
-bos/eos is added around the rendering (the template places its own special tokens). Text
-records are never templated.
+(``chat_template="auto"`` and a tokenizer that has one), a messages record is rendered by the
+template, and a prompt/response record as the conversation ``[user: prompt, assistant:
+response]``. Assistant turn ``k`` (every one, or with ``assistant_turns="last"`` the last)
+is scored: the text between the rendering of ``messages[:k]`` with
+``add_generation_prompt=True`` (which must be a prefix of the next) and the rendering of
+``messages[:k + 1]`` — its content and the template's end-of-turn marker; everything before
+it is its prompt. A template that renders a turn differently once later turns follow (e.g.
+a reasoning block only on the last turn) is handled by finding the turn's content in the
+full rendering. No bos/eos is added around the rendering (the template places its own
+special tokens). Without a template a messages record has the plain rendering ``[bos]
+"System: ..." "\n\nUser: ..." "\n\nAssistant: " content [eos] ...`` (each turn ``"<Role>: " +
+content``, turns separated by a blank line), the loss on each scored assistant content and
+its eos. Text records are never templated.
+
+Length policy (:func:`fit_records`, :func:`check_lengths`): a pass over the records that
+tokenizes each once and keeps four numbers per record (:func:`length_profile`), then applies
+one of :data:`LENGTH_POLICIES` to the records longer than ``max_len`` — ``"error"`` (a
+ValueError naming ``file: line N``, the record id, its length, what each other policy would
+do and the setting to change), ``"left"`` / ``"right"`` (truncated at encoding; those the
+policy cannot fit are dropped) or ``"drop"`` — and counts what it did.
 
 Bucketing (:func:`bucket_by_length`) groups records of similar length into batches so that
 scoring a large pool pads little; :func:`encode_buckets` yields each bucket's pool indices
@@ -36,14 +53,17 @@ with its arrays, so results map back to pool order.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ntk_jax.data.encoding import TRUNCATION_POLICIES, encode_record, pack_sequences
+from ntk_jax.data.encoding import (TRUNCATION_POLICIES, _special_id, encode_record, fits_after_truncation,
+                                   pack_sequences, scored_spans)
 
 __all__ = [
     "ROLES",
@@ -53,8 +73,16 @@ __all__ = [
     "read_records",
     "has_chat_template",
     "tokenize_record",
+    "tokenize_records",
     "encode_records",
     "encoded_lengths",
+    "length_profile",
+    "LENGTH_POLICIES",
+    "ASSISTANT_TURNS",
+    "LengthCheck",
+    "check_lengths",
+    "fit_records",
+    "record_locator",
     "bucket_by_length",
     "encode_buckets",
     "map_length_buckets",
@@ -62,6 +90,8 @@ __all__ = [
 ]
 
 ROLES = ("useful", "unrelated", "conflicting", "domain")
+CHAT_ROLES = ("system", "user", "assistant")
+ASSISTANT_TURNS = ("all", "last")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -82,7 +112,9 @@ def validate_record(record, index: int, where: str) -> dict:
     elif not isinstance(record["id"], str) or not record["id"]:
         raise ValueError(f"{where}: 'id' must be a non-empty string, got {record['id']!r}")
     has_prompt, has_response = "prompt" in record, "response" in record
-    if has_prompt or has_response:
+    if "messages" in record:
+        _validate_messages(record, where)
+    elif has_prompt or has_response:
         for key in ("prompt", "response"):
             if key not in record:
                 raise ValueError(f"{where}: record {record['id']!r} has "
@@ -97,7 +129,7 @@ def validate_record(record, index: int, where: str) -> dict:
             raise ValueError(f"{where}: record {record['id']!r}: 'text' must be a string, "
                              f"got {type(record['text']).__name__}")
     else:
-        raise ValueError(f"{where}: record {record['id']!r} needs 'prompt' and 'response', or 'text' "
+        raise ValueError(f"{where}: record {record['id']!r} needs 'prompt' and 'response', or 'text', or 'messages' "
                          f"(fields: {sorted(record)})")
     if "options" in record:
         opts = record["options"]
@@ -105,7 +137,7 @@ def validate_record(record, index: int, where: str) -> dict:
                 or len(set(opts)) != len(opts)):
             raise ValueError(f"{where}: record {record['id']!r}: 'options' must be a non-empty list of "
                              f"distinct strings, got {opts!r}")
-        if "text" in record:
+        if "response" not in record:
             raise ValueError(f"{where}: record {record['id']!r}: 'options' needs a prompt/response record")
         if record["response"] not in opts:
             raise ValueError(f"{where}: record {record['id']!r}: response {record['response']!r} is not "
@@ -113,6 +145,28 @@ def validate_record(record, index: int, where: str) -> dict:
     if "role" in record and record["role"] not in ROLES:
         raise ValueError(f"{where}: record {record['id']!r}: unknown role {record['role']!r}; roles: {ROLES}")
     return record
+
+
+def _validate_messages(record: dict, where: str) -> None:
+    """Checks a ``messages`` record (see the module docstring); ValueError prefixed ``where``."""
+    rid, msgs = record["id"], record["messages"]
+    clash = sorted({"prompt", "response", "text"} & set(record))
+    if clash:
+        raise ValueError(f"{where}: record {rid!r} has both 'messages' and {clash}")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: record {rid!r}: 'messages' must be a non-empty list of "
+                         f"{{'role', 'content'}} turns, got {msgs!r:.80}")
+    for k, turn in enumerate(msgs):
+        if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError(f"{where}: record {rid!r}: messages[{k}] must be {{'role': one of {CHAT_ROLES}, "
+                             f"'content': a string}}, got {turn!r:.120}")
+    roles = [t["role"] for t in msgs]
+    if "assistant" not in roles:
+        raise ValueError(f"{where}: record {rid!r} has no assistant turn: the loss is on the assistant turns, so "
+                         "it would score nothing (remove the record, or give it as {'text': ...})")
+    if roles[0] == "assistant":
+        raise ValueError(f"{where}: record {rid!r}: messages[0] is an assistant turn; an assistant turn needs a "
+                         "system or user turn before it")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -238,68 +292,221 @@ def _use_template(tokenizer, chat_template) -> str | None | bool:
                      f"got {chat_template!r}")
 
 
-def _render(tokenizer, messages, template, add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages, template, add_generation_prompt: bool, rid: str = "?") -> str:
+    """The chat template's rendering of ``messages``; ValueError naming the record ``rid`` when
+    the template refuses them (e.g. a template without system turns raising on one)."""
     kwargs = {} if template is None else {"chat_template": template}
-    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                        **kwargs)
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            **kwargs)
+    except Exception as e:  # jinja2's TemplateError (raise_exception in the template), or another template error
+        roles = [m.get("role") for m in messages]
+        raise ValueError(f"record {rid}: the chat template cannot render the turns {roles} "
+                         f"(add_generation_prompt={add_generation_prompt}): {type(e).__name__}: {e}") from e
     if not isinstance(out, str):  # pragma: no cover - transformers returns str with tokenize=False
         raise ValueError(f"apply_chat_template returned {type(out).__name__}, expected a string")
     return out
 
 
-def tokenize_record(tokenizer, record: Mapping, *, chat_template="auto", add_bos: bool | None = None,
-                    add_eos: bool = True) -> tuple[list[int], int, int]:
-    """Token ids of one record, where its scored part starts, and how many leading tokens
-    left-truncation must keep.
+def _turns_scored(messages: Sequence[Mapping], assistant_turns: str) -> list[int]:
+    """Indices of the assistant turns that carry the loss (``"all"`` or the ``"last"``)."""
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"unknown assistant_turns {assistant_turns!r}; choose one of {ASSISTANT_TURNS}")
+    turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+    return turns[-1:] if assistant_turns == "last" else turns
 
-    Returns ``(ids, start, keep_head)``: ``ids[start:]`` are the scored tokens. Without a
-    chat template this is :func:`ntk_jax.data.encoding.encode_record` (``add_bos`` default:
-    whether the tokenizer has a bos token; ``keep_head`` = 1 with a bos). With one (see the
-    module docstring): the rendering of ``[user, assistant]``, split at the end of the
-    rendering of ``[user]`` + generation prompt, each part tokenized without added special
-    tokens; ``keep_head = 0``. ValueError (naming the record id) if the prompt rendering is
-    not a prefix of the full one, or nothing would be scored.
-    """
+
+def _locate_turn(full: str, piece: str, content: str, cursor: int, rid: str, k: int) -> tuple[int, int]:
+    """Where assistant turn ``k`` lies in the rendering ``full`` (from ``cursor`` on), for a
+    template that renders a turn differently once later turns follow it: ``piece`` (the turn
+    as rendered last) if ``full`` holds it, else its ``content`` plus the end-of-turn text
+    that ``piece`` puts after it (when ``full`` has it there too)."""
+    pos = full.find(piece, cursor) if piece else -1
+    if pos >= 0:
+        return pos, pos + len(piece)
+    content = content.strip()  # templates commonly trim the content
+    pos = full.find(content, cursor) if content else -1
+    if pos < 0:
+        raise ValueError(f"record {rid}: messages[{k}] (assistant) is not found in the chat template's rendering "
+                         f"after position {cursor}, so its tokens cannot be located for the loss")
+    hi = pos + len(content)
+    tail = piece[piece.rfind(content) + len(content):] if content in piece else ""
+    return pos, hi + len(tail) if tail and full.startswith(tail, hi) else hi
+
+
+def _template_segments(tokenizer, messages: list[dict], template, scored: list[int],
+                       rid: str) -> list[tuple[str, bool]]:
+    """The chat template's rendering of ``messages`` cut into ``(text, scored)`` pieces.
+
+    Assistant turn ``k`` in ``scored`` is the text between the rendering of ``messages[:k]``
+    with ``add_generation_prompt=True`` and that of ``messages[:k + 1]`` (its content and
+    end-of-turn marker); everything before it (system, user turns, the generation prompt) is
+    its prompt. ValueError naming the record if the first is not a prefix of the second."""
+    full = _render(tokenizer, messages, template, False, rid)
+    pieces, cursor = [], 0
+    for k in scored:
+        head = _render(tokenizer, messages[:k], template, True, rid)
+        end = full if k + 1 == len(messages) else _render(tokenizer, messages[:k + 1], template, False, rid)
+        if not end.startswith(head):
+            raise ValueError(f"record {rid}: the chat template's rendering of the prompt with "
+                             f"add_generation_prompt=True is not a prefix of the rendering with the response, so "
+                             f"the response boundary is ambiguous (prompt part {head!r:.300}, full {end!r:.300})")
+        if full.startswith(end) and len(head) >= cursor:
+            lo, hi = len(head), len(end)
+        else:
+            lo, hi = _locate_turn(full, end[len(head):], messages[k]["content"], cursor, rid, k)
+        pieces += [(full[cursor:lo], False), (full[lo:hi], True)]
+        cursor = hi
+    return pieces + [(full[cursor:], False)]
+
+
+PLAIN_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+
+
+def _plain_chat_pieces(tokenizer, messages: list[dict], scored: list[int], add_eos: bool) -> list[tuple[Any, bool]]:
+    """The plain rendering of ``messages`` (no chat template) as ``(text or ids, scored)``
+    pieces: turns separated by a blank line, each ``"<Role>: " + content``, every assistant
+    content followed by the eos token; the loss is on the scored turns' content and eos."""
+    eos = [int(tokenizer.eos_token_id)] if add_eos else []
+    pieces: list[tuple[Any, bool]] = []
+    for k, turn in enumerate(messages):
+        header = ("\n\n" if k else "") + PLAIN_HEADERS[turn["role"]]
+        if turn["role"] != "assistant":
+            pieces.append((header + turn["content"], False))
+            continue
+        ids = list(tokenizer.encode(turn["content"], add_special_tokens=False)) + eos
+        pieces += [(header, False), (ids, k in scored)]
+    return pieces
+
+
+def _join_pieces(tokenizer, pieces: Sequence[tuple[Any, bool]]) -> tuple[list[int], np.ndarray]:
+    """Token ids and scored flags of ``(text or ids, scored)`` pieces, each text tokenized on
+    its own without added special tokens (so every boundary is exact)."""
+    ids: list[int] = []
+    flags: list[bool] = []
+    for piece, scored in pieces:
+        if isinstance(piece, str):
+            piece = list(tokenizer.encode(piece, add_special_tokens=False)) if piece else []
+        ids += [int(t) for t in piece]
+        flags += [scored] * len(piece)
+    return ids, np.asarray(flags, dtype=bool)
+
+
+def _tokenize_renderings(tokenizer, renderings: Sequence[Sequence[tuple[str, bool]]]) -> list[tuple[list[int], np.ndarray]]:
+    """Token ids and scored flags of renderings, each given as ``(text, scored)`` pieces: with
+    a fast tokenizer, the tokenization of each whole rendering (as a chat model sees it; one
+    batched call, which the tokenizer spreads over the cores), a token scored when its first
+    character lies in a scored piece; otherwise :func:`_join_pieces` per rendering."""
+    if not renderings:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [_join_pieces(tokenizer, pieces) for pieces in renderings]
+    enc = tokenizer(["".join(p for p, _ in pieces) for pieces in renderings], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    out = []
+    for pieces, ids, offsets in zip(renderings, enc["input_ids"], enc["offset_mapping"]):
+        bounds = np.cumsum([len(p) for p, _ in pieces])
+        starts = np.asarray([st for st, _ in offsets], dtype=np.int64)
+        scored = np.asarray([f for _, f in pieces], dtype=bool)
+        out.append(([int(t) for t in ids], scored[np.searchsorted(bounds, starts, side="right")]))
+    return out
+
+
+def _checked(ids: list[int], flags: np.ndarray, keep_head: int, rid: str) -> tuple[list[int], np.ndarray, int]:
+    """``(ids, flags, keep_head)``; ValueError naming the record if nothing, or the first token, is scored."""
+    if not flags.any():
+        raise ValueError(f"record {rid}: zero loss tokens (the assistant part renders to nothing)")
+    if flags[0]:
+        raise ValueError(f"record {rid}: the chat template renders the prompt to zero tokens, so the first "
+                         "response token cannot be scored")
+    return ids, flags, keep_head
+
+
+def _tokenize_or_render(tokenizer, record: Mapping, template, add_bos: bool, add_eos: bool, assistant_turns: str):
+    """One record's ``(ids, flags, keep_head)``, or, on the chat-template path, its rendering
+    as ``(text, scored)`` pieces (tokenized in batches by :func:`_tokenize_renderings`)."""
     rid = str(record.get("id", "?"))
-    template = _use_template(tokenizer, chat_template)
-    if add_bos is None:
-        add_bos = getattr(tokenizer, "bos_token_id", None) is not None
-    if template is False or "text" in record and "prompt" not in record:
+    if "messages" in record:
+        messages = [dict(m) for m in record["messages"]]
+    elif template is False or "text" in record and "prompt" not in record:
         ids, start = encode_record(tokenizer, record, add_bos=add_bos, add_eos=add_eos)
         if start >= len(ids):
             raise ValueError(f"record {rid}: zero loss tokens")
-        return ids, start, 1 if add_bos else 0
-    for key in ("prompt", "response"):
-        if not isinstance(record.get(key), str):
-            raise ValueError(f"record {rid}: missing or non-string {key!r}")
-    user = [{"role": "user", "content": record["prompt"]}]
-    full = _render(tokenizer, user + [{"role": "assistant", "content": record["response"]}], template, False)
-    head = _render(tokenizer, user, template, True)
-    if not full.startswith(head):
-        raise ValueError(f"record {rid}: the chat template's rendering of the prompt with "
-                         f"add_generation_prompt=True is not a prefix of the rendering with the response, so "
-                         f"the response boundary is ambiguous (prompt part {head!r}, full {full!r})")
-    prompt_ids = list(tokenizer.encode(head, add_special_tokens=False))
-    response_ids = list(tokenizer.encode(full[len(head):], add_special_tokens=False))
-    if not response_ids:
-        raise ValueError(f"record {rid}: zero loss tokens (the assistant part renders to nothing)")
-    if not prompt_ids:
-        raise ValueError(f"record {rid}: the chat template renders the prompt to zero tokens, so the first "
-                         "response token cannot be scored")
-    return prompt_ids + response_ids, len(prompt_ids), 0
+        return ids, np.arange(len(ids)) >= start, 1 if add_bos else 0
+    else:
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"record {rid}: missing or non-string {key!r}")
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["response"]}]
+    scored = _turns_scored(messages, assistant_turns)
+    if template is not False:
+        return _template_segments(tokenizer, messages, template, scored, rid)
+    head = [_special_id(tokenizer, "bos_token_id", "add_bos=True")] if add_bos else []
+    ids, flags = _join_pieces(tokenizer, [(head, False)] + _plain_chat_pieces(tokenizer, messages, scored, add_eos))
+    return _checked(ids, flags, len(head), rid)
+
+
+def tokenize_records(tokenizer, records: Sequence[Mapping], *, chat_template="auto", add_bos: bool | None = None,
+                     add_eos: bool = True, assistant_turns: str = "all",
+                     locate: Callable[[int], str] | None = None) -> list[tuple[list[int], np.ndarray, int]]:
+    """Token ids of each record, which of them are scored, and how many leading tokens
+    left-truncation must keep.
+
+    Returns one ``(ids, scored, keep_head)`` per record: ``scored`` bool ``(len(ids),)``, True
+    where the token is a loss target. Without a chat template, prompt/response and text
+    records are :func:`ntk_jax.data.encoding.encode_record` (``add_bos`` default: whether the
+    tokenizer has a bos token; ``keep_head`` = 1 with a bos) and ``messages`` records the plain
+    rendering (module docstring). With one: the template's rendering of the conversation
+    (``[user: prompt, assistant: response]`` for a prompt/response record), the scored
+    assistant turns (``assistant_turns``: ``"all"`` or ``"last"``) cut out by rendering
+    prefixes; the whole rendering tokenized without added special tokens (a fast tokenizer's
+    offsets place each token in its turn, all records in one batched call; a slow one
+    tokenizes turn by turn); ``keep_head = 0``. ValueError naming the record id (prefixed with
+    ``locate(i)``, e.g. ``pool.jsonl: line 7``, if given) if the template refuses the turns, a
+    prefix rendering is not a prefix, or nothing would be scored.
+    """
+    template = _use_template(tokenizer, chat_template)
+    if add_bos is None:
+        add_bos = getattr(tokenizer, "bos_token_id", None) is not None
+    out: list = [None] * len(records)
+    pending: list[int] = []
+
+    def located(i: int, e: ValueError) -> ValueError:
+        return ValueError(f"{locate(i)}: {e}") if locate is not None else e
+
+    for i, r in enumerate(records):
+        try:
+            out[i] = _tokenize_or_render(tokenizer, r, template, add_bos, add_eos, assistant_turns)
+        except ValueError as e:
+            raise located(i, e) from e
+        if isinstance(out[i], list):
+            pending.append(i)
+    for i, (ids, flags) in zip(pending, _tokenize_renderings(tokenizer, [out[i] for i in pending])):
+        try:
+            out[i] = _checked(ids, flags, 0, str(records[i].get("id", "?")))
+        except ValueError as e:
+            raise located(i, e) from e
+    return out
+
+
+def tokenize_record(tokenizer, record: Mapping, **encode_kw) -> tuple[list[int], np.ndarray, int]:
+    """:func:`tokenize_records` of one record (``encode_kw``: its options)."""
+    return tokenize_records(tokenizer, [record], **encode_kw)[0]
 
 
 def encode_records(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_template="auto",
                    add_bos: bool | None = None, add_eos: bool = True,
-                   truncation: str = "error") -> dict[str, np.ndarray]:
+                   truncation: str = "error", assistant_turns: str = "all") -> dict[str, np.ndarray]:
     """Encode ``n`` records into ``(n, max_len)`` arrays ``input_ids``, ``targets``,
     ``loss_mask``, ``attention_mask`` (as :func:`ntk_jax.data.encoding.encode_examples`).
 
     Prompt/response records: loss on the response (+ eos; with a chat template: on the
-    assistant part of the rendering). Text records: loss on every token. ``chat_template``:
-    ``"auto"`` (the tokenizer's, if it has one), ``True`` (required), ``False``/``None``
-    (never), or a Jinja template string. ``add_bos`` default: whether the tokenizer has a
-    bos token (ignored with a chat template). ``truncation``: see
+    assistant part of the rendering). Text records: loss on every token. Messages records:
+    loss on the assistant turns (``assistant_turns``: ``"all"`` or ``"last"``).
+    ``chat_template``: ``"auto"`` (the tokenizer's, if it has one), ``True`` (required),
+    ``False``/``None`` (never), or a Jinja template string. ``add_bos`` default: whether the
+    tokenizer has a bos token (ignored with a chat template). ``truncation``: see
     :mod:`ntk_jax.data.encoding`. ValueError naming the record id for a record with zero
     loss tokens (also after truncation) or one that does not fit.
     """
@@ -310,19 +517,138 @@ def encode_records(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_
         pad = getattr(tokenizer, "eos_token_id", None)
     if pad is None:
         raise ValueError("tokenizer has neither pad_token_id nor eos_token_id (needed for padding)")
-    tokenized = [tokenize_record(tokenizer, r, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos)
-                 for r in records]
-    return pack_sequences([(ids, start) for ids, start, _ in tokenized], max_len, int(pad),
+    tokenized = tokenize_records(tokenizer, records, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos,
+                                 assistant_turns=assistant_turns)
+    return pack_sequences([(ids, flags) for ids, flags, _ in tokenized], max_len, int(pad),
                           record_ids=[str(r.get("id", f"#{i}")) for i, r in enumerate(records)],
                           truncation=truncation, keep_head=[k for _, _, k in tokenized])
 
 
-def encoded_lengths(tokenizer, records: Sequence[Mapping], *, chat_template="auto", add_bos: bool | None = None,
-                    add_eos: bool = True) -> np.ndarray:
+def length_profile(tokenizer, records: Iterable[Mapping], *, locate: Callable[[int], str] | None = None,
+                   block: int = 256, **encode_kw) -> np.ndarray:
+    """What a length policy needs of each record, as :func:`encode_records` would encode it
+    (``encode_kw``: its ``chat_template``, ``add_bos``, ``add_eos``, ``assistant_turns``):
+    int64 ``(n, 4)`` columns :data:`PROFILE_COLUMNS` (the untruncated length, the first
+    scored position, where the last scored span starts, the tokens left truncation keeps).
+    Streams ``block`` records at a time: only these four numbers per record are kept.
+    ``locate(i)`` (:func:`record_locator`) prefixes a record's encoding error with where it is."""
+    rows, it, lo = [], iter(records), 0
+    while chunk := list(itertools.islice(it, block)):
+        where = None if locate is None else (lambda i, lo=lo: locate(lo + i))
+        for ids, flags, keep_head in tokenize_records(tokenizer, chunk, locate=where, **encode_kw):
+            rows.append((len(ids), *scored_spans(flags), keep_head))
+        lo += len(chunk)
+    return np.asarray(rows, dtype=np.int64).reshape(-1, len(PROFILE_COLUMNS))
+
+
+PROFILE_COLUMNS = ("length", "first_scored", "last_span_start", "keep_head")
+
+
+def encoded_lengths(tokenizer, records: Sequence[Mapping], **encode_kw) -> np.ndarray:
     """Encoded (untruncated) length of each record, int64 ``(n,)``, as :func:`encode_records`
-    would build it."""
-    return np.array([len(tokenize_record(tokenizer, r, chat_template=chat_template, add_bos=add_bos,
-                                         add_eos=add_eos)[0]) for r in records], dtype=np.int64)
+    would build it (``encode_kw``: its encoding options)."""
+    return length_profile(tokenizer, records, **encode_kw)[:, 0]
+
+
+# ----------------------------------------------------------------------------- length policy
+LENGTH_POLICIES = TRUNCATION_POLICIES + ("drop",)
+
+
+def record_locator(path: str | os.PathLike | None, what: str = "pool") -> Callable[[int], str]:
+    """``locate(i)``: where the ``i``-th record of ``path`` (as :func:`read_records` orders
+    them) is, ``"file.jsonl: line N"`` or ``"dir: row i"`` (``f"{what} record i"`` without a
+    path). The file is scanned only when ``locate`` is called (an error path)."""
+    if not path:
+        return lambda i: f"{what} record {i}"
+    path = os.fspath(path)
+    if _is_hf_dir(path):
+        return lambda i: f"{path}: row {i}"
+
+    def locate(i: int) -> str:
+        for where, _ in itertools.islice(_iter_jsonl(path), int(i), int(i) + 1):
+            return where
+        return f"{path}: record {i}"
+    return locate
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthCheck:
+    """The outcome of a length policy over ``n`` records: ``kept`` int64 ``(m,)`` the indices
+    of the records kept, in order; ``lengths`` int64 ``(m,)`` their encoded lengths after
+    truncation (at most ``max_len``); ``summary`` the counts for reports (see
+    :func:`check_lengths`)."""
+
+    kept: np.ndarray
+    lengths: np.ndarray
+    summary: dict
+
+
+def _policy_counts(profile: np.ndarray, max_len: int) -> dict:
+    """``{policy: {"truncated", "dropped"}}``: what each policy would do to these records."""
+    over = profile[:, 0] > max_len
+    out = {}
+    for policy in ("left", "right"):
+        fits = fits_after_truncation(*profile.T, max_len, policy)
+        out[policy] = {"truncated": int((over & fits).sum()), "dropped": int((~fits).sum())}
+    out["drop"] = {"truncated": 0, "dropped": int(over.sum())}
+    return out
+
+
+def check_lengths(profile: np.ndarray, max_len: int, policy: str, *, ids: Sequence[str],
+                  locate: Callable[[int], str] | None = None, what: str = "pool",
+                  setting: str = "select") -> LengthCheck:
+    """Apply the length policy ``policy`` (:data:`LENGTH_POLICIES`) to records whose
+    :func:`length_profile` is ``profile`` ``(n, 4)``, before any of them is encoded.
+
+    ``"error"``: ValueError if any record is longer than ``max_len``, naming the first one
+    (``locate(i)``, e.g. ``pool.jsonl: line 7``, and its id), its length, how many records
+    each other policy would truncate or drop, and the settings to change
+    (``--config.<setting>.truncation`` / ``max_len``). ``"left"`` / ``"right"``: longer
+    records are truncated at encoding; those the policy cannot fit
+    (:func:`ntk_jax.data.encoding.fits_after_truncation`: the response alone is too long, or
+    the prompt fills ``max_len``) are dropped. ``"drop"``: longer records are dropped.
+    ``summary``: ``{"records", "max_len", "truncation", "longest", "n_over", "truncated",
+    "dropped", "dropped_ids" (the first 20), "by_policy"}``. ValueError if nothing is kept.
+    """
+    if policy not in LENGTH_POLICIES:
+        raise ValueError(f"unknown truncation policy {policy!r}; set --config.{setting}.truncation to one of "
+                         f"{LENGTH_POLICIES}")
+    profile = np.asarray(profile, dtype=np.int64).reshape(-1, len(PROFILE_COLUMNS))
+    n, lengths = len(profile), profile[:, 0]
+    over = lengths > max_len
+    by_policy = _policy_counts(profile, max_len)
+    if policy == "error" and over.any():
+        i = int(np.argmax(over))
+        where = (locate or record_locator(None, what))(i)
+        effects = "; ".join(f"{p}: {c['truncated']} truncated, {c['dropped']} dropped" for p, c in by_policy.items())
+        raise ValueError(f"{where}: record {ids[i]!r} encodes to {int(lengths[i])} tokens, more than "
+                         f"{setting}.max_len={max_len} ({int(over.sum())} of {n} {what} records are longer, the "
+                         f"longest {int(lengths.max())} tokens). Set --config.{setting}.truncation=left|right|drop "
+                         f"({effects}) or raise --config.{setting}.max_len")
+    keep = ~over if policy in ("drop", "error") else fits_after_truncation(*profile.T, max_len, policy)
+    kept = np.flatnonzero(keep).astype(np.int64)
+    if not kept.size:
+        raise ValueError(f"every one of the {n} {what} records is dropped by truncation={policy!r} at "
+                         f"{setting}.max_len={max_len} (the longest has {int(lengths.max())} tokens): raise "
+                         f"--config.{setting}.max_len or choose another --config.{setting}.truncation")
+    summary = {"records": n, "max_len": int(max_len), "truncation": policy, "longest": int(lengths.max()),
+               "n_over": int(over.sum()), "truncated": int((over & keep).sum()), "dropped": int((~keep).sum()),
+               "dropped_ids": [str(ids[int(i)]) for i in np.flatnonzero(~keep)[:20]], "by_policy": by_policy}
+    return LengthCheck(kept=kept, lengths=np.minimum(lengths[kept], max_len), summary=summary)
+
+
+def fit_records(tokenizer, records: Sequence[Mapping], max_len: int, policy: str, *,
+                path: str | os.PathLike | None = None, what: str = "pool", setting: str = "select",
+                **encode_kw) -> tuple[list, LengthCheck]:
+    """``(kept records, LengthCheck)``: :func:`check_lengths` over :func:`length_profile` of
+    ``records`` (``encode_kw``: the encoding options), errors located in ``path`` (the file
+    the records were read from, in order; none: by index)."""
+    records = list(records)
+    locate = record_locator(path, what)
+    profile = length_profile(tokenizer, records, locate=locate, **encode_kw)
+    check = check_lengths(profile, max_len, policy, ids=[str(r.get("id", i)) for i, r in enumerate(records)],
+                          locate=locate, what=what, setting=setting)
+    return [records[int(i)] for i in check.kept], check
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -351,7 +677,9 @@ def bucket_by_length(lengths: Sequence[int] | np.ndarray, batch_size: int, *, mu
         raise ValueError(f"lengths must be positive, got min {lengths.min()}")
     if max_len is not None and lengths.size and lengths.max() > max_len:
         i = int(np.argmax(lengths))
-        raise ValueError(f"index {i} has length {int(lengths[i])} > max_len={max_len}")
+        raise ValueError(f"index {i} has length {int(lengths[i])} > max_len={max_len} (truncate longer records: "
+                         f"truncation='left' or 'right' of encode_buckets / map_length_buckets; in a selection job "
+                         f"--config.select.truncation, checked before any model work)")
     order = np.lexsort((np.arange(lengths.size), lengths)).astype(np.int64)
     return [order[lo:lo + batch_size] for lo in range(0, lengths.size, batch_size)]
 
@@ -364,44 +692,49 @@ def bucket_width(lengths_in_bucket: Sequence[int] | np.ndarray, *, multiple: int
 
 
 def encode_buckets(tokenizer, records: Sequence[Mapping], batch_size: int, *, multiple: int = 8,
-                   max_len: int | None = None, chat_template="auto", add_bos: bool | None = None,
-                   add_eos: bool = True) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                   max_len: int | None = None, truncation: str = "error", lengths: np.ndarray | None = None,
+                   **encode_kw) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Yields ``(indices, arrays)`` per length bucket of ``records`` (:func:`bucket_by_length`):
     ``indices`` int64 ``(b,)`` positions in ``records``; ``arrays`` as :func:`encode_records`
-    for ``[records[i] for i in indices]`` with width :func:`bucket_width` of the bucket.
-    Every record is encoded exactly once (no truncation: ValueError beyond ``max_len``).
-    Pad the last, smaller bucket with :func:`ntk_jax.data.encoding.pad_to_batches` if fixed
-    batch shapes are needed."""
-    lengths = encoded_lengths(tokenizer, records, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos)
+    (``encode_kw``: its encoding options) for ``[records[i] for i in indices]`` with width
+    :func:`bucket_width` of the bucket. Every record is encoded exactly once. ``truncation``
+    ``"error"``: ValueError beyond ``max_len``; ``"left"`` / ``"right"``: longer records are
+    truncated to ``max_len``. ``lengths``: the records' encoded lengths if already known
+    (:func:`encoded_lengths`), saving a tokenization pass. Pad the last, smaller bucket with
+    :func:`ntk_jax.data.encoding.pad_to_batches` if fixed batch shapes are needed."""
+    if lengths is None:
+        lengths = encoded_lengths(tokenizer, records, **encode_kw)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if truncation != "error" and max_len is not None:
+        lengths = np.minimum(lengths, int(max_len))
     for idx in bucket_by_length(lengths, batch_size, multiple=multiple, max_len=max_len):
         width = max(bucket_width(lengths[idx], multiple=multiple, max_len=max_len), 2)
-        yield idx, encode_records(tokenizer, [records[int(i)] for i in idx], width, chat_template=chat_template,
-                                  add_bos=add_bos, add_eos=add_eos)
+        yield idx, encode_records(tokenizer, [records[int(i)] for i in idx], width, truncation=truncation, **encode_kw)
 
 
 def map_length_buckets(fn: Callable[[dict[str, np.ndarray]], Any], tokenizer, records: Sequence[Mapping],
-                       batch_size: int, *, multiple: int, max_len: int, chat_template="auto",
-                       add_bos: bool | None = None, add_eos: bool = True) -> np.ndarray:
+                       batch_size: int, *, multiple: int, max_len: int, truncation: str = "error",
+                       lengths: np.ndarray | None = None, **encode_kw) -> np.ndarray:
     """``fn`` applied to ``records`` in length buckets, results in record order.
 
-    ``fn(arrays) -> (batch_size, ...)`` gets :func:`encode_records` arrays of exactly
-    ``batch_size`` rows (a smaller last bucket is padded by repeating its first row; those
-    results are dropped) and width :func:`bucket_width` (the bucket's longest record rounded up
-    to ``multiple``, at least 2), so a compiled ``fn`` sees at most ``max_len / multiple``
-    shapes. ``multiple=0`` turns bucketing off: one call per ``batch_size`` records, all padded
-    to ``max_len``. Returns ``(n, ...)`` numpy; per-row results do not depend on the padding
-    width up to float rounding (padding is masked).
+    ``fn(arrays) -> (batch_size, ...)`` gets :func:`encode_records` arrays (``encode_kw``:
+    its encoding options, ``truncation`` its policy) of exactly ``batch_size`` rows (a
+    smaller last bucket is padded by repeating its first row; those results are dropped) and
+    width :func:`bucket_width` (the bucket's longest record rounded up to ``multiple``, at
+    least 2), so a compiled ``fn`` sees at most ``max_len / multiple`` shapes. ``multiple=0``
+    turns bucketing off: one call per ``batch_size`` records, all padded to ``max_len``.
+    ``lengths``: as :func:`encode_buckets`. Returns ``(n, ...)`` numpy; per-row results do not
+    depend on the padding width up to float rounding (padding is masked).
     """
     records = list(records)
     if not records:
         raise ValueError("map_length_buckets: no records")
     if multiple:
         buckets = encode_buckets(tokenizer, records, batch_size, multiple=multiple, max_len=max_len,
-                                 chat_template=chat_template, add_bos=add_bos, add_eos=add_eos)
+                                 truncation=truncation, lengths=lengths, **encode_kw)
     else:
         buckets = ((np.arange(lo, min(lo + batch_size, len(records))),
-                    encode_records(tokenizer, records[lo:lo + batch_size], max_len, chat_template=chat_template,
-                                   add_bos=add_bos, add_eos=add_eos))
+                    encode_records(tokenizer, records[lo:lo + batch_size], max_len, truncation=truncation, **encode_kw))
                    for lo in range(0, len(records), batch_size))
     out = None
     for idx, arrays in buckets:
@@ -416,7 +749,8 @@ def map_length_buckets(fn: Callable[[dict[str, np.ndarray]], Any], tokenizer, re
 
 
 def encode_options(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_template="auto",
-                   add_bos: bool | None = None, add_eos: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                   add_bos: bool | None = None, add_eos: bool = True,
+                   truncation: str = "error") -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One row per (record, option) for option-likelihood accuracy.
 
     Each record with ``options`` ``[o_1..o_k]`` contributes rows ``{prompt, response=o_j}``.
@@ -435,5 +769,6 @@ def encode_options(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_
             rows.append({"id": f"{r.get('id', f'#{i}')}/{o}", "prompt": r["prompt"], "response": o})
             owner.append(i)
             correct.append(o == r["response"])
-    arrays = encode_records(tokenizer, rows, max_len, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos)
+    arrays = encode_records(tokenizer, rows, max_len, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos,
+                            truncation=truncation)
     return arrays, np.asarray(owner, dtype=np.int64), np.asarray(correct, dtype=bool)

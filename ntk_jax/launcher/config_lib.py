@@ -214,6 +214,21 @@ def select_config() -> ml_collections.ConfigDict:
         # "contradicting" (the pool also holds conflicting families) or "no_conflict"
         benchmark=dict(target="flipped_sentiment", n_domain=32, n_test=256, n_pool_per_family=64,
                        variant="contradicting"),
+        # The selection jobs' encoding (select, select_compare, select_suite; pretrain.max_len is
+        # the embedded model's pre-training length only). max_len: tokens per encoded record
+        # (bos + prompt/rendering + eos); 32 = the embedded model's, which the controlled
+        # benchmark's records fit.
+        max_len=32,
+        # Records longer than max_len, checked over every record before any model work (counts
+        # in report.json "data.lengths"): "error" stops naming the record's file: line, its
+        # length and what each other policy would do; "left" drops leading prompt tokens and
+        # keeps the response; "right" keeps the first max_len tokens; "drop" skips the record.
+        # left/right drop the records they cannot fit (response alone too long / prompt fills
+        # max_len). Default "error": the controlled benchmark never exceeds max_len, and a user's
+        # own pool is told at once, before any model is loaded (the 8B configs use "left").
+        truncation="error",
+        # messages records: the loss on every assistant turn ("all") or on the last one ("last")
+        assistant_turns="all",
         lora=lora_config(),
         warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
         knn_k=32,                   # votes per domain example (coarse filter)

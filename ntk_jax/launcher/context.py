@@ -51,7 +51,8 @@ class Context:
       model_dir: directory of the base model (config.json, weights, tokenizer).
       tokenizer: its tokenizer (``pad_token_id`` / ``eos_token_id`` always set, see the module
         docstring).
-      max_len: sequence length experiments encode to.
+      max_len: sequence length experiments encode to (``pretrain.max_len``; the selection
+        jobs replace it by ``select.max_len``, :func:`ntk_jax.selection.jobs.selection_context`).
       seed: the job's seed.
       info: facts about how the model was obtained (for reports).
       dtype, param_dtype: compute / parameter dtype names the model is loaded with

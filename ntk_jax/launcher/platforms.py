@@ -115,7 +115,11 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
     * Scores: the recommended pipeline (the ``select.ntk`` defaults, docs/selection.md): the
       forward-only loss change ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` of every pool record — two forward
       passes per candidate, no backward, no projection (:mod:`ntk_jax.selection.loss_change`).
-      Sequence length 1024 (``pretrain.max_len``, the encoding length of every record).
+    * Sequence length 1024 (``select.max_len``, the encoding length of every record), longer
+      records truncated on the left (``select.truncation="left"``: leading prompt tokens go,
+      the response stays; a record whose response alone exceeds 1024 tokens is dropped and
+      counted in ``report.json``): a 1.8M-record pool holds longer records, and stopping an
+      8B job over them would waste it.
     * Warm-up: one epoch over ~1000 domain records at lr 2e-5 (LESS's), linear decay after 3 %
       warm-up, batch per platform (:data:`LAYOUTS`).
     * For the other presets (``--config.select.ntk.filter=knn --config.select.ntk.gradient=True
@@ -143,13 +147,14 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
     config.model.path = model_path
     config.model.dtype = "bfloat16"
     config.model.param_dtype = lay.param_dtype
-    config.pretrain.max_len = SEQ_LEN  # the sequence length every record is encoded to
     # data=-1: all local devices the model axis leaves (the layout's mesh on this platform).
     config.mesh.data = -1
     config.mesh.model = lay.mesh[1]
     s = config.select
     s.method = "ntk"
     s.n_select = N_SELECT
+    s.max_len = SEQ_LEN  # the sequence length every record is encoded to
+    s.truncation = "left"  # keep the response; counts of truncated / dropped records in report.json
     s.domain_path = "/path/to/domain.jsonl"
     s.pool_path = "/path/to/pool.jsonl"
     s.lora = lora_config(**LORA)

@@ -25,14 +25,12 @@ from ntk_jax.data.records import tokenize_record
 __all__ = ["response_lengths", "selection_diagnostics", "plot_diagnostics"]
 
 
-def response_lengths(tokenizer, records: list[dict]) -> np.ndarray:
+def response_lengths(tokenizer, records: list[dict], **encode_kw) -> np.ndarray:
     """Number of scored tokens of each record (response + eos; every token of a text
-    record), as :func:`ntk_jax.data.records.encode_records` scores them: ``(n,)`` int64."""
-    out = []
-    for r in records:
-        ids, start, _ = tokenize_record(tokenizer, r)
-        out.append(len(ids) - start)
-    return np.asarray(out, np.int64)
+    record; the assistant turns of a messages record), as
+    :func:`ntk_jax.data.records.encode_records` scores them (``encode_kw``: its options):
+    ``(n,)`` int64."""
+    return np.asarray([int(tokenize_record(tokenizer, r, **encode_kw)[1].sum()) for r in records], np.int64)
 
 
 def _group_of(r: dict) -> str:
@@ -55,9 +53,10 @@ def _spearman(a, b):
     return float(stats.spearmanr(a[ok], b[ok]).statistic)
 
 
-def selection_diagnostics(pool: list[dict], chosen, result, tokenizer) -> dict:
+def selection_diagnostics(pool: list[dict], chosen, result, tokenizer, **encode_kw) -> dict:
     """The diagnostics of one selection (see the module docstring). ``result``: the
-    method's :class:`~ntk_jax.selection.methods.Selection`."""
+    method's :class:`~ntk_jax.selection.methods.Selection`; ``encode_kw``: the encoding
+    options the scored tokens are counted with (e.g. ``assistant_turns``)."""
     chosen = [int(i) for i in chosen]
     out: dict = {"share_by_task": _shares(pool, chosen, _group_of)}
     has_roles = bool(pool) and all("role" in r for r in pool)
@@ -71,7 +70,7 @@ def selection_diagnostics(pool: list[dict], chosen, result, tokenizer) -> dict:
     scores = np.asarray(result.scores, np.float64)
     if result.feature_norms is not None:
         out["spearman_score_vs_feature_norm"] = _spearman(scores, result.feature_norms)
-    out["spearman_score_vs_response_length"] = _spearman(scores, response_lengths(tokenizer, scored))
+    out["spearman_score_vs_response_length"] = _spearman(scores, response_lengths(tokenizer, scored, **encode_kw))
     if has_roles:
         by_role = {}
         for role in sorted({r["role"] for r in scored}):

@@ -39,11 +39,11 @@ def _row_loglik(state, input_ids, attention_mask, targets, loss_mask, *, graphde
 
 
 def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: int, *,
-                    batch_size: int = 128, mesh=None) -> float:
+                    batch_size: int = 128, mesh=None, truncation: str = "error") -> float:
     """Accuracy by log-likelihood of the options (see the module docstring). Rows go in
     blocks of ``batch_size`` (rounded up to a multiple of the mesh's ``data`` size; default
-    mesh: the one the model lives on)."""
-    arrays, owner, correct = encode_options(tokenizer, records, max_len)
+    mesh: the one the model lives on); ``truncation``: of the rows longer than ``max_len``."""
+    arrays, owner, correct = encode_options(tokenizer, records, max_len, truncation=truncation)
     graphdef, state = nnx.split(model)
     mesh = sh.resolve_mesh(mesh, state)
     batch_size = sh.round_up_to_data(batch_size, mesh)
@@ -66,17 +66,20 @@ def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: 
 
 def finetune_and_evaluate(context, train_records: list[dict], test_records: list[dict], *, lora, train_cfg,
                           workdir: str | None = None, seed: int = 0, eval_batch_size: int = 128,
-                          mesh=None) -> dict:
+                          mesh=None, encoding: dict | None = None) -> dict:
     """Fine-tunes a fresh LoRA (``lora`` config, factors from ``seed``) of the context's base
     model on ``train_records`` with ``train_cfg`` (its ``seed`` replaced by ``seed``) and
     evaluates on ``test_records``. Returns ``{"n_train", "test_loss", "accuracy",
-    "final_train_loss"}``. ``mesh``: default the mesh the loaded model lives on."""
+    "final_train_loss"}``. ``mesh``: default the mesh the loaded model lives on. ``encoding``:
+    :func:`~ntk_jax.data.records.encode_records` options (``truncation``,
+    ``assistant_turns``; :func:`ntk_jax.selection.jobs.encoding_options`)."""
     if not isinstance(train_cfg, TrainConfig):
         train_cfg = TrainConfig.from_dict(train_cfg)
     import dataclasses
     train_cfg = dataclasses.replace(train_cfg, seed=int(seed))
-    data = encode_records(context.tokenizer, train_records, context.max_len)
-    test = encode_records(context.tokenizer, test_records, context.max_len)
+    encoding = dict(encoding or {})
+    data = encode_records(context.tokenizer, train_records, context.max_len, **encoding)
+    test = encode_records(context.tokenizer, test_records, context.max_len, **encoding)
     model = context.load_model(lora, seed=seed)
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
@@ -84,6 +87,6 @@ def finetune_and_evaluate(context, train_records: list[dict], test_records: list
     acc = None
     if all(isinstance(r.get("options"), list) and r["options"] for r in test_records):
         acc = option_accuracy(model, context.tokenizer, test_records, context.max_len, batch_size=eval_batch_size,
-                              mesh=mesh)
+                              mesh=mesh, truncation=encoding.get("truncation", "error"))
     return {"n_train": len(train_records), "test_loss": float(evaluate(model, test, eval_batch_size, mesh=mesh)),
             "accuracy": acc, "final_train_loss": result.history[-1]["loss"] if result.history else None}

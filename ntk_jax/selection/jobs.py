@@ -8,8 +8,13 @@ The runner owns what every method shares; the method (``cfg.method``, a module o
 :mod:`ntk_jax.selection.methods`) owns only its own stages and returns a
 :class:`~ntk_jax.selection.methods.Selection`:
 
-* ``validate``: non-empty pool, ``N <= |pool|``, unique ids (pool and domain), every domain
-  record encodes with at least one loss token (else ``ValueError`` naming the record);
+* ``validate``: non-empty pool, ``N <= |pool|``, unique ids (pool and domain), the length
+  policy (``cfg.max_len``, ``cfg.truncation``: :func:`ntk_jax.data.records.fit_records`) over
+  every domain and pool record before any model work — ``"error"`` stops here naming the
+  record's file and line, ``"drop"`` and the records ``"left"`` / ``"right"`` cannot fit
+  leave the job's pool (counts in ``report["data"]["lengths"]``) — and every domain record
+  encodes with at least one loss token (else ``ValueError`` naming the record). The job
+  encodes to ``cfg.max_len`` (:func:`selection_context`), never ``pretrain.max_len``;
 * the method's stages, through the :class:`SelectionJob` it is handed: the warm-up
   (:meth:`SelectionJob.warm_up`, resumable through the trainer's orbax checkpoints),
   pool embeddings and per-candidate scores in resumable, fingerprinted shards of a
@@ -53,7 +58,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ntk_jax.data.records import encode_records, map_length_buckets
+from ntk_jax.data.records import ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, map_length_buckets
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
@@ -152,6 +157,37 @@ def lora_filter():
 nnx_lora_filter = lora_filter
 
 
+def selection_context(context, cfg):
+    """``context`` with the selection jobs' own encoding length, ``cfg.max_len`` (the
+    ``select`` section; ``pretrain.max_len`` is the embedded model's pre-training length
+    only). ValueError naming the setting when it is not an integer >= 2."""
+    max_len = cfg["max_len"]
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
+        raise ValueError(f"select.max_len must be an integer >= 2 (tokens per encoded record), got {max_len!r}")
+    return dataclasses.replace(context, max_len=int(max_len))
+
+
+def encoding_options(cfg) -> dict:
+    """The :func:`~ntk_jax.data.records.encode_records` options of the ``select`` section:
+    ``truncation`` (``"left"`` / ``"right"`` as set; ``"error"`` under ``"error"`` and
+    ``"drop"``, whose over-long records the length check removed) and ``assistant_turns``."""
+    policy = str(cfg["truncation"])
+    if policy not in LENGTH_POLICIES:
+        raise ValueError(f"unknown select.truncation {policy!r}; choose one of {LENGTH_POLICIES}")
+    turns = str(cfg["assistant_turns"])
+    if turns not in ASSISTANT_TURNS:
+        raise ValueError(f"unknown select.assistant_turns {turns!r}; choose one of {ASSISTANT_TURNS}")
+    return {"truncation": policy if policy in ("left", "right") else "error", "assistant_turns": turns}
+
+
+def fit_to_length(context, cfg, records: list[dict], what: str, path: str | None = None):
+    """``(kept records, LengthCheck)``: the length policy of the ``select`` section
+    (``cfg.truncation`` at ``cfg.max_len``, :func:`ntk_jax.data.records.fit_records`) applied
+    to ``records`` read from ``path`` (errors name its lines), before any model work."""
+    return fit_records(context.tokenizer, records, int(cfg["max_len"]), str(cfg["truncation"]), path=path or None,
+                       what=what, assistant_turns=str(cfg["assistant_turns"]))
+
+
 def _check_processes(process_index: int, process_count: int, barrier) -> None:
     if isinstance(process_count, bool) or int(process_count) != process_count or process_count < 1:
         raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
@@ -190,6 +226,8 @@ class SelectionJob:
     seed: int
     process_index: int = 0
     process_count: int = 1
+    encoding: dict = dataclasses.field(default_factory=dict)
+    pool_lengths: np.ndarray | None = None
     barrier: Callable[[str], None] | None = None
     stop_after_shards: int | None = None
     on_shard: Callable[[int], None] | None = None
@@ -243,10 +281,19 @@ class SelectionJob:
         """``fn(arrays)`` over the pool records of store positions ``[lo, hi)`` (positions
         into ``index`` if given, else into the pool), in length buckets of
         ``feature_batch_size`` rows (``cfg.bucket_multiple``), results in store order."""
-        recs = self.pool[lo:hi] if index is None else [self.pool[int(i)] for i in index[lo:hi]]
+        rows = np.arange(lo, hi) if index is None else np.asarray(index[lo:hi], dtype=np.int64)
+        recs = [self.pool[int(i)] for i in rows]
         fbs = self.feature_batch_size
+        lengths = None if self.pool_lengths is None else self.pool_lengths[rows]
         return map_length_buckets(fn, self.context.tokenizer, recs, min(fbs, len(recs)),
-                                  multiple=int(self.cfg.get("bucket_multiple", 0) or 0), max_len=self.context.max_len)
+                                  multiple=int(self.cfg.get("bucket_multiple", 0) or 0), max_len=self.context.max_len,
+                                  lengths=lengths, **self.encoding)
+
+    def encode(self, records: list[dict]) -> dict:
+        """``records`` encoded as the job encodes every record: ``(n, max_len)`` arrays of
+        :func:`~ntk_jax.data.records.encode_records` with the job's truncation and
+        ``assistant_turns``."""
+        return encode_records(self.context.tokenizer, records, self.context.max_len, **self.encoding)
 
     def score_shards(self, store: ScoreStore, score_fn: Callable[[int, int], Any], *, desc: str,
                      with_features: bool = False) -> int:
@@ -332,7 +379,22 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
         raise ValueError(f"N={n_select} is larger than the pool ({len(pool)} candidates)")
     check_unique_ids(pool, "pool")
     check_unique_ids(domain, "domain")
-    domain_arrays = encode_records(context.tokenizer, domain, context.max_len)  # ValueError names a bad record
+    # ---- the length policy, over every record before any model work (errors name file and line)
+    context, encoding = selection_context(context, cfg), encoding_options(cfg)
+    t_lengths = time.time()
+    domain, dom_check = fit_to_length(context, cfg, domain, "domain", cfg.get("domain_path"))
+    pool, pool_check = fit_to_length(context, cfg, pool, "pool", cfg.get("pool_path"))
+    lengths = {"domain": dom_check.summary, "pool": pool_check.summary}
+    t_lengths = time.time() - t_lengths
+    for what, summ in lengths.items():
+        if summ["n_over"]:
+            print(f"[select] {what}: {summ['n_over']} of {summ['records']} records longer than "
+                  f"select.max_len={summ['max_len']} (longest {summ['longest']}): truncation={summ['truncation']} "
+                  f"truncates {summ['truncated']}, drops {summ['dropped']}", flush=True)
+    if n_select > len(pool):
+        raise ValueError(f"N={n_select} is larger than the pool ({len(pool)} candidates after the length policy "
+                         f"dropped {pool_check.summary['dropped']})")
+    domain_arrays = encode_records(context.tokenizer, domain, context.max_len, **encoding)
     if float(np.min(domain_arrays["loss_mask"].sum(axis=1))) <= 0:
         raise ValueError("a domain record has zero loss tokens after masking")
     method.check_config(cfg)
@@ -342,8 +404,10 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
         os.remove(selected_path)  # a stale selection never passes for this run's result
     job = SelectionJob(context=context, cfg=cfg, domain=domain, pool=pool, domain_arrays=domain_arrays,
                        out_dir=out_dir, seed=int(seed), process_index=process_index, process_count=process_count,
-                       barrier=barrier, stop_after_shards=stop_after_shards, on_shard=on_shard)
-    job.timings["validate"] = time.time() - t
+                       barrier=barrier, stop_after_shards=stop_after_shards, on_shard=on_shard, encoding=encoding,
+                       pool_lengths=pool_check.lengths)
+    job.timings["validate"] = time.time() - t - t_lengths
+    job.timings["lengths"] = t_lengths  # the length pass over every domain and pool record
 
     result: Selection = method.select(job)
 
@@ -353,7 +417,8 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
         raise RuntimeError(f"method {job.method!r} returned {len(chosen)} indices ({len(set(chosen))} distinct), "
                            f"expected N={n_select} distinct")
     selected = [pool[i] for i in chosen]
-    diag = diagnostics.selection_diagnostics(pool, chosen, result, context.tokenizer)
+    diag = diagnostics.selection_diagnostics(pool, chosen, result, context.tokenizer,
+                                             assistant_turns=encoding["assistant_turns"])
     if job.primary:
         if result.scores is not None:
             write_npz(os.path.join(out_dir, "all_scores.npz"),
@@ -365,6 +430,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     job.sync("select")  # on return, selected.jsonl exists for every process
     return {"method": job.method, "seed": int(seed), "config": to_jsonable(cfg), "timings_s": job.timings,
             "counts": {"domain": len(domain), "pool": len(pool), "selected": len(selected)},
+            "data": {"lengths": lengths},
             "processes": int(process_count),
             "selected_ids": [r["id"] for r in selected], **precision_report(selected, pool),
             "diagnostics": diag, **job.extra}

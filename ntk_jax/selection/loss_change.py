@@ -180,7 +180,8 @@ def base_loss_store(job, lcfg: dict, kept: np.ndarray) -> ScoreStore:
     recs = [job.pool[int(i)] for i in kept]
     key = {"stage": "loss_base", "model_dir": os.path.abspath(ctx.model_dir), "dtype": ctx.dtype,
            "param_dtype": ctx.param_dtype, "context_max_len": int(ctx.max_len),
-           "encoding": {k: cfg.get(k) for k in ("max_len", "truncation", "bucket_multiple", "feature_batch_size")},
+           "encoding": {k: cfg.get(k) for k in ("max_len", "truncation", "assistant_turns", "bucket_multiple",
+                                                "feature_batch_size")},
            "reduce": lcfg["reduce"],
            "lora": {**lora, "seed": int(job.seed)} if float(lora.get("b_init_std") or 0.0) > 0 else None,
            "candidates": fingerprint_of([str(r["id"]) for r in recs]), "contents": fingerprint_of(recs)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from ntk_jax.data.records import encode_records
 from ntk_jax.kernels.factored_projection import make_projection
 from ntk_jax.models.lora import lora_config
 from ntk_jax.models.subset import param_subset
@@ -61,7 +60,7 @@ def select(job) -> Selection:
         bs = min(int(lcfg["train"]["batch_size"]), n_sample)
         steps_per_epoch = n_sample // bs
         epochs = int(lcfg["epochs"])
-        sample = encode_records(job.context.tokenizer, [pool[int(i)] for i in sample_idx], job.context.max_len)
+        sample = job.encode([pool[int(i)] for i in sample_idx])
         model, wcfg = job.warm_up(lcfg["lora"], lcfg["train"], data=sample, batch_size=bs,
                                   total_steps=epochs * steps_per_epoch, checkpoint_every=steps_per_epoch,
                                   max_to_keep=epochs)

@@ -248,6 +248,21 @@ def run_watched(cmds: list[list[str]], env: dict, *, log_dir: str, mem_limit: fl
             "log_tail": None if status == "ok" else tail}
 
 
+# ----------------------------------------------------------------------------- baseline
+BASELINE = ("import jax, jax.numpy as jnp; import ntk_jax.launcher.run, experiments.select; "
+            "from ntk_jax.models.sharding import make_mesh; n = len(jax.local_devices()); "
+            "x = jax.device_put(jnp.ones((n, 8)), jax.sharding.NamedSharding(make_mesh(n, 1, jax.local_devices()), "
+            "jax.sharding.PartitionSpec('data'))); jax.block_until_ready(jax.jit(lambda a: a * 2)(x))")
+
+
+def baseline_rss(devices: int | None, *, log_dir: str, mem_limit: float, timeout: float) -> float | None:
+    """Peak RSS (GB) of a process that imports the job's modules and runs one program over
+    ``devices`` simulated devices (``None``: the real ones): the runtime's share of a job's RSS."""
+    res = run_watched([[sys.executable, "-c", BASELINE]], process_env(devices), log_dir=log_dir,
+                      mem_limit=mem_limit, total_limit=mem_limit, timeout=timeout)
+    return res["maxrss_gb"][0] if res["status"] == "ok" else None
+
+
 # ----------------------------------------------------------------------------- estimates
 def lora_config():
     from ntk_jax.models.lora import LoRAConfig
@@ -293,6 +308,24 @@ def run_estimates(model_dir: str, platforms: list[str], max_len: int, *, log_dir
         return json.load(fh)
 
 
+def compare(e: dict, local_devices: int, row: dict) -> dict:
+    """The estimate next to the measurement: per-device totals of each program (GB); the job's
+    peak (``hidden``, ``jvp``, ``train``: the programs the paper's scoring runs over the mesh)
+    and the bound with ``projected`` (the table's column: per-example-gradient features, which
+    bound the domain-gradient program); each times the process's local devices; and the
+    measured peak RSS above the runtime baseline."""
+    if "totals" not in e:
+        return {"estimate": e}
+    job = max(e["totals"][k] for k in ("hidden", "jvp", "train"))
+    out = {"estimate": {"lora_params": e["lora_params"],
+                        "per_device_gb": {k: round(v / GB, 4) for k, v in e["totals"].items()},
+                        "job_per_device_gb": round(job / GB, 4), "job_process_gb": round(local_devices * job / GB, 3),
+                        "bound_process_gb": round(local_devices * e["peak_per_device"] / GB, 3)}}
+    if row.get("baseline_rss_gb") is not None and row["status"] == "ok":
+        out["measured_above_baseline_gb"] = round(max(row["maxrss_gb"]) - row["baseline_rss_gb"], 2)
+    return out
+
+
 # ----------------------------------------------------------------------------- consistency
 def consistency(rows: list[dict]) -> dict:
     """Per model: the overlap (|A ∩ B| / N) of every pair of platforms' selections, and the
@@ -322,6 +355,10 @@ def rehearse(a) -> dict:
     domain, pool, records = write_data(work, a.pool, a.domain)
     texts = [r["prompt"] + r["response"] for r in records]
     rows = []
+    counts = sorted({None if a.real_devices else plat.platform(n).devices_per_host for n in a.platforms},
+                    key=lambda c: c or 0)
+    baselines = {c: baseline_rss(c, log_dir=os.path.join(work, f"baseline_{c or 'real'}"), mem_limit=mem_limit,
+                                 timeout=a.timeout) for c in counts}
     for model in a.models:
         model_dir = os.path.join(work, f"tiny_{model}")
         if not os.path.exists(os.path.join(model_dir, "config.json")):
@@ -349,12 +386,8 @@ def rehearse(a) -> dict:
                 row["selected_ids"] = rep["selected_ids"]
                 cfg = rep["config"]
                 row["projection"] = [cfg["projection_type"], cfg["projection_dim"]]
-            e = est.get(name, {})
-            row["estimate"] = e
-            if "peak_per_device" in e:
-                local = 1 if a.real_devices else p.devices_per_host
-                row["estimate_peak_per_device_gb"] = round(e["peak_per_device"] / GB, 3)
-                row["estimate_process_gb"] = round(local * e["peak_per_device"] / GB, 3)
+            row["baseline_rss_gb"] = baselines[None if a.real_devices else p.devices_per_host]
+            row.update(compare(est.get(name, {}), 1 if a.real_devices else p.devices_per_host, row))
             rows.append(row)
             print(f"rehearse: {model} {name}: {res['status']} {res['wall_s']} s, peak RSS {res['maxrss_gb']} GB",
                   file=sys.stderr, flush=True)
@@ -363,6 +396,7 @@ def rehearse(a) -> dict:
                "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
                "max_peak_rss_gb_per_process": max((max(r["maxrss_gb"]) for r in rows), default=0.0),
                "mem_limit_gb": a.mem_limit_gb, "real_devices": bool(a.real_devices),
+               "baseline_rss_gb": {str(c or "real"): v for c, v in baselines.items()},
                "consistency": consistency(rows)}
     return {"settings": {k: v for k, v in vars(a).items() if k != "estimate_only"}, "rows": rows, "summary": summary}
 

@@ -113,3 +113,20 @@ def test_rehearsal_of_every_platform(tmp_path):
         assert max(r["maxrss_gb"]) < 4.0, (model, platform, r["maxrss_gb"])  # was 24 GB (OOM) on v5e-8
     for model, c in result["summary"]["consistency"].items():
         assert c["same_arithmetic"]["float32 2/2"]["identical"], (model, c)  # v4-8 (1 process) = v4-32 (4)
+
+
+def test_consistency_and_table():
+    def row(platform, ids, dtype, batch):
+        return {"model": "llama3", "platform": platform, "processes": 1, "devices_per_host": 1, "mesh": [1, 1],
+                "param_dtype": dtype, "status": "ok", "wall_s": 1.0, "maxrss_gb": [1.0], "selected_ids": ids,
+                "batch_feature_train": batch, "timings_s": {"warmup": 1.0, "score": 2.0}, "estimate": {}}
+
+    rows = [row("v4-8", ["a", "b"], "float32", [2, 2]), row("v4-32", ["b", "a"], "float32", [2, 2]),
+            row("gpu1", ["a", "c"], "bfloat16", [1, 1])]
+    c = rs.consistency(rows)["llama3"]
+    assert c["overlap"]["gpu1"]["v4-8"] == 0.5 and c["overlap"]["v4-8"]["v4-32"] == 1.0
+    assert c["same_arithmetic"] == {"float32 2/2": {"platforms": ["v4-32", "v4-8"], "identical": True}}  # a set
+    result = {"rows": rows, "summary": {"ok": 3, "runs": 3, "total_wall_s": 3.0, "baseline_rss_gb": {"1": 0.5},
+                                        "consistency": rs.consistency(rows)}}
+    table = rs.render(result)
+    assert table.startswith(rs.DOC_BEGIN) and table.endswith(rs.DOC_END) and "| llama3 | v4-32 | 1 × 1 |" in table

@@ -10,7 +10,7 @@ structure and the chunk size — identical for every example, batch, device and 
 Two ways to apply it, with the same matrix (bit-identical entries):
 
 * on the fly (any P): peak extra memory is one ``(chunk_rows, p)`` block (64 MiB at the
-  defaults in float32), in :meth:`RandomProjection.__call__` and in
+  defaults in float32; generating it takes about 6× that in XLA:CPU temporaries), in :meth:`RandomProjection.__call__` and in
   :meth:`RandomProjection.adjoint` alike; the matrix is regenerated on every call, which costs
   more than the product itself when P is small (threefry bits for P·p entries per call).
   Eager calls run as one compiled program on the process's first local device, whatever mesh

@@ -502,6 +502,7 @@ def main(argv=None):
     if a.render:
         with open(a.render) as fh:
             result = json.load(fh)
+        result["summary"]["consistency"] = consistency(result["rows"])  # as this version compares
         if a.doc:
             write_doc(a.doc, result)
         print(render(result))

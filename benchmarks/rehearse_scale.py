@@ -2,7 +2,8 @@
 
     python benchmarks/rehearse_scale.py [--platforms gpu1,gpu8,v4-8,v4-32,v5e-8,v5e-16]
         [--models llama3,qwen3] [--mem-limit-gb 6] [--total-mem-limit-gb 12] [--out rows.json]
-        [--workdir DIR] [--real-devices]
+        [--workdir DIR] [--real-devices] [--doc docs/scale.md] [--common-batch 8] [--no-estimate]
+    python benchmarks/rehearse_scale.py --render rows.json --doc docs/scale.md   # the table only
 
 For every (model, platform) the real job runs — ``python -m ntk_jax.main
 --config=configs/select_{llama3,qwen3}_8b.py:PLATFORM`` — with the platform's settings
@@ -40,7 +41,13 @@ Consistency: the selected ids of each run, compared across the platforms of a mo
 with every other platform; platforms whose arithmetic is the same — same weight dtype and
 batch sizes — should agree exactly).
 
-Prints one JSON object (``rows`` and ``summary``); ``--out`` also writes it to a file.
+``--common-batch B`` (a consistency check, not a rehearsal of the configs as they are): every
+platform's feature and warm-up batch set to B, so that only the mesh, the weight dtype and the
+process count differ.
+
+Prints one JSON object (``rows`` and ``summary``); ``--out`` also writes it to a file,
+``--doc`` writes the table into a Markdown file between ``<!-- rehearsal table -->`` and
+``<!-- /rehearsal table -->`` (``docs/scale.md``).
 """
 from __future__ import annotations
 

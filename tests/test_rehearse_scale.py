@@ -1,7 +1,7 @@
 """The 8B-config rehearsal (benchmarks/rehearse_scale.py): its pieces by default (the overrides
 change only sizes and paths, the multi-host commands, the memory watchdog, the tiny checkpoints);
 all 12 rehearsals (2 models × 6 platforms, the multi-host ones as 4 processes) only with
-``pytest -m benchmark`` (about 20 minutes on 2 cores)."""
+``pytest -m benchmark`` (30–40 minutes on a 2-core host shared with other jobs)."""
 import importlib.util
 import json
 import os

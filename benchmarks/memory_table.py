@@ -168,11 +168,12 @@ def render_platforms(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def splice(text: str, table: str) -> str:
-    """``text`` with the part between the platform-table markers replaced by ``table``."""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + table + rest.split(END, 1)[1]
+def splice(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with the part between the markers ``begin`` and ``end`` (default: the
+    platform table's) replaced by ``table`` (appended when they are absent)."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + table + rest.split(end, 1)[1]
     return text.rstrip("\n") + "\n\n" + table + "\n"
 
 

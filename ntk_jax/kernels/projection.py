@@ -10,8 +10,11 @@ structure and the chunk size — identical for every example, batch, device and 
 Two ways to apply it, with the same matrix (bit-identical entries):
 
 * on the fly (any P): peak extra memory is one ``(chunk_rows, p)`` block (64 MiB at the
-  defaults in float32); the matrix is regenerated on every call, which costs more than the
-  product itself when P is small (threefry bits for P·p entries per call).
+  defaults in float32; generating it takes about 6× that in XLA:CPU temporaries), in :meth:`RandomProjection.__call__` and in
+  :meth:`RandomProjection.adjoint` alike; the matrix is regenerated on every call, which costs
+  more than the product itself when P is small (threefry bits for P·p entries per call).
+  Eager calls run as one compiled program on the process's first local device, whatever mesh
+  their arguments live on (a program over a mesh would generate every block on every device).
 * cached (P·p·itemsize ≤ ``cache_bytes``): :meth:`RandomProjection.cached_matrix` generates
   the whole ``(P, p)`` matrix once per (seed, kind, dim, chunk_rows, leaf sizes, dtype) — from
   the same ``fold_in`` keys, block by block — and keeps it on the device in a process-wide LRU
@@ -205,7 +208,9 @@ class RandomProjection:
                 out.append(flat[start:start + size].reshape(leaf.shape))
                 start += size
             return jax.tree.unflatten(treedef, out)
-        return _adjoint_on_the_fly(self, jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shapes), w)
+        leaves, treedef = jax.tree.flatten(shapes)
+        flat = _adjoint_on_the_fly(self, tuple(int(np.prod(leaf.shape)) for leaf in leaves), _on_one_device(w))
+        return jax.tree.unflatten(treedef, [f.reshape(leaf.shape) for f, leaf in zip(flat, leaves)])
 
     def __call__(self, grads, batch_axis: bool = True) -> jax.Array:
         """Projects a gradient pytree.
@@ -232,11 +237,34 @@ class RandomProjection:
             m = self.cached_matrix(per_example, acc.pop())
             if m is not None:
                 return _project_jit(self, grads, m)
+        if not _is_traced(grads):  # eager: one compiled program on one device (see _on_one_device)
+            return _project_on_the_fly(self, _on_one_device(grads))
+        return self._project_leaves(grads)
+
+    def _project_leaves(self, grads) -> jax.Array:
+        """The on-the-fly projection of a batched gradient pytree, leaf by leaf."""
+        leaves = jax.tree.leaves(grads)
+        b = leaves[0].shape[0]
         total = None
         for i, leaf in enumerate(leaves):
             part = self._project_flat(i, leaf.reshape(b, -1))
             total = part if total is None else total + part
         return total
+
+    def _adjoint_flat(self, leaf_index: int, n_rows: int, w: jax.Array) -> jax.Array:
+        """``(n_rows,)``: one leaf's rows of ``Π w``, block by block (``lax.map`` over the
+        chunks: one ``(chunk_rows, dim)`` block alive at a time; the same blocks, so the same
+        matrix, as :meth:`_project_flat`)."""
+        c = self.chunk_rows
+        n_full, rem = divmod(n_rows, c)
+        parts = []
+        if n_full:
+            rows = jax.lax.map(lambda i: jnp.dot(self._block(leaf_index, i, c, w.dtype), w,
+                                                 preferred_element_type=w.dtype), jnp.arange(n_full))
+            parts.append(rows.reshape(-1))
+        if rem:
+            parts.append(jnp.dot(self._block(leaf_index, n_full, rem, w.dtype), w, preferred_element_type=w.dtype))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     def matrix(self, params) -> np.ndarray:
         """The explicit ``(P, dim)`` float32 matrix for ``params``' structure (tests / small P
@@ -262,7 +290,26 @@ def _project_jit(projection: RandomProjection, grads, matrix: jax.Array) -> jax.
     return projection.project_with_matrix(grads, matrix)
 
 
+def _on_one_device(tree):
+    """``tree`` on this process's first local device. The on-the-fly programs run there, not
+    over the mesh the arguments may live on: a program whose inputs are replicated over a mesh
+    runs once per device, each device generating every block of Π (and holding its own copy of
+    the temporaries) — device memory and generation time multiplied by the device count for
+    no gain. Only ``(b, P)`` gradients / a ``(dim,)`` vector move; Π is never materialised."""
+    device = jax.local_devices()[0]
+    return jax.tree.map(lambda a: jax.device_put(a, device), tree)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _adjoint_on_the_fly(projection: RandomProjection, zeros, w: jax.Array):
-    _, vjp = jax.vjp(lambda g: projection(g, batch_axis=False), zeros)
-    return vjp(w)[0]
+def _project_on_the_fly(projection: RandomProjection, grads) -> jax.Array:
+    return projection._project_leaves(grads)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _adjoint_on_the_fly(projection: RandomProjection, sizes: tuple[int, ...], w: jax.Array) -> list[jax.Array]:
+    """``Π w`` as one flat ``(P_leaf,)`` array per leaf, generated block by block: at most one
+    ``(chunk_rows, dim)`` block is alive. (The VJP of the chunked projection would give the same
+    values but keeps every block of the loop as a residual for the backward pass: the whole
+    ``(P, dim)`` matrix, 3.7 GB at P = 114 k, p = 8192 — and ~3.6 TB for the LoRA factors of
+    an 8B model.)"""
+    return [projection._adjoint_flat(i, n, w) for i, n in enumerate(sizes)]

@@ -109,6 +109,8 @@ def test_selection_two_processes_equal_one_and_resume_after_kill(tmp_path, tiny_
         assert all(k % 2 == pid for _, k in first[pid] + rerun[pid]), (pid, first[pid], rerun[pid])
     rep = assert_same_results(job, ref)
     assert rep["processes"] == 2
+    with np.load(os.path.join(two, "select_compare", "seed_0", method, "all_scores.npz")) as z:
+        assert np.ptp(z["scores"]) > 0  # the scores tell candidates apart (not a degenerate case)
 
 
 @pytest.mark.slow
@@ -141,7 +143,7 @@ def test_select_compare_on_two_processes_equals_one(tmp_path, tiny_model_dir, me
     """select_compare runs its selections on every process (each scoring its own shards; LESS's
     warm-up checkpoints restored by every process); process 0 fine-tunes: the results, and the
     method's shards, scores and selection bitwise, equal a one-process run. LESS runs in the
-    default run at a reduced size (26 candidates: 4 score shards, 2 per process; one LESS epoch);
+    default run at a reduced size (26 candidates: 4 score shards, 2 per process);
     the recommended ntk at full size with NTK_JAX_EXTRA_PROCESS_TESTS=1."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     (rc, out), = run_job(one, tiny_model_dir, 1, method=method, experiment="select_compare", small=small)
@@ -162,3 +164,5 @@ def test_select_compare_on_two_processes_equals_one(tmp_path, tiny_model_dir, me
     rep = assert_same_results(os.path.join(two, "select_compare", "seed_0", method),
                               os.path.join(one, "select_compare", "seed_0", method), n_select=n_select)
     assert rep["processes"] == 2
+    with np.load(os.path.join(two, "select_compare", "seed_0", method, "all_scores.npz")) as z:
+        assert np.ptp(z["scores"]) > 0  # the scores tell candidates apart (not a degenerate case)

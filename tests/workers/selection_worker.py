@@ -29,7 +29,7 @@ ap.add_argument("--die_after", type=int, default=-1, help="os._exit(3) after thi
 ap.add_argument("--log", default="computed")
 ap.add_argument("--experiment", default="select", choices=("select", "select_compare"))
 ap.add_argument("--heartbeat_timeout_s", type=int, default=100)
-ap.add_argument("--small", action="store_true", help="a smaller job (26 candidates, 4 shards, one LESS epoch)")
+ap.add_argument("--small", action="store_true", help="a smaller job (26 candidates, 4 shards)")
 args = ap.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
@@ -75,7 +75,6 @@ if args.small:
     s.benchmark.n_pool_per_family = 2   # 26 candidates: 4 shards of 8 (2 per process on two)
     s.n_select = 4
     s.warmup.total_steps = 2
-    s.less.epochs = 1
     s.less.min_sample = 8
     cc.finetune.total_steps = 1
 

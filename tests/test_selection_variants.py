@@ -20,7 +20,7 @@ from ntk_jax.selection.jobs import plain, run_selection
 from ntk_jax.selection.methods import Selection, apply_preset, get_method, method_names, split_arm
 from ntk_jax.selection.ntk_selector import selection_scalar_fn
 from ntk_jax.training.losses import per_example_lm_loss
-from test_selection import _random_batch, _small_lora_model as _model
+from test_selection import _random_batch, _small_lora_model as _model, knn_oracle
 
 
 def _batch(n, T=10, seed=0):
@@ -225,60 +225,22 @@ def test_bad_variant_settings_are_named(tmp_path, context, bench):
     assert not os.path.exists(tmp_path / "x" / "selected.jsonl")
 
 
-def _knn_oracle(model, tokenizer, domain, pool, k):
-    """Votes and mean cosines recomputed in plain numpy from the model's own forward: the
-    mean over real tokens of ``model.hidden_states`` (float64), cosines, each domain record
-    voting for its ``k`` most similar pool records (ties to the lower index)."""
-    from ntk_jax.data.records import encode_records
-
-    def mean_hidden(recs):
-        a = encode_records(tokenizer, recs, 32)
-        h = np.asarray(model.hidden_states(jnp.asarray(a["input_ids"]), jnp.asarray(a["attention_mask"])), np.float64)
-        m = np.asarray(a["attention_mask"], np.float64)[:, :, None]
-        return (h * m).sum(axis=1) / m.sum(axis=1)
-
-    d, c = mean_hidden(domain), mean_hidden(pool)
-    cos = (d / np.linalg.norm(d, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
-    order = np.argsort(-cos, axis=1, kind="stable")
-    gap = np.take_along_axis(cos, order[:, k - 1:k + 1], axis=1)
-    assert np.all(gap[:, 0] - gap[:, 1] > 1e-5)  # no near-tie at the k-th neighbour: the votes are well defined
-    votes = np.bincount(order[:, :k].ravel(), minlength=len(pool))
-    mean_cos = cos.mean(axis=0)
-    rank = np.lexsort((np.arange(len(pool)), -mean_cos, -votes))  # most votes, then mean cosine, then index
-    return votes, mean_cos, rank
-
-
-@pytest.mark.parametrize("arm", ["embedding", "ntk@paper"])
-def test_knn_selection_matches_numpy_votes(tmp_path, context, bench, arm):
-    """The embedding method's selection (docs/theory.md §6.2), and the kNN filter of ntk@paper
-    (select.ntk.filter='knn': the 4N candidates it keeps), equal a kNN vote computed
-    independently from the warm-up model's mean hidden states."""
-    from ntk_jax.data.records import encode_records
-    from ntk_jax.selection.jobs import SelectionJob
-
-    cfg = apply_preset({**_cfg(), "knn_k": 3}, arm)
-    assert arm == "embedding" or cfg["ntk"]["filter"] == "knn"
+def test_embedding_selection_matches_numpy_votes(tmp_path, context, bench):
+    """The embedding method's selection (docs/theory.md §6.2) equals a kNN vote computed
+    independently from the warm-up model's mean hidden states (the kNN filter of ntk@paper:
+    tests/test_selection.py::test_job_resume_identical_scores)."""
+    cfg = apply_preset({**_cfg(), "knn_k": 3}, "embedding")
     out = str(tmp_path / "job")
     rep = run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False)
     got = np.load(os.path.join(out, "all_scores.npz"))
-    job = SelectionJob(context=context, cfg=cfg, domain=bench.domain, pool=bench.pool,
-                       domain_arrays=encode_records(context.tokenizer, bench.domain, 32), out_dir=out, seed=0)
-    model, _ = job.warm_up(cfg["lora"], cfg["warmup"])  # resumes: the job's trained warm-up factors
-    votes, mean_cos, rank = _knn_oracle(model, context.tokenizer, bench.domain, bench.pool, 3)
+    votes, mean_cos, rank = knn_oracle(context, cfg, bench.domain, bench.pool, out)
     assert votes.sum() == 3 * len(bench.domain) and 0 < (votes > 0).sum() < len(bench.pool)
     ids = np.array([r["id"] for r in bench.pool])
-    if arm == "embedding":
-        assert rep["selected_ids"] == list(ids[rank[:5]])
-        assert list(got["ids"]) == list(ids)
-        np.testing.assert_array_equal(got["votes"], votes)
-        np.testing.assert_allclose(got["mean_cos"], mean_cos, rtol=1e-4, atol=1e-5)
-        assert rep["n_voted"] == int((votes > 0).sum())
-    else:  # the filter keeps the top M = 4N by votes (in pool order); the gradient stage picks among them
-        kept = np.sort(rank[:4 * 5])
-        assert list(got["ids"]) == list(ids[kept]) and rep["n_filtered"] == 20
-        np.testing.assert_array_equal(got["votes"], votes[kept])
-        np.testing.assert_allclose(got["mean_cos"], mean_cos[kept], rtol=1e-4, atol=1e-5)
-        assert set(rep["selected_ids"]) <= set(ids[kept])
+    assert rep["selected_ids"] == list(ids[rank[:5]])
+    assert list(got["ids"]) == list(ids)
+    np.testing.assert_array_equal(got["votes"], votes)
+    np.testing.assert_allclose(got["mean_cos"], mean_cos, rtol=1e-4, atol=1e-5)
+    assert rep["n_voted"] == int((votes > 0).sum())
 
 
 # ------------------------------------------------------------------------ plug-ins and presets

@@ -109,8 +109,6 @@ def test_selection_two_processes_equal_one_and_resume_after_kill(tmp_path, tiny_
         assert all(k % 2 == pid for _, k in first[pid] + rerun[pid]), (pid, first[pid], rerun[pid])
     rep = assert_same_results(job, ref)
     assert rep["processes"] == 2
-    with np.load(os.path.join(two, "select_compare", "seed_0", method, "all_scores.npz")) as z:
-        assert np.ptp(z["scores"]) > 0  # the scores tell candidates apart (not a degenerate case)
 
 
 @pytest.mark.slow
@@ -161,6 +159,7 @@ def test_select_compare_on_two_processes_equals_one(tmp_path, tiny_model_dir, me
     for key in r1:
         for field in ("precision_at_n", "test_loss", "accuracy"):
             assert r1[key].get(field) == r2[key].get(field), (key, field)
+    assert len({r["test_loss"] for r in r1.values()}) > 1  # the fine-tunes moved the model
     rep = assert_same_results(os.path.join(two, "select_compare", "seed_0", method),
                               os.path.join(one, "select_compare", "seed_0", method), n_select=n_select)
     assert rep["processes"] == 2

@@ -76,7 +76,9 @@ if args.small:
     s.n_select = 4
     s.warmup.total_steps = 2
     s.less.min_sample = 8
+    s.bucket_multiple = 0               # one padded width: fewer programs to compile
     cc.finetune.total_steps = 1
+    cc.finetune.warmup_steps = 0        # the one step has a learning rate > 0
 
 os.makedirs(args.workdir, exist_ok=True)
 log_path = os.path.join(args.workdir, f"{args.log}_{args.process_id}.json")

@@ -124,6 +124,11 @@ def run(config, out_dir: str, ctx) -> dict:
         "pairs": {"trace_ntk": np.einsum("ijaa->ij", full)[np.triu_indices(n)].tolist(),
                   "jacobian_free": jf[np.triu_indices(n)].tolist()},
     }
+    # tr Θ, Θ̃ and the per-example output Grams Θ(x_i, x_i) (n, O, O), so that the statistics
+    # can be recomputed from them (the full (n, n, O, O) kernel is not kept: it grows as n²O²)
+    np.savez(os.path.join(out_dir, "kernels.npz"), trace_ntk=np.einsum("ijaa->ij", full), jacobian_free=jf,
+             output_gram=full[np.arange(n), np.arange(n)])
+    report["kernels_file"] = "kernels.npz"
     report["plots"] = [plot(report, os.path.join(out_dir, "approximation.png"))]
     return report
 

@@ -84,13 +84,14 @@ def run(config, out_dir: str, ctx) -> dict:
     x = backend.kernel_inputs(splits["kernel"])
     train_cfg = TrainConfig.from_dict({**dict(c.train), "seed": ctx.seed})
 
-    rows = []
+    rows, kernels = [], []
     for placement in progress(list(c.placements), desc="placements"):
         lora = placement_lora(c.lora, placement)
         model = backend.load_model(lora)
         subset = param_subset(model, backend.wrt)
         kernel, _ = probe_programs(backend, subset, output_size(backend.output_fn(subset), subset.params, x))
         K = check_finite(np.asarray(kernel(subset.params, subset._template, subset.frozen, x)), "eNTK")
+        kernels.append(K)
         lam = eigenvalues(K)
         before = backend.evaluate(model, splits["eval"])
         result = train(model, splits["train"].arrays, train_cfg, wrt=backend.wrt, loss_fn=backend.loss_fn)
@@ -138,6 +139,10 @@ def run(config, out_dir: str, ctx) -> dict:
             r["regression_risk_within_correct_bounds"] for r in rows)
         report["printed_lower_violated_on_regression_targets"] = sum(
             r["regression_printed_lower_violated"] for r in rows)
+    # the kernels and targets, so that κ, the risk and its bounds can be recomputed from them
+    np.savez(os.path.join(out_dir, "kernels.npz"), kernels=np.stack(kernels), y=np.asarray(y),
+             sigma=np.float64(c.sigma), **({} if y_reg is None else {"y_regression": np.asarray(y_reg)}))
+    report["kernels_file"] = "kernels.npz"
     report["plots"] = [plot(report, os.path.join(out_dir, "spectrum.png"))]
     return report
 

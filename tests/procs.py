@@ -15,9 +15,11 @@ def free_port() -> int:
 
 
 def worker_env() -> dict:
-    """The environment for worker processes: CPU only, no progress bars, no inherited
-    device-count flags or ``jax.distributed`` settings."""
+    """The environment for worker processes: this checkout first on the path, CPU only, no
+    progress bars, no inherited device-count flags or ``jax.distributed`` settings."""
     env = dict(os.environ, NTK_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+    # this checkout's code, not whichever one an editable install points at
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env.pop("XLA_FLAGS", None)
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from ntk_jax.data.controlled import (FAMILIES, FINETUNE, NOUNS, TARGET, TEMPLATES, load_controlled_benchmark,
                                      make_controlled_benchmark, write_controlled_benchmark)
-from ntk_jax.data.records import encode_options, encode_records, read_records
+from ntk_jax.data.records import encode_records, read_records
 from ntk_jax.data.synthetic import NEGATIVE_WORDS, POSITIVE_WORDS
 
 
@@ -162,18 +162,48 @@ def test_variants():
 
 
 # ----------------------------------------------------------------------------- the effect is real
-def _option_accuracy(model, tok, records):
-    """Fraction of records whose response has the highest summed log-likelihood among its options."""
-    from ntk_jax.training.losses import token_log_probs
+def test_option_accuracy_is_the_loglik_argmax(tiny_model_dir):
+    """``option_accuracy`` against a hand computation on a fixed small case: each option's
+    log-likelihood summed over its response tokens and eos, from the model's logits on the
+    sequence ``<bos> prompt option <eos>`` built by hand (numpy log-softmax), the argmax per
+    record.
+    Responses are set so that the oracle's argmax is right on all records but the last (and on
+    the last only, in a second call): a wrong sum, mask, argmin or owner would give another
+    fraction. Rows go in blocks of 3 (padded last block)."""
+    from ntk_jax.data.tokenizer import CharTokenizer
+    from ntk_jax.models.hf_loading import from_pretrained
+    from ntk_jax.selection.evaluation import option_accuracy
 
-    arrays, owner, correct = encode_options(tok, records, 32)
-    logits = model(jnp.asarray(arrays["input_ids"]), attention_mask=jnp.asarray(arrays["attention_mask"]))
-    ll = np.asarray(jnp.sum(token_log_probs(logits, jnp.asarray(arrays["targets"])) * arrays["loss_mask"], axis=-1))
-    hits = []
+    tok = CharTokenizer.from_pretrained(tiny_model_dir)
+    model = from_pretrained(tiny_model_dir)
+    b = make_controlled_benchmark(0, n_domain=4, n_test=4, n_pool_per_family=1)
+    records = [dict(r, options=["neg", "pos", "neutral"]) for r in b.test] + \
+              [{"id": "x", "prompt": "copy: abc ->", "response": "abc", "options": ["abc", "cba", "ab", "abcc"]}]
+
+    rows = [(i, [tok.bos_token_id] + tok.encode(r["prompt"]) + tok.encode(o) + [tok.eos_token_id],
+             1 + len(tok.encode(r["prompt"]))) for i, r in enumerate(records) for o in r["options"]]
+    ids = np.zeros((len(rows), 32), np.int32)  # right-padded: the causal model's real positions see no pad
+    mask = np.zeros_like(ids)
+    for k, (_, seq, _) in enumerate(rows):
+        ids[k, :len(seq)], mask[k, :len(seq)] = seq, 1
+    logits = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float64)
+    logp = logits - logits.max(axis=-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+    # log p(response + eos | prompt) = Σ_{t ≥ start} log p(x_t | x_<t), read at position t − 1
+    ll = np.array([sum(logp[k, t - 1, seq[t]] for t in range(start, len(seq)))
+                   for k, (_, seq, start) in enumerate(rows)])
+    owner = np.array([i for i, _, _ in rows])
+    best = []
     for i in range(len(records)):
-        rows = np.flatnonzero(owner == i)
-        hits.append(bool(correct[rows[np.argmax(ll[rows])]]))
-    return float(np.mean(hits))
+        lli = np.sort(ll[owner == i])
+        assert lli[-1] - lli[-2] > 1e-4  # no near-tie: the argmax is well defined
+        best.append(int(np.argmax(ll[owner == i])))
+    n = len(records)
+    for wrong in ([n - 1], list(range(n - 1))):  # the records whose response is not the argmax
+        recs = [dict(r, response=r["options"][(best[i] + 1) % len(r["options"]) if i in wrong else best[i]])
+                for i, r in enumerate(records)]
+        got = option_accuracy(model, tok, recs, 32, batch_size=3)
+        assert got == pytest.approx(1 - len(wrong) / n, abs=1e-12), (got, wrong, best)
 
 
 @pytest.mark.slow
@@ -181,6 +211,7 @@ def test_useful_family_helps_and_conflicting_hurts(tiny_model_dir):
     from ntk_jax.data.tokenizer import CharTokenizer
     from ntk_jax.models.hf_loading import from_pretrained
     from ntk_jax.models.lora import LoRAConfig, apply_lora
+    from ntk_jax.selection.evaluation import option_accuracy
     from ntk_jax.training.trainer import TrainConfig, evaluate, train
 
     tok = CharTokenizer.from_pretrained(tiny_model_dir)
@@ -194,7 +225,7 @@ def test_useful_family_helps_and_conflicting_hurts(tiny_model_dir):
         model = from_pretrained(tiny_model_dir)
         apply_lora(model, LoRAConfig(rank=8, alpha=16.0), rngs=nnx.Rngs(0))
         train(model, encode_records(tok, b.domain + extra, 32), cfg)
-        results[name] = (evaluate(model, test, 128), _option_accuracy(model, tok, b.test))
+        results[name] = (evaluate(model, test, 128), option_accuracy(model, tok, b.test, 32))
     (l_dom, a_dom), (l_use, a_use), (l_con, a_con) = results["domain"], results["useful"], results["conflicting"]
     print("controlled benchmark, tiny model (test loss, accuracy):", results)
     assert l_use < l_dom < l_con, results

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from experiment_checks import check_approximation, check_spectrum, check_stability  # noqa: E402
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from ntk_jax.data.synthetic import generate_task  # noqa: E402
@@ -90,6 +91,9 @@ def test_three_experiments_run_on_hf_llama(llama_dir, tmp_path):
     assert all(-1 <= c <= 1 + 1e-9 for c in r["cosine"]) and r["relative_change"][-1] > 0
     s = reps["spectrum"]
     assert s["all_risks_within_correct_bounds"] and len(s["placements"]) == 2
+    for name, check in (("stability", check_stability), ("spectrum", check_spectrum),
+                        ("approximation", check_approximation)):  # the numbers, from the saved kernels
+        check(str(tmp_path / name), reps[name])
     a = reps["approximation"]
     assert a["jacobian_free_consistency_rel"] < 1e-4
     assert [w["width"] for w in a["widths"]] == [16]

@@ -239,6 +239,36 @@ def tiny_context(tiny_model_dir):
     return Context(model_dir=tiny_model_dir, tokenizer=load_tokenizer(tiny_model_dir), max_len=32, seed=0, info={})
 
 
+def knn_oracle(context, cfg, domain, pool, out_dir):
+    """kNN votes recomputed in plain numpy from the model's own forward, for the job in
+    ``out_dir``: its warm-up model (resumed from the job's checkpoint), the mean over real tokens
+    of ``model.hidden_states`` (float64), cosines, each domain record voting for its ``knn_k``
+    most similar pool records (ties to the lower index). Returns ``(votes, mean_cos, rank)``,
+    ``rank`` the pool best first (most votes, then mean cosine, then index)."""
+    from ntk_jax.data.records import encode_records
+    from ntk_jax.selection.jobs import SelectionJob, plain
+
+    cfg, k = plain(cfg), int(cfg["knn_k"])
+    job = SelectionJob(context=context, cfg=cfg, domain=domain, pool=pool, out_dir=out_dir, seed=0,
+                       domain_arrays=encode_records(context.tokenizer, domain, context.max_len))
+    model, _ = job.warm_up(cfg["lora"], cfg["warmup"])
+
+    def mean_hidden(recs):
+        a = encode_records(context.tokenizer, recs, context.max_len)
+        h = np.asarray(model.hidden_states(jnp.asarray(a["input_ids"]), jnp.asarray(a["attention_mask"])), np.float64)
+        m = np.asarray(a["attention_mask"], np.float64)[:, :, None]
+        return (h * m).sum(axis=1) / m.sum(axis=1)
+
+    d, c = mean_hidden(domain), mean_hidden(pool)
+    cos = (d / np.linalg.norm(d, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
+    order = np.argsort(-cos, axis=1, kind="stable")
+    gap = np.take_along_axis(cos, order[:, k - 1:k + 1], axis=1)
+    assert np.all(gap[:, 0] - gap[:, 1] > 1e-5)  # no near-tie at the k-th neighbour: the votes are well defined
+    votes = np.bincount(order[:, :k].ravel(), minlength=len(pool))
+    mean_cos = cos.mean(axis=0)
+    return votes, mean_cos, np.lexsort((np.arange(len(pool)), -mean_cos, -votes))
+
+
 @pytest.mark.parametrize("method", ["ntk", "less"])
 def test_job_resume_identical_scores(tmp_path, tiny_context, small_bench, method):
     cfg = _select_cfg(method)
@@ -271,6 +301,14 @@ def test_job_resume_identical_scores(tmp_path, tiny_context, small_bench, method
         u = np.load(tmp_path / "unbucketed" / "all_scores.npz")
         np.testing.assert_allclose(u["scores"], r["scores"], rtol=1e-4, atol=1e-5 * np.abs(r["scores"]).max())
         assert unb["selected_ids"] == ref["selected_ids"]
+        # the kNN filter (select.ntk.filter="knn") keeps the top M = 4N by an independent kNN vote
+        votes, mean_cos, rank = knn_oracle(tiny_context, cfg, b.domain, b.pool, str(tmp_path / "ref"))
+        kept = np.sort(rank[:4 * 8])
+        assert cfg.ntk.filter == "knn" and ref["n_filtered"] == len(kept) == 32
+        assert list(r["ids"]) == [b.pool[i]["id"] for i in kept]
+        np.testing.assert_array_equal(r["votes"], votes[kept])
+        np.testing.assert_allclose(r["mean_cos"], mean_cos[kept], rtol=1e-4, atol=1e-5)
+        assert set(ref["selected_ids"]) <= {b.pool[i]["id"] for i in kept}
 
 
 def test_job_bad_inputs(tmp_path, tiny_context, small_bench):

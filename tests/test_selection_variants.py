@@ -20,7 +20,7 @@ from ntk_jax.selection.jobs import plain, run_selection
 from ntk_jax.selection.methods import Selection, apply_preset, get_method, method_names, split_arm
 from ntk_jax.selection.ntk_selector import selection_scalar_fn
 from ntk_jax.training.losses import per_example_lm_loss
-from test_selection import _random_batch, _small_lora_model as _model
+from test_selection import _random_batch, _small_lora_model as _model, knn_oracle
 
 
 def _batch(n, T=10, seed=0):
@@ -223,6 +223,24 @@ def test_bad_variant_settings_are_named(tmp_path, context, bench):
         with pytest.raises(ValueError, match=match):
             run_selection(context, _cfg(**ntk), bench.domain, bench.pool, str(tmp_path / "x"), seed=0)
     assert not os.path.exists(tmp_path / "x" / "selected.jsonl")
+
+
+def test_embedding_selection_matches_numpy_votes(tmp_path, context, bench):
+    """The embedding method's selection (docs/theory.md §6.2) equals a kNN vote computed
+    independently from the warm-up model's mean hidden states (the kNN filter of ntk@paper:
+    tests/test_selection.py::test_job_resume_identical_scores)."""
+    cfg = apply_preset({**_cfg(), "knn_k": 3}, "embedding")
+    out = str(tmp_path / "job")
+    rep = run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False)
+    got = np.load(os.path.join(out, "all_scores.npz"))
+    votes, mean_cos, rank = knn_oracle(context, cfg, bench.domain, bench.pool, out)
+    assert votes.sum() == 3 * len(bench.domain) and 0 < (votes > 0).sum() < len(bench.pool)
+    ids = np.array([r["id"] for r in bench.pool])
+    assert rep["selected_ids"] == list(ids[rank[:5]])
+    assert list(got["ids"]) == list(ids)
+    np.testing.assert_array_equal(got["votes"], votes)
+    np.testing.assert_allclose(got["mean_cos"], mean_cos, rtol=1e-4, atol=1e-5)
+    assert rep["n_voted"] == int((votes > 0).sum())
 
 
 # ------------------------------------------------------------------------ plug-ins and presets

@@ -17,6 +17,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
 
+from experiment_checks import check_approximation, check_spectrum, check_stability  # noqa: E402
 from experiments.backends import ClassificationBackend  # noqa: E402
 from ntk_jax.data import lexicon  # noqa: E402
 from ntk_jax.kernels.ntk import empirical_ntk  # noqa: E402
@@ -242,6 +243,9 @@ def test_job_on_a_tiny_bert(tiny_bert, tmp_path):
     sp = reps["spectrum"]
     assert [r["rank"] for r in sp["placements"]] == [8, 4]
     assert sp["all_risks_within_correct_bounds"] and sp["all_regression_risks_within_correct_bounds"]
+    check_stability(str(tmp_path / "stability"), st)  # the numbers, from the saved kernels
+    assert "y_regression" in check_spectrum(str(tmp_path / "spectrum"), sp)
+    check_approximation(str(tmp_path / "approximation"), reps["approximation"])
     for row in sp["placements"]:
         assert 0 <= row["eval_accuracy_after"] <= 1 and row["regression_risk"] > 0
     assert "spearman_kappa_vs_eval_accuracy" in sp
@@ -279,6 +283,9 @@ def test_real_minilm_end_to_end_reduced(tmp_path):
         assert ck["config.model.path"] == "packaged:all-MiniLM-L6-v2"
     assert reps["spectrum"]["setup"]["backend"]["data"]["n_words_selected"] == 1364
     assert reps["spectrum"]["all_risks_within_correct_bounds"]
+    for name, check in (("stability", check_stability), ("spectrum", check_spectrum),
+                        ("approximation", check_approximation)):  # the numbers, from the saved kernels
+        check(str(tmp_path / name), reps[name])
     # LoRA on query/value of layer 5, rank 8: 2 · (384·8 + 8·384) parameters
     assert reps["approximation"]["setup"]["num_lora_params"] == 2 * 2 * 384 * 8
     assert reps["stability"]["cosine"][0] == pytest.approx(1.0) and len(reps["stability"]["cosine"]) == 3

@@ -3,7 +3,7 @@ selection job run through the launcher (``experiments/select.py`` on a tiny cont
 benchmark and a tiny pre-trained model).
 
     python selection_worker.py WORKDIR MODEL_DIR [--method ntk | ntk@paper | less ...] [--process_id I
-        --num_processes N --port P] [--die_after K] [--log NAME] [--experiment select_compare]
+        --num_processes N --port P] [--die_after K] [--log NAME] [--experiment select_compare] [--small]
 
 ``--method``: a method or ``<method>@<preset>``. ``--experiment select_compare``: the
 comparison (random vs the method, one seed, a two-step fine-tune) instead of one job.
@@ -29,6 +29,7 @@ ap.add_argument("--die_after", type=int, default=-1, help="os._exit(3) after thi
 ap.add_argument("--log", default="computed")
 ap.add_argument("--experiment", default="select", choices=("select", "select_compare"))
 ap.add_argument("--heartbeat_timeout_s", type=int, default=100)
+ap.add_argument("--small", action="store_true", help="a smaller job (26 candidates, 4 shards)")
 args = ap.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
@@ -69,6 +70,15 @@ cc.oracles = ("useful",)
 cc.seeds = (0,)
 cc.finetune.total_steps = 2
 cc.finetune.batch_size = 8
+if args.small:
+    s.benchmark.n_test = 4
+    s.benchmark.n_pool_per_family = 2   # 26 candidates: 4 shards of 8 (2 per process on two)
+    s.n_select = 4
+    s.warmup.total_steps = 2
+    s.less.min_sample = 8
+    s.bucket_multiple = 0               # one padded width: fewer programs to compile
+    cc.finetune.total_steps = 1
+    cc.finetune.warmup_steps = 0        # the one step has a learning rate > 0
 
 os.makedirs(args.workdir, exist_ok=True)
 log_path = os.path.join(args.workdir, f"{args.log}_{args.process_id}.json")

@@ -111,7 +111,7 @@ def render(rows: list[dict], args: str, batch: int, seq: int, dtype: str) -> str
     return "\n".join(lines) + "\n"
 
 
-PLATFORM_PROGRAMS = ("hidden", "projected", "jvp", "train")
+PLATFORM_PROGRAMS = ("hidden", "loss", "projected", "jvp", "train")
 BEGIN, END = "<!-- platform table -->", "<!-- /platform table -->"
 
 
@@ -147,9 +147,9 @@ def render_platforms(rows: list[dict]) -> str:
              f"p={plat.PROJECTION_DIM}, bf16 compute. GiB per device; programs compiled at 1 and 2 layers "
              "and extrapolated to full depth.", "",
              "| model | platform | hosts × devices | local mesh | weights | batch feat/train | weights/dev | "
-             "hidden | projected | jvp | train | peak, CPU-compiled | CPU upcast | **peak ≈ GPU/TPU** | "
+             "hidden | loss | projected | jvp | train | peak, CPU-compiled | CPU upcast | **peak ≈ GPU/TPU** | "
              "device memory | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pm = r["params"]
         peak = r["device_peak_per_device"]

@@ -7,8 +7,8 @@
 
 For every (model, platform) the real job runs — ``python -m ntk_jax.main
 --config=configs/select_{llama3,qwen3}_8b.py:PLATFORM`` — with the platform's settings
-unchanged (mesh, weight dtype, batch sizes, LoRA r = 128 on q/k/v/o, p = 8192 dense
-projection, the paper's JVP scoring, warm-up schedule) except the sizes a tiny model and a
+unchanged (mesh, weight dtype, batch sizes, LoRA r = 128 on q/k/v/o, the configs' scoring
+pipeline — the recommended loss change since 2026-12-07 — warm-up schedule) except the sizes a tiny model and a
 small pool need (:func:`overrides`: the checkpoint and data paths, N, the number of warm-up
 steps, the store shard size, the encoding length). The checkpoints are built here with
 ``transformers`` (random init, nothing downloaded), of the same families as the 8B models:
@@ -71,7 +71,15 @@ SPECIALS = ("<|bos|>", "<|end|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = ("<|bos|>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 GB = 10 ** 9
-JOB_PROGRAMS = ("hidden", "projected", "jvp", "train")
+
+
+def job_program_names() -> tuple[str, ...]:
+    """The programs the 8B configs' selection job runs (``ntk_jax.launcher.memory.job_programs``
+    of their ``select`` section; every platform shares the pipeline)."""
+    from ntk_jax.launcher.memory import job_programs
+    from ntk_jax.selection.jobs import plain
+
+    return job_programs(plain(plat.scale_selection_config("gpu8", model_path="").select))
 
 
 # ----------------------------------------------------------------------------- checkpoints, data
@@ -294,7 +302,7 @@ def estimates(model_dir: str, platforms: list[str], max_len: int) -> dict:
         try:
             e = estimate_memory(hf, lora_config(), mesh_shape=lay.mesh, batch_size=lay.feature_batch_size,
                                 seq_len=max_len, dtype="bfloat16", param_dtype=lay.param_dtype,
-                                programs=JOB_PROGRAMS, projection_dim=plat.PROJECTION_DIM,
+                                programs=job_program_names(), projection_dim=plat.PROJECTION_DIM,
                                 train_batch_size=lay.train_batch_size)
         except Exception as exc:  # e.g. a mesh larger than the real devices
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -325,14 +333,13 @@ def run_estimates(model_dir: str, platforms: list[str], max_len: int, *, log_dir
 
 
 def compare(e: dict, local_devices: int, row: dict) -> dict:
-    """The estimate next to the measurement: per-device totals of each program (GB); the job's
-    peak (``hidden``, ``jvp``, ``train``: the programs the paper's scoring runs over the mesh)
-    and the bound with ``projected`` (the table's column: per-example-gradient features, which
-    bound the domain-gradient program); each times the process's local devices; and the
+    """The estimate next to the measurement: per-device totals of each program the job runs
+    (GB; :func:`job_program_names`); the job's peak, the largest of them, and the bound (the
+    estimate's own peak, the same programs); each times the process's local devices; and the
     measured peak RSS above the runtime baseline."""
     if "totals" not in e:
         return {"estimate": e}
-    job = max(e["totals"][k] for k in ("hidden", "jvp", "train"))
+    job = max(e["totals"].values())
     out = {"estimate": {"lora_params": e["lora_params"],
                         "per_device_gb": {k: round(v / GB, 4) for k, v in e["totals"].items()},
                         "job_per_device_gb": round(job / GB, 4), "job_process_gb": round(local_devices * job / GB, 3),

@@ -54,10 +54,10 @@ def doc_rows() -> dict[tuple[str, str], dict]:
     rows = {}
     for line in table.splitlines():
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        if len(cells) == 16 and cells[0] in {m for m, _ in CONFIGS.values()}:
+        if len(cells) == 17 and cells[0] in {m for m, _ in CONFIGS.values()}:
             rows[(cells[0], cells[1])] = {"mesh": cells[3], "param_dtype": cells[4], "batch": cells[5],
-                                          "peak_device_gib": float(cells[13]),
-                                          "memory_gib": float(re.search(r"\(([\d.]+) GiB\)", cells[14]).group(1))}
+                                          "peak_device_gib": float(cells[14]),
+                                          "memory_gib": float(re.search(r"\(([\d.]+) GiB\)", cells[15]).group(1))}
     return rows
 
 

@@ -64,7 +64,7 @@ from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 
 __all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "PROGRAMS", "decoder_config", "abstract_model",
-           "param_memory", "cpu_upcast_bytes", "compiled_memory", "estimate_memory"]
+           "param_memory", "cpu_upcast_bytes", "compiled_memory", "job_programs", "estimate_memory"]
 
 # Programs compiled_memory can analyse (see the module docstring).
 PROGRAMS = ("forward", "features", "hidden", "loss", "projected", "jvp", "train")
@@ -273,6 +273,24 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
                                             loss_fn=trainer.lm_loss)
         out["train"] = _analysis(lowered.compile())
     return out
+
+
+def job_programs(select: Mapping[str, Any]) -> tuple[str, ...]:
+    """The :data:`PROGRAMS` a selection job with the ``select`` section runs on its devices
+    (method ``ntk``; other methods: the warm-up and the feature step): the warm-up step
+    (``"train"``), the pool-wide stage (``"hidden"`` for the kNN filter, ``"loss"`` for the loss
+    change) and, with a gradient stage, the candidate scores (``"jvp"`` when unnormalised
+    without norms, else ``"features"``: a per-example gradient) and the domain direction's
+    projected features (``"projected"``, when ``projection_dim > 0``)."""
+    if select.get("method", "ntk") != "ntk":
+        return ("train", "features")
+    n = select["ntk"]
+    progs = ["train"] + {"knn": ["hidden"], "loss_change": ["loss"], "none": []}[n["filter"]]
+    if n["gradient"]:
+        progs.append("jvp" if n["normalize"] == "none" and not n["feature_norms"] else "features")
+        if int(select.get("projection_dim") or 0) > 0:
+            progs.append("projected")
+    return tuple(progs)
 
 
 def _extrapolate(measured: dict[int, dict], depth: int, layers: tuple[int, int]) -> dict[str, float]:

@@ -7,7 +7,6 @@ job gives the same selection bitwise."""
 import numpy as np
 import pytest
 
-from ntk_jax.data.controlled import make_controlled_benchmark
 from ntk_jax.data.records import encode_records
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.models.lora import LoRAConfig
@@ -15,18 +14,7 @@ from ntk_jax.selection.jobs import SelectionJob, StopRequested, plain, run_selec
 from ntk_jax.selection.loss_change import loss_change
 from ntk_jax.selection.methods import apply_preset
 from ntk_jax.training.losses import per_example_lm_loss
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return make_controlled_benchmark(0, n_domain=6, n_test=4, n_pool_per_family=2)  # 26 pool records
-
-
-@pytest.fixture(scope="module")
-def context(tiny_model_dir):
-    from ntk_jax.launcher.context import Context, load_tokenizer
-
-    return Context(model_dir=tiny_model_dir, tokenizer=load_tokenizer(tiny_model_dir), max_len=32, seed=0, info={})
+from test_selection_variants import bench, context  # noqa: F401 (module-scoped fixtures: 26 pool records)
 
 
 def _cfg(preset="ntk@loss_change", **lc):

@@ -381,20 +381,20 @@ def render(result: dict) -> str:
              f"hand. {s['ok']}/{s['runs']} rehearsals ran, {s['total_wall_s']:.0f} s in all, one at a time; "
              f"runtime baseline RSS (JAX, the job's modules, one program) "
              + ", ".join(f"{v} GB with {k} device(s)" for k, v in s["baseline_rss_gb"].items()) + ".", "",
-             "| model | platform | processes × devices | mesh | weights | status | time s | warm-up / embed / score s "
+             "| model | platform | processes × devices | mesh | weights | status | time s | stages, s "
              "| peak RSS per process GB | above baseline GB | estimate: job programs × devices GB "
-             "| with `projected` GB |",
+             "| bound: peak program × devices GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         t = r.get("timings_s", {})
-        stages = " / ".join(f"{t[k]:.0f}" for k in ("warmup", "embed", "score") if k in t) or "—"
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in t.items() if k not in ("validate", "select") and v >= 0.5) or "—"
         e = r.get("estimate", {})
         lines.append(f"| {r['model']} | {r['platform']} | {r['processes']} × {r['devices_per_host']} "
                      f"| {r['mesh'][0]}x{r['mesh'][1]} | {r['param_dtype']} | {r['status']} | {r['wall_s']:.0f} "
                      f"| {stages} | {', '.join(f'{m:.2f}' for m in r['maxrss_gb'])} "
                      f"| {r.get('measured_above_baseline_gb', '—')} | {e.get('job_process_gb', '—')} "
                      f"| {e.get('bound_process_gb', '—')} |")
-    lines += ["", "Selections (N = 64 of 256 kNN-filtered candidates), overlap with the other platforms "
+    lines += ["", f"Selections (N = {s.get('n_select', 64)} of the pool), overlap with the other platforms "
               "(|A ∩ B| / N):", ""]
     for model, c in s["consistency"].items():
         names = list(c["overlap"])
@@ -468,7 +468,7 @@ def rehearse(a) -> dict:
                "max_peak_rss_gb_per_process": max((max(r["maxrss_gb"]) for r in rows), default=0.0),
                "mem_limit_gb": a.mem_limit_gb, "real_devices": bool(a.real_devices),
                "baseline_rss_gb": {str(c or "real"): v for c, v in baselines.items()},
-               "consistency": consistency(rows)}
+               "consistency": consistency(rows), "n_select": a.n_select}
     return {"settings": {k: v for k, v in vars(a).items() if k != "estimate_only"}, "rows": rows, "summary": summary}
 
 
@@ -517,6 +517,7 @@ def main(argv=None):
         with open(a.render) as fh:
             result = json.load(fh)
         result["summary"]["consistency"] = consistency(result["rows"])  # as this version compares
+        result["summary"].setdefault("n_select", result.get("settings", {}).get("n_select", 64))
         if a.doc:
             write_doc(a.doc, result)
         print(render(result))

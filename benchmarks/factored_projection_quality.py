@@ -31,11 +31,7 @@ from ntk_speed import build_problem, log, make_batch  # noqa: E402
 from ntk_jax.kernels.factored_projection import FactoredProjection  # noqa: E402
 from ntk_jax.kernels.features import gradient_features, sum_of_outputs  # noqa: E402
 from ntk_jax.kernels.projection import RandomProjection  # noqa: E402
-
-
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+from ntk_jax.stats import spearman  # noqa: E402
 
 
 def scores(dom, cand):

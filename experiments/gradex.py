@@ -36,7 +36,6 @@ import os
 import time
 
 import numpy as np
-import scipy.stats
 from flax import nnx
 
 from experiments.plotting import save, subplots
@@ -46,6 +45,7 @@ from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import gradex as gx
 from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
+from ntk_jax.stats import spearman
 from ntk_jax.training.trainer import TrainConfig, train
 from ntk_jax.utils import progress, read_json, write_json, write_npz
 
@@ -98,13 +98,6 @@ def _fingerprint_payload(c, ctx) -> dict:
 
 def _concat(arrays: list[dict]) -> dict:
     return {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
-
-
-def _spearman(a, b) -> float | None:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def verification_indices(estimates: np.ndarray, keys: list[str], n_verify: int, *,
@@ -314,7 +307,7 @@ def run(config, out_dir: str, ctx) -> dict:
         "ensemble": {"n_subsets": len(masks), "n_distinct": len(set(keys)),
                      "linearised_logistic": {"min": float(est_lin.min()), "max": float(est_lin.max()),
                                              "mean": float(est_lin.mean())},
-                     "spearman_linearised_vs_model_at_delta": _spearman(
+                     "spearman_linearised_vs_model_at_delta": spearman(
                          est_lin, [e["model_at_delta_logistic"] for e in ens])},
         "selection": {
             "task_scores": {t: float(s) for t, s in zip(aux, scores)},
@@ -337,11 +330,11 @@ def run(config, out_dir: str, ctx) -> dict:
 def _surrogate_report(masks, values, aux, lam: float, holdout: float) -> dict:
     full = gx.fit_ridge_surrogate(masks, values, lam)
     out = {"lambda": lam, "coef": {t: float(v) for t, v in zip(aux, full.coef)}, "intercept": full.intercept,
-           "spearman_in_sample": _spearman(full.predict(masks), values)}
+           "spearman_in_sample": spearman(full.predict(masks), values)}
     n_hold = int(round(holdout * len(values)))
     if 3 <= n_hold < len(values) - 1:
         part = gx.fit_ridge_surrogate(masks[:-n_hold], values[:-n_hold], lam)
-        out["spearman_held_out"] = _spearman(part.predict(masks[-n_hold:]), values[-n_hold:])
+        out["spearman_held_out"] = spearman(part.predict(masks[-n_hold:]), values[-n_hold:])
         out["n_held_out"] = n_hold
     return out
 
@@ -363,7 +356,7 @@ def _error_report(rows: list[dict], base: dict, estimator: gx.SubsetEstimator, c
         est = dataclasses.replace(estimator, C=float(C))
         vals = np.array([est.estimate(np.isin(est.task_names, r["tasks"]))[0] for r in rows])
         sensitivity.append({"C": float(C), "relative_error": gx.relative_squared_error(vals, true_log),
-                            "spearman": _spearman(vals, true_log)})
+                            "spearman": spearman(vals, true_log)})
     return {
         "n_compared": len(rows),
         "compared": "linearised_logistic (estimate) vs true_logistic (after real fine-tuning): primary",
@@ -374,9 +367,9 @@ def _error_report(rows: list[dict], base: dict, estimator: gx.SubsetEstimator, c
         "relative_error_no_finetune_ce": gx.relative_squared_error(b_ce, true_ce),
         "relative_error_of_change_linearised_logistic": change_error(lin, true_log, b_log),
         "relative_error_of_change_model_at_delta_ce": change_error(dce, true_ce, b_ce),
-        "spearman_linearised_vs_true_logistic": _spearman(lin, true_log),
-        "spearman_model_at_delta_vs_true_ce": _spearman(dce, true_ce),
-        "spearman_true_logistic_vs_true_ce": _spearman(true_log, true_ce),
+        "spearman_linearised_vs_true_logistic": spearman(lin, true_log),
+        "spearman_model_at_delta_vs_true_ce": spearman(dce, true_ce),
+        "spearman_true_logistic_vs_true_ce": spearman(true_log, true_ce),
         "C_sensitivity_post_hoc": sensitivity,
         "notes": ("relative_error = sum (est-true)^2 / sum true^2; relative_error_of_change = "
                   "sum (est-true)^2 / sum (true-theta*)^2 (how much of the fine-tuning effect the estimate "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import scipy.stats
 
 from experiments.backends import binary_targets, make_backend  # noqa: F401  (binary_targets: re-export)
 from experiments.plotting import save, subplots
@@ -28,6 +27,7 @@ from ntk_jax.kernels.spectrum import (condition_number, effective_rank, eigenval
                                       risk_bounds)
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
+from ntk_jax.stats import spearman_with_p
 from ntk_jax.training.trainer import TrainConfig, train
 from ntk_jax.utils import progress
 
@@ -68,11 +68,6 @@ def _risk_row(K, y, sigma, prefix: str) -> dict:
             f"{prefix}printed_lower": p_lower, f"{prefix}printed_upper": p_upper,
             f"{prefix}risk_within_correct_bounds": bool(lower <= risk * (1 + 1e-9) and risk <= upper * (1 + 1e-9)),
             f"{prefix}printed_lower_violated": bool(p_lower > risk * (1 + 1e-9))}
-
-
-def _spearman(a, b) -> dict:
-    r = scipy.stats.spearmanr(a, b)
-    return {"rho": float(r.statistic), "p": float(r.pvalue)}
 
 
 def run(config, out_dir: str, ctx) -> dict:
@@ -123,8 +118,8 @@ def run(config, out_dir: str, ctx) -> dict:
                   "kernel": f"exact traced eNTK of the {backend.output}", "kernel_params": backend.kernel_params,
                   "model": ctx.info, "backend": backend.describe()},
         "placements": rows,
-        "spearman_kappa_vs_train_loss": _spearman(kappa, [r["train_loss_final"] for r in rows]),
-        "spearman_kappa_vs_eval_loss": _spearman(kappa, [r["eval_loss_after"] for r in rows]),
+        "spearman_kappa_vs_train_loss": spearman_with_p(kappa, [r["train_loss_final"] for r in rows]),
+        "spearman_kappa_vs_eval_loss": spearman_with_p(kappa, [r["eval_loss_after"] for r in rows]),
         "all_risks_within_correct_bounds": all(r["risk_within_correct_bounds"] for r in rows),
         "printed_lower_violated_on_real_kernels": sum(r["printed_lower_violated"] for r in rows),
         "random_psd": random_psd_violation_rate(int(c.n_random_kernels), ctx.seed),
@@ -133,7 +128,7 @@ def run(config, out_dir: str, ctx) -> dict:
                     "the squared bounds hold. See random_psd and printed_lower_violated."),
     }
     if rows and "eval_accuracy_after" in rows[0]:
-        report["spearman_kappa_vs_eval_accuracy"] = _spearman(kappa, [r["eval_accuracy_after"] for r in rows])
+        report["spearman_kappa_vs_eval_accuracy"] = spearman_with_p(kappa, [r["eval_accuracy_after"] for r in rows])
     if y_reg is not None:
         report["all_regression_risks_within_correct_bounds"] = all(
             r["regression_risk_within_correct_bounds"] for r in rows)

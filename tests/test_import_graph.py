@@ -1,4 +1,4 @@
-"""Dependencies run one way (docs/README.md): ``utils``, ``mesh`` → ``data``, ``kernels`` →
+"""Dependencies run one way (docs/README.md): ``utils``, ``stats``, ``mesh`` → ``data``, ``kernels`` →
 ``models`` → ``training`` → ``selection`` → ``launcher`` (→ ``experiments``, which the library
 never imports). Parsed from the source (every ``import`` / ``from … import``, also inside
 functions), so a lazy import cannot hide an upward dependency; and no import cycle between
@@ -7,7 +7,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = {"utils": 0, "mesh": 0, "data": 1, "kernels": 1, "models": 2, "training": 3, "selection": 4,
+LAYERS = {"utils": 0, "stats": 0, "mesh": 0, "data": 1, "kernels": 1, "models": 2, "training": 3, "selection": 4,
           "launcher": 5}
 # the public re-export modules and the entry point sit on top
 TOP = {"ntk_jax", "ntk_jax.ntk", "ntk_jax.spectrum", "ntk_jax.stability", "ntk_jax.main"}

@@ -18,9 +18,9 @@ vs feature norm, and the score histogram by role.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 from ntk_jax.data.records import tokenize_record
+from ntk_jax.stats import spearman
 
 __all__ = ["response_lengths", "selection_diagnostics", "plot_diagnostics"]
 
@@ -45,14 +45,6 @@ def _shares(pool: list[dict], chosen: list[int], key) -> dict:
     return {k: {"pool": pool_keys.count(k) / n_pool, "selected": sel_keys.count(k) / n_sel} for k in names}
 
 
-def _spearman(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return None
-    return float(stats.spearmanr(a[ok], b[ok]).statistic)
-
-
 def selection_diagnostics(pool: list[dict], chosen, result, tokenizer, **encode_kw) -> dict:
     """The diagnostics of one selection (see the module docstring). ``result``: the
     method's :class:`~ntk_jax.selection.methods.Selection`; ``encode_kw``: the encoding
@@ -69,8 +61,8 @@ def selection_diagnostics(pool: list[dict], chosen, result, tokenizer, **encode_
     scored = [pool[int(i)] for i in result.scored]
     scores = np.asarray(result.scores, np.float64)
     if result.feature_norms is not None:
-        out["spearman_score_vs_feature_norm"] = _spearman(scores, result.feature_norms)
-    out["spearman_score_vs_response_length"] = _spearman(scores, response_lengths(tokenizer, scored, **encode_kw))
+        out["spearman_score_vs_feature_norm"] = spearman(scores, result.feature_norms)
+    out["spearman_score_vs_response_length"] = spearman(scores, response_lengths(tokenizer, scored, **encode_kw))
     if has_roles:
         by_role = {}
         for role in sorted({r["role"] for r in scored}):

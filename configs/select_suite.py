@@ -13,9 +13,11 @@ from ntk_jax.launcher.config_lib import base_config
 def get_config():
     config = base_config()
     config.experiments = ("select_suite",)
-    # arms: the baselines, the paper's NTK-Selector, the previous default (label-aware gradient
-    # scores) and the recommended pipeline (select.ntk: the forward-only loss change)
-    config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk@gradient", "ntk")
+    # arms: the baselines, the paper's NTK-Selector, the earlier defaults (label-aware gradient
+    # scores; the loss change over the whole pool) and the recommended pipeline (select.ntk: the
+    # paper's kNN filter to 4N, then the loss change of the kept)
+    config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk@gradient", "ntk@loss_change",
+                                     "ntk")
     config.select_compare.oracles = ("useful", "conflicting")  # no_conflict cells drop "conflicting"
     config.select_compare.seeds = (0, 1, 2)
     return config

@@ -17,7 +17,10 @@ evaluates and writes.
 Outputs: ``seed_<s>/<arm>/`` (each a selection job: ``scores/``, ``selected.jsonl``,
 ``report.json``), ``results.json`` (one entry per (seed, arm), appended atomically; a
 restarted job skips finished selections and fine-tunes), ``table.json``, ``table.md``,
-``comparison.png``.
+``comparison.png``. Each entry carries the fingerprint of what it depends on (the arm's
+resolved ``select`` settings, the fine-tune and evaluation settings): a rerun whose arm now
+means something else — an edited preset or default — stops with an error naming the arm
+instead of reusing its old result (entries written before fingerprints are adopted as they are).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ntk_jax.selection.evaluation import finetune_and_evaluate
 from ntk_jax.selection.jobs import (encoding_options, fit_to_length, load_selection_data, plain, run_selection,
                                     selection_context)
 from ntk_jax.selection.methods import apply_preset
+from ntk_jax.selection.store import fingerprint_of
 from ntk_jax.utils import read_json, write_json
 
 RESULTS_NAME = "results.json"
@@ -115,6 +119,36 @@ def arms_of(cc, sel) -> list[str]:
     return ["domain_only"] + oracles + list(cc["methods"])
 
 
+def arm_fingerprint(sel: dict, cc: dict, arm: str) -> str:
+    """The fingerprint of one (seed, arm) result's inputs besides the seed: a method arm's
+    resolved ``select`` section (preset applied), or for ``domain_only`` / ``oracle_*`` the
+    section's data settings (its scalars and ``benchmark``); and the fine-tune, LoRA and
+    evaluation settings of ``select_compare``."""
+    if arm == "domain_only" or arm.startswith("oracle_"):
+        selection = {k: v for k, v in sel.items() if not isinstance(v, dict) or k == "benchmark"}
+    else:
+        selection = apply_preset(sel, arm)
+    return fingerprint_of({"arm": arm, "select": selection, "finetune": cc["finetune"], "lora": cc["lora"],
+                           "eval_batch_size": cc["eval_batch_size"]})
+
+
+def _check_cached(results: dict, key: str, fingerprint: str, out_dir: str) -> bool:
+    """Whether ``results[key]`` can be reused: ``True`` if it was computed with ``fingerprint``
+    (entries without one are adopted), ``False`` if absent; ``ValueError`` if it was computed
+    with other settings."""
+    if key not in results:
+        return False
+    old = results[key].setdefault("config_fingerprint", fingerprint)
+    if old != fingerprint:
+        seed, arm = key.split("/", 1)
+        raise ValueError(
+            f"select_compare: the result of arm {arm!r} (seed {seed}) in {out_dir} was computed with other "
+            f"settings than the arm has now (an edited preset, default or fine-tune setting). Use a new workdir, "
+            f"or delete {os.path.join(out_dir, f'seed_{seed}', arm)} and the entry {key!r} of "
+            f"{os.path.join(out_dir, RESULTS_NAME)} to recompute it")
+    return True
+
+
 def _process(context):
     proc = getattr(context, "process", None)
     return (proc.process_index, proc.process_count) if proc is not None else (0, 1)
@@ -150,9 +184,10 @@ def compare(context, sel, cc, out_dir: str) -> dict:
                   for what in ("domain", "pool", "test")}
         for arm in arms:
             key = f"{seed}/{arm}"
-            if key in results:
+            fingerprint = arm_fingerprint(sel, cc, arm)
+            if _check_cached(results, key, fingerprint, out_dir):
                 continue
-            entry = {"seed": seed, "arm": arm}
+            entry = {"seed": seed, "arm": arm, "config_fingerprint": fingerprint}
             train_records = list(fitted["domain"])
             if arm.startswith("oracle_"):
                 extra = oracle_records(fitted["pool"], arm[len("oracle_"):], int(sel["n_select"]))

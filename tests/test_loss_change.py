@@ -107,6 +107,38 @@ def test_staged_pipeline_combines_ranks_and_resumes(tmp_path, context, bench):
     assert {"warmup", "loss_change", "score", "select"} <= set(rep["timings_s"])
 
 
+def test_recommended_knn_then_loss_change_of_the_kept(tmp_path, context, bench):
+    """The default pipeline: the kNN filter keeps M = 2N here (the embedding method's vote key,
+    a separate job), Δ ranks the kept — equal to the whole-pool Δ job restricted to them; a
+    killed and resumed run selects the same records."""
+    cfg = _cfg("ntk")
+    assert (cfg["ntk"]["filter"], cfg["ntk"]["rescore"], cfg["ntk"]["combine"]) == ("knn", "loss_change", "rescore")
+    cfg["ntk"]["filter_factor"] = 2  # M = 10 of 26
+    out = str(tmp_path / "job")
+    for _ in range(3):  # killed after one new shard of each store (embed 4 shards, ℓ(θ_0), ℓ(θ_w): 2 each)
+        with pytest.raises(StopRequested):
+            run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False, stop_after_shards=1)
+    rep = run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False)
+    got = np.load(tmp_path / "job" / "all_scores.npz")
+    ids = [r["id"] for r in bench.pool]
+    emb = run_selection(context, _cfg("embedding"), bench.domain, bench.pool, str(tmp_path / "emb"), seed=0,
+                        plot=False)
+    key = np.load(tmp_path / "emb" / "all_scores.npz")["scores"]
+    kept = sorted(np.lexsort((np.arange(len(key)), -key))[:10])
+    assert rep["n_filtered"] == 10 and list(got["ids"]) == [ids[i] for i in kept]
+    np.testing.assert_allclose(got["votes"], np.load(tmp_path / "emb" / "all_scores.npz")["votes"][kept])
+    run_selection(context, _cfg(), bench.domain, bench.pool, str(tmp_path / "lc"), seed=0, plot=False)
+    delta = np.load(tmp_path / "lc" / "all_scores.npz")["scores"]
+    # the same float32 losses in other batches: equal up to a few ulps of the losses
+    np.testing.assert_allclose(got["scores"], delta[kept], rtol=1e-4, atol=2e-6 * np.abs(got["loss_base"]).max())
+    order = np.lexsort((np.arange(len(kept)), -delta[kept]))[:5]
+    assert rep["selected_ids"] == [ids[kept[i]] for i in order]
+    assert {"embed", "loss_change"} <= set(rep["timings_s"]) and "score" not in rep["timings_s"]
+    assert rep["loss_change"]["n_scored"] == 10
+    fresh = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "fresh"), seed=0, plot=False)
+    assert fresh["selected_ids"] == rep["selected_ids"]
+
+
 def test_cross_fit_reports_held_out_change(tmp_path, context, bench):
     cfg = _cfg(cross_fit=True)
     rep = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "job"), seed=0, plot=False)

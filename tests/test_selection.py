@@ -392,3 +392,28 @@ def test_select_compare_end_to_end(tmp_path, tiny_model_dir):
     # selection report); it still enriches sentiment-style (useful) items over the base rate.
     assert t["ntk@paper"]["precision_at_n"] > t["ntk@paper"]["base_rate"], t
     assert t["random"]["precision_at_n"] < 0.5
+
+
+def test_select_compare_refuses_a_cached_arm_whose_settings_changed(tmp_path):
+    """A (seed, arm) result is reused only under the settings it was computed with: the
+    fingerprint follows the arm's preset and the fine-tune settings, not the other arms'."""
+    from experiments.select_compare import _check_cached, arm_fingerprint
+    from ntk_jax.selection.jobs import plain
+
+    c = base_config()
+    sel, cc = plain(c.select), plain(c.select_compare)
+    fp = arm_fingerprint(sel, cc, "ntk@paper")
+    assert fp == arm_fingerprint(sel, cc, "ntk@paper") and fp != arm_fingerprint(sel, cc, "ntk")
+    changed = dict(sel, ntk=dict(sel["ntk"]))
+    changed["ntk"]["point"] = "base"  # overridden by the paper's preset: still the same arm
+    assert arm_fingerprint(changed, cc, "ntk@paper") == fp
+    assert arm_fingerprint(changed, cc, "domain_only") == arm_fingerprint(sel, cc, "domain_only")
+    changed["warmup"] = dict(sel["warmup"], total_steps=7)  # the paper's warm-up changes: a new arm
+    assert arm_fingerprint(changed, cc, "ntk@paper") != fp
+    other_ft = dict(cc, finetune=dict(cc["finetune"], total_steps=3))
+    assert arm_fingerprint(sel, other_ft, "domain_only") != arm_fingerprint(sel, cc, "domain_only")
+    results = {"0/ntk@paper": {"seed": 0, "arm": "ntk@paper"}}  # written before fingerprints: adopted
+    assert _check_cached(results, "0/ntk@paper", fp, str(tmp_path)) and results["0/ntk@paper"]["config_fingerprint"] == fp
+    assert not _check_cached(results, "0/random", fp, str(tmp_path))
+    with pytest.raises(ValueError, match=r"arm 'ntk@paper' \(seed 0\).*other settings.*delete"):
+        _check_cached(results, "0/ntk@paper", arm_fingerprint(changed, cc, "ntk@paper"), str(tmp_path))

@@ -27,7 +27,7 @@ def test_selection_speed_quick():
     out = run_benchmark("selection_speed.py")
     runners = {"train_step_floor", "ours_features", "torch_func_features", "ours_unprojected_grads",
                "ours_scores_jvp", "ours_scores_label_aware_jvp", "ours_scores_label_aware_normalised",
-               "ours_loss_change"}
+               "ours_loss_change", "ours_knn_embeddings"}
     for key in ("warmup_s", "seconds", "candidates_per_s"):
         assert set(out[key]) == runners, key
         assert all(v > 0 for v in out[key].values()), key
@@ -36,6 +36,8 @@ def test_selection_speed_quick():
     sec = out["seconds"]
     assert pipes["time_vs_train_step"]["staged"] == pytest.approx(
         (sec["ours_loss_change"] + 4 / 50 * 2 * sec["ours_scores_label_aware_normalised"]) / sec["train_step_floor"])
+    assert pipes["time_vs_train_step"]["knn_loss_change"] == pytest.approx(
+        (sec["ours_knn_embeddings"] + 4 / 50 * sec["ours_loss_change"]) / sec["train_step_floor"])
     model = out["model"]
     assert model["P"] == 3 * 8 * (64 + 64) + 3 * 8 * (64 + 32)  # LoRA r=8 on q (64→64), v (64→32)
     assert model["lora"]["targets"] == ["q_proj", "v_proj"] and model["lora"]["rank"] == 8
@@ -135,3 +137,22 @@ def test_lengthen_repeats_real_tokens_without_inner_padding():
     np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1, 0]])
     np.testing.assert_array_equal(out["label"], [1, 2])
     assert mod.lengthen(pool, 4) is pool
+
+
+def test_pipeline_flops_closed_forms():
+    """The whole-pipeline counts of the cost model from F, G and J by hand: the recommended kNN →
+    Δ pipeline is a forward pass of the pool plus two of the 4N kept, never above the paper's."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cost_model
+    finally:
+        sys.path.pop(0)
+    shape, tokens, pool, n, dom, p = cost_model.LLAMA3_8B, 512, 1_800_000, 9000, 1000, 8192
+    per_tok = cost_model.flops_per_token(shape, tokens, cost_model.LORA.rank, cost_model.LORA.targets)
+    F, G = tokens * per_tok["forward"], tokens * per_tok["feature_fwd_bwd"]
+    for k in (1, 3):
+        got = cost_model.pipeline_flops(shape, tokens, pool, n_select=n, n_domain=dom, projection_dim=p,
+                                        targets_per_pool=k)
+        assert got["knn_loss_change"] == pytest.approx(dom * G + pool * F + 8 * n * F)
+        assert got["loss_change"] == pytest.approx(dom * G + pool * F * (1 + 1 / k))
+        assert got["knn_loss_change"] < got["paper"] < got["gradient"]

@@ -279,14 +279,16 @@ def job_programs(select: Mapping[str, Any]) -> tuple[str, ...]:
     """The :data:`PROGRAMS` a selection job with the ``select`` section runs on its devices
     (method ``ntk``; other methods: the warm-up and the feature step): the warm-up step
     (``"train"``), the pool-wide stage (``"hidden"`` for the kNN filter, ``"loss"`` for the loss
-    change) and, with a gradient stage, the candidate scores (``"jvp"`` when unnormalised
+    change, in either stage) and, with a gradient stage, the candidate scores (``"jvp"`` when unnormalised
     without norms, else ``"features"``: a per-example gradient) and the domain direction's
     projected features (``"projected"``, when ``projection_dim > 0``)."""
     if select.get("method", "ntk") != "ntk":
         return ("train", "features")
     n = select["ntk"]
     progs = ["train"] + {"knn": ["hidden"], "loss_change": ["loss"], "none": []}[n["filter"]]
-    if n["gradient"]:
+    if n["rescore"] == "loss_change":
+        progs.append("loss")
+    if n["rescore"] == "gradient":
         progs.append("jvp" if n["normalize"] == "none" and not n["feature_norms"] else "features")
         if int(select.get("projection_dim") or 0) > 0:
             progs.append("projected")

@@ -113,8 +113,10 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
       et al. 2024; docs/theory.md §6.2), the baseline the paper compares against, so both methods select
       through the same adapters.
     * Scores: the recommended pipeline (the ``select.ntk`` defaults, docs/selection.md): the
-      forward-only loss change ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` of every pool record — two forward
-      passes per candidate, no backward, no projection (:mod:`ntk_jax.selection.loss_change`).
+      paper's kNN filter (100 votes per domain record over the warm-up model's mean hidden
+      states) keeps M = 4N = 36000 candidates, ranked by the forward-only loss change
+      ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` (:mod:`ntk_jax.selection.loss_change`) — one forward pass
+      per pool candidate and two per kept one, no backward, no projection.
     * Sequence length 1024 (``select.max_len``, the encoding length of every record), longer
       records truncated on the left (``select.truncation="left"``: leading prompt tokens go,
       the response stays; a record whose response alone exceeds 1024 tokens is dropped and
@@ -122,10 +124,9 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
       8B job over them would waste it.
     * Warm-up: one epoch over ~1000 domain records at lr 2e-5 (LESS's), linear decay after 3 %
       warm-up, batch per platform (:data:`LAYOUTS`).
-    * For the other presets (``--config.select.ntk.filter=knn --config.select.ntk.gradient=True
-      ...``, see ``ntk_jax.selection.methods.ntk.PRESETS``): p = 8192 (Rademacher, seed 0),
-      candidate scores by JVP where unnormalised (``ntk.feature_norms=False``); kNN filter with
-      100 votes per domain record (``knn_k``), M = 4N = 36000 candidates (``ntk.filter_factor``).
+    * For the other presets (``--config.select.ntk.rescore=gradient ...``, see
+      ``ntk_jax.selection.methods.ntk.PRESETS``): p = 8192 (Rademacher, seed 0), candidate
+      scores by JVP where unnormalised (``ntk.feature_norms=False``).
     * bf16 compute (norms, softmax and logits in float32). Weights stored in float32 where the
       memory estimate leaves room (``gpu8``, ``v4-*``: the LoRA factors and the Adam moments are
       then float32 too), else bfloat16 (``gpu1``, ``v5e-*``): bf16 LoRA factors lose Adam
@@ -163,7 +164,7 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
                                      schedule="linear", batch_size=lay.train_batch_size,
                                      checkpoint_every=max(steps // 4, 1), log_every=10)
     s.knn_k = 100
-    # the recommended pipeline (forward-only loss change, docs/theory.md §6.7)
+    # the recommended pipeline (kNN filter, then the forward-only loss change; docs/theory.md §6.7)
     apply_overrides(s, RECOMMENDED)
     s.ntk.filter_factor = 4
     s.ntk.feature_norms = False

@@ -7,16 +7,18 @@ A staged pipeline (docs/theory.md §6.7), every stage in resumable shards and ti
    warm-up on the domain set θ_w (``select.warmup``; resumable);
 1. a cheap stage over the whole pool (``filter``): ``"knn"`` — each domain record votes for
    its ``knn_k`` nearest pool records by cosine of the warm-up model's mean hidden states (the
-   paper's coarse filter); ``"loss_change"`` — the forward-only loss change
-   ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` (:mod:`ntk_jax.selection.loss_change`, variants in
-   ``select.ntk.loss_change``); ``"none"``. It keeps ``M = filter_factor · N`` candidates
-   (``0``: all);
-2. gradient scores of the kept candidates (``gradient=True``; below), at the kernel point(s)
-   ``point``: ``"base"`` (θ_0), ``"warmup"`` (θ_w, the paper) or ``"base+warmup"`` (the mean of
-   the two points' scores, a two-point TracIn-style sum);
-3. the final score (``combine``): ``"gradient"`` — stage 2's score alone (the paper: the kNN
+   paper's coarse filter; one forward pass per candidate); ``"loss_change"`` — the forward-only
+   loss change ``Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w)`` (:mod:`ntk_jax.selection.loss_change`, variants in
+   ``select.ntk.loss_change``; two forward passes); ``"none"``. It keeps
+   ``M = filter_factor · N`` candidates (``0``: all);
+2. a second score of the kept candidates (``rescore``): ``"gradient"`` — the gradient scores
+   below, at the kernel point(s) ``point``: ``"base"`` (θ_0), ``"warmup"`` (θ_w, the paper) or
+   ``"base+warmup"`` (the mean of the two points' scores, a two-point TracIn-style sum);
+   ``"loss_change"`` — Δ_j of the kept only (after the kNN filter: the paper's pipeline with
+   the JVP scores replaced by two forward passes on the M kept); ``"none"`` — stage 1 alone;
+3. the final score (``combine``): ``"rescore"`` — stage 2's score alone (the paper: the kNN
    filter then the kernel score); ``"rank_mean"`` — minus the mean of the two stages' ranks
-   inside the kept set; with ``gradient=False``, stage 1's score alone;
+   inside the kept set; with ``rescore="none"``, stage 1's score alone;
 4. the top N.
 
 The score of candidate j, with ``g(x) = ∇_θ s(θ, x)`` over the LoRA factors at the kernel
@@ -77,42 +79,51 @@ NORMALIZATIONS = ("none", "cosine", "candidate")
 POINTS = ("warmup", "base", "base+warmup")
 PRECONDITIONERS = ("none", "adam")
 FILTERS = ("none", "knn", "loss_change")
-COMBINATIONS = ("gradient", "rank_mean")
+
+RESCORES = ("gradient", "loss_change", "none")
+COMBINATIONS = ("rescore", "rank_mean")
 
 PAPER = {"ntk.output": "sum_of_logits", "ntk.reduce": "mean", "ntk.normalize": "none", "ntk.point": "warmup",
-         "ntk.precondition": "none", "ntk.filter": "knn", "ntk.filter_factor": 4, "ntk.gradient": True,
-         "ntk.combine": "gradient"}
+         "ntk.precondition": "none", "ntk.filter": "knn", "ntk.filter_factor": 4, "ntk.rescore": "gradient",
+         "ntk.combine": "rescore"}
 """NTK-Selector as the paper states it: length-normalised sum-of-logits gradients after the
 domain warm-up, unnormalised mean kernel to the domain, kNN filter to 4N."""
 
 GRADIENT = {"ntk.output": "loss", "ntk.reduce": "mean", "ntk.normalize": "cosine", "ntk.point": "base+warmup",
-            "ntk.precondition": "none", "ntk.filter": "none", "ntk.filter_factor": 0, "ntk.gradient": True,
-            "ntk.combine": "gradient"}
+            "ntk.precondition": "none", "ntk.filter": "none", "ntk.filter_factor": 0, "ntk.rescore": "gradient",
+            "ntk.combine": "rescore"}
 """The first-order label-aware score over the whole pool (the default until 2026-12-07,
 docs/selection.md): loss gradients, cosine-normalised, averaged over the fresh-LoRA and the
 warmed-up kernel points; one per-example gradient per candidate at each point."""
 
-LOSS_CHANGE = {"ntk.filter": "loss_change", "ntk.filter_factor": 0, "ntk.gradient": False,
-               "ntk.combine": "gradient", "ntk.loss_change.reduce": "mean", "ntk.loss_change.relative": False,
-               "ntk.loss_change.checkpoints": 1, "ntk.loss_change.cross_fit": False}
-"""Forward-only: the top N by the loss change Δ_j over the whole pool (two forward passes per
-candidate, :mod:`ntk_jax.selection.loss_change`)."""
-
-STAGED = {**GRADIENT, "ntk.filter": "loss_change", "ntk.filter_factor": 4, "ntk.combine": "rank_mean",
-          "ntk.loss_change.reduce": "mean", "ntk.loss_change.relative": False, "ntk.loss_change.checkpoints": 1,
+_DELTA = {"ntk.loss_change.reduce": "mean", "ntk.loss_change.relative": False, "ntk.loss_change.checkpoints": 1,
           "ntk.loss_change.cross_fit": False}
+
+LOSS_CHANGE = {"ntk.filter": "loss_change", "ntk.filter_factor": 0, "ntk.rescore": "none",
+               "ntk.combine": "rescore", **_DELTA}
+"""Forward-only: the top N by the loss change Δ_j over the whole pool (two forward passes per
+candidate, :mod:`ntk_jax.selection.loss_change`; the default 2026-12-07)."""
+
+KNN_LOSS_CHANGE = {"ntk.filter": "knn", "ntk.filter_factor": 4, "ntk.rescore": "loss_change",
+                   "ntk.combine": "rescore", **_DELTA}
+"""The paper's pipeline with its JVP scores replaced by the loss change: the kNN filter (one
+forward pass per candidate at θ_w) keeps 4N, Δ_j ranks them (two forward passes on the 4N)."""
+
+STAGED = {**GRADIENT, "ntk.filter": "loss_change", "ntk.filter_factor": 4, "ntk.combine": "rank_mean", **_DELTA}
 """Δ_j over the whole pool, then the label-aware gradient score on its top 4N, and the mean of
 the two ranks inside those 4N."""
 
-RECOMMENDED = dict(LOSS_CHANGE)
-"""The default (docs/selection.md: chosen on a screen of the benchmark suite, 2026-12-07): the
-forward-only loss change Δ_j over the whole pool (token mean, absolute, the warm-up's last
-checkpoint), no gradient stage — two forward passes per candidate. It matched or beat every
-gradient and staged variant of the screen on the contradicting pools and kept ≥ 0.95 on the
-no-conflict ones; ``ntk@gradient`` is the previous default, ``ntk@staged`` adds gradients."""
+RECOMMENDED = dict(KNN_LOSS_CHANGE)
+"""The default (docs/selection.md, 2026-12-07): the paper's kNN filter to 4N, then the loss
+change Δ_j of the kept. One forward pass per pool candidate plus two on the 4N kept — no more
+than the paper's pipeline (a forward pass per candidate plus JVPs on 4N), where the loss change
+over the whole pool (``ntk@loss_change``, the default before) costs two forward passes per
+candidate. On the selection screen both reach the same precision (docs/selection.md); the kNN
+filter drops the unrelated records Δ never needed to see, Δ separates the conflicting ones the
+filter keeps."""
 
-PRESETS = {"paper": PAPER, "gradient": GRADIENT, "loss_change": LOSS_CHANGE, "staged": STAGED,
-           "recommended": RECOMMENDED}
+PRESETS = {"paper": PAPER, "gradient": GRADIENT, "loss_change": LOSS_CHANGE, "knn_loss_change": KNN_LOSS_CHANGE,
+           "staged": STAGED, "recommended": RECOMMENDED}
 
 
 def config() -> ml_collections.ConfigDict:
@@ -124,8 +135,8 @@ def config() -> ml_collections.ConfigDict:
         # warm-up model, the paper) | loss_change (forward-only Δ_j, select.ntk.loss_change)
         filter="none",
         filter_factor=0,            # stage 1 keeps M = filter_factor·N for stage 2 (0: every candidate)
-        gradient=True,              # stage 2: gradient scores of the kept (False: top N of stage 1)
-        combine="gradient",         # gradient: stage 2's score alone | rank_mean: mean of both stages' ranks
+        rescore="gradient",         # stage 2 on the kept: gradient | loss_change | none (top N of stage 1)
+        combine="rescore",          # rescore: stage 2's score alone | rank_mean: mean of both stages' ranks
         output="loss",              # loss (label-aware) | sum_of_logits (label-blind, the paper)
         reduce="mean",              # response tokens: mean (the paper) | sum
         normalize="cosine",         # cosine | candidate | none (the paper)
@@ -144,7 +155,7 @@ def check_config(cfg: dict) -> None:
     n = cfg["ntk"]
     for key, allowed in (("output", SCORE_OUTPUTS), ("reduce", TOKEN_REDUCTIONS), ("normalize", NORMALIZATIONS),
                          ("point", POINTS), ("precondition", PRECONDITIONERS), ("filter", FILTERS),
-                         ("combine", COMBINATIONS)):
+                         ("rescore", RESCORES), ("combine", COMBINATIONS)):
         if n[key] not in allowed:
             raise ValueError(f"select.ntk.{key}={n[key]!r} is not one of {allowed}")
     if n["precondition"] == "adam" and n["point"] == "base":
@@ -154,10 +165,15 @@ def check_config(cfg: dict) -> None:
         raise ValueError("select.ntk.precondition='adam' needs a warm-up (select.warmup.total_steps >= 1)")
     if int(n["filter_factor"]) < 0 or int(cfg["projection_dim"]) < 0:
         raise ValueError("select.ntk.filter_factor and select.projection_dim must be >= 0")
-    if n["filter"] == "none" and (not n["gradient"] or n["combine"] != "gradient" or int(n["filter_factor"])):
-        raise ValueError("select.ntk.filter='none' has no stage 1: it needs select.ntk.gradient=True, "
-                         "combine='gradient' and filter_factor=0")
-    if n["filter"] == "loss_change":
+    if n["filter"] == "none" and (n["rescore"] == "none" or n["combine"] != "rescore" or int(n["filter_factor"])):
+        raise ValueError("select.ntk.filter='none' has no stage 1: it needs select.ntk.rescore='gradient' or "
+                         "'loss_change', combine='rescore' and filter_factor=0")
+    if n["filter"] == "loss_change" and n["rescore"] == "loss_change":
+        raise ValueError("select.ntk.filter='loss_change' and rescore='loss_change' compute the same score twice: "
+                         "set rescore='none' (Δ alone) or 'gradient'")
+    if n["rescore"] == "none" and n["combine"] != "rescore":
+        raise ValueError("select.ntk.combine='rank_mean' needs a second stage (select.ntk.rescore != 'none')")
+    if _uses_loss_change(n):
         loss_change.check_config(n["loss_change"], cfg["warmup"])
     if cfg["projection_type"] not in PROJECTION_TYPES:
         raise ValueError(f"select.projection_type={cfg['projection_type']!r} is not one of {PROJECTION_TYPES}")
@@ -183,11 +199,16 @@ def domain_direction(subset, scalar_fn, domain_arrays: dict, *, normalize: str, 
     return u
 
 
+def _uses_loss_change(ncfg: dict) -> bool:
+    """Whether a stage scores by the loss change Δ_j."""
+    return ncfg["filter"] == "loss_change" or ncfg["rescore"] == "loss_change"
+
+
 def _needs_warmup(ncfg: dict) -> bool:
     """Whether the full-domain warm-up is trained: for a warm-up kernel point, the kNN filter's
     embeddings, or a loss-change stage without cross-fitting."""
-    return ((ncfg["gradient"] and ncfg["point"] in ("warmup", "base+warmup")) or ncfg["filter"] == "knn"
-            or (ncfg["filter"] == "loss_change" and not ncfg["loss_change"]["cross_fit"]))
+    return ((ncfg["rescore"] == "gradient" and ncfg["point"] in ("warmup", "base+warmup"))
+            or ncfg["filter"] == "knn" or (_uses_loss_change(ncfg) and not ncfg["loss_change"]["cross_fit"]))
 
 
 def kernel_points(job, ncfg: dict):
@@ -198,7 +219,7 @@ def kernel_points(job, ncfg: dict):
     cfg = job.cfg
     base = job.context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=job.seed)
     warm, lpoints = None, None
-    if ncfg["filter"] == "loss_change":
+    if _uses_loss_change(ncfg):
         lpoints = loss_change.warmup_points(job, ncfg["loss_change"], base)
         if not ncfg["loss_change"]["cross_fit"]:
             warm = (lpoints.model, lpoints.wcfg)
@@ -268,53 +289,64 @@ def ranks(scores: np.ndarray) -> np.ndarray:
     return r
 
 
+def _delta_stage(job, ncfg: dict, lpoints, kept: np.ndarray | None, store_name: str) -> tuple[np.ndarray, dict]:
+    """Δ_j of the pool records ``kept`` (default all) and the arrays the report keeps."""
+    delta, losses = loss_change.loss_change_stage(job, ncfg["loss_change"], lpoints, kept, store_name=store_name)
+    job.extra.setdefault("loss_change", {}).update(**lpoints.info, points=[name for name, _ in lpoints.warm],
+                                                   mean_change=float(np.mean(delta)), n_scored=int(len(delta)))
+    return delta, dict(loss_change=delta, loss_base=losses[:, 0], loss_warm=losses[:, 1:].mean(axis=1))
+
+
+def first_stage(job, ncfg: dict, model, lpoints) -> tuple[np.ndarray | None, dict]:
+    """Stage 1 over the whole pool: ``(score (n_pool,) or None for filter="none", arrays)``."""
+    if ncfg["filter"] == "knn":
+        dom_emb, cand_emb, _ = pool_embeddings(job, model)
+        with job.timed("filter"):
+            votes, mean_cos = knn_votes(dom_emb, cand_emb, int(job.cfg["knn_k"]))
+        job.extra.update(n_voted=int((votes > 0).sum()))
+        return votes + (np.asarray(mean_cos) + 1.0) / 2.0001, dict(votes=votes, mean_cos=mean_cos)  # ties: cosine
+    if ncfg["filter"] == "loss_change":
+        return _delta_stage(job, ncfg, lpoints, None, "loss_change")
+    return None, {}
+
+
 def select(job) -> Selection:
     """The staged pipeline: stage 1 over the whole pool (``filter``: kNN votes or loss change Δ_j)
-    keeps ``M = filter_factor·N``; stage 2 scores those by gradients (``gradient``); ``combine``
-    gives the final score; top N."""
+    keeps ``M = filter_factor·N``; stage 2 scores those (``rescore``: gradients or Δ_j);
+    ``combine`` gives the final score; top N."""
     cfg = job.cfg
     ncfg = cfg["ntk"]
     n_select = int(cfg["n_select"])
     with job.timed("warmup"):
         base, warm, lpoints = kernel_points(job, ncfg)
     model = warm[0] if warm is not None else (lpoints.model if lpoints is not None else base)
-    arrays = {}
     # ---- stage 1: a cheap score of every pool record (every process merges all shards)
-    if ncfg["filter"] == "knn":
-        dom_emb, cand_emb, _ = pool_embeddings(job, model)
-        with job.timed("filter"):
-            votes, mean_cos = knn_votes(dom_emb, cand_emb, int(cfg["knn_k"]))
-        first = votes + (np.asarray(mean_cos) + 1.0) / 2.0001  # votes, ties by mean cosine
-        arrays.update(votes=votes, mean_cos=mean_cos)
-        job.extra.update(n_voted=int((votes > 0).sum()))
-    elif ncfg["filter"] == "loss_change":
-        first, losses = loss_change.loss_change_stage(job, ncfg["loss_change"], lpoints)
-        arrays.update(loss_change=first, loss_base=losses[:, 0], loss_warm=losses[:, 1:].mean(axis=1))
-        job.extra.setdefault("loss_change", {}).update(**lpoints.info, points=[name for name, _ in lpoints.warm],
-                                                       pool_mean_change=float(np.mean(first)))
-    else:
-        first = None
+    first, arrays = first_stage(job, ncfg, model, lpoints)
     m = len(job.pool) if first is None or not int(ncfg["filter_factor"]) else \
         min(max(int(ncfg["filter_factor"]) * n_select, n_select), len(job.pool))
-    if m == len(job.pool) or not ncfg["gradient"]:
+    if m == len(job.pool) or ncfg["rescore"] == "none":
         kept = np.arange(len(job.pool))
     else:
         kept = np.sort(top_n(first, m))  # the store in pool order
     job.extra.update(n_filtered=int(len(kept)))
     norms = None
-    if not ncfg["gradient"]:  # stage 1 alone
+    if ncfg["rescore"] == "none":  # stage 1 alone
         scores = first
-    else:  # ---- stage 2: gradient scores of the kept
-        with job.timed("score"):
-            grad, norms = gradient_stage(job, ncfg, model, gradient_points(job, ncfg, base, warm), kept)
+    else:  # ---- stage 2: a second score of the kept
         arrays = {k: np.asarray(v)[kept] for k, v in arrays.items()}
-        arrays["gradient_score"] = grad
-        if ncfg["combine"] == "rank_mean":  # higher is better: minus the mean rank
-            scores = -0.5 * (ranks(first[kept]) + ranks(grad))
+        if ncfg["rescore"] == "gradient":
+            with job.timed("score"):
+                second, norms = gradient_stage(job, ncfg, model, gradient_points(job, ncfg, base, warm), kept)
+            arrays["gradient_score"] = second
         else:
-            scores = grad
+            second, delta_arrays = _delta_stage(job, ncfg, lpoints, kept, "loss_change_kept")
+            arrays.update(delta_arrays)
+        if ncfg["combine"] == "rank_mean":  # higher is better: minus the mean rank
+            scores = -0.5 * (ranks(first[kept]) + ranks(second))
+        else:
+            scores = second
     with job.timed("select"):
         chosen = kept[top_n(scores, n_select)]
-    job.extra.update(ntk_variant={k: ncfg[k] for k in ("filter", "filter_factor", "gradient", "combine", "output",
+    job.extra.update(ntk_variant={k: ncfg[k] for k in ("filter", "filter_factor", "rescore", "combine", "output",
                                                        "reduce", "normalize", "point", "precondition")})
     return Selection(chosen=chosen, scored=kept, scores=scores, feature_norms=norms, arrays=arrays)

@@ -14,10 +14,11 @@ def get_config():
     config = base_config()
     config.experiments = ("select_suite",)
     # arms: the baselines, the paper's NTK-Selector, the earlier defaults (label-aware gradient
-    # scores; the loss change over the whole pool) and the recommended pipeline (select.ntk: the
-    # paper's kNN filter to 4N, then the loss change of the kept)
+    # scores; the loss change over the whole pool), the recommended pipeline (select.ntk: the
+    # paper's kNN filter to 4N, then the loss change of the kept) and the same with a 3x longer
+    # domain warm-up
     config.select_compare.methods = ("random", "embedding", "less", "ntk@paper", "ntk@gradient", "ntk@loss_change",
-                                     "ntk")
+                                     "ntk", "ntk[warmup.total_steps=120]")
     config.select_compare.oracles = ("useful", "conflicting")  # no_conflict cells drop "conflicting"
     config.select_compare.seeds = (0, 1, 2)
     return config

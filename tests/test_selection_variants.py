@@ -257,6 +257,19 @@ def test_methods_are_modules_and_presets_apply():
     assert split_arm("less") == ("less", None) and apply_preset(sel, "less")["method"] == "less"
     with pytest.raises(ValueError, match="no preset 'fast'"):
         apply_preset(sel, "ntk@fast")
+    # settings in brackets on top of the preset
+    arm = "ntk@paper[warmup.total_steps=120,ntk.filter_factor=8,ntk.point=base]"
+    assert split_arm(arm) == ("ntk", "paper")
+    long = apply_preset(sel, arm)
+    assert long["warmup"]["total_steps"] == 120 and long["ntk"]["filter_factor"] == 8
+    assert long["ntk"]["point"] == "base" and long["ntk"]["output"] == "sum_of_logits"
+    assert apply_preset(sel, "ntk[warmup.total_steps=7]")["warmup"]["total_steps"] == 7
+    with pytest.raises(ValueError, match="no such field"):
+        apply_preset(sel, "ntk[warmup.steps=7]")
+    with pytest.raises(ValueError, match="not key=value"):
+        apply_preset(sel, "ntk[warmup.total_steps]")
+    with pytest.raises(ValueError, match="one bracket at the end"):
+        apply_preset(sel, "ntk[warmup.total_steps=7")
 
 
 def test_a_new_method_is_one_file(tmp_path, context, bench, monkeypatch):

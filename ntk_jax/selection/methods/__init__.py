@@ -19,6 +19,7 @@ atomic writing of ``selected.jsonl`` / ``all_scores.npz`` and the diagnostics.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import importlib
@@ -29,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["Selection", "Method", "method_names", "get_method", "apply_preset", "apply_overrides", "set_dotted",
-           "split_arm"]
+           "split_arm", "arm_settings"]
 
 
 @dataclasses.dataclass
@@ -94,9 +95,34 @@ def get_method(name: str) -> Method:
 
 
 def split_arm(arm: str) -> tuple[str, str | None]:
-    """``"ntk@paper"`` → ``("ntk", "paper")``; ``"less"`` → ``("less", None)``."""
-    name, _, preset = str(arm).partition("@")
+    """``"ntk@paper"`` → ``("ntk", "paper")``; ``"less"`` → ``("less", None)``; settings in
+    brackets stay out (``"ntk@paper[warmup.total_steps=80]"`` → ``("ntk", "paper")``)."""
+    name, _, preset = str(arm).partition("[")[0].partition("@")
     return name, (preset or None)
+
+
+def arm_settings(arm: str) -> dict:
+    """The settings an arm names in brackets after its method (and preset), applied on top of
+    the preset: ``"ntk[warmup.total_steps=120,ntk.filter_factor=8]"`` →
+    ``{"warmup.total_steps": 120, "ntk.filter_factor": 8}`` (values are Python literals; a bare
+    word is a string). ``ValueError`` naming a malformed setting."""
+    arm = str(arm)
+    if "[" not in arm:
+        return {}
+    body = arm.partition("[")[2]
+    if not body.endswith("]") or not body[:-1].strip():
+        raise ValueError(f"arm {arm!r}: settings go in one bracket at the end, e.g. 'ntk[warmup.total_steps=120]'")
+    out = {}
+    for item in body[:-1].split(","):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"arm {arm!r}: setting {item!r} is not key=value")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
 
 
 def set_dotted(cfg, key: str, value: Any) -> None:
@@ -124,9 +150,10 @@ def apply_overrides(cfg, overrides: dict) -> None:
 
 
 def apply_preset(select_cfg: dict, arm: str) -> dict:
-    """A copy of the plain ``select`` section set up for ``arm`` (``"<method>"`` or
-    ``"<method>@<preset>"``): ``method`` set, the preset's overrides applied. ``ValueError``
-    for an unknown method or preset, or a preset key the section does not have."""
+    """A copy of the plain ``select`` section set up for ``arm`` (``"<method>"``,
+    ``"<method>@<preset>"``, either followed by ``[key=value,...]``, :func:`arm_settings`):
+    ``method`` set, the preset's overrides applied, then the arm's settings. ``ValueError`` for
+    an unknown method or preset, or a key the section does not have."""
     name, preset = split_arm(arm)
     method = get_method(name)
     cfg = copy.deepcopy(select_cfg)
@@ -138,4 +165,8 @@ def apply_preset(select_cfg: dict, arm: str) -> dict:
             apply_overrides(cfg, method.presets[preset])
         except ValueError as e:
             raise ValueError(f"preset {arm!r}: {e}") from None
+    try:
+        apply_overrides(cfg, arm_settings(arm))
+    except ValueError as e:
+        raise ValueError(f"arm {arm!r}: {e}") from None
     return cfg

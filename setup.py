@@ -7,7 +7,7 @@ setup(
     description="Exact and Jacobian-free empirical NTKs of Flax NNX transformers, "
     "theory validation, and NTK-based data selection for LLM fine-tuning.",
     python_requires=">=3.11",
-    packages=find_packages(include=["ntk_jax", "ntk_jax.*", "experiments", "experiments.*"]),
+    packages=find_packages(include=["ntk_jax", "ntk_jax.*", "experiments", "experiments.*", "configs"]),
     install_requires=[
         "jax==0.10.2",
         "flax==0.12.8",

@@ -76,10 +76,11 @@ GB = 10 ** 9
 def job_program_names() -> tuple[str, ...]:
     """The programs the 8B configs' selection job runs (``ntk_jax.launcher.memory.job_programs``
     of their ``select`` section; every platform shares the pipeline)."""
+    from configs import common_8b
     from ntk_jax.launcher.memory import job_programs
     from ntk_jax.selection.jobs import plain
 
-    return job_programs(plain(plat.scale_selection_config("gpu8", model_path="").select))
+    return job_programs(plain(common_8b.selection_config("gpu8", model_path="").select))
 
 
 # ----------------------------------------------------------------------------- checkpoints, data
@@ -150,7 +151,9 @@ def overrides(model_dir: str, domain: str, pool: str, *, n_select: int, warmup_s
     """The ``--config.`` flags every rehearsal adds: paths, and the sizes a tiny model and a
     small pool need. Nothing else of the platform's config changes. The encoding length is
     ``select.max_len`` where the config has one, else ``pretrain.max_len``."""
-    cfg = plat.scale_selection_config("gpu1", model_path=model_dir)  # what both 8B configs build
+    from configs import common_8b
+
+    cfg = common_8b.selection_config("gpu1", model_path=model_dir)  # what both 8B configs build
     length_key = "select.max_len" if "max_len" in cfg.select else "pretrain.max_len"
     return [f"--config.model.path={model_dir}", f"--config.select.domain_path={domain}",
             f"--config.select.pool_path={pool}", f"--config.select.n_select={n_select}",
@@ -280,14 +283,16 @@ def baseline_rss(devices: int | None, *, log_dir: str, mem_limit: float, timeout
 
 # ----------------------------------------------------------------------------- estimates
 def lora_config():
+    from configs import common_8b
     from ntk_jax.models.lora import LoRAConfig
 
-    return LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in plat.LORA.items()})
+    return LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in common_8b.LORA.items()})
 
 
 def estimates(model_dir: str, platforms: list[str], max_len: int) -> dict:
     """``estimate_memory`` of the job's programs for the checkpoint in ``model_dir`` under each
     platform's layout (runs in a process with enough simulated / real devices)."""
+    from configs import common_8b
     from ntk_jax.launcher.memory import estimate_memory
     from ntk_jax.utils import read_json
 
@@ -302,7 +307,7 @@ def estimates(model_dir: str, platforms: list[str], max_len: int) -> dict:
         try:
             e = estimate_memory(hf, lora_config(), mesh_shape=lay.mesh, batch_size=lay.feature_batch_size,
                                 seq_len=max_len, dtype="bfloat16", param_dtype=lay.param_dtype,
-                                programs=job_program_names(), projection_dim=plat.PROJECTION_DIM,
+                                programs=job_program_names(), projection_dim=common_8b.PROJECTION_DIM,
                                 train_batch_size=lay.train_batch_size)
         except Exception as exc:  # e.g. a mesh larger than the real devices
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}

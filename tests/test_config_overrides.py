@@ -25,7 +25,9 @@ from ntk_jax.models.lora import LoRAConfig
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags' loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+# the job configs (``get_config`` files), not the settings modules they share (``common_8b.py``)
+CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if "def get_config" in open(p).read())
 # One valid argument for each config file whose get_config takes one.
 ARGS = {"select_compare.py": "no_conflict", "select_ntk.py": "paper", "select_llama3_8b.py": "gpu8", "select_qwen3_8b.py": "v5e-8"}
 # Field types the config flag parser can set (ml_collections.config_flags._FIELD_TYPE_TO_PARSER).

@@ -11,6 +11,7 @@ import sys
 import pytest
 from test_scale_configs import load
 
+from configs import common_8b
 from ntk_jax.launcher import platforms as plat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_overrides_change_only_paths_and_sizes(platform):
             got["select.warmup.batch_size"]) == (lay.mesh[1], lay.param_dtype, lay.feature_batch_size,
                                                  lay.train_batch_size)
     assert (got["select.projection_type"], got["select.projection_dim"], got["select.lora.rank"]) == (
-        base["select.projection_type"], plat.PROJECTION_DIM, plat.LORA["rank"])
+        base["select.projection_type"], common_8b.PROJECTION_DIM, common_8b.LORA["rank"])
 
 
 def test_multi_host_platforms_run_as_processes():
@@ -109,7 +110,7 @@ def test_rehearsal_of_every_platform(tmp_path):
     assert len(rows) == 12 and result["summary"]["all_ok"], [(k, r["status"]) for k, r in rows.items()]
     for (model, platform), r in rows.items():
         assert r["processes"] == plat.platform(platform).hosts, (model, platform)
-        assert r["projection"] == ["dense", plat.PROJECTION_DIM]
+        assert r["projection"] == ["dense", common_8b.PROJECTION_DIM]
         assert max(r["maxrss_gb"]) < 4.0, (model, platform, r["maxrss_gb"])  # was 24 GB (OOM) on v5e-8
     for model, c in result["summary"]["consistency"].items():
         assert c["same_arithmetic"]["float32 2/2"]["identical"], (model, c)  # v4-8 (1 process) = v4-32 (4)

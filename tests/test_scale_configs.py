@@ -17,6 +17,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from configs import common_8b
 from ntk_jax.launcher import platforms as plat
 from ntk_jax.launcher.config_lib import SECTIONS, base_config
 from ntk_jax.launcher.context import prepare_context
@@ -44,7 +45,7 @@ def abstract_8b(name: str, param_dtype: str):
     """The shape-only 8B model with the configs' LoRA (built once per model and dtype)."""
     hf = dict(CONFIGS.values())[name]
     return abstract_model(decoder_config(hf, dtype="bfloat16", param_dtype=param_dtype),
-                          LoRAConfig.from_dict(plat.LORA))
+                          LoRAConfig.from_dict(common_8b.LORA))
 
 
 def doc_rows() -> dict[tuple[str, str], dict]:

@@ -1,8 +1,10 @@
-"""One NTK-Selector job (docs/theory.md §6.1, §6.5; experiments/select.py) with the recommended score
-(docs/selection.md): label-aware loss gradients over the LoRA factors, cosine-normalised,
-averaged over two kernel points (fresh LoRA and after the domain warm-up), the whole pool
-scored. ``:paper`` gives the paper's reading instead (sum-of-logits gradients after the
-warm-up, unnormalised, kNN filter to 4N).
+"""One NTK-Selector job (docs/theory.md §6.1, §6.5, §6.7; experiments/select.py) with the recommended
+pipeline (docs/selection.md): the paper's kNN filter to 4N over the warm-up model's mean hidden
+states, then the loss change Δ_j = ℓ_j(θ_0) − ℓ_j(θ_w) of the kept (forward passes only).
+``:PRESET`` gives another pipeline of ``ntk_jax.selection.methods.ntk.PRESETS``: ``paper`` (the
+paper's reading: sum-of-logits gradients after the warm-up, unnormalised, kNN filter to 4N),
+``loss_change`` (Δ of every pool record), ``gradient`` (label-aware gradient scores at θ_0 and
+θ_w), ``staged``.
 
     python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/select_ntk
     python -m ntk_jax.main --config=configs/select_ntk.py:paper --workdir=runs/select_ntk_paper

@@ -9,8 +9,9 @@ parameters passed in (θ_train; take a subset with :func:`ntk_jax.models.subset.
   (NTK-vector products ``J(x)(J(x')ᵀ e_b)`` by ``vjp`` then ``jvp``; J is never formed) and
   ``"neural_tangents"`` (the neural-tangents library, as an oracle); plus ``"structured"``
   (linear layers contracted through their input / output-cotangent factors,
-  :mod:`ntk_jax.kernels.structured`, docs/theory.md §2.5) and ``"auto"`` (the cheapest by
-  :func:`~ntk_jax.kernels.structured.structured_plan`'s cost model; docs/kernels.md).
+  :mod:`ntk_jax.kernels.structured`, docs/theory.md §2.5) and ``"auto"`` (the default of
+  :func:`empirical_ntk`: the cheapest by :func:`~ntk_jax.kernels.structured.structured_plan`'s
+  cost model; docs/kernels.md).
 * :func:`jacobian_free_ntk` — ``Θ̃(x, x') = ⟨∇θ Σ_k f_k(x), ∇θ Σ_k f_k(x')⟩`` (NTK-Selector
   Def. 2), exact or through a seeded JL projection.
 * :func:`loss_gradient_kernel` — ``⟨∇θ L(x), ∇θ L(x')⟩`` (LESS/TracIn style).
@@ -229,7 +230,7 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
 
 
 def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
-                  trace: bool = True, method: str = "jacobian", block_size: int | None = None,
+                  trace: bool = True, method: str = "auto", block_size: int | None = None,
                   nt_implementation: str = "jacobian_contraction", basis_batch: int | None = None,
                   check: bool = True, return_info: bool = False):
     """The exact empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` over ``params``.
@@ -242,9 +243,10 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
         ``False`` → ``(n1, n2, O, O)`` with ``O = prod(out_shape)``.
       method: ``"jacobian"``, ``"ntk_vp"``, ``"neural_tangents"``, ``"structured"`` (linear
         layers contracted through their input / output-cotangent factors, every other leaf
-        as ``jacobian``; :mod:`ntk_jax.kernels.structured`) or ``"auto"`` (the cheapest of
-        ``structured`` / ``jacobian`` / ``ntk_vp`` by :func:`structured_plan`'s cost model
-        for the block shape; docs/kernels.md).
+        as ``jacobian``; :mod:`ntk_jax.kernels.structured`) or ``"auto"`` (the default: the
+        cheapest of ``structured`` / ``jacobian`` / ``ntk_vp`` by :func:`structured_plan`'s
+        cost model for the block shape; docs/kernels.md). Every method gives the same kernel
+        up to float rounding; ``return_info`` says which one ran.
       block_size: examples per row/column block (bounds device memory); ``None`` = one block.
       nt_implementation: neural-tangents mode, ``"jacobian_contraction"`` or
         ``"ntk_vector_products"``.

@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import optax
 from flax import nnx
@@ -477,7 +478,7 @@ def run(config, out_dir: str, ctx) -> dict:
                   "selection": "checkpoint with the best validation accuracy (earliest on ties); "
                                "test accuracy reported at that checkpoint"},
         "reference": ref, "kernel": kernel_stats, "clusters": clusters_info,
-        "kept_scores": kept_score_means(subsets, scores),
+        "kept_scores": kept_score_means(subsets, scores), "overlap": set_overlaps(subsets, c.keep_ratios),
         "table": summarise(done, len(problem.labels)),
         "timings": {"features_s": feature_s, "reference_s": ref["seconds"], "scores_s": score_s,
                     "retrain_s": float(sum(r["train_s"] for r in done.values())), "total_s": time.time() - t0},
@@ -486,6 +487,23 @@ def run(config, out_dir: str, ctx) -> dict:
         fh.write(table_markdown(report))
     report["plots"] = [plot(report, os.path.join(out_dir, "prune_lpntk.png"))]
     return report
+
+
+def set_overlaps(subsets: dict, ratios, reference_set: str = "centres") -> dict:
+    """Jaccard overlap of the first seed's ``reference_set`` with every other method's first-seed
+    set at each ratio: ``{"<ratio>": {method: |A∩B| / |A∪B|}}`` (which methods keep the same
+    examples)."""
+    out = {}
+    for ratio in (float(r) for r in ratios):
+        first = {}
+        for key, idx in subsets.items():
+            method, q, _ = key.split("/")
+            if float(q) == ratio:
+                first.setdefault(method, set(idx.tolist()))
+        if reference_set in first:
+            a = first[reference_set]
+            out[str(ratio)] = {m: len(a & b) / len(a | b) for m, b in first.items() if m != reference_set}
+    return out
 
 
 def kept_score_means(subsets: dict, scores: dict) -> dict:
@@ -533,6 +551,13 @@ def table_markdown(report: dict) -> str:
         out.append(f"| full data | {_cell(full[0])} |" + " |" * (len(ratios) - 1) + "\n")
     for m in methods:
         out.append(f"| {m} | " + " | ".join(_cell(at[m, q]) if (m, q) in at else "—" for q in ratios) + " |\n")
+    odd = [m for m in methods if any(abs(at[m, q]["kept_fraction"] - q) > 0.02 for q in ratios if (m, q) in at)]
+    if odd:
+        out += ["\nKept fraction of the training set where it is not the nominal ratio "
+                "(``⌊ratio · class size⌋`` per class):\n", head]
+        for m in odd:
+            out.append(f"| {m} | " + " | ".join(f"{at[m, q]['kept_fraction']:.3f}" if (m, q) in at else "—"
+                                                for q in ratios) + " |\n")
     out += ["\nPaired (same retrain seed) difference to the random baseline with the same per-class "
             "counts [95 % bootstrap interval]:\n", head]
     for m in methods:
@@ -547,27 +572,30 @@ def plot(report: dict, path: str) -> str:
     paired difference to the random baseline."""
     rows = [r for r in report["table"] if r["mode"] != "full"]
     full = [r for r in report["table"] if r["mode"] == "full"]
-    fig, axes = subplots(2, width=6.0, height=4.2)
-    for m in sorted({r["mode"] for r in rows}):
+    fig, axes = subplots(2, width=6.0, height=4.6)
+    methods = sorted({r["mode"] for r in rows})
+    colours = matplotlib.colormaps["tab20"](np.linspace(0.0, 1.0, max(len(methods), 2)))
+    for j, m in enumerate(methods):
         mine = sorted((r for r in rows if r["mode"] == m), key=lambda r: r["keep_ratio"])
-        q = [r["keep_ratio"] for r in mine]
+        q = np.array([r["keep_ratio"] for r in mine]) + (j - (len(methods) - 1) / 2) * 0.004  # dodge
         y = np.array([r["test_acc_mean"] for r in mine])
         lo = np.array([r["test_acc_ci95"]["low"] if r["test_acc_ci95"]["low"] is not None else v for r, v in zip(mine, y)])
         hi = np.array([r["test_acc_ci95"]["high"] if r["test_acc_ci95"]["high"] is not None else v for r, v in zip(mine, y)])
         style = "--" if baseline_of(m) is None else "-"
-        axes[0].errorbar(q, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, ls=style, label=m)
+        axes[0].errorbar(q, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, ls=style, label=m,
+                         color=colours[j])
         d = [r for r in mine if r.get("vs_random") and r["vs_random"]["low"] is not None]
         if d:
             v = np.array([r["vs_random"]["value"] for r in d])
-            axes[1].errorbar([r["keep_ratio"] for r in d], v, yerr=[v - [r["vs_random"]["low"] for r in d],
-                                                                   [r["vs_random"]["high"] for r in d] - v],
-                             marker="o", ms=3, capsize=2, label=m)
+            axes[1].errorbar(q[[mine.index(r) for r in d]], v, yerr=[v - [r["vs_random"]["low"] for r in d],
+                                                                     [r["vs_random"]["high"] for r in d] - v],
+                             marker="o", ms=3, capsize=2, label=m, color=colours[j])
     if full:
         axes[0].axhline(full[0]["test_acc_mean"], color="k", ls=":", label="full data")
     axes[1].axhline(0.0, color="k", lw=0.8)
     title = report["setup"].get("task", "digits") if report["setup"]["dataset"] == "text" else "digits"
     axes[0].set(xlabel="kept ratio", ylabel="test accuracy (val-selected)", title=f"pruning: {title}")
     axes[1].set(xlabel="kept ratio", ylabel="test acc − random (paired)", title="difference to random (95 % CI)")
-    axes[0].legend(fontsize=6)
-    axes[1].legend(fontsize=6)
+    axes[0].legend(fontsize=6, ncol=2)
+    axes[1].legend(fontsize=6, ncol=2)
     return save(fig, path)

@@ -48,6 +48,19 @@ def test_linear_classifier_closed_form():
     np.testing.assert_array_equal(np.asarray(sign_vectors(jnp.asarray(y), K)), s)
 
 
+def test_sum_of_logits_kernel_closed_form():
+    # all signs +1: φ = ∂(Σ_a z_a)/∂(W, b) = (1 xᵀ, 1), kernel K(x_i·x_j + 1) / K whatever the labels
+    rng = np.random.default_rng(3)
+    K, d, n = 3, 4, 6
+    params = {"W": jnp.asarray(rng.normal(size=(K, d)), jnp.float32), "b": jnp.zeros(K, jnp.float32)}
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    batch = {"x": x, "label": rng.integers(K, size=n).astype(np.int32)}
+    feats = lpntk_features(linear_logits, params, batch, num_classes=K, kernel="sum_logits")
+    np.testing.assert_allclose(lpntk_kernel(feats, K), x @ x.T + 1.0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        lpntk_features(linear_logits, params, batch, num_classes=K, kernel="nope")
+
+
 def mlp_logits(params, batch):
     h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
     return h @ params["w2"]
@@ -285,25 +298,24 @@ def test_prune_job_end_to_end_and_resume(job):
     assert rep["setup"]["n_flipped"] == 5
     out = os.path.join(workdir, "prune_lpntk")
     assert os.path.exists(os.path.join(out, "prune_lpntk.png"))
-    # resume: the report is the launcher's marker; remove it and one retrain, rerun
-    retrains_path = os.path.join(out, "retrains.json")
-    retrains = json.load(open(retrains_path))
+    # resume: the report is the launcher's marker; remove it and one retrain shard, rerun
+    retrains = sorted(glob.glob(os.path.join(out, "retrains", "*.json")))
     assert len(retrains) == 6
     os.remove(os.path.join(out, "report.json"))
-    dropped = retrains.pop("centres/0.5/0")
-    json.dump(retrains, open(retrains_path, "w"))
+    victim = os.path.join(out, "retrains", "centres_0.5_0.json")
+    dropped = json.load(open(victim))
+    os.remove(victim)
     shards = sorted(glob.glob(os.path.join(out, "features", "shard_*.npz")))
     assert len(shards) == 3
     kept = {p: os.path.getmtime(p) for p in shards[:2]}
     os.remove(shards[2])  # a job killed while computing the last feature shard
-    stamps = {k: v["train_s"] for k, v in retrains.items()}
+    stamps = {p: json.load(open(p))["train_s"] for p in retrains if p != victim}
     rep2 = run(c, workdir)["prune_lpntk"]
     assert {p: os.path.getmtime(p) for p in kept} == kept  # written shards are not recomputed
     assert os.path.exists(shards[2])
     assert rep2["kernel"] == rep["kernel"]  # the recomputed shard gives the same kernel
-    again = json.load(open(retrains_path))
-    assert {k: again[k]["train_s"] for k in stamps} == stamps  # finished retrains skipped
-    redo = again["centres/0.5/0"]  # the redone retrain is deterministic
+    assert {p: json.load(open(p))["train_s"] for p in stamps} == stamps  # finished retrains skipped
+    redo = json.load(open(victim))  # the redone retrain is deterministic
     assert (redo["test_acc"], redo["step"], redo["val_acc"]) == (dropped["test_acc"], dropped["step"],
                                                                  dropped["val_acc"])
     # a different configuration in the same workdir is refused

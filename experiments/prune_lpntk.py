@@ -19,7 +19,8 @@ Training minimises the cross-entropy of the softmax over the K logits; optional 
 1. the reference classifier, trained once; its checkpoint with the best VALIDATION accuracy
    (earliest on ties) is kept (``reference/best.npz``);
 2. at that checkpoint, per kernel of ``kernels`` (:data:`ntk_jax.selection.lpntk.KERNELS`:
-   ``lpntk`` with the label signs, ``sum_logits`` the paper's ablation), the features
+   ``lpntk`` with the label signs, ``sum_logits`` the paper's ablation; ``<kernel>_cosine``:
+   its cosine-normalised Gram matrix, a diagnostic), the features
    ``φ_i = ∇θ Σ_a s_a(y_i) z_a(x_i)`` (optionally JL-projected) in the resumable shards of a
    :class:`~ntk_jax.selection.store.ScoreStore` (``features/``, ``features_sum_logits/``), and
    the kernel ``ΦΦᵀ/K``;
@@ -62,8 +63,8 @@ from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.models.cnn import LeNet, LeNetConfig, num_params
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, lpntk_features, lpntk_kernel,
-                                     prune_clusters, random_prune)
+from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, cosine_kernel, lpntk_features,
+                                     lpntk_kernel, prune_clusters, random_prune)
 from ntk_jax.selection.pruning_scores import average_runs, el2n_scores, grand_scores, keep_highest
 from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
 from ntk_jax.stats import bootstrap_interval
@@ -76,6 +77,7 @@ FEATURES_DIR = "features"  # the ScoreStore of the lpNTK features (scores: their
 REFERENCE_DIR = "reference"
 SCORES_DIR = "scores"      # EL2N / GraNd, one npz per short run
 BASELINES = ("random", "el2n", "grand")
+COSINE = "_cosine"         # a kernel name + this: its cosine-normalised Gram matrix (a diagnostic)
 SCORE_SEED = 10_000        # EL2N / GraNd runs use seeds SCORE_SEED + r, apart from the retrain seeds
 
 
@@ -457,8 +459,11 @@ def run(config, out_dir: str, ctx) -> dict:
     params, template, acc_fn, ref = reference(c, problem, out_dir, int(ctx.seed))
     kernels, kernel_stats, feature_s = {}, {}, 0.0
     for name in c.kernels:
-        feats, seconds = kernel_features(c, out_dir, fingerprint, template, params, problem, name)
+        base = name[:-len(COSINE)] if name.endswith(COSINE) else name
+        feats, seconds = kernel_features(c, out_dir, fingerprint, template, params, problem, base)
         kernels[name] = lpntk_kernel(feats, problem.num_classes)
+        if name != base:
+            kernels[name] = cosine_kernel(kernels[name])
         kernel_stats[name] = describe_kernel(kernels[name], problem.labels, problem.flipped)
         feature_s += seconds
     t = time.time()

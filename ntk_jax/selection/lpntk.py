@@ -36,7 +36,7 @@ PRUNE_MODES = ("centres", "random_member", "drop_largest_half")
 KERNELS = ("lpntk", "sum_logits")  # label signs s(y), or all signs +1
 
 __all__ = ["PRUNE_MODES", "KERNELS", "sign_vectors", "lpntk_scalar_fn", "lpntk_features", "lpntk_kernel",
-           "farthest_point_clustering", "class_clusters", "cluster_counts", "prune_clusters",
+           "cosine_kernel", "farthest_point_clustering", "class_clusters", "cluster_counts", "prune_clusters",
            "random_prune"]
 
 
@@ -110,6 +110,18 @@ def lpntk_kernel(features1: np.ndarray, num_classes: int, features2: np.ndarray 
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise ValueError(f"features must be (n, P) matrices with equal P, got {f1.shape} and {f2.shape}")
     return f1 @ f2.T / num_classes
+
+
+def cosine_kernel(kernel: np.ndarray) -> np.ndarray:
+    """``K_ij / sqrt(K_ii K_jj)``: a Gram matrix with the feature norms divided out, ``(n, n)``
+    float64 (a diagnostic: farthest-point clustering on the raw kernel also sees the norms)."""
+    K = np.asarray(kernel, np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"kernel must be a square (n, n) matrix, got {K.shape}")
+    d = np.diag(K)
+    if np.any(d <= 0):
+        raise ValueError("kernel has a non-positive diagonal entry (a zero feature): no cosine")
+    return K / np.sqrt(np.outer(d, d))
 
 
 # ------------------------------------------------------------------------------ clustering

@@ -362,9 +362,17 @@ def _kernel_sets(c, name: str, kernel: np.ndarray, labels: np.ndarray, ratio: fl
             if mode == "drop_largest_half" and "random" in c.baselines:
                 counts = {cls: int(np.sum(labels[kept] == cls)) for cls in cl}
                 subsets[f"{prefix}random_drop_half_count/{ratio}/{seed}"] = random_prune(labels, counts, seed)
+    # within-class rank of the diagonal K_ii (0 smallest, 1 largest): which examples become centres
+    rank = np.zeros(len(labels))
+    for v in cl.values():
+        rank[v["members"]] = np.argsort(np.argsort(np.diag(kernel)[v["members"]])) / max(len(v["members"]) - 1, 1)
+    centres = np.concatenate([v["centres"] for v in cl.values()])
+    dropped = np.setdiff1d(np.arange(len(labels)), centres)
     return {"largest": {k: int(s.max()) for k, s in sizes.items()},
             "n_clusters": {k: int(s.size) for k, s in sizes.items()},
-            "frac_in_singletons": float(sum(int(np.sum(s == 1)) for s in sizes.values()) / len(labels))}
+            "frac_in_singletons": float(sum(int(np.sum(s == 1)) for s in sizes.values()) / len(labels)),
+            "diag_rank_centres": float(rank[centres].mean()),
+            "diag_rank_not_centres": float(rank[dropped].mean()) if dropped.size else None}
 
 
 def pruned_sets(c, kernels: dict, labels: np.ndarray, scores: dict) -> tuple[dict, dict]:
@@ -550,7 +558,7 @@ def table_markdown(report: dict) -> str:
     at = {(r["mode"], r["keep_ratio"]): r for r in rows}
     head = "| method | " + " | ".join(f"keep {q:g}" for q in ratios) + " |\n|---|" + "---|" * len(ratios) + "\n"
     out = [f"Test accuracy at the best-validation checkpoint, mean ± std over {len(report['setup']['seeds'])} "
-           "seeds [95 % bootstrap interval of the mean]:\n", head]
+           "seeds [95 % bootstrap interval of the mean]:\n\n", head]
     full = [r for r in rows if r["mode"] == "full"]
     if full:
         out.append(f"| full data | {_cell(full[0])} |" + " |" * (len(ratios) - 1) + "\n")
@@ -559,12 +567,12 @@ def table_markdown(report: dict) -> str:
     odd = [m for m in methods if any(abs(at[m, q]["kept_fraction"] - q) > 0.02 for q in ratios if (m, q) in at)]
     if odd:
         out += ["\nKept fraction of the training set where it is not the nominal ratio "
-                "(``⌊ratio · class size⌋`` per class):\n", head]
+                "(`⌊ratio · class size⌋` per class):\n\n", head]
         for m in odd:
             out.append(f"| {m} | " + " | ".join(f"{at[m, q]['kept_fraction']:.3f}" if (m, q) in at else "—"
                                                 for q in ratios) + " |\n")
     out += ["\nPaired (same retrain seed) difference to the random baseline with the same per-class "
-            "counts [95 % bootstrap interval]:\n", head]
+            "counts [95 % bootstrap interval]:\n\n", head]
     for m in methods:
         if baseline_of(m):
             out.append(f"| {m} − {baseline_of(m)} | " + " | ".join(

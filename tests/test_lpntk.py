@@ -9,20 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments.prune_lpntk import class_logits, classification_data, classifier_loss
+from experiments.prune_lpntk import class_logits, classification_data, reference, text_problem
 from ntk_jax.data.synthetic import generate_task
 from ntk_jax.kernels.ntk import jacobian_free_ntk
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.launcher.context import Context, load_tokenizer
 from ntk_jax.launcher.run import run
-from ntk_jax.models.lora import LoRAConfig
-from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, farthest_point_clustering, lpntk_features,
                                      lpntk_kernel, prune_clusters, random_prune, sign_vectors)
-from ntk_jax.training.trainer import TrainConfig, train
 
 
 def linear_logits(params, batch):
@@ -244,15 +240,14 @@ def job(tiny_model_dir, tmp_path_factory):
 def test_duplicates_cluster_together_and_flipped_copies_are_negative(job):
     c, workdir, _ = job
     ctx = Context(c.model.path, load_tokenizer(c.model.path), 32, 0, {})
-    # the job's reference classifier: resuming its finished checkpoint runs no step
-    model = ctx.load_model(LoRAConfig.from_dict(dict(c.prune_lpntk.lora)))
+    # the job's reference classifier at its best-validation checkpoint, read back (not retrained)
+    out = os.path.join(workdir, "prune_lpntk")
+    stamp = os.path.getmtime(os.path.join(out, "reference", "best.json"))
+    params, template, _, info = reference(c.prune_lpntk, text_problem(c.prune_lpntk, ctx), out, 0)
+    assert os.path.getmtime(os.path.join(out, "reference", "best.json")) == stamp
+    assert info["step"] % c.prune_lpntk.eval_every == 0
     recs = generate_task("sentiment_flipped", 64, seed=0)
     classes = sorted({r["response"] for r in recs})
-    data = classification_data(ctx.encode(recs), recs, classes)
-    cfg = TrainConfig.from_dict({**dict(c.prune_lpntk.reference_train), "seed": 0})
-    result = train(model, data, cfg, wrt=nnx.LoRAParam, loss_fn=classifier_loss,
-                   workdir=os.path.join(workdir, "prune_lpntk", "reference"))
-    assert result.final_step == cfg.total_steps
     # distinct prompts, then exact duplicates of the first three, then label-flipped copies
     seen, base = set(), []
     for r in recs:
@@ -265,8 +260,7 @@ def test_duplicates_cluster_together_and_flipped_copies_are_negative(job):
     flips = [dict(r, id=r["id"] + "-flip", response=other[r["response"]]) for r in base[:3]]
     allrec = base + dups + flips
     data = classification_data(ctx.encode(allrec), allrec, classes)
-    subset = param_subset(model, nnx.LoRAParam)
-    feats = lpntk_features(subset.apply_fn(class_logits), subset.params, data, num_classes=2)
+    feats = lpntk_features(template.apply_fn(class_logits), params, data, num_classes=2)
     kernel = lpntk_kernel(feats, 2)
     n = len(base)
     for i in range(3):

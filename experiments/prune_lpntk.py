@@ -434,8 +434,9 @@ def summarise(done: dict, n_train: int) -> list[dict]:
     rows = {}
     for key in sorted(done, key=lambda k: int(k.split("/")[2])):
         mode, ratio, seed = key.split("/")
-        row = rows.setdefault((mode, float(ratio)), {"mode": mode, "keep_ratio": float(ratio), "seeds": [],
-                                                     "test_acc": [], "val_acc": [], "n_train": [], "n_flipped_kept": []})
+        fresh = {"mode": mode, "keep_ratio": float(ratio), "seeds": [], "test_acc": [], "val_acc": [],
+                 "n_train": [], "n_flipped_kept": []}
+        row = rows.setdefault((mode, float(ratio)), fresh)
         row["seeds"].append(int(seed))
         for f in ("test_acc", "val_acc", "n_train", "n_flipped_kept"):
             row[f].append(done[key][f])
@@ -592,8 +593,9 @@ def plot(report: dict, path: str) -> str:
         mine = sorted((r for r in rows if r["mode"] == m), key=lambda r: r["keep_ratio"])
         q = np.array([r["keep_ratio"] for r in mine]) + (j - (len(methods) - 1) / 2) * 0.004  # dodge
         y = np.array([r["test_acc_mean"] for r in mine])
-        lo = np.array([r["test_acc_ci95"]["low"] if r["test_acc_ci95"]["low"] is not None else v for r, v in zip(mine, y)])
-        hi = np.array([r["test_acc_ci95"]["high"] if r["test_acc_ci95"]["high"] is not None else v for r, v in zip(mine, y)])
+        ci = [r["test_acc_ci95"] for r in mine]
+        lo = np.array([c["low"] if c["low"] is not None else v for c, v in zip(ci, y)])
+        hi = np.array([c["high"] if c["high"] is not None else v for c, v in zip(ci, y)])
         style = "--" if baseline_of(m) is None else "-"
         axes[0].errorbar(q, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, ls=style, label=m,
                          color=colours[j])

@@ -203,7 +203,7 @@ def small_digits_config(model_dir):
     p.keep_ratios = [0.5]
     p.seeds = [0]
     p.modes = ["centres", "drop_largest_half"]
-    p.kernels = ["lpntk", "sum_logits"]
+    p.kernels = ["lpntk", "sum_logits", "lpntk_cosine"]
     p.baselines = ["random", "el2n", "grand"]
     p.score_runs, p.score_steps = 2, 3
     p.feature_batch_size = 16
@@ -224,19 +224,23 @@ def test_digits_job_end_to_end(digits_job):
     rows = {r["mode"]: r for r in rep["table"]}
     assert set(rows) == {"full", "centres", "drop_largest_half", "random_drop_half_count", "sum_logits-centres",
                          "sum_logits-drop_largest_half", "sum_logits-random_drop_half_count", "random", "el2n",
-                         "grand"}
+                         "grand", "lpntk_cosine-centres", "lpntk_cosine-drop_largest_half",
+                         "lpntk_cosine-random_drop_half_count"}
     assert rows["full"]["n_train"] == [40]
-    for m in ("centres", "sum_logits-centres", "random", "el2n", "grand"):
+    for m in ("centres", "sum_logits-centres", "lpntk_cosine-centres", "random", "el2n", "grand"):
         assert rows[m]["n_train"] == [20], m
     assert rows["drop_largest_half"]["n_train"] == rows["random_drop_half_count"]["n_train"]
     assert rep["setup"]["n_params"] == 9 * 4 + 4 + 9 * 4 * 8 + 8 + 32 * 16 + 16 + 16 * 10 + 10
     assert rep["reference"]["step"] % 4 == 0 and 0.0 <= rep["reference"]["val_acc"] <= 1.0
-    assert set(rep["kernel"]) == {"lpntk", "sum_logits"}
+    assert set(rep["kernel"]) == {"lpntk", "sum_logits", "lpntk_cosine"}
+    # the cosine kernel reuses the lpNTK features: no store of its own
+    assert sorted(os.path.basename(d) for d in glob.glob(os.path.join(workdir, "prune_lpntk", "features*"))) == [
+        "features", "features_sum_logits"]
     out = os.path.join(workdir, "prune_lpntk")
     table = open(os.path.join(out, "table.md")).read()
     assert "| centres − random |" in table and "| grand |" in table
     assert os.path.exists(os.path.join(out, "prune_lpntk.png"))
-    assert len(glob.glob(os.path.join(out, "retrains", "*.json"))) == 10
+    assert len(glob.glob(os.path.join(out, "retrains", "*.json"))) == 13
 
 
 def test_digits_job_resumes_exactly(digits_job):

@@ -17,8 +17,8 @@ from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.launcher.context import Context, load_tokenizer
 from ntk_jax.launcher.run import run
-from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, farthest_point_clustering, lpntk_features,
-                                     lpntk_kernel, prune_clusters, random_prune, sign_vectors)
+from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, cosine_kernel, farthest_point_clustering,
+                                     lpntk_features, lpntk_kernel, prune_clusters, random_prune, sign_vectors)
 
 
 def linear_logits(params, batch):
@@ -55,6 +55,17 @@ def test_sum_of_logits_kernel_closed_form():
     np.testing.assert_allclose(lpntk_kernel(feats, K), x @ x.T + 1.0, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown kernel"):
         lpntk_features(linear_logits, params, batch, num_classes=K, kernel="nope")
+
+
+def test_cosine_kernel():
+    rng = np.random.default_rng(4)
+    F = rng.normal(size=(5, 3)) * rng.uniform(0.1, 10.0, size=(5, 1))  # rows of very different norms
+    C = cosine_kernel(F @ F.T)
+    unit = F / np.linalg.norm(F, axis=1, keepdims=True)
+    np.testing.assert_allclose(C, unit @ unit.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.diag(C), 1.0)
+    with pytest.raises(ValueError, match="non-positive diagonal"):
+        cosine_kernel(np.zeros((2, 2)))
 
 
 def mlp_logits(params, batch):

@@ -7,7 +7,8 @@ elsewhere (the sign of ``e_y − softmax(z)``). Each example's lpNTK feature is 
     φ(x, y) = ∇θ Σ_a s_a(y) z_a(x)          (one backward pass per example)
 
 and ``lpNTK(x, x') = (1/K) ⟨φ(x, y), φ(x', y')⟩``. With all signs +1 (``kernel="sum_logits"``)
-it is the label-free sum-of-logits pNTK, the lpNTK paper's ablation (:data:`KERNELS`). The kernel is a Gram matrix of (optionally JL-projected) features:
+it is the label-free sum-of-logits pNTK, the lpNTK paper's ablation (:data:`KERNELS`). The
+kernel is a Gram matrix of (optionally JL-projected) features:
 ``lpntk_kernel(Φ, K) = Φ Φᵀ / K``. Positive ≈ interchangeable, ≈ 0 unrelated, negative
 contradictory.
 

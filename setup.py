@@ -43,6 +43,10 @@ setup(
                  # PyTorch transformers models are the reference in the port tests only.
                  "torch==2.13.0",
                  # Round-trip of exported LoRA adapters into the PyTorch stack.
-                 "peft==0.21.2"],
+                 "peft==0.21.2",
+                 # The 8x8 digits of the lpNTK pruning job (ntk_jax/data/digits.py).
+                 "scikit-learn==1.9.1"],
+        # configs/prune_lpntk_digits.py: scikit-learn ships the digits inside its wheel.
+        "digits": ["scikit-learn==1.9.1"],
     },
 )

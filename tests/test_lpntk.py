@@ -9,20 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments.prune_lpntk import class_logits, classification_data, classifier_loss
+from experiments.prune_lpntk import class_logits, classification_data, reference, text_problem
 from ntk_jax.data.synthetic import generate_task
 from ntk_jax.kernels.ntk import jacobian_free_ntk
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.launcher.context import Context, load_tokenizer
 from ntk_jax.launcher.run import run
-from ntk_jax.models.lora import LoRAConfig
-from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, farthest_point_clustering, lpntk_features,
-                                     lpntk_kernel, prune_clusters, random_prune, sign_vectors)
-from ntk_jax.training.trainer import TrainConfig, train
+from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, cosine_kernel, farthest_point_clustering,
+                                     lpntk_features, lpntk_kernel, prune_clusters, random_prune, sign_vectors)
 
 
 def linear_logits(params, batch):
@@ -46,6 +42,30 @@ def test_linear_classifier_closed_form():
     kernel = lpntk_kernel(feats, K)
     np.testing.assert_allclose(kernel, (s @ s.T) * (x @ x.T + 1.0) / K, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(sign_vectors(jnp.asarray(y), K)), s)
+
+
+def test_sum_of_logits_kernel_closed_form():
+    # all signs +1: φ = ∂(Σ_a z_a)/∂(W, b) = (1 xᵀ, 1), kernel K(x_i·x_j + 1) / K whatever the labels
+    rng = np.random.default_rng(3)
+    K, d, n = 3, 4, 6
+    params = {"W": jnp.asarray(rng.normal(size=(K, d)), jnp.float32), "b": jnp.zeros(K, jnp.float32)}
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    batch = {"x": x, "label": rng.integers(K, size=n).astype(np.int32)}
+    feats = lpntk_features(linear_logits, params, batch, num_classes=K, kernel="sum_logits")
+    np.testing.assert_allclose(lpntk_kernel(feats, K), x @ x.T + 1.0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        lpntk_features(linear_logits, params, batch, num_classes=K, kernel="nope")
+
+
+def test_cosine_kernel():
+    rng = np.random.default_rng(4)
+    F = rng.normal(size=(5, 3)) * rng.uniform(0.1, 10.0, size=(5, 1))  # rows of very different norms
+    C = cosine_kernel(F @ F.T)
+    unit = F / np.linalg.norm(F, axis=1, keepdims=True)
+    np.testing.assert_allclose(C, unit @ unit.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.diag(C), 1.0)
+    with pytest.raises(ValueError, match="non-positive diagonal"):
+        cosine_kernel(np.zeros((2, 2)))
 
 
 def mlp_logits(params, batch):
@@ -231,15 +251,14 @@ def job(tiny_model_dir, tmp_path_factory):
 def test_duplicates_cluster_together_and_flipped_copies_are_negative(job):
     c, workdir, _ = job
     ctx = Context(c.model.path, load_tokenizer(c.model.path), 32, 0, {})
-    # the job's reference classifier: resuming its finished checkpoint runs no step
-    model = ctx.load_model(LoRAConfig.from_dict(dict(c.prune_lpntk.lora)))
+    # the job's reference classifier at its best-validation checkpoint, read back (not retrained)
+    out = os.path.join(workdir, "prune_lpntk")
+    stamp = os.path.getmtime(os.path.join(out, "reference", "best.json"))
+    params, template, _, info = reference(c.prune_lpntk, text_problem(c.prune_lpntk, ctx), out, 0)
+    assert os.path.getmtime(os.path.join(out, "reference", "best.json")) == stamp
+    assert info["step"] % c.prune_lpntk.eval_every == 0
     recs = generate_task("sentiment_flipped", 64, seed=0)
     classes = sorted({r["response"] for r in recs})
-    data = classification_data(ctx.encode(recs), recs, classes)
-    cfg = TrainConfig.from_dict({**dict(c.prune_lpntk.reference_train), "seed": 0})
-    result = train(model, data, cfg, wrt=nnx.LoRAParam, loss_fn=classifier_loss,
-                   workdir=os.path.join(workdir, "prune_lpntk", "reference"))
-    assert result.final_step == cfg.total_steps
     # distinct prompts, then exact duplicates of the first three, then label-flipped copies
     seen, base = set(), []
     for r in recs:
@@ -252,8 +271,7 @@ def test_duplicates_cluster_together_and_flipped_copies_are_negative(job):
     flips = [dict(r, id=r["id"] + "-flip", response=other[r["response"]]) for r in base[:3]]
     allrec = base + dups + flips
     data = classification_data(ctx.encode(allrec), allrec, classes)
-    subset = param_subset(model, nnx.LoRAParam)
-    feats = lpntk_features(subset.apply_fn(class_logits), subset.params, data, num_classes=2)
+    feats = lpntk_features(template.apply_fn(class_logits), params, data, num_classes=2)
     kernel = lpntk_kernel(feats, 2)
     n = len(base)
     for i in range(3):
@@ -285,25 +303,24 @@ def test_prune_job_end_to_end_and_resume(job):
     assert rep["setup"]["n_flipped"] == 5
     out = os.path.join(workdir, "prune_lpntk")
     assert os.path.exists(os.path.join(out, "prune_lpntk.png"))
-    # resume: the report is the launcher's marker; remove it and one retrain, rerun
-    retrains_path = os.path.join(out, "retrains.json")
-    retrains = json.load(open(retrains_path))
+    # resume: the report is the launcher's marker; remove it and one retrain shard, rerun
+    retrains = sorted(glob.glob(os.path.join(out, "retrains", "*.json")))
     assert len(retrains) == 6
     os.remove(os.path.join(out, "report.json"))
-    dropped = retrains.pop("centres/0.5/0")
-    json.dump(retrains, open(retrains_path, "w"))
+    victim = os.path.join(out, "retrains", "centres_0.5_0.json")
+    dropped = json.load(open(victim))
+    os.remove(victim)
     shards = sorted(glob.glob(os.path.join(out, "features", "shard_*.npz")))
     assert len(shards) == 3
     kept = {p: os.path.getmtime(p) for p in shards[:2]}
     os.remove(shards[2])  # a job killed while computing the last feature shard
-    stamps = {k: v["train_s"] for k, v in retrains.items()}
+    stamps = {p: json.load(open(p))["train_s"] for p in retrains if p != victim}
     rep2 = run(c, workdir)["prune_lpntk"]
     assert {p: os.path.getmtime(p) for p in kept} == kept  # written shards are not recomputed
     assert os.path.exists(shards[2])
     assert rep2["kernel"] == rep["kernel"]  # the recomputed shard gives the same kernel
-    again = json.load(open(retrains_path))
-    assert {k: again[k]["train_s"] for k in stamps} == stamps  # finished retrains skipped
-    redo = again["centres/0.5/0"]  # the redone retrain is deterministic
+    assert {p: json.load(open(p))["train_s"] for p in stamps} == stamps  # finished retrains skipped
+    redo = json.load(open(victim))  # the redone retrain is deterministic
     assert (redo["test_acc"], redo["step"], redo["val_acc"]) == (dropped["test_acc"], dropped["step"],
                                                                  dropped["val_acc"])
     # a different configuration in the same workdir is refused

@@ -173,11 +173,14 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
     """docs/theory.md §6.3: lpNTK farthest-point-clustering pruning vs random pruning
     (experiments/prune_lpntk.py)."""
     return ml_collections.ConfigDict(dict(
+        # "text": LoRA classifier on `task`; "digits": a LeNet-like CNN on scikit-learn's 8x8
+        # digits (configs/prune_lpntk_digits.py), every parameter trained
+        dataset="text",
         # Labelled synthetic task; classes = its distinct responses. sentiment_flipped: the
         # pre-trained model predicts the opposite label, so LoRA must learn the task.
         # (add_mod10, 10 classes, stays near chance with this model and budget.)
         task="sentiment_flipped",
-        n_train=400,
+        n_train=400,                # digits: 0 = every image not in val / test
         n_val=200,                  # checkpoint selection (never the test split)
         n_test=400,
         label_noise=0.2,            # fraction of training labels flipped to another class
@@ -191,6 +194,11 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
         keep_ratios=(0.1, 0.3),
         modes=("centres", "random_member", "drop_largest_half"),
         seeds=(0, 1, 2),
+        kernels=("lpntk",),         # ntk_jax.selection.lpntk.KERNELS: + "sum_logits" (the paper's ablation)
+        baselines=("random",),      # + "el2n", "grand" (ntk_jax.selection.pruning_scores)
+        score_runs=3,               # EL2N / GraNd: averaged over this many short runs ...
+        score_steps=20,             # ... of this many steps of the retrain schedule
+        digits=dict(split_seed=0, cnn=dict(channels=(16, 32), hidden=64)),  # dataset="digits" only
         projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
         projection_seed=0,
         projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)

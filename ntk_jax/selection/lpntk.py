@@ -6,8 +6,9 @@ elsewhere (the sign of ``e_y − softmax(z)``). Each example's lpNTK feature is 
 
     φ(x, y) = ∇θ Σ_a s_a(y) z_a(x)          (one backward pass per example)
 
-and ``lpNTK(x, x') = (1/K) ⟨φ(x, y), φ(x', y')⟩`` (with all signs +1 it is the sum-of-logits
-pNTK). The kernel is a Gram matrix of (optionally JL-projected) features:
+and ``lpNTK(x, x') = (1/K) ⟨φ(x, y), φ(x', y')⟩``. With all signs +1 (``kernel="sum_logits"``)
+it is the label-free sum-of-logits pNTK, the lpNTK paper's ablation (:data:`KERNELS`). The
+kernel is a Gram matrix of (optionally JL-projected) features:
 ``lpntk_kernel(Φ, K) = Φ Φᵀ / K``. Positive ≈ interchangeable, ≈ 0 unrelated, negative
 contradictory.
 
@@ -33,9 +34,10 @@ from ntk_jax.kernels.projection import RandomProjection
 PyTree = Any
 
 PRUNE_MODES = ("centres", "random_member", "drop_largest_half")
+KERNELS = ("lpntk", "sum_logits")  # label signs s(y), or all signs +1
 
-__all__ = ["PRUNE_MODES", "sign_vectors", "lpntk_scalar_fn", "lpntk_features", "lpntk_kernel",
-           "farthest_point_clustering", "class_clusters", "cluster_counts", "prune_clusters",
+__all__ = ["PRUNE_MODES", "KERNELS", "sign_vectors", "lpntk_scalar_fn", "lpntk_features", "lpntk_kernel",
+           "cosine_kernel", "farthest_point_clustering", "class_clusters", "cluster_counts", "prune_clusters",
            "random_prune"]
 
 
@@ -45,11 +47,18 @@ def sign_vectors(labels: jax.Array, num_classes: int) -> jax.Array:
     return 2.0 * onehot - 1.0
 
 
-def lpntk_scalar_fn(logits_fn: Callable[[PyTree, PyTree], jax.Array], *,
-                    label_key: str = "label") -> Callable[[PyTree, PyTree], jax.Array]:
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {KERNELS}")
+
+
+def lpntk_scalar_fn(logits_fn: Callable[[PyTree, PyTree], jax.Array], *, label_key: str = "label",
+                    kernel: str = "lpntk") -> Callable[[PyTree, PyTree], jax.Array]:
     """``s(params, batch) = Σ_a s_a(y) z_a(x) ∈ R^n``: the scalar whose per-example gradient
-    is the lpNTK feature. ``logits_fn(params, batch) -> (n, K)``; ``batch[label_key]`` ``(n,)``.
+    is the lpNTK feature (``kernel="sum_logits"``: ``Σ_a z_a(x)``, all signs +1).
+    ``logits_fn(params, batch) -> (n, K)``; ``batch[label_key]`` ``(n,)``.
     """
+    _check_kernel(kernel)
 
     def s(params, batch):
         if not isinstance(batch, dict) or label_key not in batch:
@@ -58,6 +67,8 @@ def lpntk_scalar_fn(logits_fn: Callable[[PyTree, PyTree], jax.Array], *,
         if z.ndim != 2:
             raise ValueError(f"logits_fn must return (n, K) logits, got shape {z.shape}")
         z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+        if kernel == "sum_logits":
+            return jnp.sum(z, axis=1)
         return jnp.sum(sign_vectors(batch[label_key], z.shape[1]) * z, axis=1)
 
     return s
@@ -78,14 +89,16 @@ def _check_labels(batch: PyTree, label_key: str, num_classes: int) -> np.ndarray
 def lpntk_features(logits_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree, batch: dict, *,
                    num_classes: int, label_key: str = "label",
                    projection: RandomProjection | None = None, batch_size: int | None = None,
-                   progress_desc: str = "lpNTK features") -> np.ndarray:
+                   progress_desc: str = "lpNTK features", kernel: str = "lpntk") -> np.ndarray:
     """Per-example lpNTK features ``φ_i = ∇θ Σ_a s_a(y_i) z_a(x_i)``: ``(n, P)`` or ``(n, p)``
     with a projection (``⟨Πφ, Πφ'⟩ ≈ ⟨φ, φ'⟩``). ``batch`` is a dict with leading axis n
     holding whatever ``logits_fn`` reads plus ``label_key``. Numpy, host memory.
+    ``kernel="sum_logits"``: the sum-of-logits features ``∇θ Σ_a z_a(x_i)`` instead.
     """
     batch_size_of(batch, "batch")
+    _check_kernel(kernel)
     _check_labels(batch, label_key, num_classes)
-    return gradient_features(lpntk_scalar_fn(logits_fn, label_key=label_key), params, batch,
+    return gradient_features(lpntk_scalar_fn(logits_fn, label_key=label_key, kernel=kernel), params, batch,
                              projection=projection, batch_size=batch_size, progress_desc=progress_desc)
 
 
@@ -98,6 +111,18 @@ def lpntk_kernel(features1: np.ndarray, num_classes: int, features2: np.ndarray 
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise ValueError(f"features must be (n, P) matrices with equal P, got {f1.shape} and {f2.shape}")
     return f1 @ f2.T / num_classes
+
+
+def cosine_kernel(kernel: np.ndarray) -> np.ndarray:
+    """``K_ij / sqrt(K_ii K_jj)``: a Gram matrix with the feature norms divided out, ``(n, n)``
+    float64 (a diagnostic: farthest-point clustering on the raw kernel also sees the norms)."""
+    K = np.asarray(kernel, np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"kernel must be a square (n, n) matrix, got {K.shape}")
+    d = np.diag(K)
+    if np.any(d <= 0):
+        raise ValueError("kernel has a non-positive diagonal entry (a zero feature): no cosine")
+    return K / np.sqrt(np.outer(d, d))
 
 
 # ------------------------------------------------------------------------------ clustering

@@ -50,7 +50,7 @@ from ntk_jax.selection import gradex as gx
 from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store, fingerprint_of
 from ntk_jax.stats import spearman
 from ntk_jax.training.trainer import TrainConfig, train
-from ntk_jax.utils import progress, read_json, write_json
+from ntk_jax.utils import progress, read_json, write_json, write_npz
 
 FEATURES_DIR = "features"  # the ScoreStore of f(θ*, x) (scores) and g̃ (features), one row per example
 
@@ -70,7 +70,7 @@ FINETUNE_COLUMNS = ("true_ce", "distance", "first_order_at_true_logistic", "fine
 # choice of subsets (stores keyed by their subsets' ids); changing them reuses a workdir.
 ESTIMATION_ONLY_KEYS = ("C", "C_grid", "calibrate_C", "n_calibrate", "n_subsets", "subset_prob", "keep_fraction",
                         "greedy", "ridge_lambda", "surrogate_holdout", "n_verify", "verify_shard_size",
-                        "compare_selection", "n_random_compare", "baseline_lambdas", "n_boot",
+                        "compare_selection", "n_random_compare", "baseline_lambdas", "baseline_few", "n_boot",
                         "feature_batch_size", "eval_batch_size", "seeds")
 
 
@@ -287,6 +287,23 @@ def estimate_subset(setup: Setup, estimator: gx.SubsetEstimator, back, mask: np.
             "fit_time_s": fit_s, "model_at_delta_time_s": time.time() - t, "w": w}
 
 
+def cached_estimates(setup: Setup, estimator: gx.SubsetEstimator, back, masks: np.ndarray, keys: list) -> dict:
+    """:func:`estimate_subset` of every distinct subset, saved in ``estimates_<hash>.npz``
+    (hash of the subsets and C, under the seed's fingerprint) so that a rerun that only
+    rebuilds the report does not refit them."""
+    first = dict(zip(reversed(keys), reversed(range(len(keys)))))
+    order = sorted(first, key=first.get)
+    path = os.path.join(setup.seed_dir, f"estimates_{fingerprint_of({'keys': order, 'C': estimator.C})[:10]}.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            return {k: {**{name: float(z[name][i]) for name in z.files if name != "w"}, "w": z["w"][i]}
+                    for i, k in enumerate(order)}
+    rows = {k: estimate_subset(setup, estimator, back, masks[first[k]]) for k in progress(order, desc="gradex estimates")}
+    write_npz(path, w=np.stack([rows[k]["w"] for k in order]),
+              **{name: np.array([rows[k][name] for k in order]) for name in rows[order[0]] if name != "w"})
+    return rows
+
+
 def ensemble_stage(c, setup: Setup, estimator: gx.SubsetEstimator, back) -> dict:
     """Estimates on the random ensemble (seconds; recomputed on restart) and the selection
     made from them: task scores and the top fraction, greedy, the ridge surrogate."""
@@ -294,9 +311,7 @@ def ensemble_stage(c, setup: Setup, estimator: gx.SubsetEstimator, back) -> dict
     masks = gx.sample_subsets(len(aux), int(c.n_subsets), prob=float(c.subset_prob),
                               seed=setup.seed + ENSEMBLE_SEED_OFFSET)
     keys = [gx.subset_key(aux, m) for m in masks]
-    first = dict(zip(reversed(keys), reversed(range(len(keys)))))
-    rows = {k: estimate_subset(setup, estimator, back, masks[i])
-            for k, i in progress(sorted(first.items(), key=lambda kv: kv[1]), desc="gradex estimates")}
+    rows = cached_estimates(setup, estimator, back, masks, keys)
     est_lin = np.array([rows[k]["linearised_logistic"] for k in keys])
     scores = gx.ensemble_task_scores(masks, -est_lin)
     selected = np.zeros(len(aux), bool)
@@ -317,17 +332,28 @@ def verification_stage(c, setup: Setup, estimator, back, ens: dict, excluded: se
     idx = verification_indices(ens["est_lin"], ens["keys"], int(c.n_verify), exclude=excluded)
     masks = [ens["masks"][i] for i in idx]
     truth = finetune_store(setup, "verify", masks, int(c.verify_shard_size), "gradex verification fine-tunes")
-    return [_joined_row(setup, ens["rows"][ens["keys"][i]], truth[ens["keys"][i]], back) for i in idx]
+    pi = back.matrix(setup.theta_star).astype(np.float64) if hasattr(back, "matrix") else None
+    return [_joined_row(setup, estimator, pi, ens["rows"][ens["keys"][i]], truth[ens["keys"][i]], back) for i in idx]
 
 
-def _joined_row(setup: Setup, est: dict, true: dict, back) -> dict:
+def _joined_row(setup: Setup, estimator: gx.SubsetEstimator, pi, est: dict, true: dict, back) -> dict:
+    """A verified subset's truth and estimates, with the diagnostics: the cosine and norm
+    ratio of Δ_S = Π w_S and θ_S − θ*, and (dense projections, ``pi`` the (P, d) matrix) the
+    first-order target loss at the part of θ_S − θ* inside the fit's subspace (Π w*, w* the
+    least-squares fit of θ_S − θ*): what the best Δ the d-dim fit could choose would give."""
     delta_s = gx.tree_flatten_vector(gx.project_back(back, setup.theta_star, est["w"]))
     n_s, n_t = float(np.linalg.norm(delta_s)), float(np.linalg.norm(true["delta"]))
     cos = float(delta_s @ true["delta"] / (n_s * n_t)) if n_s > 0 and n_t > 0 else None
+    in_sub = {}
+    if pi is not None:
+        w_star = np.linalg.lstsq(pi, true["delta"], rcond=None)[0]
+        in_sub = {"first_order_in_subspace_logistic": gx.linearised_logistic_loss(
+                      estimator.G_target, estimator.f_target, w_star),
+                  "subspace_norm_share": float(np.linalg.norm(pi @ w_star)) / n_t if n_t > 0 else None}
     tasks = true["subset"].split("+")
     return {**{k: v for k, v in true.items() if k != "delta"}, **{k: v for k, v in est.items() if k != "w"},
             "tasks": tasks, "mask": [t in tasks for t in setup.data.aux], "seed": setup.seed,
-            "cos_delta_fit_vs_true": cos, "norm_ratio_fit_vs_true": n_s / n_t if n_t > 0 else None}
+            "cos_delta_fit_vs_true": cos, "norm_ratio_fit_vs_true": n_s / n_t if n_t > 0 else None, **in_sub}
 
 
 def selection_stage(c, setup: Setup, ens: dict) -> dict | None:
@@ -454,7 +480,9 @@ ESTIMATORS_NOTE = (
     "theta*'s loss; loo_mean = mean of the other verified subsets of the seed; ridge_indicators_loo / "
     "ridge_size_loo = ridge regression of the true loss on the subset's task indicators / on its number of "
     "tasks, fitted on the other verified subsets of the seed (leave-one-out; lambda from baseline_lambdas by an "
-    "inner leave-one-out on those rows only). level_ratio = sum (est-true)^2 / sum true^2, the paper's figure: "
+    "inner leave-one-out on those rows only); ridge_indicators_<k> = the indicator ridge fitted on only k "
+    "other verified subsets of the seed (interleaved folds of the subsets ordered by the estimate; each fold "
+    "predicted by the fit on the next fold; lambda by leave-one-out inside it). level_ratio = sum (est-true)^2 / sum true^2, the paper's figure: "
     "dominated by the loss level all subsets share (compare no_finetune's).")
 
 
@@ -476,7 +504,12 @@ def _loo_ridge(rows, lambdas, size_only: bool):
     return gx.leave_one_out_ridge(X, [r["true_logistic"] for r in rows], lambdas)
 
 
-def honest_tables(rows: list[dict], base: dict[int, dict], lambdas, n_boot: int) -> dict:
+def _few_ridge(rows, lambdas, n_fit: int):
+    X = np.array([r["mask"] for r in rows], np.float64)
+    return gx.few_fit_ridge(X, [r["true_logistic"] for r in rows], n_fit, lambdas)
+
+
+def honest_tables(rows: list[dict], base: dict[int, dict], lambdas, n_boot: int, n_few: int) -> dict:
     """The estimators' honest figures (:func:`ntk_jax.selection.gradex.estimator_metrics`) over
     every verified row of every seed, and the diagnostics of why an estimate fails."""
     seeds = np.array([r["seed"] for r in rows])
@@ -486,7 +519,8 @@ def honest_tables(rows: list[dict], base: dict[int, dict], lambdas, n_boot: int)
                   "gradex_model_at_delta": col("model_at_delta_logistic"),
                   "no_finetune": b, "loo_mean": _per_seed_loo(_loo_mean, rows, seeds),
                   "ridge_indicators_loo": _per_seed_loo(_loo_ridge, rows, seeds, lambdas, False),
-                  "ridge_size_loo": _per_seed_loo(_loo_ridge, rows, seeds, lambdas, True)}
+                  "ridge_size_loo": _per_seed_loo(_loo_ridge, rows, seeds, lambdas, True),
+                  f"ridge_indicators_{n_few}": _per_seed_loo(_few_ridge, rows, seeds, lambdas, n_few)}
     metrics = functools.partial(gx.estimator_metrics, group=seeds, n_boot=n_boot)
     table = {name: metrics(est, true, b) for name, est in estimators.items()}
     b_ce = np.array([base[s]["ce"] for s in seeds])
@@ -494,6 +528,9 @@ def honest_tables(rows: list[dict], base: dict[int, dict], lambdas, n_boot: int)
     diagnostics = {
         "first_order_at_true_displacement": metrics(col("first_order_at_true_logistic"), true, b),
         "fit_vs_first_order_at_true": gx.change_error(col("linearised_logistic"), col("first_order_at_true_logistic"), b),
+        **({"first_order_in_subspace": metrics(col("first_order_in_subspace_logistic"), true, b),
+            "subspace_norm_share_median": float(np.median(col("subspace_norm_share")))}
+           if "first_order_in_subspace_logistic" in rows[0] else {}),
         "model_at_delta_ce": metrics(col("model_at_delta_ce"), col("true_ce"), b_ce),
         "distance": {"min": float(dist.min()), "median": float(np.median(dist)), "max": float(dist.max())},
         "delta_norm_median": float(np.median(col("delta_norm"))),
@@ -503,7 +540,8 @@ def honest_tables(rows: list[dict], base: dict[int, dict], lambdas, n_boot: int)
                   "theta_S - theta* (exact JVP, no projection): its error is the linearisation's own at that "
                   "distance; fit_vs_first_order_at_true: sum (L-hat - that)^2 / sum (true - L(theta*))^2, what the "
                   "logistic fit's Delta_S loses against the real displacement; cos_delta: cosine of Pi w_S and "
-                  "theta_S - theta*"),
+                  "theta_S - theta*; first_order_in_subspace: the first-order loss at the least-squares projection of "
+                  "theta_S - theta* onto the fit's d-dim subspace (range of Pi), subspace_norm_share its share of the norm"),
     }
     return {"n_verified": len(rows), "n_per_seed": {str(s): int((seeds == s).sum()) for s in np.unique(seeds)},
             "estimators": table, "diagnostics": diagnostics, "notes": ESTIMATORS_NOTE}
@@ -528,12 +566,12 @@ def _selection_summary(per_seed: list[dict]) -> dict | None:
 def job_report(c, ctx, per_seed: list[dict]) -> dict:
     rows = [row for r in per_seed for row in r["verification"]]
     honest = honest_tables(rows, {r["seed"]: r["theta_star_target"] for r in per_seed},
-                           list(c.baseline_lambdas), int(c.n_boot))
+                           list(c.baseline_lambdas), int(c.n_boot), int(c.baseline_few))
     est = honest["estimators"]
     g = est["gradex_linearised"]
     trivial = [k for k in est if not k.startswith("gradex")]
     best_err = min(v["error_of_change"]["value"] for k, v in est.items() if k in trivial)
-    best_rho = max((est[k]["spearman"]["value"] or -1.0) for k in ("ridge_indicators_loo", "ridge_size_loo"))
+    best_rho = max((est[k]["spearman"]["value"] or -1.0) for k in trivial if k.startswith("ridge"))
     target = {"spearman_ge_0.8": (g["spearman"]["value"] or -1) >= 0.8,
               "error_of_change_le_0.3": g["error_of_change"]["value"] <= 0.3,
               "beats_every_trivial_error": g["error_of_change"]["value"] < best_err,

@@ -319,6 +319,17 @@ def test_leave_one_out_ridge_hand_computed():
     np.testing.assert_allclose(gx.leave_one_out_ridge(X, y, [1e12, 0.0]), [2.5, 2.0, 1.5, 25.0, 20.0, 15.0])
 
 
+def test_few_fit_ridge_hand_computed():
+    # n = 6, n_fit = 3: folds {0, 2, 4} and {1, 3, 5}; each predicted by the other's λ = 0 fit,
+    # i.e. the mean of the other fold's rows with the same indicator.
+    X = np.array([[1], [1], [0], [0], [1], [0]], float)
+    y = np.array([1.0, 2.0, 10.0, 20.0, 3.0, 30.0])
+    # fold {1,3,5}: ind 1 → 2, ind 0 → 25; fold {0,2,4}: ind 1 → (1+3)/2 = 2, ind 0 → 10.
+    np.testing.assert_allclose(gx.few_fit_ridge(X, y, 3, [0.0]), [2.0, 2.0, 25.0, 10.0, 2.0, 10.0])
+    with pytest.raises(ValueError, match="n >= 2 n_fit"):
+        gx.few_fit_ridge(X, y, 4, [0.0])
+
+
 def test_estimator_metrics_hand_computed():
     # true [1, 2, 3, 4], est [1, 3, 2, 4]: d = ranks differ by 1 in two places, Σd² = 2,
     # Spearman = 1 − 6·2 / (4·15) = 0.8; Kendall: 5 concordant, 1 discordant pair → 4/6.
@@ -332,9 +343,10 @@ def test_estimator_metrics_hand_computed():
     lo, hi = m["spearman"]["low"], m["spearman"]["high"]
     assert lo is not None and lo <= 0.8 <= hi
     # Two seeds: rank statistics within each seed, averaged (seed 1 reversed: −1), bases per row.
-    est2 = np.concatenate([est, true[::-1]])
-    true2 = np.concatenate([true, true])
-    m2 = gx.estimator_metrics(est2, true2, np.repeat([0.0, 1.0], 4), group=np.repeat([0, 1], 4), n_boot=50)
+    # Seed 1's losses sit 10 higher: pooled over seeds the ranks would agree, within seeds not.
+    est2 = np.concatenate([est, true[::-1] + 10])
+    true2 = np.concatenate([true, true + 10])
+    m2 = gx.estimator_metrics(est2, true2, np.repeat([0.0, 11.0], 4), group=np.repeat([0, 1], 4), n_boot=50)
     assert m2["spearman"]["value"] == pytest.approx((0.8 - 1.0) / 2)
     assert m2["per_group"]["1"]["spearman"] == pytest.approx(-1.0)
     assert m2["kendall"]["value"] == pytest.approx((4 / 6 - 1.0) / 2)
@@ -378,8 +390,9 @@ def small_gradex_config(model_dir):
     g.shard_size = 32           # 80 examples: 3 feature shards
     g.n_subsets = 30
     g.n_calibrate = 2
-    g.n_verify = 5
-    g.verify_shard_size = 2     # 5 verified subsets: 3 shards per seed
+    g.n_verify = 6
+    g.verify_shard_size = 2     # 6 verified subsets: 3 shards per seed
+    g.baseline_few = 3
     g.n_random_compare = 2
     g.n_boot = 50
     g.C_grid = [0.1, 1.0]
@@ -400,17 +413,18 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     for s in (0, 1):
         assert len(glob.glob(os.path.join(out, f"seed_{s}", "features", "shard_*.npz"))) == 3
     h = rep["honest"]
-    assert h["n_verified"] == 10 and h["n_per_seed"] == {"0": 5, "1": 5}
+    assert h["n_verified"] == 12 and h["n_per_seed"] == {"0": 6, "1": 6}
     rows = [r for s in rep["per_seed"] for r in s["verification"]]
     for s in rep["per_seed"]:
         keys = [r["subset"] for r in s["verification"]]
-        assert len(set(keys)) == 5                                      # distinct subsets
+        assert len(set(keys)) == 6                                      # distinct subsets
         assert not set(keys) & set(s["calibration"]["subsets"])        # calibration never reused
         for r in s["verification"]:
             for k in ("linearised_logistic", "model_at_delta_logistic", "model_at_delta_ce", "true_logistic",
                       "true_ce", "distance", "first_order_at_true_logistic", "finetune_time_s"):
                 assert np.isfinite(r[k]), (k, r)
             assert r["distance"] > 0 and r["steps"] == 3
+            assert np.isfinite(r["first_order_in_subspace_logistic"]) and 0 < r["subspace_norm_share"] <= 1 + 1e-9
     # The report's figures are the metric functions applied to its own rows.
     true = np.array([r["true_logistic"] for r in rows])
     lin = np.array([r["linearised_logistic"] for r in rows])
@@ -419,10 +433,10 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     assert est["gradex_linearised"]["error_of_change"]["value"] == pytest.approx(gx.change_error(lin, true, base))
     assert est["no_finetune"]["error_of_change"]["value"] == pytest.approx(1.0)
     assert est["gradex_linearised"]["level_ratio"] == pytest.approx(np.sum((lin - true) ** 2) / np.sum(true ** 2))
-    loo = np.concatenate([gx.leave_one_out_mean(true[:5]), gx.leave_one_out_mean(true[5:])])
+    loo = np.concatenate([gx.leave_one_out_mean(true[:6]), gx.leave_one_out_mean(true[6:])])
     assert est["loo_mean"]["error_of_change"]["value"] == pytest.approx(gx.change_error(loo, true, base))
     assert set(est) == {"gradex_linearised", "gradex_model_at_delta", "no_finetune", "loo_mean",
-                        "ridge_indicators_loo", "ridge_size_loo"}
+                        "ridge_indicators_loo", "ridge_size_loo", "ridge_indicators_3"}
     check = rep["per_seed"][0]["selection"]["check"]
     assert set(check) >= {"selected", "all_tasks", "random"} and len(check["random"]) == 2
     assert rep["selection"]["all_tasks"]["mean"] > 0
@@ -434,7 +448,10 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     verify = sorted(glob.glob(os.path.join(out, "seed_*", "verify_*", "shard_*.npz")))
     assert len(verify) == 6
     killed = [verify[-1], glob.glob(os.path.join(out, "seed_0", "features", "shard_*.npz"))[-1]]
-    kept = _stamps(p for p in glob.glob(os.path.join(out, "seed_*", "*", "shard_*.npz")) if p not in killed)
+    estimates = glob.glob(os.path.join(out, "seed_*", "estimates_*.npz"))
+    assert len(estimates) == 2                                          # the ensemble fits, one file per seed
+    kept = _stamps([p for p in glob.glob(os.path.join(out, "seed_*", "*", "shard_*.npz")) if p not in killed]
+                   + estimates)
     for p in killed:
         os.remove(p)
     os.remove(os.path.join(out, "report.json"))

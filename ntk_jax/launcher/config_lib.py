@@ -171,6 +171,7 @@ def gradex_config() -> ml_collections.ConfigDict:
         compare_selection=True,     # fine-tune the selected, greedy, all-task and random same-size subsets
         n_random_compare=4,         # random subsets of the selected size in that check, per seed
         baseline_lambdas=(0.01, 0.1, 1.0, 10.0, 100.0),  # λ grid of the leave-one-out ridge baselines
+        baseline_few=8,             # the indicator ridge also fitted on only this many real fine-tunes
         n_boot=1000,                # bootstrap resamples of every interval
     ))
 

@@ -39,7 +39,7 @@ Instead of fine-tuning on every candidate ``S``, GradEx fine-tunes once on all t
    (:mod:`ntk_jax.stats`), always beside the trivial estimators that use no gradients: θ*'s
    loss, the leave-one-out mean of the verified subsets (:func:`leave_one_out_mean`) and
    ridge regressions on the subset indicators or the subset size fitted on the other real
-   fine-tunes (:func:`leave_one_out_ridge`). The paper's ratio ``Σ(est − true)² / Σ true²``
+   fine-tunes (:func:`leave_one_out_ridge`), or on only a few of them (:func:`few_fit_ridge`). The paper's ratio ``Σ(est − true)² / Σ true²``
    (:func:`relative_squared_error`) is kept, labelled as the level ratio: it is dominated by
    the loss level every subset shares, so θ*'s loss alone scores about as well.
    Diagnostics of why an estimate fails: :func:`first_order_target_loss` (the linearised
@@ -98,6 +98,7 @@ __all__ = [
     "change_error",
     "leave_one_out_mean",
     "leave_one_out_ridge",
+    "few_fit_ridge",
     "estimator_metrics",
     "first_order_target_loss",
     "tree_flatten_vector",
@@ -613,6 +614,31 @@ def leave_one_out_ridge(features, values, lambdas: Sequence[float]) -> np.ndarra
         lam = (lambdas[0] if len(lambdas) == 1 else
                min(lambdas, key=lambda v: float(np.sum((_ridge_loo_predictions(Xk, yk, v) - yk) ** 2))))
         out[i] = fit_ridge_surrogate(Xk, yk, lam).predict(X[i:i + 1])[0]
+    return out
+
+
+def few_fit_ridge(features, values, n_fit: int, lambdas: Sequence[float]) -> np.ndarray:
+    """``(n,)``: every row predicted by a ridge (:func:`fit_ridge_surrogate`) fitted on only
+    ``n_fit`` *other* rows — "a few real fine-tunes". The rows are split into
+    ``K = n // n_fit`` interleaved folds (row i in fold ``i mod K``, so each fold spans the
+    rows' order); the rows of fold k are predicted by the fit on the first ``n_fit`` rows of
+    fold ``(k + 1) mod K``, λ chosen among ``lambdas`` by leave-one-out inside that fold.
+    Needs ``n_fit ≥ 3`` and ``n ≥ 2 n_fit``."""
+    X = np.asarray(features, np.float64)
+    y = np.asarray(values, np.float64)
+    n_fit = int(n_fit)
+    if X.ndim != 2 or y.shape != (X.shape[0],) or n_fit < 3 or y.size < 2 * n_fit:
+        raise ValueError(f"few_fit_ridge needs (n, k) features, (n,) values, n_fit >= 3 and n >= 2 n_fit; "
+                         f"got {X.shape}, {y.shape}, n_fit={n_fit}")
+    K = y.size // n_fit
+    folds = [np.flatnonzero(np.arange(y.size) % K == k) for k in range(K)]
+    out = np.empty(y.size)
+    for k in range(K):
+        fit_rows = folds[(k + 1) % K][:n_fit]
+        Xf, yf = X[fit_rows], y[fit_rows]
+        lam = min([float(v) for v in lambdas],
+                  key=lambda v: float(np.sum((_ridge_loo_predictions(Xf, yf, v) - yf) ** 2)))
+        out[folds[k]] = fit_ridge_surrogate(Xf, yf, lam).predict(X[folds[k]])
     return out
 
 

@@ -32,6 +32,7 @@ from ntk_jax.launcher.run import run  # noqa: E402
 from ntk_jax.utils import write_json  # noqa: E402
 
 SWEEP_BASE = {"seeds": (0,), "n_verify": 12, "n_subsets": 40, "greedy": False, "compare_selection": False,
+              "baseline_few": 4,
               "n_boot": 300}
 # name -> overrides of config.gradex (dotted keys). "base" is configs/gradex.py's setting.
 SETTINGS = {

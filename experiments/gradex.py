@@ -1,40 +1,43 @@
-"""docs/theory.md §6.4 — first-order subset estimation (GradEx), checked against real fine-tuning.
+"""docs/theory.md §6.4 — first-order subset estimation (GradEx), judged against real fine-tuning
+and against the trivial estimators (docs/gradex.md).
 
     python -m ntk_jax.main --config=configs/gradex.py --workdir=runs/gradex
 
 Auxiliary tasks: synthetic task families (``config.gradex.aux_tasks``, each its own task);
-target: one more family (default ``add_spaced``, not in the pre-training mix). Stages, each
-saved in the job's out dir as it finishes (a restarted job skips finished stages; a changed
-config is refused by a fingerprint check rather than mixed with old results):
+target: one more family (default ``add_spaced``, not in the pre-training mix). Every seed of
+``config.gradex.seeds`` is a replicate of its own in ``seed_<s>/`` (its own data draw,
+meta-initialisation, projection, calibration, ensemble and verified subsets). Stages, each
+saved as it finishes (a restarted job skips finished work; a changed config is refused by a
+fingerprint check rather than mixed with old results):
 
-1. ``meta_init/``: θ* = LoRA fine-tuning of the base model on the union of the auxiliary
-   tasks (orbax checkpoints, resumed).
-2. ``features/``: per-example ``f(θ*, x)`` and projected LoRA gradients ``g̃`` (dim d) of
-   every auxiliary training example and every target evaluation example, in the resumable
-   shards of a :class:`~ntk_jax.selection.store.ScoreStore` (``shard_size`` examples each; a
-   killed job recomputes only the shards it had not written).
-3. The scale: with ``calibrate_C`` (default), C is picked from ``C_grid`` by the relative
-   error on ``n_calibrate`` extra really fine-tuned subsets (``finetune/<subset>/``) that are
-   never used for the error check (their cost counts in the timing). Then
-   ``estimates.npz``: a random ensemble of m subsets (each task in with
-   probability ``subset_prob``): the linearised target loss ``L̂(S)`` and the loss of the
-   real model at θ* + Δ_S; task scores, top fraction, greedy forward selection, the ridge
-   surrogate on subset indicators.
-4. ``finetune/<subset>/``: for ``n_verify`` subsets at evenly spaced ranks of L̂ (plus the
-   selected and greedy subsets), real LoRA fine-tuning from θ* on the subset's examples; the
-   target losses of the fine-tuned model, ``result.json`` written when each one finishes.
+1. data (:func:`prepare_data`); 2. θ* (:func:`meta_stage`, ``meta_init/``, orbax checkpoints);
+3. features (:func:`feature_stage`): ``f(θ*, x)`` and projected LoRA gradients ``g̃`` (dim d)
+   of every auxiliary and target example in the shards of a ScoreStore (``features/``);
+4. calibration (:func:`calibration_stage`): C from ``C_grid`` by the squared error on
+   ``n_calibrate`` extra fine-tuned subsets, never used for anything else;
+5. ensemble (:func:`ensemble_stage`): the linearised estimate ``L̂(S)`` and the real model at
+   θ* + Δ_S on ``n_subsets`` random subsets; task scores, greedy, ridge surrogate;
+6. verification (:func:`verification_stage`): ``n_verify`` subsets at evenly spaced ranks of
+   L̂ really fine-tuned from θ* (fine-tunes in ScoreStore shards of ``verify_shard_size``,
+   ``verify_<ids>/``: a killed job recomputes only unwritten shards), plus the selection
+   check (selected, greedy, all tasks and random subsets of the selected size, ``compare_<ids>/``);
+7. report (:func:`seed_report`, :func:`job_report`): the error of the change and Spearman /
+   Kendall within seeds with bootstrap intervals, for GradEx and the trivial estimators
+   (:func:`ntk_jax.selection.gradex.estimator_metrics`).
 
-The target loss is measured identically everywhere by :class:`ntk_jax.selection.gradex.TargetLosses`
-on the same target evaluation examples: ``logistic`` = mean_j log(1+exp(−f(x_j))) (what the
-linearised estimate predicts; the primary comparison) and ``ce`` = mean_j of the token-mean
-cross-entropy (available for θ* + Δ and the fine-tuned models, not for the linearised model).
+The target loss is measured identically everywhere by :class:`ntk_jax.selection.gradex.TargetLosses`:
+``logistic`` = mean_j log(1+exp(−f(x_j))) (what the linearised estimate predicts; primary) and
+``ce`` = mean_j token-mean cross-entropy.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
+from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -44,60 +47,334 @@ from ntk_jax.kernels.factored_projection import make_projection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import gradex as gx
-from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
+from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store, fingerprint_of
 from ntk_jax.stats import spearman
 from ntk_jax.training.trainer import TrainConfig, train
 from ntk_jax.utils import progress, read_json, write_json, write_npz
 
 FEATURES_DIR = "features"  # the ScoreStore of f(θ*, x) (scores) and g̃ (features), one row per example
 
-# Seed offsets of the data streams (generate_task draws per (task, seed)).
+# Seed offsets of the data streams (generate_task draws per (task, seed)) and subset streams.
 AUX_SEED_OFFSET = 101
 TARGET_TRAIN_SEED_OFFSET = 101
 TARGET_EVAL_SEED_OFFSET = 202
+ENSEMBLE_SEED_OFFSET = 7
+CALIBRATION_SEED_OFFSET = 11
+RANDOM_COMPARE_SEED_OFFSET = 23
+
+# Columns of a fine-tune store's ``features`` (its ``scores`` are the true target logistic
+# losses); after them, the flattened displacement θ_S − θ* (P values).
+FINETUNE_COLUMNS = ("true_ce", "distance", "first_order_at_true_logistic", "finetune_time_s", "steps")
+
+# Keys that only affect the (cheap, always recomputed) estimation stages or the fine-tunes'
+# choice of subsets (stores keyed by their subsets' ids); changing them reuses a workdir.
+ESTIMATION_ONLY_KEYS = ("C", "C_grid", "calibrate_C", "n_calibrate", "n_subsets", "subset_prob", "keep_fraction",
+                        "greedy", "ridge_lambda", "surrogate_holdout", "n_verify", "verify_shard_size",
+                        "compare_selection", "n_random_compare", "baseline_lambdas", "baseline_few", "n_boot",
+                        "feature_batch_size", "eval_batch_size", "seeds")
 
 
-def check_setup(c) -> tuple[list[str], str]:
-    """The auxiliary task list and the target, validated (clear errors for bad configs)."""
-    aux = list(c.aux_tasks)
-    target = str(c.target)
+def check_setup(c) -> tuple[list[str], str, list[int]]:
+    """The auxiliary task list, the target and the seeds, validated (clear errors)."""
+    aux, target, seeds = list(c.aux_tasks), str(c.target), [int(s) for s in c.seeds]
     unknown = [t for t in aux + [target] if t not in TASKS]
     if unknown:
         raise ValueError(f"gradex: unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
-    if len(aux) < 2:
-        raise ValueError(f"gradex needs at least 2 auxiliary tasks, got {aux}")
-    if len(set(aux)) != len(aux):
-        raise ValueError(f"gradex: duplicate auxiliary tasks in {aux}")
+    if len(aux) < 2 or len(set(aux)) != len(aux):
+        raise ValueError(f"gradex needs at least 2 distinct auxiliary tasks, got {aux}")
     if target in aux:
         raise ValueError(f"gradex: the target {target!r} is also an auxiliary task")
-    if int(c.n_verify) < 1:
-        raise ValueError(f"gradex.n_verify must be >= 1, got {c.n_verify}")
-    for name in ("n_train_per_task", "n_target_eval", "n_subsets", "projection_dim"):
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"gradex.seeds must be distinct and non-empty, got {seeds}")
+    if int(c.n_verify) < 3:
+        raise ValueError(f"gradex.n_verify must be >= 3 (rank statistics), got {c.n_verify}")
+    for name in ("n_train_per_task", "n_target_eval", "n_subsets", "projection_dim", "verify_shard_size"):
         if int(c[name]) <= 0:
             raise ValueError(f"gradex.{name} must be positive, got {c[name]}")
     if int(c.n_target_train) < 0:
         raise ValueError(f"gradex.n_target_train must be >= 0, got {c.n_target_train}")
-    return aux, target
-
-
-# Keys that only affect the (cheap, always recomputed) estimation and selection stage; the
-# cached stages (θ*, features, fine-tunes keyed by subset) do not depend on them, so changing
-# them reuses a workdir's cached results instead of being refused.
-ESTIMATION_ONLY_KEYS = ("C", "C_grid", "calibrate_C", "n_calibrate", "n_subsets", "subset_prob", "keep_fraction",
-                        "greedy", "ridge_lambda",
-                        "surrogate_holdout", "n_verify", "verify_selected", "feature_batch_size",
-                        "eval_batch_size")
-
-
-def _fingerprint_payload(c, ctx) -> dict:
-    """What every cached stage depends on: the section (less the estimation-only keys), the
-    model, the seed and the sequence length."""
-    return {"gradex": {k: v for k, v in c.to_dict().items() if k not in ESTIMATION_ONLY_KEYS},
-            "model_dir": os.path.abspath(ctx.model_dir), "seed": int(ctx.seed), "max_len": int(ctx.max_len)}
+    return aux, target, seeds
 
 
 def _concat(arrays: list[dict]) -> dict:
     return {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The encoded examples of one seed: ``encoded[task]`` per auxiliary task, their
+    ``union`` and ``task_index`` (N,), the target evaluation (and optional training) set."""
+    aux: list
+    encoded: dict
+    union: dict
+    task_index: np.ndarray
+    target_eval: dict
+    target_train: dict | None
+
+
+def prepare_data(c, ctx, seed: int, aux: list[str], target: str) -> Data:
+    encoded = {t: ctx.encode(generate_task(t, int(c.n_train_per_task), seed=seed + AUX_SEED_OFFSET)) for t in aux}
+    target_eval = ctx.encode(generate_task(target, int(c.n_target_eval), seed=seed + TARGET_EVAL_SEED_OFFSET))
+    target_train = (ctx.encode(generate_task(target, int(c.n_target_train), seed=seed + TARGET_TRAIN_SEED_OFFSET))
+                    if int(c.n_target_train) else None)
+    task_index = np.concatenate([np.full(len(encoded[t]["input_ids"]), k) for k, t in enumerate(aux)])
+    return Data(aux, encoded, _concat([encoded[t] for t in aux]), task_index, target_eval, target_train)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every later stage of one seed needs (immutable): the model context, θ*, the LoRA
+    subset, the output function, the target-loss evaluator and the fine-tune config."""
+    ctx: Any
+    lora: LoRAConfig
+    data: Data
+    seed: int
+    seed_dir: str
+    fingerprint: str
+    theta_star: Any
+    subset: Any
+    f_fn: Any
+    target_losses: gx.TargetLosses
+    finetune: TrainConfig
+
+
+def meta_stage(c, ctx, data: Data, seed: int, seed_dir: str, fingerprint: str) -> tuple[Setup, dict]:
+    """θ*: LoRA fine-tuning on the union of the auxiliary tasks (resumed from ``meta_init/``)."""
+    lora = LoRAConfig.from_dict(c.lora)
+    meta_dir = os.path.join(seed_dir, "meta_init")
+    meta_cfg = TrainConfig.from_dict({**dict(c.meta_train), "seed": seed})
+    model = ctx.load_model(lora, seed=seed)
+    t0 = time.time()
+    meta = gx.meta_initialise(model, data.union, meta_cfg, workdir=meta_dir)
+    info_path = os.path.join(meta_dir, "result.json")
+    if not os.path.exists(info_path):
+        losses = [h["loss"] for h in meta.history if "loss" in h]
+        write_json(info_path, {"time_s": time.time() - t0, "steps": meta.final_step,
+                               "first_loss": losses[0], "final_loss": float(np.mean(losses[-3:]))})
+    subset = param_subset(model, nnx.LoRAParam)
+    f_fn = gx.gradex_output_fn(subset, clip_eps=float(c.clip_eps))
+    losses = gx.TargetLosses(subset, data.target_eval, clip_eps=float(c.clip_eps), batch_size=int(c.eval_batch_size))
+    setup = Setup(ctx, lora, data, seed, seed_dir, fingerprint, meta.params, subset, f_fn, losses,
+                  TrainConfig.from_dict({**dict(c.finetune), "seed": seed}))
+    return setup, {**read_json(info_path), "config": meta_cfg.to_dict()}
+
+
+def _feature_rows(setup: Setup, everything: dict, projection, batch_size: int, lo: int, hi: int):
+    rows = {k: v[lo:hi] for k, v in everything.items()}
+    G = gx.projected_gradients(setup.f_fn, setup.theta_star, rows, projection, batch_size=batch_size, desc=None)
+    return gx.output_values(setup.f_fn, setup.theta_star, rows, batch_size=batch_size), G
+
+
+def feature_stage(c, setup: Setup) -> tuple[gx.SubsetEstimator, Any, float]:
+    """Features at θ* of every example (resumable shards); returns the estimator (C as
+    configured), the back-projection Π and the features' compute seconds."""
+    data = setup.data
+    projection = make_projection(int(c.projection_dim), int(c.projection_seed) + setup.seed,
+                                 str(c.projection_type), kind=str(c.projection_kind))
+    parts = {"aux": data.union, "target": data.target_eval}
+    if data.target_train is not None:
+        parts["always"] = data.target_train
+    everything = _concat([{k: d[k] for k in gx.MODEL_INPUTS} for d in parts.values()])
+    ids = [f"{name}/{i}" for name, d in parts.items() for i in range(len(d["input_ids"]))]
+    store = ScoreStore(os.path.join(setup.seed_dir, FEATURES_DIR), ids, int(c.shard_size), setup.fingerprint)
+    fill_store(store, functools.partial(_feature_rows, setup, everything, projection, int(c.feature_batch_size)),
+               desc="gradex features", with_features=True)
+    _, f_all, G = store.merge(with_features=True)
+    bounds = np.cumsum([0] + [len(d["input_ids"]) for d in parts.values()])
+    feats = {name: (G[lo:hi], f_all[lo:hi]) for name, lo, hi in zip(parts, bounds[:-1], bounds[1:])}
+    always = feats.get("always", (None, None))
+    estimator = gx.SubsetEstimator(task_names=data.aux, G=feats["aux"][0], f=feats["aux"][1],
+                                   task_index=data.task_index, G_target=feats["target"][0],
+                                   f_target=feats["target"][1], C=float(c.C), G_always=always[0], f_always=always[1])
+    back = gx.parameter_projection(projection, setup.f_fn, setup.theta_star, everything)
+    return estimator, back, store.compute_seconds()
+
+
+def finetune_subset(setup: Setup, mask: np.ndarray) -> dict:
+    """Real LoRA fine-tuning from θ* on the subset's examples (in memory: the store shard is
+    the unit of resumption): the target losses, ‖θ_S − θ*‖, the first-order loss at θ_S − θ*."""
+    data = setup.data
+    rows = _concat([data.encoded[t] for t, inside in zip(data.aux, mask) if inside]
+                   + ([data.target_train] if data.target_train is not None else []))
+    model = setup.ctx.load_model(setup.lora, seed=setup.seed)
+    param_subset(model, nnx.LoRAParam).update_model(model, setup.theta_star)
+    t0 = time.time()
+    result = train(model, rows, setup.finetune)
+    seconds = time.time() - t0
+    true = setup.target_losses(result.params)
+    delta = jax.tree.map(lambda a, b: a - b, result.params, setup.theta_star)
+    flat = gx.tree_flatten_vector(delta)
+    first = gx.first_order_target_loss(setup.f_fn, setup.theta_star, delta, data.target_eval)
+    return {"true_logistic": true["logistic"], "true_ce": true["ce"], "distance": float(np.linalg.norm(flat)),
+            "first_order_at_true_logistic": first, "finetune_time_s": seconds, "steps": result.final_step,
+            "delta": flat}
+
+
+def _finetune_rows(setup: Setup, masks: list, lo: int, hi: int):
+    out = [finetune_subset(setup, m) for m in masks[lo:hi]]
+    cols = np.array([[r[k] for k in FINETUNE_COLUMNS] for r in out], np.float64)
+    return np.array([r["true_logistic"] for r in out]), np.concatenate([cols, np.stack([r["delta"] for r in out])], 1)
+
+
+def finetune_store(setup: Setup, name: str, masks: list, shard_size: int, desc: str) -> dict[str, dict]:
+    """Fine-tunes every subset in ``masks`` in the resumable shards of a ScoreStore in
+    ``<name>_<hash of the subsets>/``; returns ``{subset key: row}`` (the FINETUNE_COLUMNS,
+    ``true_logistic`` and ``delta`` (P,))."""
+    keys = [gx.subset_key(setup.data.aux, m) for m in masks]
+    directory = os.path.join(setup.seed_dir, f"{name}_{fingerprint_of(keys)[:10]}")
+    store = ScoreStore(directory, keys, shard_size, setup.fingerprint)
+    fill_store(store, functools.partial(_finetune_rows, setup, list(masks)), desc=desc, with_features=True)
+    ids, scores, feats = store.merge(with_features=True)
+    k = len(FINETUNE_COLUMNS)
+    return {key: {"subset": key, "true_logistic": float(s), **dict(zip(FINETUNE_COLUMNS, map(float, f[:k]))),
+                  "delta": f[k:]} for key, s, f in zip(ids, scores, feats)}
+
+
+def distinct_subsets(n_tasks: int, n: int, prob: float, seed: int, *, size: int | None = None,
+                     exclude: frozenset = frozenset()) -> list[np.ndarray]:
+    """``n`` distinct random subsets (each task in with probability ``prob``, or exactly
+    ``size`` tasks), none of whose bytes are in ``exclude``; a stream of its own per seed."""
+    rng = np.random.default_rng(seed)
+    out: dict[bytes, np.ndarray] = {}
+    for _ in range(100 * n + 100):
+        if size is None:
+            m = rng.random(n_tasks) < prob
+        else:
+            m = np.zeros(n_tasks, bool)
+            m[rng.choice(n_tasks, size, replace=False)] = True
+        if m.any() and m.tobytes() not in exclude:
+            out.setdefault(m.tobytes(), m)
+        if len(out) == n:
+            return list(out.values())
+    raise ValueError(f"could not draw {n} distinct subsets of {n_tasks} tasks")
+
+
+def calibration_stage(c, setup: Setup, estimator: gx.SubsetEstimator) -> tuple[float, dict | None]:
+    """C: the value in ``C_grid`` with the least squared error Σ(est − true)² on
+    ``n_calibrate`` extra fine-tuned subsets (used for nothing else); ``C`` as given without
+    ``calibrate_C``."""
+    if not c.calibrate_C:
+        return float(c.C), None
+    masks = distinct_subsets(estimator.n_tasks, int(c.n_calibrate), float(c.subset_prob),
+                             setup.seed + CALIBRATION_SEED_OFFSET)
+    rows = finetune_store(setup, "calibrate", masks, int(c.verify_shard_size), "gradex calibration fine-tunes")
+    true = [r["true_logistic"] for r in rows.values()]
+    table = []
+    for C in list(c.C_grid):
+        est_C = dataclasses.replace(estimator, C=float(C))
+        vals = [est_C.estimate(m)[0] for m in masks]
+        table.append({"C": float(C), "squared_error": float(np.sum((np.array(vals) - true) ** 2))})
+    C_used = min(table, key=lambda row: row["squared_error"])["C"]
+    return C_used, {"subsets": list(rows), "table": table, "C": C_used,
+                    "finetune_times_s": [r["finetune_time_s"] for r in rows.values()],
+                    "rule": "C in C_grid minimising sum (est-true)^2 on these subsets only"}
+
+
+def estimate_subset(setup: Setup, estimator: gx.SubsetEstimator, back, mask: np.ndarray) -> dict:
+    """One subset's estimates: the linearised loss L̂(S) and the real model at θ* + Δ_S."""
+    t = time.time()
+    loss, w = estimator.estimate(mask)
+    fit_s = time.time() - t
+    t = time.time()
+    delta = gx.project_back(back, setup.theta_star, w)
+    at_delta = setup.target_losses(gx.add_delta(setup.theta_star, delta))
+    return {"linearised_logistic": loss, "w_norm": float(np.linalg.norm(w)),
+            "delta_norm": float(np.linalg.norm(gx.tree_flatten_vector(delta))),
+            "model_at_delta_logistic": at_delta["logistic"], "model_at_delta_ce": at_delta["ce"],
+            "fit_time_s": fit_s, "model_at_delta_time_s": time.time() - t, "w": w}
+
+
+def cached_estimates(setup: Setup, estimator: gx.SubsetEstimator, back, masks: np.ndarray, keys: list) -> dict:
+    """:func:`estimate_subset` of every distinct subset, saved in ``estimates_<hash>.npz``
+    (hash of the subsets and C, under the seed's fingerprint) so that a rerun that only
+    rebuilds the report does not refit them."""
+    first = dict(zip(reversed(keys), reversed(range(len(keys)))))
+    order = sorted(first, key=first.get)
+    path = os.path.join(setup.seed_dir, f"estimates_{fingerprint_of({'keys': order, 'C': estimator.C})[:10]}.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            return {k: {**{name: float(z[name][i]) for name in z.files if name != "w"}, "w": z["w"][i]}
+                    for i, k in enumerate(order)}
+    rows = {k: estimate_subset(setup, estimator, back, masks[first[k]]) for k in progress(order, desc="gradex estimates")}
+    write_npz(path, w=np.stack([rows[k]["w"] for k in order]),
+              **{name: np.array([rows[k][name] for k in order]) for name in rows[order[0]] if name != "w"})
+    return rows
+
+
+def ensemble_stage(c, setup: Setup, estimator: gx.SubsetEstimator, back) -> dict:
+    """Estimates on the random ensemble (seconds; recomputed on restart) and the selection
+    made from them: task scores and the top fraction, greedy, the ridge surrogate."""
+    aux = setup.data.aux
+    masks = gx.sample_subsets(len(aux), int(c.n_subsets), prob=float(c.subset_prob),
+                              seed=setup.seed + ENSEMBLE_SEED_OFFSET)
+    keys = [gx.subset_key(aux, m) for m in masks]
+    rows = cached_estimates(setup, estimator, back, masks, keys)
+    est_lin = np.array([rows[k]["linearised_logistic"] for k in keys])
+    scores = gx.ensemble_task_scores(masks, -est_lin)
+    selected = np.zeros(len(aux), bool)
+    selected[gx.select_top(scores, float(c.keep_fraction))] = True
+    greedy = None
+    if c.greedy:
+        g = gx.greedy_forward_selection(lambda m: estimator.estimate(m)[0], len(aux))
+        greedy = {"order": [aux[k] for k in g["order"]], "losses": g["losses"], "mask": g["selected"],
+                  "selected": [aux[k] for k in np.flatnonzero(g["selected"])]}
+    return {"masks": masks, "keys": keys, "rows": rows, "est_lin": est_lin, "scores": scores,
+            "selected_mask": selected, "greedy": greedy,
+            "surrogate": _surrogate_report(masks, est_lin, aux, float(c.ridge_lambda), float(c.surrogate_holdout))}
+
+
+def verification_stage(c, setup: Setup, estimator, back, ens: dict, excluded: set) -> list[dict]:
+    """``n_verify`` subsets at evenly spaced ranks of L̂ (no calibration subset) really
+    fine-tuned, each row with its estimates and the diagnostics (cosine of Δ_S and θ_S − θ*)."""
+    idx = verification_indices(ens["est_lin"], ens["keys"], int(c.n_verify), exclude=excluded)
+    masks = [ens["masks"][i] for i in idx]
+    truth = finetune_store(setup, "verify", masks, int(c.verify_shard_size), "gradex verification fine-tunes")
+    pi = back.matrix(setup.theta_star).astype(np.float64) if hasattr(back, "matrix") else None
+    return [_joined_row(setup, estimator, pi, ens["rows"][ens["keys"][i]], truth[ens["keys"][i]], back) for i in idx]
+
+
+def _joined_row(setup: Setup, estimator: gx.SubsetEstimator, pi, est: dict, true: dict, back) -> dict:
+    """A verified subset's truth and estimates, with the diagnostics: the cosine and norm
+    ratio of Δ_S = Π w_S and θ_S − θ*, and (dense projections, ``pi`` the (P, d) matrix) the
+    first-order target loss at the part of θ_S − θ* inside the fit's subspace (Π w*, w* the
+    least-squares fit of θ_S − θ*): what the best Δ the d-dim fit could choose would give."""
+    delta_s = gx.tree_flatten_vector(gx.project_back(back, setup.theta_star, est["w"]))
+    n_s, n_t = float(np.linalg.norm(delta_s)), float(np.linalg.norm(true["delta"]))
+    cos = float(delta_s @ true["delta"] / (n_s * n_t)) if n_s > 0 and n_t > 0 else None
+    in_sub = {}
+    if pi is not None:
+        w_star = np.linalg.lstsq(pi, true["delta"], rcond=None)[0]
+        in_sub = {"first_order_in_subspace_logistic": gx.linearised_logistic_loss(
+                      estimator.G_target, estimator.f_target, w_star),
+                  "subspace_norm_share": float(np.linalg.norm(pi @ w_star)) / n_t if n_t > 0 else None}
+    tasks = true["subset"].split("+")
+    return {**{k: v for k, v in true.items() if k != "delta"}, **{k: v for k, v in est.items() if k != "w"},
+            "tasks": tasks, "mask": [t in tasks for t in setup.data.aux], "seed": setup.seed,
+            "cos_delta_fit_vs_true": cos, "norm_ratio_fit_vs_true": n_s / n_t if n_t > 0 else None, **in_sub}
+
+
+def selection_stage(c, setup: Setup, ens: dict) -> dict | None:
+    """The selection check: the real fine-tuned target loss of the selected tasks, the greedy
+    subset, all tasks, and ``n_random_compare`` random subsets of the selected size."""
+    if not c.compare_selection:
+        return None
+    aux, sel = setup.data.aux, ens["selected_mask"]
+    named = {"selected": sel, "all_tasks": np.ones(len(aux), bool)}
+    if ens["greedy"] is not None:
+        named["greedy"] = ens["greedy"]["mask"]
+    randoms = distinct_subsets(len(aux), int(c.n_random_compare), 0.5, setup.seed + RANDOM_COMPARE_SEED_OFFSET,
+                               size=int(sel.sum()), exclude=frozenset({sel.tobytes()}))
+    masks = list({m.tobytes(): m for m in [*named.values(), *randoms]}.values())
+    truth = finetune_store(setup, "compare", masks, int(c.verify_shard_size), "gradex selection check")
+    key = functools.partial(gx.subset_key, aux)
+    out = {name: {"subset": key(m), "true_logistic": truth[key(m)]["true_logistic"],
+                  "true_ce": truth[key(m)]["true_ce"]} for name, m in named.items()}
+    out["random"] = [{"subset": key(m), "true_logistic": truth[key(m)]["true_logistic"],
+                      "true_ce": truth[key(m)]["true_ce"]} for m in randoms]
+    return out
 
 
 def verification_indices(estimates: np.ndarray, keys: list[str], n_verify: int, *,
@@ -116,217 +393,6 @@ def verification_indices(estimates: np.ndarray, keys: list[str], n_verify: int, 
     return [unique[r] for r in ranks]
 
 
-def calibration_subsets(n_tasks: int, n_calibrate: int, prob: float, seed: int) -> list[np.ndarray]:
-    """``n_calibrate`` distinct random subsets (a stream of its own, not the ensemble's)."""
-    draws = gx.sample_subsets(n_tasks, 50 * n_calibrate + 50, prob=prob, seed=seed)
-    out: dict[bytes, np.ndarray] = {}
-    for m in draws:
-        out.setdefault(m.tobytes(), m)
-        if len(out) == n_calibrate:
-            return list(out.values())
-    raise ValueError(f"could not draw {n_calibrate} distinct calibration subsets of {n_tasks} tasks")
-
-
-def run(config, out_dir: str, ctx) -> dict:
-    c = config.gradex
-    aux, target = check_setup(c)
-    fingerprint = check_workdir_fingerprint(out_dir, _fingerprint_payload(c, ctx), "gradex")
-    lora = LoRAConfig.from_dict(c.lora)
-    n_tasks = len(aux)
-
-    # ---- data
-    encoded = {t: ctx.encode(generate_task(t, int(c.n_train_per_task), seed=ctx.seed + AUX_SEED_OFFSET))
-               for t in aux}
-    target_eval = ctx.encode(generate_task(target, int(c.n_target_eval), seed=ctx.seed + TARGET_EVAL_SEED_OFFSET))
-    target_train = (ctx.encode(generate_task(target, int(c.n_target_train), seed=ctx.seed + TARGET_TRAIN_SEED_OFFSET))
-                    if int(c.n_target_train) else None)
-    union = _concat([encoded[t] for t in aux])
-    task_index = np.concatenate([np.full(len(encoded[t]["input_ids"]), k) for k, t in enumerate(aux)])
-
-    # ---- 1. meta-initialisation θ*
-    meta_dir = os.path.join(out_dir, "meta_init")
-    meta_cfg = TrainConfig.from_dict({**dict(c.meta_train), "seed": ctx.seed})
-    model = ctx.load_model(lora)
-    t0 = time.time()
-    meta = gx.meta_initialise(model, union, meta_cfg, workdir=meta_dir)
-    meta_info_path = os.path.join(meta_dir, "result.json")
-    if not os.path.exists(meta_info_path):
-        losses = [h["loss"] for h in meta.history if "loss" in h]
-        write_json(meta_info_path, {"time_s": time.time() - t0, "steps": meta.final_step,
-                                    "first_loss": losses[0], "final_loss": float(np.mean(losses[-3:]))})
-    meta_info = read_json(meta_info_path)
-    subset = param_subset(model, nnx.LoRAParam)
-    theta_star = meta.params
-    f_fn = gx.gradex_output_fn(subset, clip_eps=float(c.clip_eps))
-    if int(c.projection_dim) < 1:
-        raise ValueError(f"gradex.projection_dim must be >= 1 (the estimator works in d projected dims), "
-                         f"got {c.projection_dim}")
-    projection = make_projection(int(c.projection_dim), int(c.projection_seed), str(c.projection_type),
-                                 kind=str(c.projection_kind))
-    target_loss_fn = gx.TargetLosses(subset, target_eval, clip_eps=float(c.clip_eps), batch_size=int(c.eval_batch_size))
-
-    # ---- 2. features at θ*, in resumable shards of one store over every part
-    parts = {"aux": union, "target": target_eval}
-    if target_train is not None:
-        parts["always"] = target_train
-    everything = _concat([{k: d[k] for k in gx.MODEL_INPUTS} for d in parts.values()])
-    ids = [f"{name}/{i}" for name, d in parts.items() for i in range(len(d["input_ids"]))]
-    store = ScoreStore(os.path.join(out_dir, FEATURES_DIR), ids, int(c.shard_size), fingerprint)
-
-    def features(lo, hi):
-        rows = {k: v[lo:hi] for k, v in everything.items()}
-        G = gx.projected_gradients(f_fn, theta_star, rows, projection, batch_size=int(c.feature_batch_size),
-                                   desc=None)
-        return gx.output_values(f_fn, theta_star, rows, batch_size=int(c.eval_batch_size)), G
-
-    fill_store(store, features, desc="gradex features", with_features=True)
-    _, f_all, G = store.merge(with_features=True)
-    feature_time = store.compute_seconds()
-    back = gx.parameter_projection(projection, f_fn, theta_star, everything)  # Δ = Π w
-    bounds = np.cumsum([0] + [len(d["input_ids"]) for d in parts.values()])
-    feats = {"task_index": task_index}
-    for name, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
-        feats[f"G_{name}"], feats[f"f_{name}"] = G[lo:hi], f_all[lo:hi]
-    estimator = gx.SubsetEstimator(
-        task_names=aux, G=feats["G_aux"], f=feats["f_aux"], task_index=feats["task_index"],
-        G_target=feats["G_target"], f_target=feats["f_target"], C=float(c.C),
-        G_always=feats.get("G_always"), f_always=feats.get("f_always"))
-    base_losses = target_loss_fn(theta_star)
-    ft_cfg = TrainConfig.from_dict({**dict(c.finetune), "seed": ctx.seed})
-
-    def finetune(mask) -> dict:
-        """Real LoRA fine-tuning from θ* on the subset (cached in finetune/<key>/result.json)."""
-        key = gx.subset_key(aux, mask)
-        res_path = os.path.join(out_dir, "finetune", key, "result.json")
-        if not os.path.exists(res_path):
-            data = _concat([encoded[t] for t, inside in zip(aux, mask) if inside]
-                           + ([target_train] if target_train is not None else []))
-            ft_model = ctx.load_model(lora)
-            param_subset(ft_model, nnx.LoRAParam).update_model(ft_model, theta_star)
-            t0 = time.time()
-            result = train(ft_model, data, ft_cfg, workdir=os.path.join(out_dir, "finetune", key, "train"))
-            train_s = time.time() - t0
-            true = target_loss_fn(result.params)
-            write_json(res_path, {"subset": key, "n_examples": int(len(data["input_ids"])),
-                                  "finetune_time_s": train_s, "steps": result.final_step,
-                                  "true_logistic": true["logistic"], "true_ce": true["ce"]})
-        return {**read_json(res_path), "tasks": [t for t, inside in zip(aux, mask) if inside]}
-
-    # ---- 3a. the scale: C from a grid, calibrated on subsets that are used for nothing else
-    calibration = None
-    C_used = float(c.C)
-    if c.calibrate_C:
-        cal_masks = calibration_subsets(n_tasks, int(c.n_calibrate), float(c.subset_prob), ctx.seed + 11)
-        cal_rows = [finetune(m) for m in progress(cal_masks, desc="gradex calibration fine-tunes")]
-        table = []
-        for C in list(c.C_grid):
-            est_C = dataclasses.replace(estimator, C=float(C))
-            vals = [est_C.estimate(m)[0] for m in cal_masks]
-            table.append({"C": float(C), "relative_error": gx.relative_squared_error(
-                vals, [r["true_logistic"] for r in cal_rows])})
-        C_used = min(table, key=lambda row: row["relative_error"])["C"]
-        calibration = {"subsets": [r["subset"] for r in cal_rows], "table": table, "C": C_used,
-                       "finetune_times_s": [r["finetune_time_s"] for r in cal_rows],
-                       "rule": "C in C_grid minimising sum (est-true)^2/sum true^2 on these subsets only"}
-    estimator = dataclasses.replace(estimator, C=C_used)
-    excluded = set(calibration["subsets"]) if calibration else set()
-
-    # ---- 3b. estimates on the random ensemble (recomputed on restart: seconds)
-    masks = gx.sample_subsets(n_tasks, int(c.n_subsets), prob=float(c.subset_prob), seed=ctx.seed + 7)
-    keys = [gx.subset_key(aux, m) for m in masks]
-    cache: dict[str, dict] = {}
-
-    def estimate(mask) -> dict:
-        key = gx.subset_key(aux, mask)
-        if key not in cache:
-            t = time.time()
-            loss, w = estimator.estimate(mask)
-            fit_s = time.time() - t
-            t = time.time()
-            at_delta = target_loss_fn(gx.add_delta(theta_star, gx.project_back(back, theta_star, w)))
-            cache[key] = {"linearised_logistic": loss, "w_norm": float(np.linalg.norm(w)),
-                          "model_at_delta_logistic": at_delta["logistic"], "model_at_delta_ce": at_delta["ce"],
-                          "fit_time_s": fit_s, "model_at_delta_time_s": time.time() - t, "w": w}
-        return cache[key]
-
-    ens = [estimate(m) for m in progress(masks, desc="gradex estimates", total=len(masks))]
-    est_lin = np.array([e["linearised_logistic"] for e in ens])
-    fit_times = np.array([cache[k]["fit_time_s"] for k in dict.fromkeys(keys)])
-    delta_times = np.array([cache[k]["model_at_delta_time_s"] for k in dict.fromkeys(keys)])
-
-    # ---- selection
-    scores = gx.ensemble_task_scores(masks, -est_lin)
-    top = gx.select_top(scores, float(c.keep_fraction))
-    selected_mask = np.zeros(n_tasks, bool)
-    selected_mask[top] = True
-    greedy = None
-    if c.greedy:
-        g = gx.greedy_forward_selection(lambda m: estimate(m)["linearised_logistic"], n_tasks)
-        greedy = {"order": [aux[k] for k in g["order"]], "losses": g["losses"],
-                  "selected": [aux[k] for k in np.flatnonzero(g["selected"])]}
-    surrogate = _surrogate_report(masks, est_lin, aux, float(c.ridge_lambda), float(c.surrogate_holdout))
-    write_npz(os.path.join(out_dir, "estimates.npz"), masks=masks, linearised_logistic=est_lin,
-              model_at_delta_logistic=np.array([e["model_at_delta_logistic"] for e in ens]),
-              model_at_delta_ce=np.array([e["model_at_delta_ce"] for e in ens]),
-              w=np.stack([e["w"] for e in ens]), C=np.float64(C_used))
-
-    # ---- 4. real fine-tuning on a few subsets (none of them a calibration subset)
-    verify = [masks[i] for i in verification_indices(est_lin, keys, int(c.n_verify), exclude=excluded)]
-    if c.verify_selected:
-        extra = [selected_mask] + ([np.isin(aux, greedy["selected"])] if greedy else [])
-        for m in extra:
-            key = gx.subset_key(aux, m)
-            if key not in excluded and key not in {gx.subset_key(aux, v) for v in verify}:
-                verify.append(m)
-    rows = []
-    for m in progress(verify, desc="gradex fine-tunes", total=len(verify)):
-        e = estimate(m)
-        rows.append({**finetune(m), **{k: v for k, v in e.items() if k != "w"}})
-
-    report = {
-        "experiment": "gradex",
-        "setup": {"target": target, "aux_tasks": aux, "n_train_per_task": int(c.n_train_per_task),
-                  "n_target_train": int(c.n_target_train), "n_target_eval": int(c.n_target_eval),
-                  "lora": dict(c.lora), "meta_train": meta_cfg.to_dict(), "finetune": ft_cfg.to_dict(),
-                  "projection": {"dim": projection.dim, "seed": projection.seed, "kind": projection.kind,
-                                 "type": str(c.projection_type)},
-                  "num_lora_params": subset.num_params, "C_config": float(c.C), "C": C_used,
-                  "calibrate_C": bool(c.calibrate_C), "clip_eps": float(c.clip_eps),
-                  "n_subsets": int(c.n_subsets), "subset_prob": float(c.subset_prob),
-                  "target_loss": ("logistic = mean_j log(1+exp(-f(x_j))), f = mean over response tokens of "
-                                  "log(q/(1-q)) (q clipped to [eps, 1-eps]); ce = mean_j token-mean "
-                                  "cross-entropy; both on the same target eval examples"),
-                  "scale": ("no rescaling: Delta = Pi w exactly (Pi the (P, d) +-1/sqrt(d) matrix of "
-                            "RandomProjection); the logistic loss is a sum over the subset's examples with "
-                            "ridge |w|^2/(2C); the offset f(theta*, x) is kept"),
-                  "verification_subsets": "evenly spaced ranks of the linearised estimate, + selected/greedy",
-                  "model": ctx.info},
-        "meta_init": meta_info,
-        "calibration": calibration,
-        "theta_star_target": base_losses,
-        "ensemble": {"n_subsets": len(masks), "n_distinct": len(set(keys)),
-                     "linearised_logistic": {"min": float(est_lin.min()), "max": float(est_lin.max()),
-                                             "mean": float(est_lin.mean())},
-                     "spearman_linearised_vs_model_at_delta": spearman(
-                         est_lin, [e["model_at_delta_logistic"] for e in ens])},
-        "selection": {
-            "task_scores": {t: float(s) for t, s in zip(aux, scores)},
-            "task_scores_definition": "mean of -linearised_logistic over the ensemble subsets containing the task",
-            "keep_fraction": float(c.keep_fraction),
-            "selected": [aux[k] for k in top],
-            "selected_estimate": estimate(selected_mask)["linearised_logistic"],
-            "greedy": greedy,
-            "surrogate": surrogate,
-        },
-        "verification": rows,
-    }
-    report["errors"] = _error_report(rows, base_losses, estimator, c)
-    report["timing"] = _timing_report(rows, feature_time, fit_times, delta_times, meta_info,
-                                      calibration["finetune_times_s"] if calibration else [])
-    report["plots"] = [plot(report, os.path.join(out_dir, "gradex.png"))]
-    return report
-
-
 def _surrogate_report(masks, values, aux, lam: float, holdout: float) -> dict:
     full = gx.fit_ridge_surrogate(masks, values, lam)
     out = {"lambda": lam, "coef": {t: float(v) for t, v in zip(aux, full.coef)}, "intercept": full.intercept,
@@ -339,117 +405,260 @@ def _surrogate_report(masks, values, aux, lam: float, holdout: float) -> dict:
     return out
 
 
-def _error_report(rows: list[dict], base: dict, estimator: gx.SubsetEstimator, c) -> dict:
-    true_log = np.array([r["true_logistic"] for r in rows])
-    true_ce = np.array([r["true_ce"] for r in rows])
-    lin = np.array([r["linearised_logistic"] for r in rows])
-    dl = np.array([r["model_at_delta_logistic"] for r in rows])
-    dce = np.array([r["model_at_delta_ce"] for r in rows])
-    b_log, b_ce = np.full_like(true_log, base["logistic"]), np.full_like(true_ce, base["ce"])
+# ----------------------------------------------------------------------------- the job
 
-    def change_error(est, tru, b):
-        denom = float(np.sum((tru - b) ** 2))
-        return float(np.sum((est - tru) ** 2) / denom) if denom > 0 else None
 
+def _fingerprint_payload(c, ctx, seed: int) -> dict:
+    """What every cached stage of one seed depends on: the section (less the estimation-only
+    keys), the model, the seed and the sequence length."""
+    return {"gradex": {k: v for k, v in c.to_dict().items() if k not in ESTIMATION_ONLY_KEYS},
+            "model_dir": os.path.abspath(ctx.model_dir), "seed": int(seed), "max_len": int(ctx.max_len)}
+
+
+def run_seed(c, ctx, aux: list[str], target: str, seed: int, seed_dir: str) -> dict:
+    """Every stage of one seed (a replicate with its own data, θ*, projection and subsets)."""
+    fingerprint = check_workdir_fingerprint(seed_dir, _fingerprint_payload(c, ctx, seed), "gradex")
+    data = prepare_data(c, ctx, seed, aux, target)
+    setup, meta_info = meta_stage(c, ctx, data, seed, seed_dir, fingerprint)
+    estimator, back, feature_time = feature_stage(c, setup)
+    C, calibration = calibration_stage(c, setup, estimator)
+    estimator = dataclasses.replace(estimator, C=C)
+    ens = ensemble_stage(c, setup, estimator, back)
+    rows = verification_stage(c, setup, estimator, back, ens, set(calibration["subsets"]) if calibration else set())
+    report = seed_report(c, setup, estimator, ens, rows, calibration)
+    report["selection"]["check"] = selection_stage(c, setup, ens)
+    report["meta_init"] = meta_info
+    report["timing"] = _timing_report(rows, feature_time, ens, meta_info, calibration)
+    return report
+
+
+def run(config, out_dir: str, ctx) -> dict:
+    c = config.gradex
+    aux, target, seeds = check_setup(c)
+    per_seed = [run_seed(c, ctx, aux, target, s, os.path.join(out_dir, f"seed_{s}"))
+                for s in progress(seeds, desc="gradex seeds")]
+    report = job_report(c, ctx, per_seed)
+    report["plots"] = [plot(report, os.path.join(out_dir, "gradex.png"))]
+    return report
+
+
+def seed_report(c, setup: Setup, estimator: gx.SubsetEstimator, ens: dict, rows: list[dict],
+                calibration: dict | None) -> dict:
+    aux = setup.data.aux
+    est_lin = ens["est_lin"]
+    true = np.array([r["true_logistic"] for r in rows])
+    base = setup.target_losses(setup.theta_star)
     sensitivity = []
     for C in list(c.C_grid):
         est = dataclasses.replace(estimator, C=float(C))
-        vals = np.array([est.estimate(np.isin(est.task_names, r["tasks"]))[0] for r in rows])
-        sensitivity.append({"C": float(C), "relative_error": gx.relative_squared_error(vals, true_log),
-                            "spearman": spearman(vals, true_log)})
+        vals = np.array([est.estimate(np.array(r["mask"]))[0] for r in rows])
+        sensitivity.append({"C": float(C), "error_of_change": gx.change_error(vals, true, base["logistic"]),
+                            "spearman": spearman(vals, true)})
     return {
-        "n_compared": len(rows),
-        "compared": "linearised_logistic (estimate) vs true_logistic (after real fine-tuning): primary",
-        "relative_error_linearised_logistic": gx.relative_squared_error(lin, true_log),
-        "relative_error_model_at_delta_logistic": gx.relative_squared_error(dl, true_log),
-        "relative_error_model_at_delta_ce": gx.relative_squared_error(dce, true_ce),
-        "relative_error_no_finetune_logistic": gx.relative_squared_error(b_log, true_log),
-        "relative_error_no_finetune_ce": gx.relative_squared_error(b_ce, true_ce),
-        "relative_error_of_change_linearised_logistic": change_error(lin, true_log, b_log),
-        "relative_error_of_change_model_at_delta_ce": change_error(dce, true_ce, b_ce),
-        "spearman_linearised_vs_true_logistic": spearman(lin, true_log),
-        "spearman_model_at_delta_vs_true_ce": spearman(dce, true_ce),
-        "spearman_true_logistic_vs_true_ce": spearman(true_log, true_ce),
+        "seed": setup.seed, "C": estimator.C, "calibration": calibration, "theta_star_target": base,
+        "num_lora_params": setup.subset.num_params,
+        "ensemble": {"n_subsets": len(ens["keys"]), "n_distinct": len(ens["rows"]),
+                     "linearised_logistic": {"min": float(est_lin.min()), "max": float(est_lin.max())},
+                     "spearman_linearised_vs_model_at_delta": spearman(
+                         est_lin, [ens["rows"][k]["model_at_delta_logistic"] for k in ens["keys"]])},
+        "selection": {"task_scores": {t: float(v) for t, v in zip(aux, ens["scores"])},
+                      "selected": [t for t, m in zip(aux, ens["selected_mask"]) if m],
+                      "greedy": None if ens["greedy"] is None else {
+                          k: v for k, v in ens["greedy"].items() if k != "mask"},
+                      "surrogate": ens["surrogate"]},
+        "verification": rows,
         "C_sensitivity_post_hoc": sensitivity,
-        "notes": ("relative_error = sum (est-true)^2 / sum true^2; relative_error_of_change = "
-                  "sum (est-true)^2 / sum (true-theta*)^2 (how much of the fine-tuning effect the estimate "
-                  "misses; 1.0 = no better than predicting no change); no_finetune = the loss at theta* used "
-                  "as the estimate. C_sensitivity_post_hoc is computed after seeing the truth and is not used "
-                  "for selection."),
     }
 
 
-def _timing_report(rows, feature_time, fit_times, delta_times, meta_info, calibration_times) -> dict:
+ESTIMATORS_NOTE = (
+    "error_of_change = sum (est-true)^2 / sum (true - L(theta*))^2 over all verified subsets of all seeds "
+    "(L(theta*) of each row's seed; 1 = no better than predicting no change); spearman / kendall of "
+    "estimated vs true losses within each seed, averaged over seeds; intervals: 95% percentile bootstrap over "
+    "the verified subsets (n_boot resamples). Estimators: gradex_linearised = L-hat(S), the linearised model "
+    "f(theta*)+<grad f, Pi w_S>; gradex_model_at_delta = the real model at theta*+Pi w_S; no_finetune = "
+    "theta*'s loss; loo_mean = mean of the other verified subsets of the seed; ridge_indicators_loo / "
+    "ridge_size_loo = ridge regression of the true loss on the subset's task indicators / on its number of "
+    "tasks, fitted on the other verified subsets of the seed (leave-one-out; lambda from baseline_lambdas by an "
+    "inner leave-one-out on those rows only); ridge_indicators_<k> = the indicator ridge fitted on only k "
+    "other verified subsets of the seed (interleaved folds of the subsets ordered by the estimate; each fold "
+    "predicted by the fit on the next fold; lambda by leave-one-out inside it). level_ratio = sum (est-true)^2 / sum true^2, the paper's figure: "
+    "dominated by the loss level all subsets share (compare no_finetune's).")
+
+
+def _per_seed_loo(fn, rows: list[dict], seeds: np.ndarray, *args) -> np.ndarray:
+    out = np.empty(len(rows))
+    for s in np.unique(seeds):
+        idx = np.flatnonzero(seeds == s)
+        out[idx] = fn([rows[i] for i in idx], *args)
+    return out
+
+
+def _loo_mean(rows):
+    return gx.leave_one_out_mean([r["true_logistic"] for r in rows])
+
+
+def _loo_ridge(rows, lambdas, size_only: bool):
+    X = np.array([r["mask"] for r in rows], np.float64)
+    X = X.sum(1, keepdims=True) if size_only else X
+    return gx.leave_one_out_ridge(X, [r["true_logistic"] for r in rows], lambdas)
+
+
+def _few_ridge(rows, lambdas, n_fit: int):
+    X = np.array([r["mask"] for r in rows], np.float64)
+    return gx.few_fit_ridge(X, [r["true_logistic"] for r in rows], n_fit, lambdas)
+
+
+def honest_tables(rows: list[dict], base: dict[int, dict], lambdas, n_boot: int, n_few: int) -> dict:
+    """The estimators' honest figures (:func:`ntk_jax.selection.gradex.estimator_metrics`) over
+    every verified row of every seed, and the diagnostics of why an estimate fails."""
+    seeds = np.array([r["seed"] for r in rows])
+    col = lambda k: np.array([np.nan if r[k] is None else r[k] for r in rows], np.float64)  # noqa: E731
+    true, b = col("true_logistic"), np.array([base[s]["logistic"] for s in seeds])
+    estimators = {"gradex_linearised": col("linearised_logistic"),
+                  "gradex_model_at_delta": col("model_at_delta_logistic"),
+                  "no_finetune": b, "loo_mean": _per_seed_loo(_loo_mean, rows, seeds),
+                  "ridge_indicators_loo": _per_seed_loo(_loo_ridge, rows, seeds, lambdas, False),
+                  "ridge_size_loo": _per_seed_loo(_loo_ridge, rows, seeds, lambdas, True),
+                  f"ridge_indicators_{n_few}": _per_seed_loo(_few_ridge, rows, seeds, lambdas, n_few)}
+    metrics = functools.partial(gx.estimator_metrics, group=seeds, n_boot=n_boot)
+    table = {name: metrics(est, true, b) for name, est in estimators.items()}
+    b_ce = np.array([base[s]["ce"] for s in seeds])
+    dist = col("distance")
+    diagnostics = {
+        "first_order_at_true_displacement": metrics(col("first_order_at_true_logistic"), true, b),
+        "fit_vs_first_order_at_true": gx.change_error(col("linearised_logistic"), col("first_order_at_true_logistic"), b),
+        **({"first_order_in_subspace": metrics(col("first_order_in_subspace_logistic"), true, b),
+            "subspace_norm_share_median": float(np.median(col("subspace_norm_share")))}
+           if "first_order_in_subspace_logistic" in rows[0] else {}),
+        "model_at_delta_ce": metrics(col("model_at_delta_ce"), col("true_ce"), b_ce),
+        "distance": {"min": float(dist.min()), "median": float(np.median(dist)), "max": float(dist.max())},
+        "delta_norm_median": float(np.median(col("delta_norm"))),
+        "cos_delta_fit_vs_true_median": float(np.nanmedian(col("cos_delta_fit_vs_true"))),
+        "spearman_distance_vs_abs_error": spearman(dist, np.abs(col("linearised_logistic") - true)),
+        "notes": ("first_order_at_true_displacement: the model linearised at theta* moved by the real fine-tune's "
+                  "theta_S - theta* (exact JVP, no projection): its error is the linearisation's own at that "
+                  "distance; fit_vs_first_order_at_true: sum (L-hat - that)^2 / sum (true - L(theta*))^2, what the "
+                  "logistic fit's Delta_S loses against the real displacement; cos_delta: cosine of Pi w_S and "
+                  "theta_S - theta*; first_order_in_subspace: the first-order loss at the least-squares projection of "
+                  "theta_S - theta* onto the fit's d-dim subspace (range of Pi), subspace_norm_share its share of the norm"),
+    }
+    return {"n_verified": len(rows), "n_per_seed": {str(s): int((seeds == s).sum()) for s in np.unique(seeds)},
+            "estimators": table, "diagnostics": diagnostics, "notes": ESTIMATORS_NOTE}
+
+
+def _selection_summary(per_seed: list[dict]) -> dict | None:
+    checks = [r["selection"]["check"] for r in per_seed if r["selection"]["check"]]
+    if not checks:
+        return None
+    out = {}
+    for name in ("selected", "greedy", "all_tasks"):
+        vals = [ch[name]["true_logistic"] for ch in checks if name in ch]
+        if vals:
+            out[name] = {"mean": float(np.mean(vals)), "per_seed": vals}
+    rand = [float(np.mean([x["true_logistic"] for x in ch["random"]])) for ch in checks]
+    out["random_same_size"] = {"mean": float(np.mean(rand)), "per_seed": rand,
+                               "n_per_seed": len(checks[0]["random"])}
+    out["no_finetune"] = {"mean": float(np.mean([r["theta_star_target"]["logistic"] for r in per_seed]))}
+    return out
+
+
+def job_report(c, ctx, per_seed: list[dict]) -> dict:
+    rows = [row for r in per_seed for row in r["verification"]]
+    honest = honest_tables(rows, {r["seed"]: r["theta_star_target"] for r in per_seed},
+                           list(c.baseline_lambdas), int(c.n_boot), int(c.baseline_few))
+    est = honest["estimators"]
+    g = est["gradex_linearised"]
+    trivial = [k for k in est if not k.startswith("gradex")]
+    best_err = min(v["error_of_change"]["value"] for k, v in est.items() if k in trivial)
+    best_rho = max((est[k]["spearman"]["value"] or -1.0) for k in trivial if k.startswith("ridge"))
+    target = {"spearman_ge_0.8": (g["spearman"]["value"] or -1) >= 0.8,
+              "error_of_change_le_0.3": g["error_of_change"]["value"] <= 0.3,
+              "beats_every_trivial_error": g["error_of_change"]["value"] < best_err,
+              "beats_every_trivial_spearman": (g["spearman"]["value"] or -1) > best_rho}
+    target["met"] = all(target.values())
+    return {"experiment": "gradex",
+            "setup": {"target": str(c.target), "aux_tasks": list(c.aux_tasks), "seeds": [r["seed"] for r in per_seed],
+                      "n_train_per_task": int(c.n_train_per_task), "n_target_eval": int(c.n_target_eval),
+                      "n_target_train": int(c.n_target_train), "lora": dict(c.lora),
+                      "meta_train": dict(c.meta_train), "finetune": dict(c.finetune),
+                      "projection": {"dim": int(c.projection_dim), "type": str(c.projection_type),
+                                     "kind": str(c.projection_kind)},
+                      "C_per_seed": [r["C"] for r in per_seed], "n_subsets": int(c.n_subsets),
+                      "n_verify": int(c.n_verify), "model": ctx.info},
+            "honest": honest, "target": target, "selection": _selection_summary(per_seed), "per_seed": per_seed}
+
+
+def _timing_report(rows, feature_time: float, ens: dict, meta_info: dict, calibration: dict | None) -> dict:
     ft = np.array([r["finetune_time_s"] for r in rows])
-    per_est = float(np.mean(fit_times))
+    fit = np.array([e["fit_time_s"] for e in ens["rows"].values()])
+    at_delta = np.array([e["model_at_delta_time_s"] for e in ens["rows"].values()])
+    calib = float(np.sum(calibration["finetune_times_s"])) if calibration else 0.0
+    all_estimates = feature_time + calib + float(np.sum(fit))
     per_ft = float(np.median(ft))
-    calib = float(np.sum(calibration_times))
-    all_estimates = feature_time + calib + float(np.sum(fit_times))
-    n = len(fit_times)
-    return {
-        "meta_init_s": meta_info["time_s"],
-        "features_s": feature_time,
-        "calibration_finetunes_s": calib,
-        "fit_per_subset_s": per_est,
-        "model_at_delta_per_subset_s": float(np.mean(delta_times)),
-        "finetune_per_subset_s_median": per_ft,
-        "finetune_times_s": ft.tolist(),
-        "speedup_per_subset": per_ft / per_est,
-        "speedup_per_subset_including_model_at_delta": per_ft / (per_est + float(np.mean(delta_times))),
-        "n_distinct_ensemble_subsets": n,
-        "all_estimates_s": all_estimates,
-        "retrain_all_ensemble_s_extrapolated": per_ft * n,
-        "speedup_ensemble": per_ft * n / all_estimates,
-        "verified_estimates_s": feature_time + calib + per_est * len(rows),
-        "verified_retrain_s": float(np.sum(ft)),
-        "speedup_verified": float(np.sum(ft)) / (feature_time + calib + per_est * len(rows)),
-        "notes": ("all_estimates_s = one-off features (projected gradients of every example at theta*) + the "
-                  "calibration fine-tunes (if C is calibrated) + the logistic fit of each distinct ensemble subset; "
-                  "retraining them is extrapolated from the median measured fine-tune time (the first fine-tune "
-                  "also compiles). The meta-initialisation is shared by both (the real fine-tunes also start from "
-                  "theta*) and excluded. Wall-clock times on the machine the job ran on."),
-    }
+    return {"meta_init_s": meta_info["time_s"], "features_s": feature_time, "calibration_finetunes_s": calib,
+            "fit_per_subset_s": float(np.mean(fit)), "model_at_delta_per_subset_s": float(np.mean(at_delta)),
+            "finetune_per_subset_s_median": per_ft, "n_distinct_ensemble_subsets": len(fit),
+            "all_estimates_s": all_estimates, "retrain_all_ensemble_s_extrapolated": per_ft * len(fit),
+            "speedup_ensemble": per_ft * len(fit) / all_estimates,
+            "notes": ("all_estimates_s = features + calibration fine-tunes + one logistic fit per distinct ensemble "
+                      "subset; retraining them is extrapolated from the median verification fine-tune time. The "
+                      "meta-initialisation is shared by both and excluded. Wall-clock on the job's machine.")}
+
+
+def _fmt(m: dict) -> str:
+    v, lo, hi = m["value"], m["low"], m["high"]
+    if v is None:
+        return "undefined"
+    return f"{v:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None else f"{v:.3g}"
 
 
 def summary(report: dict) -> dict:
-    e, t = report["errors"], report["timing"]
-    return {"n_compared": e["n_compared"],
-            "relative_error": round(e["relative_error_linearised_logistic"], 5),
-            "relative_error_no_finetune": round(e["relative_error_no_finetune_logistic"], 5),
-            "spearman": e["spearman_linearised_vs_true_logistic"],
-            "speedup_ensemble": round(t["speedup_ensemble"], 1),
-            "C": report["setup"]["C"],
-            "selected": report["selection"]["selected"]}
+    h = report["honest"]
+    out = {"n_verified": h["n_verified"], "seeds": report["setup"]["seeds"]}
+    for name, m in h["estimators"].items():
+        out[name] = {"error_of_change": _fmt(m["error_of_change"]), "spearman": _fmt(m["spearman"]),
+                     "kendall": _fmt(m["kendall"]), "level_ratio (paper's, level-dominated)": round(m["level_ratio"], 4)}
+    out["target_met"] = report["target"]["met"]
+    out["median_distance"] = round(h["diagnostics"]["distance"]["median"], 4)
+    out["speedup_ensemble"] = round(float(np.mean([r["timing"]["speedup_ensemble"] for r in report["per_seed"]])), 2)
+    sel = report["selection"]
+    if sel:
+        out["selection_true_logistic"] = {k: round(v["mean"], 4) for k, v in sel.items()}
+    return out
 
 
 def plot(report: dict, path: str) -> str:
-    rows = report["verification"]
+    """Estimated vs true target loss per seed (linearised and model at θ*+Δ), the error of
+    the change of every estimator with its interval, and |est − true| against ‖θ_S − θ*‖."""
+    rows = [r for s in report["per_seed"] for r in s["verification"]]
+    base = {s["seed"]: s["theta_star_target"]["logistic"] for s in report["per_seed"]}
     fig, ax = subplots(3, width=4.4)
-    tl = [r["true_logistic"] for r in rows]
-    base = report["theta_star_target"]
-    ax[0].plot(tl, [r["linearised_logistic"] for r in rows], "o", label="linearised f(θ*)+⟨∇f,Δ⟩")
-    ax[0].plot(tl, [r["model_at_delta_logistic"] for r in rows], "s", mfc="none", label="model at θ*+Δ")
-    lo = min(min(tl), *(r["linearised_logistic"] for r in rows), base["logistic"])
-    hi = max(max(tl), *(r["linearised_logistic"] for r in rows), base["logistic"])
-    ax[0].plot([lo, hi], [lo, hi], "--", color="gray")
-    ax[0].axhline(base["logistic"], color="gray", lw=0.6, ls=":", label="θ* (no fine-tuning)")
-    err = report["errors"]["relative_error_linearised_logistic"]
-    ax[0].set(title=f"target logistic loss (rel. err {err:.2g})", xlabel="true (fine-tuned)", ylabel="estimated")
+    for s in sorted(base):
+        rs = [r for r in rows if r["seed"] == s]
+        ax[0].plot([r["true_logistic"] for r in rs], [r["linearised_logistic"] for r in rs], "o", ms=4,
+                   label=f"seed {s}: L̂ (θ* {base[s]:.3g})")
+        ax[0].plot([r["true_logistic"] for r in rs], [r["model_at_delta_logistic"] for r in rs], "x", ms=4,
+                   color=ax[0].lines[-1].get_color())
+    vals = [r[k] for r in rows for k in ("true_logistic", "linearised_logistic", "model_at_delta_logistic")]
+    ax[0].plot([min(vals), max(vals)], [min(vals), max(vals)], "--", color="gray")
+    ax[0].set(title="target logistic loss (o: linearised, x: model at θ*+Δ)", xlabel="true (fine-tuned)",
+              ylabel="estimated")
     ax[0].legend(fontsize=6)
-    tc = [r["true_ce"] for r in rows]
-    dc = [r["model_at_delta_ce"] for r in rows]
-    ax[1].plot(tc, dc, "s")
-    ax[1].axhline(base["ce"], color="gray", lw=0.6, ls=":", label="θ* (no fine-tuning)")
-    ax[1].legend(fontsize=6)
-    ax[1].plot([min(tc + dc), max(tc + dc)], [min(tc + dc), max(tc + dc)], "--", color="gray")
-    ax[1].set(title="target cross-entropy", xlabel="true (fine-tuned)", ylabel="model at θ*+Δ")
-    scores = report["selection"]["task_scores"]
-    names = list(scores)
-    sel = set(report["selection"]["selected"])
-    mean = float(np.nanmean([scores[n] for n in names]))
-    ax[2].barh(range(len(names)), [scores[n] - mean for n in names],
-               color=["tab:green" if n in sel else "tab:gray" for n in names])
-    ax[2].set_yticks(range(len(names)), names, fontsize=7)
-    ax[2].set(title=f"task scores (target {report['setup']['target']})",
-              xlabel="mean −L̂ of subsets with task − mean (green: kept)")
+    est = report["honest"]["estimators"]
+    names = list(est)
+    errs = [est[n]["error_of_change"] for n in names]
+    ax[1].barh(range(len(names)), [e["value"] for e in errs],
+               xerr=np.array([[e["value"] - (e["low"] or e["value"]), (e["high"] or e["value"]) - e["value"]]
+                              for e in errs]).T,
+               color=["tab:blue" if n.startswith("gradex") else "tab:gray" for n in names])
+    ax[1].set_yticks(range(len(names)), names, fontsize=7)
+    ax[1].axvline(1.0, color="k", lw=0.6, ls=":")
+    ax[1].set(title="error of the change (95% bootstrap)", xlabel="Σ(est−true)² / Σ(true−θ*)²")
+    ax[2].plot([r["distance"] for r in rows], [abs(r["linearised_logistic"] - r["true_logistic"]) for r in rows],
+               "o", ms=4, label="|L̂ − true|")
+    ax[2].plot([r["distance"] for r in rows], [abs(r["true_logistic"] - base[r["seed"]]) for r in rows],
+               ".", color="gray", label="|true − θ*| (the effect)")
+    ax[2].set(title="error vs distance moved", xlabel="‖θ_S − θ*‖ (real fine-tune)", ylabel="target logistic")
+    ax[2].legend(fontsize=6)
     return save(fig, path)

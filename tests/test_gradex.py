@@ -288,6 +288,88 @@ def test_relative_squared_error():
         gx.relative_squared_error([0.0], [0.0])
 
 
+# ----------------------------------------------------------------------------- honest metrics (hand-computed)
+def test_change_error_hand_computed():
+    # true moves from base 2.0 to [1.0, 1.5, 3.0]: Σ(true−base)² = 1 + 0.25 + 1 = 2.25;
+    # est [1.5, 1.5, 2.0]: Σ(est−true)² = 0.25 + 0 + 1 = 1.25 → 1.25 / 2.25.
+    assert gx.change_error([1.5, 1.5, 2.0], [1.0, 1.5, 3.0], 2.0) == pytest.approx(1.25 / 2.25)
+    assert gx.change_error([2.0, 2.0, 2.0], [1.0, 1.5, 3.0], 2.0) == pytest.approx(1.0)   # no change predicted
+    # per-row bases (two seeds): base [1, 1, 3]; Σ(true−base)² = 0 + 0.25 + 0 = 0.25.
+    assert gx.change_error([1.5, 1.5, 2.0], [1.0, 1.5, 3.0], [1.0, 1.0, 3.0]) == pytest.approx(1.25 / 0.25)
+    assert gx.change_error([1.0], [2.0], 2.0) is None
+    with pytest.raises(ValueError, match="equal"):
+        gx.change_error([1.0, 2.0], [1.0], 0.0)
+
+
+def test_leave_one_out_mean_hand_computed():
+    np.testing.assert_allclose(gx.leave_one_out_mean([1.0, 2.0, 3.0, 6.0]), [11 / 3, 10 / 3, 3.0, 2.0])
+    with pytest.raises(ValueError, match=">= 2"):
+        gx.leave_one_out_mean([1.0])
+
+
+def test_leave_one_out_ridge_hand_computed():
+    # One indicator, λ = 0: row i is predicted by the mean of the other rows with its indicator.
+    X = np.array([[1], [1], [1], [0], [0], [0]], float)
+    y = np.array([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    np.testing.assert_allclose(gx.leave_one_out_ridge(X, y, [0.0]), [2.5, 2.0, 1.5, 25.0, 20.0, 15.0])
+    # λ → ∞ shrinks to the intercept: the leave-one-out mean.
+    np.testing.assert_allclose(gx.leave_one_out_ridge(X, y, [1e12]), gx.leave_one_out_mean(y), rtol=1e-6)
+    # With a grid, λ is chosen by an inner leave-one-out that never sees the predicted row:
+    # y depends on the indicator, so λ = 0 wins on every inner fold here.
+    np.testing.assert_allclose(gx.leave_one_out_ridge(X, y, [1e12, 0.0]), [2.5, 2.0, 1.5, 25.0, 20.0, 15.0])
+
+
+def test_few_fit_ridge_hand_computed():
+    # n = 6, n_fit = 3: folds {0, 2, 4} and {1, 3, 5}; each predicted by the other's λ = 0 fit,
+    # i.e. the mean of the other fold's rows with the same indicator.
+    X = np.array([[1], [1], [0], [0], [1], [0]], float)
+    y = np.array([1.0, 2.0, 10.0, 20.0, 3.0, 30.0])
+    # fold {1,3,5}: ind 1 → 2, ind 0 → 25; fold {0,2,4}: ind 1 → (1+3)/2 = 2, ind 0 → 10.
+    np.testing.assert_allclose(gx.few_fit_ridge(X, y, 3, [0.0]), [2.0, 2.0, 25.0, 10.0, 2.0, 10.0])
+    with pytest.raises(ValueError, match="n >= 2 n_fit"):
+        gx.few_fit_ridge(X, y, 4, [0.0])
+
+
+def test_estimator_metrics_hand_computed():
+    # true [1, 2, 3, 4], est [1, 3, 2, 4]: d = ranks differ by 1 in two places, Σd² = 2,
+    # Spearman = 1 − 6·2 / (4·15) = 0.8; Kendall: 5 concordant, 1 discordant pair → 4/6.
+    true = np.array([1.0, 2.0, 3.0, 4.0])
+    est = np.array([1.0, 3.0, 2.0, 4.0])
+    m = gx.estimator_metrics(est, true, 0.0, n_boot=200)
+    assert m["spearman"]["value"] == pytest.approx(0.8)
+    assert m["kendall"]["value"] == pytest.approx(4 / 6)
+    assert m["error_of_change"]["value"] == pytest.approx(2.0 / 30.0)       # Σ(est−true)² = 2, Σ true² = 30
+    assert m["level_ratio"] == pytest.approx(2.0 / 30.0)                     # base 0: the two coincide
+    lo, hi = m["spearman"]["low"], m["spearman"]["high"]
+    assert lo is not None and lo <= 0.8 <= hi
+    # Two seeds: rank statistics within each seed, averaged (seed 1 reversed: −1), bases per row.
+    # Seed 1's losses sit 10 higher: pooled over seeds the ranks would agree, within seeds not.
+    est2 = np.concatenate([est, true[::-1] + 10])
+    true2 = np.concatenate([true, true + 10])
+    m2 = gx.estimator_metrics(est2, true2, np.repeat([0.0, 11.0], 4), group=np.repeat([0, 1], 4), n_boot=50)
+    assert m2["spearman"]["value"] == pytest.approx((0.8 - 1.0) / 2)
+    assert m2["per_group"]["1"]["spearman"] == pytest.approx(-1.0)
+    assert m2["kendall"]["value"] == pytest.approx((4 / 6 - 1.0) / 2)
+    # Σ(est−true)² = 2 + (9+1+1+9) = 22; Σ(true−base)² = 30 + (0+1+4+9) = 44.
+    assert m2["error_of_change"]["value"] == pytest.approx(22.0 / 44.0)
+
+
+def test_first_order_target_loss_and_cosine(tiny):
+    """first_order_target_loss = mean softplus(−(f + ⟨∇f, Δ⟩)) with ∇f the unprojected
+    per-example gradients (tiny["G_full"]); tree_cosine of parallel / opposite trees."""
+    subset, batch = tiny["subset"], tiny["batch"]
+    f = gx.gradex_output_fn(subset, clip_eps=EPS)
+    rng = np.random.default_rng(3)
+    delta = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 1e-2, p.dtype), subset.params)
+    f0 = np.asarray(tiny["f"](subset.params, tiny["jbatch"]), np.float64)
+    z = f0 + tiny["G_full"] @ gx.tree_flatten_vector(delta)
+    got = gx.first_order_target_loss(f, subset.params, delta, batch, batch_size=4)
+    assert got == pytest.approx(np.mean(np.log1p(np.exp(-z))), rel=1e-4)
+    assert gx.tree_cosine(delta, delta) == pytest.approx(1.0)
+    assert gx.tree_cosine(delta, jax.tree.map(lambda x: -2 * x, delta)) == pytest.approx(-1.0)
+    assert gx.tree_cosine(delta, jax.tree.map(jnp.zeros_like, delta)) is None
+
+
 # ----------------------------------------------------------------------------- the job
 def small_gradex_config(model_dir):
     c = base_config()
@@ -295,6 +377,7 @@ def small_gradex_config(model_dir):
     c.model.path = model_dir
     g = c.gradex
     g.aux_tasks = ["add", "copy", "add_mod10", "sentiment"]
+    g.seeds = [0, 1]
     g.n_train_per_task = 16
     g.n_target_eval = 16
     g.meta_train.total_steps = 6
@@ -307,9 +390,17 @@ def small_gradex_config(model_dir):
     g.shard_size = 32           # 80 examples: 3 feature shards
     g.n_subsets = 30
     g.n_calibrate = 2
-    g.n_verify = 5
+    g.n_verify = 6
+    g.verify_shard_size = 2     # 6 verified subsets: 3 shards per seed
+    g.baseline_few = 3
+    g.n_random_compare = 2
+    g.n_boot = 50
     g.C_grid = [0.1, 1.0]
     return c
+
+
+def _stamps(paths):
+    return {p: os.path.getmtime(p) for p in paths}
 
 
 @pytest.mark.slow
@@ -319,40 +410,57 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     rep = run(c, workdir)["gradex"]
     out = os.path.join(workdir, "gradex")
     assert os.path.getsize(rep["plots"][0]) > 10_000
-    shards = sorted(glob.glob(os.path.join(out, "features", "shard_*.npz")))
-    assert len(shards) == 3
-    assert rep["errors"]["n_compared"] >= 5 and len(rep["verification"]) >= 5
-    keys = {r["subset"] for r in rep["verification"]}
-    assert len(keys) == len(rep["verification"])          # distinct subsets
-    for r in rep["verification"]:
-        for k in ("linearised_logistic", "model_at_delta_logistic", "model_at_delta_ce", "true_logistic",
-                  "true_ce", "finetune_time_s"):
-            assert np.isfinite(r[k]), (k, r)
-        assert os.path.isfile(os.path.join(out, "finetune", r["subset"], "result.json"))
-    true = np.array([r["true_logistic"] for r in rep["verification"]])
-    est = np.array([r["linearised_logistic"] for r in rep["verification"]])
-    assert rep["errors"]["relative_error_linearised_logistic"] == pytest.approx(
-        np.sum((est - true) ** 2) / np.sum(true ** 2))
-    sel = rep["selection"]
-    assert set(sel["task_scores"]) == set(c.gradex.aux_tasks)
-    assert len(sel["selected"]) == max(1, round(c.gradex.keep_fraction * 4))
-    cal = rep["calibration"]
-    assert len(cal["subsets"]) == 2 and not keys & set(cal["subsets"])   # never reused for the check
-    assert rep["setup"]["C"] == min(cal["table"], key=lambda r: r["relative_error"])["C"]
-    assert sel["greedy"]["selected"] and sel["surrogate"]["coef"].keys() == set(c.gradex.aux_tasks)
-    assert rep["timing"]["speedup_per_subset"] > 0 and rep["timing"]["all_estimates_s"] > 0
-    assert [s["C"] for s in rep["errors"]["C_sensitivity_post_hoc"]] == [0.1, 1.0]
+    for s in (0, 1):
+        assert len(glob.glob(os.path.join(out, f"seed_{s}", "features", "shard_*.npz"))) == 3
+    h = rep["honest"]
+    assert h["n_verified"] == 12 and h["n_per_seed"] == {"0": 6, "1": 6}
+    rows = [r for s in rep["per_seed"] for r in s["verification"]]
+    for s in rep["per_seed"]:
+        keys = [r["subset"] for r in s["verification"]]
+        assert len(set(keys)) == 6                                      # distinct subsets
+        assert not set(keys) & set(s["calibration"]["subsets"])        # calibration never reused
+        for r in s["verification"]:
+            for k in ("linearised_logistic", "model_at_delta_logistic", "model_at_delta_ce", "true_logistic",
+                      "true_ce", "distance", "first_order_at_true_logistic", "finetune_time_s"):
+                assert np.isfinite(r[k]), (k, r)
+            assert r["distance"] > 0 and r["steps"] == 3
+            assert np.isfinite(r["first_order_in_subspace_logistic"]) and 0 < r["subspace_norm_share"] <= 1 + 1e-9
+    # The report's figures are the metric functions applied to its own rows.
+    true = np.array([r["true_logistic"] for r in rows])
+    lin = np.array([r["linearised_logistic"] for r in rows])
+    base = np.array([rep["per_seed"][r["seed"]]["theta_star_target"]["logistic"] for r in rows])
+    est = h["estimators"]
+    assert est["gradex_linearised"]["error_of_change"]["value"] == pytest.approx(gx.change_error(lin, true, base))
+    assert est["no_finetune"]["error_of_change"]["value"] == pytest.approx(1.0)
+    assert est["gradex_linearised"]["level_ratio"] == pytest.approx(np.sum((lin - true) ** 2) / np.sum(true ** 2))
+    loo = np.concatenate([gx.leave_one_out_mean(true[:6]), gx.leave_one_out_mean(true[6:])])
+    assert est["loo_mean"]["error_of_change"]["value"] == pytest.approx(gx.change_error(loo, true, base))
+    assert set(est) == {"gradex_linearised", "gradex_model_at_delta", "no_finetune", "loo_mean",
+                        "ridge_indicators_loo", "ridge_size_loo", "ridge_indicators_3"}
+    check = rep["per_seed"][0]["selection"]["check"]
+    assert set(check) >= {"selected", "all_tasks", "random"} and len(check["random"]) == 2
+    assert rep["selection"]["all_tasks"]["mean"] > 0
+    assert rep["per_seed"][0]["seed"] == 0 and rep["per_seed"][0]["meta_init"]["steps"] == 6
+    assert isinstance(rep["target"]["met"], bool)
 
-    # Restart with the report removed: every cached stage is reused, the numbers are identical.
-    stamps = {k: os.path.getmtime(os.path.join(out, "finetune", k, "result.json")) for k in keys}
-    feat_stamps = {p: os.path.getmtime(p) for p in shards[:2]}
-    os.remove(shards[2])  # killed while computing the last feature shard: only it is recomputed
+    # Restart after a kill: seed 1's last verification shard and a feature shard are gone,
+    # the report is gone. Only those are recomputed; every number is identical.
+    verify = sorted(glob.glob(os.path.join(out, "seed_*", "verify_*", "shard_*.npz")))
+    assert len(verify) == 6
+    killed = [verify[-1], glob.glob(os.path.join(out, "seed_0", "features", "shard_*.npz"))[-1]]
+    estimates = glob.glob(os.path.join(out, "seed_*", "estimates_*.npz"))
+    assert len(estimates) == 2                                          # the ensemble fits, one file per seed
+    kept = _stamps([p for p in glob.glob(os.path.join(out, "seed_*", "*", "shard_*.npz")) if p not in killed]
+                   + estimates)
+    for p in killed:
+        os.remove(p)
     os.remove(os.path.join(out, "report.json"))
     rep2 = run(c, workdir)["gradex"]
-    assert {k: os.path.getmtime(os.path.join(out, "finetune", k, "result.json")) for k in keys} == stamps
-    assert {p: os.path.getmtime(p) for p in feat_stamps} == feat_stamps and os.path.exists(shards[2])
-    for a, b in zip(rep["verification"], rep2["verification"]):
-        for k in ("subset", "true_logistic", "true_ce", "linearised_logistic", "model_at_delta_ce"):
+    assert _stamps(kept) == kept and all(os.path.exists(p) for p in killed)
+    assert rep2["honest"]["estimators"] == rep["honest"]["estimators"]
+    rows2 = [r for s in rep2["per_seed"] for r in s["verification"]]
+    for a, b in zip(rows, rows2):
+        for k in ("subset", "true_logistic", "true_ce", "distance", "linearised_logistic", "model_at_delta_ce"):
             assert a[k] == b[k], k
 
     # A change to a cached stage's inputs is refused, not mixed with the old results.
@@ -360,7 +468,7 @@ def test_gradex_job_end_to_end(tiny_model_dir, tmp_path):
     c.gradex.projection_dim = 13
     with pytest.raises(ValueError, match="different gradex configuration"):
         run(c, workdir)
-    assert read_json(os.path.join(out, "fingerprint.json"))["fingerprint"]
+    assert read_json(os.path.join(out, "seed_0", "fingerprint.json"))["fingerprint"]
 
 
 def test_gradex_config_errors(tiny_model_dir, tmp_path):
@@ -372,3 +480,7 @@ def test_gradex_config_errors(tiny_model_dir, tmp_path):
     c.gradex.aux_tasks = ["add", "nope"]
     with pytest.raises(ValueError, match="unknown task"):
         run(c, str(tmp_path / "b"))
+    c = small_gradex_config(tiny_model_dir)
+    c.gradex.seeds = [1, 1]
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        run(c, str(tmp_path / "c"))

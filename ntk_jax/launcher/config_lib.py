@@ -129,11 +129,13 @@ def lexicon_config() -> ml_collections.ConfigDict:
 
 def gradex_config() -> ml_collections.ConfigDict:
     """docs/theory.md §6.4: first-order subset estimation (GradEx) over synthetic auxiliary tasks,
-    checked against real LoRA fine-tuning on a few subsets (experiments/gradex.py)."""
+    judged against real LoRA fine-tunes and the trivial estimators (experiments/gradex.py,
+    docs/gradex.md)."""
     return ml_collections.ConfigDict(dict(
         target="add_spaced",        # target task (not in the pre-training mix)
         aux_tasks=("add", "sub", "copy", "reverse", "sort", "count", "sentiment", "parity",
                    "sentiment_flipped", "add_mod10", "noise"),
+        seeds=(0, 1, 2),            # replicates: each its own data draw, θ*, projection and subsets (seed_<s>/)
         n_train_per_task=256,       # training examples per auxiliary task (meta-init, fits, fine-tunes)
         n_target_train=0,           # target examples added to every subset (0: auxiliary tasks only)
         n_target_eval=128,          # target examples the target loss is measured on
@@ -143,7 +145,7 @@ def gradex_config() -> ml_collections.ConfigDict:
                                          log_every=10),
         finetune=finetune_train_config(total_steps=60),  # the real fine-tunes, from θ*
         projection_dim=200,         # d (the paper's code: 100-400)
-        projection_seed=0,
+        projection_seed=0,          # + the replicate's seed
         projection_kind="rademacher",
         projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
         clip_eps=1e-4,              # q clipped to [eps, 1-eps] in f = mean log(q/(1-q))
@@ -162,10 +164,15 @@ def gradex_config() -> ml_collections.ConfigDict:
         subset_prob=0.5,
         keep_fraction=0.3,          # top fraction of tasks kept by the ensemble scores
         greedy=True,                # also greedy forward selection on the estimates
-        ridge_lambda=1.0,           # ridge surrogate on subset indicators
+        ridge_lambda=1.0,           # ridge surrogate on subset indicators (of the estimates)
         surrogate_holdout=0.2,      # fraction of the ensemble held out for the surrogate's Spearman
-        n_verify=6,                 # subsets really fine-tuned (evenly spaced ranks of the estimate)
-        verify_selected=True,       # also fine-tune the selected and the greedy subsets
+        n_verify=24,                # subsets really fine-tuned per seed (evenly spaced ranks of the estimate)
+        verify_shard_size=4,        # fine-tunes per resumable store shard (verify_*/, calibrate_*/, compare_*/)
+        compare_selection=True,     # fine-tune the selected, greedy, all-task and random same-size subsets
+        n_random_compare=4,         # random subsets of the selected size in that check, per seed
+        baseline_lambdas=(0.01, 0.1, 1.0, 10.0, 100.0),  # λ grid of the leave-one-out ridge baselines
+        baseline_few=8,             # the indicator ridge also fitted on only this many real fine-tunes
+        n_boot=1000,                # bootstrap resamples of every interval
     ))
 
 

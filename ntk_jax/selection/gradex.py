@@ -32,8 +32,18 @@ Instead of fine-tuning on every candidate ``S``, GradEx fine-tunes once on all t
    task, keep the top fraction (:func:`sample_subsets`, :func:`ensemble_task_scores`,
    :func:`select_top`); greedy forward selection (:func:`greedy_forward_selection`); a ridge
    linear surrogate of L̂ on subset-indicator vectors (:func:`fit_ridge_surrogate`).
-5. Checking against truth on a few subsets: :func:`relative_squared_error`
-   ``Σ(est − true)² / Σ true²``.
+5. Checking against truth on really fine-tuned subsets. The honest figures
+   (:func:`estimator_metrics`): the error of the change :func:`change_error`
+   ``Σ(est − true)² / Σ(true − L(θ*))²`` (1 = no better than predicting no change), and
+   Spearman / Kendall of estimated vs true losses within each seed, with bootstrap intervals
+   (:mod:`ntk_jax.stats`), always beside the trivial estimators that use no gradients: θ*'s
+   loss, the leave-one-out mean of the verified subsets (:func:`leave_one_out_mean`) and
+   ridge regressions on the subset indicators or the subset size fitted on the other real
+   fine-tunes (:func:`leave_one_out_ridge`), or on only a few of them (:func:`few_fit_ridge`). The paper's ratio ``Σ(est − true)² / Σ true²``
+   (:func:`relative_squared_error`) is kept, labelled as the level ratio: it is dominated by
+   the loss level every subset shares, so θ*'s loss alone scores about as well.
+   Diagnostics of why an estimate fails: :func:`first_order_target_loss` (the linearised
+   model at a *given* displacement, e.g. the real fine-tune's) and :func:`tree_cosine`.
 
 Scale: nothing is rescaled. The only knob that sets the size of Δ is ``C`` (the loss is a
 *sum* over the subset's examples, as in docs/theory.md §6.4, so larger subsets are regularised less).
@@ -85,6 +95,14 @@ __all__ = [
     "RidgeSurrogate",
     "fit_ridge_surrogate",
     "relative_squared_error",
+    "change_error",
+    "leave_one_out_mean",
+    "leave_one_out_ridge",
+    "few_fit_ridge",
+    "estimator_metrics",
+    "first_order_target_loss",
+    "tree_flatten_vector",
+    "tree_cosine",
 ]
 
 MODEL_INPUTS = LM_TRAIN_INPUTS
@@ -536,3 +554,171 @@ def relative_squared_error(estimated: np.ndarray, true: np.ndarray) -> float:
     if denom == 0:
         raise ValueError("all true values are zero: the relative error is undefined")
     return float(np.sum((est - tru) ** 2) / denom)
+
+
+# ---------------------------------------------------------------------------------------
+# Honest metrics: the error of the change, rank agreement, and the trivial estimators
+
+
+def change_error(estimated, true, base) -> float | None:
+    """``Σ_i (est_i − true_i)² / Σ_i (true_i − base_i)²``: the share of the fine-tuning effect
+    (the change from θ*'s loss ``base``) the estimate misses; 0 is perfect, 1 is no better
+    than predicting no change (``est = base``). ``estimated``, ``true``: ``(n,)``; ``base``:
+    a scalar or ``(n,)`` (per-row θ* losses, e.g. one per seed). ``None`` where every
+    ``true == base`` (no effect to explain)."""
+    est = np.asarray(estimated, np.float64)
+    tru = np.asarray(true, np.float64)
+    if est.shape != tru.shape or est.ndim != 1 or est.size == 0:
+        raise ValueError(f"estimated {est.shape} and true {tru.shape} must be equal, non-empty 1-D shapes")
+    b = np.broadcast_to(np.asarray(base, np.float64), tru.shape)
+    denom = float(np.sum((tru - b) ** 2))
+    return float(np.sum((est - tru) ** 2) / denom) if denom > 0 else None
+
+
+def leave_one_out_mean(values) -> np.ndarray:
+    """``(n,)``: row i predicted by the mean of the other ``n − 1`` values (the trivial
+    estimator "every subset ends where the other verified subsets ended", made a fair
+    predictor by never seeing the row it predicts). Needs ``n ≥ 2``."""
+    y = np.asarray(values, np.float64)
+    if y.ndim != 1 or y.size < 2:
+        raise ValueError(f"leave_one_out_mean needs a 1-D array of >= 2 values, got shape {y.shape}")
+    return (y.sum() - y) / (y.size - 1)
+
+
+def _ridge_loo_predictions(X: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """Leave-one-out predictions of :func:`fit_ridge_surrogate` (refitted n times)."""
+    out = np.empty(len(y))
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        out[i] = fit_ridge_surrogate(X[keep], y[keep], lam).predict(X[i:i + 1])[0]
+    return out
+
+
+def leave_one_out_ridge(features, values, lambdas: Sequence[float]) -> np.ndarray:
+    """``(n,)``: row i predicted by :func:`fit_ridge_surrogate` of ``values`` on ``features``
+    ``(n, k)`` (subset indicators ``(n, n_tasks)``, or the subset size ``(n, 1)``) fitted on
+    the other ``n − 1`` rows, with λ chosen among ``lambdas`` by an inner leave-one-out on
+    those ``n − 1`` rows only (least squared error; ties to the first). Nested, so no row
+    ever informs its own prediction. Needs ``n ≥ 3``."""
+    X = np.asarray(features, np.float64)
+    y = np.asarray(values, np.float64)
+    if X.ndim != 2 or y.shape != (X.shape[0],) or y.size < 3:
+        raise ValueError(f"features must be (n, k) and values (n,) with n >= 3; got {X.shape}, {y.shape}")
+    lambdas = [float(v) for v in lambdas]
+    if not lambdas:
+        raise ValueError("leave_one_out_ridge needs at least one lambda")
+    out = np.empty(len(y))
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        Xk, yk = X[keep], y[keep]
+        lam = (lambdas[0] if len(lambdas) == 1 else
+               min(lambdas, key=lambda v: float(np.sum((_ridge_loo_predictions(Xk, yk, v) - yk) ** 2))))
+        out[i] = fit_ridge_surrogate(Xk, yk, lam).predict(X[i:i + 1])[0]
+    return out
+
+
+def few_fit_ridge(features, values, n_fit: int, lambdas: Sequence[float]) -> np.ndarray:
+    """``(n,)``: every row predicted by a ridge (:func:`fit_ridge_surrogate`) fitted on only
+    ``n_fit`` *other* rows — "a few real fine-tunes". The rows are split into
+    ``K = n // n_fit`` interleaved folds (row i in fold ``i mod K``, so each fold spans the
+    rows' order); the rows of fold k are predicted by the fit on the first ``n_fit`` rows of
+    fold ``(k + 1) mod K``, λ chosen among ``lambdas`` by leave-one-out inside that fold.
+    Needs ``n_fit ≥ 3`` and ``n ≥ 2 n_fit``."""
+    X = np.asarray(features, np.float64)
+    y = np.asarray(values, np.float64)
+    n_fit = int(n_fit)
+    if X.ndim != 2 or y.shape != (X.shape[0],) or n_fit < 3 or y.size < 2 * n_fit:
+        raise ValueError(f"few_fit_ridge needs (n, k) features, (n,) values, n_fit >= 3 and n >= 2 n_fit; "
+                         f"got {X.shape}, {y.shape}, n_fit={n_fit}")
+    K = y.size // n_fit
+    folds = [np.flatnonzero(np.arange(y.size) % K == k) for k in range(K)]
+    out = np.empty(y.size)
+    for k in range(K):
+        fit_rows = folds[(k + 1) % K][:n_fit]
+        Xf, yf = X[fit_rows], y[fit_rows]
+        lam = min([float(v) for v in lambdas],
+                  key=lambda v: float(np.sum((_ridge_loo_predictions(Xf, yf, v) - yf) ** 2)))
+        out[folds[k]] = fit_ridge_surrogate(Xf, yf, lam).predict(X[folds[k]])
+    return out
+
+
+def _grouped_rank(stat: Callable, est, true, group) -> float | None:
+    """Mean over groups of ``stat(est, true)`` within each group (groups where it is
+    undefined are skipped; ``None`` if it is undefined in all)."""
+    vals = [stat(est[group == g], true[group == g]) for g in np.unique(group)]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def estimator_metrics(estimated, true, base, group=None, *, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> dict:
+    """The honest figures of one estimator over verified subsets.
+
+    Args:
+      estimated, true: ``(n,)`` estimated and really fine-tuned target losses.
+      base: ``(n,)`` (or a scalar) θ*'s target loss of each row's seed.
+      group: ``(n,)`` the seed of each row (default: one group). Rank statistics are taken
+        within each group (subsets of one θ* against each other) and averaged over groups.
+
+    Returns ``{"error_of_change", "spearman", "kendall"}``, each a
+    :func:`ntk_jax.stats.bootstrap_interval` dict (value and percentile interval, rows
+    resampled with replacement), plus ``"level_ratio"`` (:func:`relative_squared_error`, the
+    paper's figure, no interval) and ``"per_group"`` (each group's three values).
+    """
+    from ntk_jax.stats import bootstrap_interval, kendall, spearman
+
+    est = np.asarray(estimated, np.float64)
+    tru = np.asarray(true, np.float64)
+    b = np.broadcast_to(np.asarray(base, np.float64), tru.shape).copy()
+    g = np.zeros(tru.shape, int) if group is None else np.asarray(group)
+    if not est.shape == tru.shape == g.shape or est.ndim != 1:
+        raise ValueError(f"estimated {est.shape}, true {tru.shape}, group {g.shape} must be equal 1-D shapes")
+    kw = dict(n_boot=n_boot, level=level, seed=seed)
+    out = {
+        "error_of_change": bootstrap_interval(change_error, est, tru, b, **kw),
+        "spearman": bootstrap_interval(functools.partial(_grouped_rank, spearman), est, tru, g, **kw),
+        "kendall": bootstrap_interval(functools.partial(_grouped_rank, kendall), est, tru, g, **kw),
+        "level_ratio": relative_squared_error(est, tru),
+        "per_group": {},
+    }
+    for k in np.unique(g):
+        m = g == k
+        out["per_group"][str(k)] = {"error_of_change": change_error(est[m], tru[m], b[m]),
+                                    "spearman": spearman(est[m], tru[m]), "kendall": kendall(est[m], tru[m])}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Diagnostics: the linearised model at a given displacement, directions
+
+
+def tree_flatten_vector(tree: PyTree) -> np.ndarray:
+    """All leaves of ``tree`` raveled and concatenated: ``(P,)`` float64."""
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def tree_cosine(a: PyTree, b: PyTree) -> float | None:
+    """Cosine of two pytrees of equal structure as flat vectors (``None`` if one is zero)."""
+    va, vb = tree_flatten_vector(a), tree_flatten_vector(b)
+    na, nb = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
+    return float(va @ vb / (na * nb)) if na > 0 and nb > 0 else None
+
+
+def first_order_target_loss(scalar_fn: Callable, params: PyTree, delta: PyTree, batch: dict, *,
+                            batch_size: int = 128) -> float:
+    """``mean_j log(1 + exp(−(f(θ, x_j) + ⟨∇f(θ, x_j), Δ⟩)))``: the target logistic loss of the
+    model linearised at ``params`` = θ, moved by ``delta`` (a pytree shaped like ``params``;
+    one forward-mode JVP per block, so no projection is involved). With Δ = θ_S − θ* of a
+    real fine-tune it separates the two ways an estimate can fail: the linearisation itself
+    (this vs the real fine-tuned loss) and the fit finding another Δ (this vs L̂(S))."""
+    fn = _jitted_jvp(scalar_fn)
+    out = _batched_map(lambda b: fn(params, delta, b), _model_batch(batch), batch_size, "first-order loss")
+    return float(np.mean(np.logaddexp(0.0, -(out["f"].astype(np.float64) + out["df"].astype(np.float64)))))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_jvp(scalar_fn: Callable) -> Callable:
+    def fn(params, delta, b):
+        f, df = jax.jvp(lambda p: scalar_fn(p, b), (params,), (delta,))
+        return {"f": f, "df": df}
+    return jit_constants_as_args(fn)

@@ -137,9 +137,11 @@ def scale_selection_config(platform_name: str | None, *, model_path: str):
 
     ``model_path``: the checkpoint directory placeholder (``prepare_context`` raises a clear
     ``FileNotFoundError`` while it does not exist; override with ``--config.model.path``)."""
-    from ntk_jax.launcher.config_lib import base_config, finetune_train_config, lora_config
+    from ntk_jax.launcher.config_lib import base_config
+    from ntk_jax.models.lora import lora_config
     from ntk_jax.selection.methods import apply_overrides
     from ntk_jax.selection.methods.ntk import RECOMMENDED
+    from ntk_jax.training.trainer import finetune_train_config
 
     lay = layout(platform_name)
     config = base_config()

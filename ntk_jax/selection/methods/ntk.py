@@ -65,11 +65,11 @@ from ntk_jax.kernels.features import directional_derivatives, gradient_inner_pro
 from ntk_jax.kernels.factored_projection import PROJECTION_TYPES, bind_projection, make_projection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.jobs import lora_filter
-from ntk_jax.selection.less import adam_diagonal, find_adam_state
+from ntk_jax.models.lora import lora_filter
+from ntk_jax.selection.optimizer_state import adam_diagonal, find_adam_state
 from ntk_jax.selection import loss_change
 from ntk_jax.selection.methods import Selection, apply_overrides
-from ntk_jax.selection.methods.embedding import pool_embeddings
+from ntk_jax.selection.embeddings import pool_embeddings
 from ntk_jax.selection.ntk_selector import (SCORE_OUTPUTS, TOKEN_REDUCTIONS, knn_votes, selection_scalar_fn,
                                             top_n)
 

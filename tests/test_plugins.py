@@ -75,7 +75,7 @@ def config():
 def select(job):
     lengths = np.array([len(r["prompt"]) for r in job.pool], np.float64)
     scores = lengths if job.cfg["toy_length"]["longest"] else -lengths
-    return Selection(chosen=top_n(scores, int(job.cfg["n_select"])), scores=scores)
+    return Selection(chosen=top_n(scores, int(job.cfg["n_select"])), scored=np.arange(len(job.pool)), scores=scores)
 '''
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.launcher.context import Context, load_tokenizer
-from ntk_jax.launcher.preflight import GIB, DoesNotFit, check
+from ntk_jax.launcher.memory import job_programs
+from ntk_jax.launcher.preflight import GIB, DoesNotFit, check, fmt_bytes
 from ntk_jax.launcher.run import run
+from ntk_jax.selection.jobs import plain
 
 from experiments.select import memory_plan
 
@@ -45,15 +47,18 @@ def estimates(context, tiny_model_dir):
 
 
 def test_plan_is_the_jobs_programs(tiny_model_dir):
-    plan = memory_plan(_config(tiny_model_dir))
-    assert plan.programs == ("train", "hidden", "features", "projected")  # the default ntk job
+    c = _config(tiny_model_dir)
+    plan = memory_plan(c)
+    assert plan.programs == job_programs(plain(c.select)) and "train" in plan.programs
     assert (plan.batch_size, plan.train_batch_size, plan.seq_len, plan.projection_dim) == (16, 16, 32, 64)
+    c.select.ntk.update(filter="knn", gradient=True, normalize="cosine")
+    assert memory_plan(c).programs == ("train", "hidden", "features", "projected")
 
 
 def test_large_device_passes(estimates, context, tiny_model_dir):
     full, half = estimates
-    assert set(full) == {"train", "hidden", "features", "projected"}
-    assert all(half[p] < full[p] for p in ("train", "features"))  # batch-dependent programs shrink
+    assert set(full) == set(memory_plan(_config(tiny_model_dir)).programs)
+    assert all(half[p] < full[p] for p in full)  # every program of the job holds a batch
 
 
 def test_small_device_refuses_with_settings_that_fit(estimates, context, tiny_model_dir):
@@ -67,7 +72,8 @@ def test_small_device_refuses_with_settings_that_fit(estimates, context, tiny_mo
     msg = str(err.value)
     worst = max(full, key=full.get)
     assert f"experiment 'select'" in msg and f"program {worst!r}" in msg
-    assert f"{full[worst] / GIB:.2f} GiB per device" in msg and f"device memory {device / GIB:.2f} GiB" in msg
+    assert f"{fmt_bytes(full[worst])} per device" in msg and f"device memory {fmt_bytes(int(device))}" in msg
+    assert fmt_bytes(full[worst]) != fmt_bytes(max(half.values()))  # the message tells the sizes apart
     assert "select.feature_batch_size=16" in msg and "mesh data=1 x model=1" in msg
     fits = re.search(r"Settings that fit: (.*?)\. Skip", msg)
     assert fits, msg
@@ -78,6 +84,7 @@ def test_small_device_refuses_with_settings_that_fit(estimates, context, tiny_mo
 
 def test_hopeless_device_says_so(context, tiny_model_dir):
     c = _config(tiny_model_dir, device_gib=1e-6)
+    c.select.feature_batch_size = c.select.warmup.batch_size = 2  # one halving to try
     with pytest.raises(DoesNotFit, match="No smaller batch or more model-parallel mesh found"):
         check(c, context, {"select": memory_plan(c)})
 

@@ -36,7 +36,7 @@ from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.sharding import mesh_shape as shape_of
 from ntk_jax.models.transformer import DecoderConfig
 
-__all__ = ["MemoryPlan", "DoesNotFit", "device_memory", "check"]
+__all__ = ["MemoryPlan", "DoesNotFit", "device_memory", "fmt_bytes", "check"]
 
 GIB = 2 ** 30
 
@@ -88,6 +88,11 @@ def device_memory(preflight_cfg, devices) -> int | None:
     return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 
+def fmt_bytes(n: float) -> str:
+    """``"3.21 GiB"``, or ``"4.7 MiB"`` below 1 GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def _round_up(n: int, k: int) -> int:
     return -(-int(n) // int(k)) * int(k)
 
@@ -120,14 +125,14 @@ def _suggestions(plan: MemoryPlan, estimate: Callable, mesh: tuple[int, int], ov
         if peak <= budget:
             changed = [f"--config.{plan.batch_key}={b}"] if b != plan.batch_size else []
             changed += [f"--config.{plan.train_batch_key}={tb}"] if tb != plan.train_batch_size else []
-            out.append(f"{' '.join(changed)} (peak {peak / GIB:.2f} GiB)")
+            out.append(f"{' '.join(changed)} (peak {fmt_bytes(peak)})")
             break
     data, model = mesh
     while data > 1 and data % 2 == 0:
         data, model = data // 2, model * 2
         peak = max(estimate((data, model), plan.batch_size, plan.train_batch_size).values())
         if peak <= budget:
-            out.append(f"--config.mesh.data={data} --config.mesh.model={model} (peak {peak / GIB:.2f} GiB)")
+            out.append(f"--config.mesh.data={data} --config.mesh.model={model} (peak {fmt_bytes(peak)})")
             break
     return out
 
@@ -170,9 +175,9 @@ def check(config, context, plans: dict[str, MemoryPlan]) -> dict | None:
         fits = _suggestions(plan, estimate, mesh, over, budget)
         raise DoesNotFit(
             f"memory preflight: experiment {name!r} does not fit its devices: program {worst!r} needs an estimated "
-            f"{totals[worst] / GIB:.2f} GiB per device, over {pcfg.fraction:.0%} of the device memory "
-            f"{limit / GIB:.2f} GiB ({_settings(plan, mesh, dtype, param_dtype)}; every program: "
-            + ", ".join(f"{p} {v / GIB:.2f} GiB" for p, v in totals.items()) + "). "
+            f"{fmt_bytes(totals[worst])} per device, over {pcfg.fraction:.0%} of the device memory "
+            f"{fmt_bytes(limit)} ({_settings(plan, mesh, dtype, param_dtype)}; every program: "
+            + ", ".join(f"{p} {fmt_bytes(v)}" for p, v in totals.items()) + "). "
             + ("Settings that fit: " + "; ".join(fits) if fits else
                "No smaller batch or more model-parallel mesh found that fits: use more devices per process "
                "or a smaller LoRA/sequence length")

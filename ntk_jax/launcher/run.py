@@ -58,9 +58,10 @@ def _memory_preflight(config, context, names, process, timings) -> None:
         if "skipped" in result:
             _say(f"memory preflight: skipped, {result['skipped']}")
         else:
-            peaks = {n: max(v.values()) / 2 ** 30 for n, v in result.items() if isinstance(v, dict)}
-            _say(f"memory preflight: fits, peak per device " + ", ".join(f"{n} {p:.2f} GiB" for n, p in peaks.items())
-                 + f" of {result['device_memory'] / 2 ** 30:.2f} GiB")
+            peaks = {n: max(v.values()) for n, v in result.items() if isinstance(v, dict)}
+            _say("memory preflight: fits, peak per device "
+                 + ", ".join(f"{n} {preflight.fmt_bytes(p)}" for n, p in peaks.items())
+                 + f" of {preflight.fmt_bytes(result['device_memory'])}")
 
 
 def run(config, workdir: str) -> dict:

@@ -148,8 +148,8 @@ def check(config, context, plans: dict[str, MemoryPlan]) -> dict | None:
     first experiment with a program over budget. Returns ``{experiment: {program: bytes}}``
     (plus ``device_memory``), or ``None`` when the check does not run (disabled, no plan, no
     known device memory) or ``{"skipped": reason}`` (a model the estimate does not cover)."""
-    pcfg = config.preflight
-    if not pcfg.enabled or not plans:
+    pcfg = config.get("preflight")
+    if pcfg is None or not pcfg.enabled or not plans:
         return None
     devices = list(context.mesh.devices.flat) if context.mesh is not None else jax.local_devices()[:1]
     limit = device_memory(pcfg, devices)

@@ -11,7 +11,7 @@ On ``n_examples`` inputs from several tasks, with the pre-trained base model + L
   the mean cosine between different outputs' gradients, cos(∇f_a(x), ∇f_b(x)) for a ≠ b
   (from the diagonal blocks Θ(x, x));
 * the same statistics for fresh random-init models of increasing width d (scaling of the
-  cross terms, compared with d^(-1/2)); causal-LM mtask only.
+  cross terms, compared with d^(-1/2)); causal-LM model task only.
 
 Model, data and output come from the model task of ``config.model.task``
 (:mod:`experiments.model_tasks`): for a classifier O = C (the class logits) and the examples are

@@ -168,9 +168,13 @@ def run(config, out_dir: str, ctx) -> dict:
     return report
 
 
+def _round(x, digits: int):
+    return None if x is None else round(x, digits)  # None: a rank correlation that is undefined
+
+
 def summary(report: dict) -> dict:
     return {"kappa": [round(r["kappa"], 1) for r in report["placements"]],
-            "spearman_kappa_vs_eval_loss": round(report["spearman_kappa_vs_eval_loss"]["rho"], 3),
+            "spearman_kappa_vs_eval_loss": _round(report["spearman_kappa_vs_eval_loss"]["rho"], 3),
             "all_risks_within_correct_bounds": report["all_risks_within_correct_bounds"],
             "printed_lower_violation_rate_random_psd": report["random_psd"]["printed_lower_violation_rate"]}
 
@@ -199,6 +203,7 @@ def plot(report: dict, path: str) -> str:
     ax[2].loglog([r["kappa"] for r in rows], [r["eval_loss_after"] for r in rows], "o")
     for r in rows:
         ax[2].annotate(_label(r), (r["kappa"], r["eval_loss_after"]), fontsize=6)
-    rho = report["spearman_kappa_vs_eval_loss"]["rho"]
-    ax[2].set(title=f"κ vs eval loss (Spearman ρ={rho:.2f})", xlabel="κ(K+σI)", ylabel="eval loss")
+    rho = report["spearman_kappa_vs_eval_loss"]["rho"]  # None: undefined (fewer than 2 distinct values)
+    rho_text = "undefined" if rho is None else f"{rho:.2f}"
+    ax[2].set(title=f"κ vs eval loss (Spearman ρ={rho_text})", xlabel="κ(K+σI)", ylabel="eval loss")
     return save(fig, path)

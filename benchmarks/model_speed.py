@@ -6,7 +6,7 @@ For each model size (``tiny``: hidden 64, 2 layers; ``larger``: hidden 256, 4 la
 Llama with GQA, SwiGLU, untied head) ONE checkpoint is written by ``transformers``
 (``LlamaForCausalLM``, random init, float32) and loaded by both sides in the same process:
 
-* Flax: ``ntk_jax.models.from_pretrained(dir, lora=LoRAConfig(r=8, alpha=16, q_proj/v_proj,
+* Flax: ``ntk_jax.models.hf_loading.from_pretrained(dir, lora=LoRAConfig(r=8, alpha=16, q_proj/v_proj,
   b_init_std=0.02))``, functions ``jax.jit``-ed over the model state;
 * PyTorch: ``LlamaForCausalLM.from_pretrained(dir)`` with the Flax adapters exported by
   ``ntk_jax.models.peft_export.save_peft_adapter`` and opened with ``peft.PeftModel`` (so

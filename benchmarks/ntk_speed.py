@@ -69,8 +69,8 @@ from flax import nnx
 
 from ntk_jax.data.tokenizer import CharTokenizer
 from ntk_jax.kernels.features import make_feature_fn, sum_of_outputs
-from ntk_jax.kernels.ntk import (DEFAULT_BASIS_BATCH, contract_jacobians, empirical_ntk, ntk_fn,
-                                 per_example_jacobians)
+from ntk_jax.kernels.contract import contract_jacobians
+from ntk_jax.kernels.ntk import DEFAULT_BASIS_BATCH, empirical_ntk, ntk_fn, per_example_jacobians
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.kernels.structured import site_cotangents, structured_plan

@@ -10,7 +10,7 @@ Everything runs in ONE process on the SAME model, LoRA weights and pool:
   Llama-style decoder, hidden 64, 3 layers, 4 heads / 2 kv heads, MLP 128, vocab 50 of
   ``CharTokenizer``), random init, built FIRST as a ``transformers`` ``LlamaForCausalLM``
   (seed ``--seed``), written with ``save_pretrained`` and loaded into JAX with
-  ``ntk_jax.models.from_pretrained`` (so both sides hold the very same weights); LoRA r=8,
+  ``ntk_jax.models.hf_loading.from_pretrained`` (so both sides hold the very same weights); LoRA r=8,
   alpha 16 on ``q_proj``/``v_proj`` of every layer (``b_init_std=0.02``, so the gradient wrt
   ``A`` is not zero), P = 5376 LoRA parameters; the same A/B values are copied to the
   PyTorch side, where LoRA is added by hand (``y = base(x) + (alpha/r)·(x A) B``).

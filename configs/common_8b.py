@@ -21,10 +21,12 @@ tokenizer); the domain and pool paths likewise.
 """
 from __future__ import annotations
 
-from ntk_jax.launcher.config_lib import base_config, finetune_train_config, lora_config
+from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.launcher.platforms import layout
+from ntk_jax.models.lora import lora_config
 from ntk_jax.selection.methods import apply_overrides
 from ntk_jax.selection.methods.ntk import RECOMMENDED
+from ntk_jax.training.trainer import finetune_train_config
 
 N_SELECT = 9000
 PROJECTION_DIM = 8192

@@ -11,29 +11,43 @@ On ``n_examples`` inputs from several tasks, with the pre-trained base model + L
   the mean cosine between different outputs' gradients, cos(∇f_a(x), ∇f_b(x)) for a ≠ b
   (from the diagonal blocks Θ(x, x));
 * the same statistics for fresh random-init models of increasing width d (scaling of the
-  cross terms, compared with d^(-1/2)); causal-LM backend only.
+  cross terms, compared with d^(-1/2)); causal-LM model task only.
 
-Model, data and output come from the backend of ``config.model.task``
-(:mod:`experiments.backends`): for a classifier O = C (the class logits) and the examples are
+Model, data and output come from the model task of ``config.model.task``
+(:mod:`experiments.model_tasks`): for a classifier O = C (the class logits) and the examples are
 lexicon sentences.
 """
 from __future__ import annotations
 
 import os
 
+import ml_collections
 import numpy as np
 import scipy.stats
 from flax import nnx
 
-from experiments.backends import make_backend
+from experiments.model_tasks import make_model_task
 from experiments.plotting import save, subplots
 from ntk_jax.kernels.ntk import empirical_ntk, jacobian_free_ntk
 from ntk_jax.kernels.outputs import lm_output_fn
-from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.launcher.config_lib import PRETRAIN_TASKS
+from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_config
 from ntk_jax.models.subset import param_subset
-from ntk_jax.models.transformer import load_config
-from ntk_jax.models.transformer import DecoderConfig, DecoderLM
+from ntk_jax.models.transformer import DecoderConfig, DecoderLM, load_config
 from ntk_jax.utils import progress
+
+
+def config() -> ml_collections.ConfigDict:
+    """docs/theory.md §5.3: Jacobian-free Θ̃ vs exact tr Θ, and cross-output terms vs width."""
+    return ml_collections.ConfigDict(dict(
+        tasks=PRETRAIN_TASKS,
+        n_examples=48,              # all pairs of these examples are compared
+        projection_dims=(1024, 8192),
+        lora=lora_config(targets=("q_proj", "v_proj"), b_init_std=0.02),
+        widths=(16, 32, 64, 128),   # hidden sizes of fresh (random-init) models for the scaling
+        n_width_examples=8,
+        block_size=16,              # examples per kernel block (bounds memory; each block shape compiles once)
+    ))
 
 
 def output_gradient_cosines(full: np.ndarray) -> np.ndarray:
@@ -75,14 +89,14 @@ def _kernels(model, x, wrt=nnx.LoRAParam, output_fn=lm_output_fn, block_size: in
 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.approximation
-    backend = make_backend(config, ctx)
+    mtask = make_model_task(config, ctx)
     lora = LoRAConfig.from_dict(c.lora)
-    x = backend.kernel_inputs(backend.splits({"corpus": c.n_examples}, tuple(c.tasks))["corpus"])
+    x = mtask.kernel_inputs(mtask.splits({"corpus": c.n_examples}, tuple(c.tasks))["corpus"])
     n = int(x["input_ids"].shape[0])
 
-    model = backend.load_model(lora)
+    model = mtask.load_model(lora)
     block = int(c.block_size)
-    full, jf, (f, subset) = _kernels(model, x, backend.wrt, backend.output_fn, block)
+    full, jf, (f, subset) = _kernels(model, x, mtask.wrt, mtask.output_fn, block)
     jf_from_full = full.sum(axis=(2, 3))
     stats = pair_statistics(full, jf)
     projected = {}
@@ -96,7 +110,7 @@ def run(config, out_dir: str, ctx) -> dict:
         }
 
     widths = []
-    if c.widths and backend.task != "lm":
+    if c.widths and mtask.task != "lm":
         raise ValueError("approximation.widths (fresh decoders of width d) apply to config.model.task='lm' only; "
                          "set --config.approximation.widths='()'")
     xw = {k: v[: c.n_width_examples] for k, v in x.items()}
@@ -111,11 +125,11 @@ def run(config, out_dir: str, ctx) -> dict:
 
     report = {
         "experiment": "approximation",
-        "setup": {"n_examples": n, "tasks": list(c.tasks) if backend.task == "lm" else ["lexicon"],
-                  "lora": dict(c.lora), "num_lora_params": subset.num_params, "output": backend.output,
-                  "kernel_params": backend.kernel_params,
+        "setup": {"n_examples": n, "tasks": list(c.tasks) if mtask.task == "lm" else ["lexicon"],
+                  "lora": dict(c.lora), "num_lora_params": subset.num_params, "output": mtask.output,
+                  "kernel_params": mtask.kernel_params,
                   "width_models": "fresh random init (not pre-trained), hidden = d, MLP = 2d", "model": ctx.info,
-                  "backend": backend.describe()},
+                  "backend": mtask.describe()},
         **stats,
         "jacobian_free_consistency_max_abs": float(np.abs(jf - jf_from_full).max()),
         "jacobian_free_consistency_rel": float(np.abs(jf - jf_from_full).max() / np.abs(jf).max()),

@@ -26,19 +26,38 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
 import numpy as np
 
 from experiments.plotting import save, subplots
 from ntk_jax.launcher.distributed import barrier
+from ntk_jax.models.lora import lora_config
 from ntk_jax.selection.evaluation import finetune_and_evaluate
 from ntk_jax.selection.jobs import (encoding_options, fit_to_length, load_selection_data, plain, run_selection,
                                     selection_context)
 from ntk_jax.selection.methods import apply_preset
 from ntk_jax.selection.store import fingerprint_of
+from ntk_jax.training.trainer import finetune_train_config
 from ntk_jax.utils import read_json, write_json
 
 RESULTS_NAME = "results.json"
 DISTRIBUTED = True  # every jax.distributed process runs it: selections are split over processes
+
+
+def config() -> ml_collections.ConfigDict:
+    """docs/theory.md §7.2 (docs/selection.md): domain-only vs domain ∪ selected(method) over seeds
+    (experiments/select_compare.py); selection settings come from ``config.select``."""
+    return ml_collections.ConfigDict(dict(
+        methods=("random", "embedding", "less", "ntk"),
+        # controlled benchmark only: arms "oracle_<role>" train on domain ∪ N pool items of that
+        # role (the best / worst a selector of N items can do)
+        oracles=("useful", "conflicting"),
+        seeds=(0, 1, 2),
+        lora=lora_config(),
+        # the benchmark's documented setting (ntk_jax.data.controlled.FINETUNE)
+        finetune=finetune_train_config(total_steps=150, learning_rate=5e-3, warmup_steps=5, batch_size=16),
+        eval_batch_size=128,
+    ))
 
 
 def _mean_std(values):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 
+import ml_collections
 import numpy as np
 
 from experiments.plotting import save, subplots
@@ -32,6 +33,15 @@ from ntk_jax.utils import write_json
 
 DISTRIBUTED = True
 METRICS = ("precision_at_n", "base_rate", "test_loss", "accuracy")
+
+
+def config() -> ml_collections.ConfigDict:
+    """The benchmark suite (experiments/select_suite.py): every target × variant, each cell a
+    comparison with the arms, seeds and fine-tuning of ``select_compare``."""
+    return ml_collections.ConfigDict(dict(
+        targets=(),                 # names of ntk_jax.data.controlled.TARGETS; empty: all of them
+        variants=("no_conflict", "contradicting"),
+    ))
 
 
 def cells(config) -> list[tuple[str, str]]:

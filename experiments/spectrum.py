@@ -8,7 +8,7 @@ the kernel-regression risk R = (1/n)‖(I − K(K+σI)⁻¹)y‖² with the *cor
 σ‖y‖²/(n(σ+λ)) whose lower half is false in general. Then the placement is fine-tuned and
 the Spearman rank correlation between κ and the train/eval loss is reported (the paper's
 claim: lower κ ↔ lower loss). Targets y: ±1 from the task's two labels; with the lexicon
-task (``config.model.task="classification"``, :mod:`experiments.backends`) also the risk with
+task (``config.model.task="classification"``, :mod:`experiments.model_tasks`) also the risk with
 the regression targets (the mean human valence). A placement may carry its own LoRA ``rank``.
 
 Also: the printed lower bound's failure rate on random PSD kernels (the finding of docs/theory.md §4.3).
@@ -17,19 +17,45 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
 import numpy as np
 
-from experiments.backends import binary_targets, make_backend  # noqa: F401  (binary_targets: re-export)
+from experiments.model_tasks import make_model_task
 from experiments.plotting import save, subplots
 from experiments.stability import probe_programs
-from ntk_jax.kernels.ntk import check_finite, output_size
+from ntk_jax.kernels.checks import check_finite
+from ntk_jax.kernels.contract import output_size
 from ntk_jax.kernels.spectrum import (condition_number, effective_rank, eigenvalues, paper_printed_bounds,
                                       risk_bounds)
-from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.models.lora import LoRAConfig, lora_config
 from ntk_jax.models.subset import param_subset
 from ntk_jax.stats import spearman_with_p
-from ntk_jax.training.trainer import TrainConfig, train
+from ntk_jax.training.trainer import TrainConfig, finetune_train_config, train
 from ntk_jax.utils import progress
+
+
+def config() -> ml_collections.ConfigDict:
+    """docs/theory.md §5.2: κ and risk bounds over LoRA placements, then fine-tune each."""
+    return ml_collections.ConfigDict(dict(
+        task="sentiment_flipped",  # labels opposite to pre-training: fine-tuning must move
+        n_kernel=32,                # examples in the kernel (the paper: 32)
+        sigma=1e-4,                 # ridge (the paper: 1e-4)
+        # (targets, layers) sweep, after the paper's Table 1: a tuple of plain dicts, so
+        # --config.spectrum.placements="({'targets': ('k_proj',), 'layers': (0,)},)" sets it
+        placements=(
+            dict(targets=("q_proj", "v_proj"), layers=(0,)),
+            dict(targets=("q_proj", "v_proj"), layers=(0, 2)),
+            dict(targets=("q_proj", "v_proj"), layers=(0, 1, 2)),
+            dict(targets=("k_proj",), layers=(0,)),
+            dict(targets=("k_proj",), layers=(0, 2)),
+            dict(targets=("k_proj",), layers=(0, 1, 2)),
+        ),
+        lora=lora_config(),
+        n_train=256,
+        n_eval=256,
+        train=finetune_train_config(total_steps=60),
+        n_random_kernels=500,       # random PSD kernels for the printed-bound failure rate
+    ))
 
 
 def random_psd_violation_rate(n_kernels: int, seed: int) -> dict:
@@ -72,26 +98,26 @@ def _risk_row(K, y, sigma, prefix: str) -> dict:
 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.spectrum
-    backend = make_backend(config, ctx)
-    splits = backend.splits({"kernel": c.n_kernel, "train": c.n_train, "eval": c.n_eval}, c.task)
-    y = backend.binary_targets(splits["kernel"])
-    y_reg = backend.regression_targets(splits["kernel"])
-    x = backend.kernel_inputs(splits["kernel"])
+    mtask = make_model_task(config, ctx)
+    splits = mtask.splits({"kernel": c.n_kernel, "train": c.n_train, "eval": c.n_eval}, c.task)
+    y = mtask.binary_targets(splits["kernel"])
+    y_reg = mtask.regression_targets(splits["kernel"])
+    x = mtask.kernel_inputs(splits["kernel"])
     train_cfg = TrainConfig.from_dict({**dict(c.train), "seed": ctx.seed})
 
     rows, kernels = [], []
     for placement in progress(list(c.placements), desc="placements"):
         lora = placement_lora(c.lora, placement)
-        model = backend.load_model(lora)
-        subset = param_subset(model, backend.wrt)
-        kernel, _ = probe_programs(backend, subset, output_size(backend.output_fn(subset), subset.params, x))
+        model = mtask.load_model(lora)
+        subset = param_subset(model, mtask.wrt)
+        kernel, _ = probe_programs(mtask, subset, output_size(mtask.output_fn(subset), subset.params, x))
         K = check_finite(np.asarray(kernel(subset.params, subset._template, subset.frozen, x)), "eNTK")
         kernels.append(K)
         lam = eigenvalues(K)
-        before = backend.evaluate(model, splits["eval"])
-        result = train(model, splits["train"].arrays, train_cfg, wrt=backend.wrt, loss_fn=backend.loss_fn)
+        before = mtask.evaluate(model, splits["eval"])
+        result = train(model, splits["train"].arrays, train_cfg, wrt=mtask.wrt, loss_fn=mtask.loss_fn)
         train_losses = [h["loss"] for h in result.history if "loss" in h]
-        after = backend.evaluate(model, splits["eval"])
+        after = mtask.evaluate(model, splits["eval"])
         row = {
             "targets": list(lora.targets), "layers": list(lora.layers), "rank": lora.rank,
             "num_lora_params": subset.num_params,
@@ -110,13 +136,13 @@ def run(config, out_dir: str, ctx) -> dict:
     kappa = [r["kappa"] for r in rows]
     report = {
         "experiment": "spectrum",
-        "setup": {"task": c.task if backend.task == "lm" else "lexicon", "n_kernel": c.n_kernel,
+        "setup": {"task": c.task if mtask.task == "lm" else "lexicon", "n_kernel": c.n_kernel,
                   "sigma": c.sigma, "lora": dict(c.lora),
                   "train": train_cfg.to_dict(), "targets_y": "±1 labels",
                   "regression_targets": None if y_reg is None else "mean human valence of the kernel words",
                   "risk_normalisation": "R = (1/n)‖(I − K(K+σI)⁻¹)y‖²",
-                  "kernel": f"exact traced eNTK of the {backend.output}", "kernel_params": backend.kernel_params,
-                  "model": ctx.info, "backend": backend.describe()},
+                  "kernel": f"exact traced eNTK of the {mtask.output}", "kernel_params": mtask.kernel_params,
+                  "model": ctx.info, "backend": mtask.describe()},
         "placements": rows,
         "spearman_kappa_vs_train_loss": spearman_with_p(kappa, [r["train_loss_final"] for r in rows]),
         "spearman_kappa_vs_eval_loss": spearman_with_p(kappa, [r["eval_loss_after"] for r in rows]),
@@ -142,9 +168,13 @@ def run(config, out_dir: str, ctx) -> dict:
     return report
 
 
+def _round(x, digits: int):
+    return None if x is None else round(x, digits)  # None: a rank correlation that is undefined
+
+
 def summary(report: dict) -> dict:
     return {"kappa": [round(r["kappa"], 1) for r in report["placements"]],
-            "spearman_kappa_vs_eval_loss": round(report["spearman_kappa_vs_eval_loss"]["rho"], 3),
+            "spearman_kappa_vs_eval_loss": _round(report["spearman_kappa_vs_eval_loss"]["rho"], 3),
             "all_risks_within_correct_bounds": report["all_risks_within_correct_bounds"],
             "printed_lower_violation_rate_random_psd": report["random_psd"]["printed_lower_violation_rate"]}
 
@@ -173,6 +203,7 @@ def plot(report: dict, path: str) -> str:
     ax[2].loglog([r["kappa"] for r in rows], [r["eval_loss_after"] for r in rows], "o")
     for r in rows:
         ax[2].annotate(_label(r), (r["kappa"], r["eval_loss_after"]), fontsize=6)
-    rho = report["spearman_kappa_vs_eval_loss"]["rho"]
-    ax[2].set(title=f"κ vs eval loss (Spearman ρ={rho:.2f})", xlabel="κ(K+σI)", ylabel="eval loss")
+    rho = report["spearman_kappa_vs_eval_loss"]["rho"]  # None: undefined (fewer than 2 distinct values)
+    rho_text = "undefined" if rho is None else f"{rho:.2f}"
+    ax[2].set(title=f"κ vs eval loss (Spearman ρ={rho_text})", xlabel="κ(K+σI)", ylabel="eval loss")
     return save(fig, path)

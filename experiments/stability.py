@@ -6,8 +6,8 @@ pre-trained on. Reported: S(t) = cos_F(Θ_t, Θ_0), a*(t), u(t), ‖Θ_t − Θ_
 residual ‖R‖/‖Θ_t‖, ε = 1 − min S, the Theorem-1 bound factor √(2ε)/(1−ε) (and η‖Θ_0‖ times it,
 the bound per unit ‖γ‖), and how well the linearised model f_0 + J_0(θ_t − θ_0) tracks f_t.
 
-Model, data, kernel output and loss come from the backend of ``config.model.task``
-(:mod:`experiments.backends`): the causal LM's response-position-mean logits (O = V) on a
+Model, data, kernel output and loss come from the model task of ``config.model.task``
+(:mod:`experiments.model_tasks`): the causal LM's response-position-mean logits (O = V) on a
 synthetic task, or a BERT/RoBERTa classifier's class logits (O = C) on the lexicon task.
 ``sweep_learning_rates`` / ``sweep_ranks`` add a map of S_min = min_t S(t): one run per
 learning rate (at the base rank) and per LoRA rank (at the base rate), the base run shared.
@@ -20,27 +20,49 @@ import dataclasses
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
-from experiments.backends import LMBackend, make_backend
+from experiments.model_tasks import LMTask, make_model_task
 from experiments.plotting import save, subplots
-from ntk_jax.kernels.ntk import check_finite, ntk_fn, output_size
+from ntk_jax.kernels.checks import check_finite
+from ntk_jax.kernels.contract import output_size
+from ntk_jax.kernels.ntk import ntk_fn
 from ntk_jax.kernels.stability import stability_summary, theorem1_bound
-from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.models.lora import LoRAConfig, lora_config
 from ntk_jax.models.subset import ParamSubset, param_subset
-from ntk_jax.training.trainer import TrainConfig, train
+from ntk_jax.training.trainer import TrainConfig, finetune_train_config, train
 from ntk_jax.utils import progress
+
+
+def config() -> ml_collections.ConfigDict:
+    """docs/theory.md §5.1: Θ_t on a fixed probe set during LoRA fine-tuning."""
+    return ml_collections.ConfigDict(dict(
+        task="add_spaced",          # fine-tuning task (not in the pre-training mix)
+        n_train=512,
+        n_probe=16,
+        kernel_every=10,            # compute Θ_t every this many steps
+        # B ~ N(0, b_init_std²) instead of B = 0, so the gradient w.r.t. A (and Θ_0) is not
+        # degenerate at step 0 (docs/theory.md §3.4).
+        lora=lora_config(b_init_std=0.02),
+        train=finetune_train_config(total_steps=100, learning_rate=2e-3),
+        epsilon=0.01,               # the NTK-like threshold checked in the report (S ≥ 1-ε)
+        # S_min map: one more run per learning rate (at lora.rank) and per LoRA rank (at
+        # train.learning_rate); empty: only the base run
+        sweep_learning_rates=(),
+        sweep_ranks=(),
+    ))
 
 
 def kernel_inputs(arrays: dict) -> dict:
     """The arrays a causal-LM kernel's ``f(params, batch)`` reads."""
-    return {k: jax.numpy.asarray(arrays[k]) for k in LMBackend.KERNEL_KEYS}
+    return {k: jax.numpy.asarray(arrays[k]) for k in LMTask.KERNEL_KEYS}
 
 
 _PROGRAMS: dict = {}
 
 
-def probe_programs(backend, subset, output_dim: int):
+def probe_programs(mtask, subset, output_dim: int):
     """The jitted programs of a stability run on a probe batch, for ``subset``'s model:
 
     * ``kernel(params, template, frozen, x)`` → the exact traced eNTK ``(n, n)``;
@@ -48,11 +70,11 @@ def probe_programs(backend, subset, output_dim: int):
       ``params`` and ``params0`` and the linearised model ``f_0 + J_0 (params − params0)``.
 
     The frozen weights and the parameter template are arguments rather than constants closed
-    over, so the programs are compiled once per (backend, model structure, O) and shared by
+    over, so the programs are compiled once per (mtask, model structure, O) and shared by
     every run of that structure (e.g. a learning-rate sweep)."""
-    key = (type(backend), subset.graphdef, int(output_dim))
+    key = (type(mtask), subset.graphdef, int(output_dim))
     if key not in _PROGRAMS:
-        graphdef, output_fn = subset.graphdef, backend.output_fn
+        graphdef, output_fn = subset.graphdef, mtask.output_fn
 
         def f_of(template, frozen):
             return output_fn(ParamSubset(graphdef, None, frozen, template))
@@ -75,14 +97,14 @@ def probe_programs(backend, subset, output_dim: int):
     return _PROGRAMS[key]
 
 
-def stability_run(backend, lora: LoRAConfig, train_cfg: TrainConfig, train_split, probe: dict,
+def stability_run(mtask, lora: LoRAConfig, train_cfg: TrainConfig, train_split, probe: dict,
                   kernel_every: int) -> dict:
-    """One LoRA fine-tuning run of ``backend``'s model with Θ_t on ``probe`` every
+    """One LoRA fine-tuning run of ``mtask``'s model with Θ_t on ``probe`` every
     ``kernel_every`` steps (and at the end): :func:`stability_summary` of the kernels plus the
     linearisation errors, the train losses, the kernels and P (``num_params``)."""
-    model = backend.load_model(lora)
-    subset = param_subset(model, backend.wrt)
-    kernel, outputs = probe_programs(backend, subset, output_size(backend.output_fn(subset), subset.params, probe))
+    model = mtask.load_model(lora)
+    subset = param_subset(model, mtask.wrt)
+    kernel, outputs = probe_programs(mtask, subset, output_size(mtask.output_fn(subset), subset.params, probe))
     template, frozen = subset._template, subset.frozen
     steps, kernels, lin_rel_err, lin_rel_out = [], [], [], []
     start = {}
@@ -100,7 +122,7 @@ def stability_run(backend, lora: LoRAConfig, train_cfg: TrainConfig, train_split
         lin_rel_err.append(float(np.linalg.norm(f_t - f_lin) / moved) if moved > 0 else 0.0)
         lin_rel_out.append(float(np.linalg.norm(f_t - f_lin) / np.linalg.norm(f_t)))
 
-    result = train(model, train_split.arrays, train_cfg, wrt=backend.wrt, loss_fn=backend.loss_fn,
+    result = train(model, train_split.arrays, train_cfg, wrt=mtask.wrt, loss_fn=mtask.loss_fn,
                    callback=record)
     return {"summary": stability_summary(steps, kernels), "steps": steps, "kernels": kernels,
             "linearization_rel_error": lin_rel_err, "linearization_rel_to_output": lin_rel_out,
@@ -120,13 +142,13 @@ def _sweep_row(run: dict, learning_rate: float, rank: int) -> dict:
 
 def run(config, out_dir: str, ctx) -> dict:
     c = config.stability
-    backend = make_backend(config, ctx)
+    mtask = make_model_task(config, ctx)
     lora = LoRAConfig.from_dict(c.lora)
-    splits = backend.splits({"train": c.n_train, "probe": c.n_probe}, c.task)
-    probe = backend.kernel_inputs(splits["probe"])
+    splits = mtask.splits({"train": c.n_train, "probe": c.n_probe}, c.task)
+    probe = mtask.kernel_inputs(splits["probe"])
     train_cfg = TrainConfig.from_dict({**dict(c.train), "seed": ctx.seed})
 
-    base = stability_run(backend, lora, train_cfg, splits["train"], probe, c.kernel_every)
+    base = stability_run(mtask, lora, train_cfg, splits["train"], probe, c.kernel_every)
     summary = base["summary"]
     eps = summary["epsilon"]
     # S_min over learning rate (at the base rank) and LoRA rank (at the base rate); the base
@@ -138,18 +160,18 @@ def run(config, out_dir: str, ctx) -> dict:
     for lr, rank in progress(points, desc="stability sweep"):
         if (lr, rank) not in seen:
             cfg = dataclasses.replace(train_cfg, learning_rate=lr)
-            one = stability_run(backend, dataclasses.replace(lora, rank=rank), cfg, splits["train"], probe,
+            one = stability_run(mtask, dataclasses.replace(lora, rank=rank), cfg, splits["train"], probe,
                                 c.kernel_every)
             seen[(lr, rank)] = _sweep_row(one, lr, rank)
         sweep.append(seen[(lr, rank)])
     report = {
         "experiment": "stability",
-        "setup": {"task": c.task if backend.task == "lm" else "lexicon", "n_probe": c.n_probe, "n_train": c.n_train,
+        "setup": {"task": c.task if mtask.task == "lm" else "lexicon", "n_probe": c.n_probe, "n_train": c.n_train,
                   "lora": dict(c.lora), "num_lora_params": base["num_params"], "train": train_cfg.to_dict(),
-                  "kernel": f"exact traced eNTK (method='jacobian') of the {backend.output}",
-                  "kernel_params": backend.kernel_params,
+                  "kernel": f"exact traced eNTK (method='jacobian') of the {mtask.output}",
+                  "kernel_params": mtask.kernel_params,
                   "lora_b_init": f"B ~ N(0, {c.lora.b_init_std}^2) (not 0), so that grad wrt A != 0 at step 0",
-                  "model": ctx.info, "backend": backend.describe()},
+                  "model": ctx.info, "backend": mtask.describe()},
         **summary,
         "linearization_rel_error": base["linearization_rel_error"],  # ‖f_t − f_lin‖ / ‖f_t − f_0‖
         "linearization_rel_to_output": base["linearization_rel_to_output"],  # ‖f_t − f_lin‖ / ‖f_t‖

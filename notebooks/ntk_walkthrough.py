@@ -29,8 +29,9 @@ from ntk_jax.data.tokenizer import CharTokenizer
 from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
-from ntk_jax.ntk import empirical_ntk, jacobian_free_ntk, lm_output_fn
-from ntk_jax.spectrum import condition_number, eigenvalues, paper_printed_bounds, risk_bounds
+from ntk_jax.kernels.ntk import empirical_ntk, jacobian_free_ntk
+from ntk_jax.kernels.outputs import lm_output_fn
+from ntk_jax.kernels.spectrum import condition_number, eigenvalues, paper_printed_bounds, risk_bounds
 
 # %% [markdown]
 # ## Data and model

@@ -1,7 +1,7 @@
 """Device-mesh helpers every batch loop uses (a leaf module: JAX only, no ntk_jax imports),
 so that kernels, models, training and selection split their batches over a
 ``("data", "model")`` mesh in one way. Partition rules for models and the mesh builders live
-in :mod:`ntk_jax.models.sharding` (which re-exports these names).
+in :mod:`ntk_jax.models.sharding`.
 
 * :func:`mesh_of` / :func:`resolve_mesh`: the mesh a computation runs data-parallel over
   (the one its parameters live on, or ``None`` on one device);
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["AXES", "P", "mesh_of", "resolve_mesh", "data_size", "round_up_to_data", "place_rows", "shard_batch",
+__all__ = ["AXES", "mesh_of", "resolve_mesh", "data_size", "round_up_to_data", "place_rows", "shard_batch",
            "onto_mesh"]
 
 AXES = ("data", "model")

@@ -37,16 +37,19 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from ntk_jax.data.encoding import LM_INPUTS, lm_batch  # noqa: E402
 from ntk_jax.data.records import encode_records  # noqa: E402
 from ntk_jax.data.tokenizer import CharTokenizer  # noqa: E402
+from ntk_jax.kernels.features import directional_derivatives, gradient_features  # noqa: E402
+from ntk_jax.kernels.projection import RandomProjection  # noqa: E402
 from ntk_jax.launcher.config_lib import base_config  # noqa: E402
 from ntk_jax.launcher.context import Context, load_tokenizer, prepare_context  # noqa: E402
 from ntk_jax.models import sharding as sh  # noqa: E402
 from ntk_jax.models.subset import param_subset  # noqa: E402
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM, save_pretrained  # noqa: E402
 from ntk_jax.selection import evaluation  # noqa: E402
-from ntk_jax.selection.ntk_selector import (mean_hidden_states, ntk_features, ntk_scalar_fn, ntk_scores,  # noqa: E402
-                                            ntk_scores_by_jvp)
+from ntk_jax.selection.methods.ntk import domain_direction  # noqa: E402
+from ntk_jax.selection.ntk_selector import mean_hidden_states, ntk_scalar_fn  # noqa: E402
 from ntk_jax.training import trainer  # noqa: E402
 
 MESHES = [(8, 1), (2, 4)]
@@ -93,12 +96,15 @@ def quantities(ctx: Context, domain: dict, pool: dict, train_data: dict, test: l
     sfn = ntk_scalar_fn(subset)
     out = {"on_mesh": None if ctx.mesh is None else all(
         set(x.sharding.device_set) == set(ctx.mesh.devices.flat) for x in jax.tree.leaves(nnx.state(model)))}
-    dom = ntk_features(subset, domain, projection_dim=64, projection_seed=1, batch_size=FEATURE_BLOCK, scalar_fn=sfn)
-    out["dom_features"] = dom
-    out["pool_features"] = ntk_features(subset, pool, projection_dim=64, projection_seed=1,
-                                        batch_size=FEATURE_BLOCK, scalar_fn=sfn)
-    out["jvp_scores"] = ntk_scores_by_jvp(subset, dom, pool, projection_dim=64, projection_seed=1,
-                                          batch_size=FEATURE_BLOCK, scalar_fn=sfn)
+    proj = RandomProjection(64, seed=1)
+    out["dom_features"], out["pool_features"] = (
+        gradient_features(sfn, subset.params, lm_batch(b, LM_INPUTS), projection=proj, batch_size=FEATURE_BLOCK)
+        for b in (domain, pool))
+    # the job's scores: the domain direction, then one JVP per candidate
+    tangent = domain_direction(subset, sfn, domain, normalize="none", projection_dim=64, projection_seed=1,
+                               batch_size=FEATURE_BLOCK)
+    out["jvp_scores"] = np.asarray(directional_derivatives(sfn, subset.params, lm_batch(pool, LM_INPUTS), tangent,
+                                                           batch_size=FEATURE_BLOCK), np.float64)
     out["hidden"] = mean_hidden_states(model, pool, batch_size=FEATURE_BLOCK)
     before = trainer.train_step_program._cache_size()
     result = trainer.train(model, train_data, TRAIN)
@@ -147,7 +153,8 @@ def main(out_path: str) -> None:
               "ref": {"losses": ref["losses"], "train_compiles": ref["train_compiles"],
                       "finetune": ref["finetune"], "eval_loss": ref["eval_loss"]},
               # independent oracle: JVP scores = <mean domain feature, candidate features>
-              "jvp_vs_features": maxabs(ref["jvp_scores"], ntk_scores(ref["dom_features"], ref["pool_features"]))}
+              "jvp_vs_features": maxabs(ref["jvp_scores"], np.asarray(ref["pool_features"], np.float64)
+                                         @ np.asarray(ref["dom_features"], np.float64).mean(axis=0))}
 
     for data, model_axis in MESHES:
         config = base_config()

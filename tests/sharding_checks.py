@@ -36,6 +36,7 @@ from flax import nnx  # noqa: E402
 from ntk_jax.kernels.features import make_feature_fn, sum_of_outputs  # noqa: E402
 from ntk_jax.kernels.outputs import lm_output_fn  # noqa: E402
 from ntk_jax.kernels.projection import RandomProjection  # noqa: E402
+from ntk_jax.mesh import shard_batch  # noqa: E402
 from ntk_jax.models import sharding as sh  # noqa: E402
 from ntk_jax.models.hf_loading import from_pretrained  # noqa: E402
 from ntk_jax.models.lora import LoRAConfig  # noqa: E402
@@ -89,7 +90,7 @@ def maxabs(a, b):
 def lm_quantities(model, batch, mesh):
     """logits (N,T,V), features exact (N,P) and projected (N,64), LoRA loss-gradient (P,)."""
     if mesh is not None:
-        batch = sh.shard_batch(batch, mesh)
+        batch = shard_batch(batch, mesh)
     logits = nnx.jit(lambda m, b: m(b["input_ids"], attention_mask=b["attention_mask"]))(model, batch)
     subset = param_subset(model, nnx.LoRAParam)
     scalar = sum_of_outputs(lm_output_fn(subset))
@@ -140,7 +141,7 @@ def main(out_path):
     save_pretrained(ref_model, own)
     mesh = sh.make_mesh(2, 4)
     m_own = from_pretrained(own, mesh=mesh, lora=LORA, rngs=nnx.Rngs(5))
-    b = sh.shard_batch(batch, mesh)
+    b = shard_batch(batch, mesh)
     lo = nnx.jit(lambda m, b: m(b["input_ids"], attention_mask=b["attention_mask"]))(m_own, b)
     report["own_format"] = {"logits": maxabs(lo, ref["logits"]),
                             "placement": placement(m_own, ["layers.0.mlp.up_proj.kernel"])}
@@ -154,7 +155,7 @@ def main(out_path):
     gl = {}
     for name, msh in (("none", None), ("2x4", mesh)):
         g = from_pretrained(gdir, mesh=msh, lora={"rank": 2, "targets": ["c_attn", "c_fc"], "b_init_std": 0.1})
-        x = ids if msh is None else sh.shard_batch(ids, msh)
+        x = ids if msh is None else shard_batch(ids, msh)
         gl[name] = np.asarray(nnx.jit(lambda m, x: m(x))(g, x))
     report["gpt2"] = {"logits": maxabs(gl["none"], gl["2x4"]), "scale": float(np.abs(gl["none"]).max()),
                       "placement": placement(g, ["wte.embedding", "h.0.attn.c_attn.kernel", "h.0.mlp.c_proj.kernel"])}
@@ -169,7 +170,7 @@ def main(out_path):
         bm = from_pretrained(bdir, mesh=msh, lora={"rank": 2, "targets": ["query", "value"], "b_init_std": 0.1})
         xs = (batch["input_ids"], batch["attention_mask"], np.zeros_like(batch["input_ids"]))
         if msh is not None:
-            xs = sh.shard_batch(xs, msh)
+            xs = shard_batch(xs, msh)
         bl[name] = np.asarray(nnx.jit(lambda m, a, b, c: m(a, b, c))(bm, *xs))
     report["bert"] = {"logits": maxabs(bl["none"], bl["2x4"]), "scale": float(np.abs(bl["none"]).max()),
                       "placement": placement(bm, ["bert.encoder.layer.0.intermediate.dense.kernel",

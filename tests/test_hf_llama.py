@@ -19,10 +19,11 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ntk_jax.models import hf_loading  # noqa: E402
+from ntk_jax.models import hf_loading, ports  # noqa: E402
 from ntk_jax.models.hf_loading import (config_from_hf, from_pretrained, load_safetensors_dir,  # noqa: E402
-                                       load_tokenizer, register_architecture)
+                                       load_tokenizer)
 from ntk_jax.models.lora import LoRAConfig, iter_linears  # noqa: E402
+from ntk_jax.models.ports import register_architecture  # noqa: E402
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM  # noqa: E402
 
 V = 64
@@ -367,4 +368,4 @@ def test_register_architecture(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(model(jnp.ones((1, 2)))), [[2.0, 6.0, 10.0]])
     model.train()
     assert model(jnp.ones((4, 2))).shape == (4, 3)  # dropout RNG state was materialised
-    assert "toy" in hf_loading.supported_model_types()
+    assert "toy" in ports.supported_model_types()

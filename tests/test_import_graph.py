@@ -9,8 +9,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {"utils": 0, "stats": 0, "mesh": 0, "data": 1, "kernels": 1, "models": 2, "training": 3, "selection": 4,
           "launcher": 5}
-# the public re-export modules and the entry point sit on top
-TOP = {"ntk_jax", "ntk_jax.ntk", "ntk_jax.spectrum", "ntk_jax.stability", "ntk_jax.main"}
+# the package and the entry point sit on top
+TOP = {"ntk_jax", "ntk_jax.main"}
 
 
 def _modules():
@@ -85,3 +85,14 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_no_selection_method_imports_another():
+    """Selection methods are plug-ins (``ntk_jax/selection/methods/<name>.py``): what two methods
+    share lives outside ``methods/`` (e.g. ``selection/embeddings.py``,
+    ``selection/optimizer_state.py``); a method imports only the registry package itself."""
+    modules = _modules()
+    pkg = "ntk_jax.selection.methods"
+    methods = {m for m in modules if m.startswith(pkg + ".")}
+    bad = [f"{m} -> {d}" for m in sorted(methods) for d in sorted(_imports(modules[m], modules)) if d in methods and d != m]
+    assert not bad, "a selection method imports another method:\n" + "\n".join(bad)

@@ -10,7 +10,8 @@ import pytest
 from ntk_jax.data.records import encode_records
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.models.lora import LoRAConfig
-from ntk_jax.selection.jobs import SelectionJob, StopRequested, plain, run_selection
+from ntk_jax.selection.jobs import SelectionJob, plain, run_selection
+from ntk_jax.selection.store import StopRequested
 from ntk_jax.selection.loss_change import loss_change
 from ntk_jax.selection.methods import apply_preset
 from ntk_jax.training.losses import per_example_lm_loss
@@ -63,7 +64,7 @@ def test_job_scores_are_loss_changes(tmp_path, context, bench, lc):
     model, wcfg = job.warm_up(cfg["lora"], cfg["warmup"], checkpoint_every=steps[0], max_to_keep=k + 1) \
         if k > 1 else job.warm_up(cfg["lora"], cfg["warmup"])  # resumes: the trained factors
     from ntk_jax.models.subset import param_subset
-    from ntk_jax.selection.jobs import lora_filter
+    from ntk_jax.models.lora import lora_filter
 
     sub = param_subset(model, lora_filter())
     lk = []

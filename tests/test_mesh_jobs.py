@@ -20,6 +20,7 @@ from flax import nnx
 from ntk_jax.kernels.features import gradient_features
 from ntk_jax.launcher.config_lib import base_config
 from ntk_jax.launcher.context import Context, load_tokenizer, prepare_context
+from ntk_jax.mesh import data_size, mesh_of, place_rows, resolve_mesh, round_up_to_data
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.ntk_selector import ntk_scalar_fn
@@ -41,11 +42,11 @@ def test_mesh_from_config_on_one_device():
 
 def test_one_device_mesh_places_nothing():
     mesh = sh.mesh_from_config(-1, 1)
-    assert sh.resolve_mesh(mesh) is None and sh.resolve_mesh(None, {"w": np.ones(3)}) is None
-    assert sh.mesh_of({"w": jax.numpy.ones(3)}) is None
+    assert resolve_mesh(mesh) is None and resolve_mesh(None, {"w": np.ones(3)}) is None
+    assert mesh_of({"w": jax.numpy.ones(3)}) is None
     batch = {"x": np.ones((3, 2))}
-    assert sh.place_rows(batch, None) is batch
-    assert sh.round_up_to_data(5, None) == 5 and sh.data_size(None) == 1
+    assert place_rows(batch, None) is batch
+    assert round_up_to_data(5, None) == 5 and data_size(None) == 1
 
 
 def test_prepare_context_one_device_unchanged(tiny_model_dir, tmp_path):

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from ntk_jax.kernels.features import per_example_grads, flatten_per_example
-from ntk_jax.kernels.ntk import (NonFiniteKernelError, empirical_ntk, jacobian_free_ntk,
-                                 loss_gradient_kernel, per_example_jacobians)
+from ntk_jax.kernels.checks import NonFiniteKernelError
+from ntk_jax.kernels.ntk import empirical_ntk, jacobian_free_ntk, loss_gradient_kernel, per_example_jacobians
 from ntk_jax.kernels.outputs import lm_output_fn
 from ntk_jax.models.lora import LoRAConfig, apply_lora, lora_filter
 from ntk_jax.models.subset import param_subset

@@ -92,8 +92,8 @@ def _checkpoint(directory, d=4, h=6):
 
 def test_new_port_loads_shards_and_exports(tiny_port, tmp_path):
     tensors = _checkpoint(tmp_path / "ckpt")
-    assert "tiny_mlp_port" in hf_loading.supported_model_types()
-    assert hf_loading.LAZY_MODULES["tiny_mlp_port"] == "tiny_mlp_port"
+    assert "tiny_mlp_port" in ports.supported_model_types()
+    assert ports.LAZY_MODULES["tiny_mlp_port"] == "tiny_mlp_port"
 
     model = hf_loading.from_pretrained(tmp_path / "ckpt", lora=LoRAConfig(rank=2, targets=("fc_up", "fc_down")))
     assert type(model) is tiny_port.TinyMLP
@@ -129,7 +129,7 @@ def test_unknown_model_type_names_the_known_ones(tmp_path):
 def test_every_library_port_registers_roles_and_peft():
     """The ports of the library register through the same call: each model type's module is
     the port's own file, and each port gives partition names."""
-    modules = dict(hf_loading.LAZY_MODULES)
+    modules = dict(ports.LAZY_MODULES)
     assert modules["llama"] == modules["ntk_jax_decoder"] == "ntk_jax.models.transformer"
     assert modules["gpt2"] == "ntk_jax.models.gpt2"
     assert {modules[t] for t in ("bert", "roberta", "xlm-roberta", "camembert")} == {"ntk_jax.models.bert"}

@@ -11,6 +11,18 @@ from ntk_jax.kernels.features import gradient_features, make_feature_fn, per_exa
 from ntk_jax.kernels.projection import RandomProjection
 
 
+def clear_cache() -> None:
+    """Drops every cached projection matrix (the module's process-wide LRU cache)."""
+    with proj_mod._CACHE_LOCK:
+        proj_mod._CACHE.clear()
+
+
+def cache_nbytes() -> int:
+    """Bytes held by the cached projection matrices."""
+    with proj_mod._CACHE_LOCK:
+        return int(sum(m.nbytes for m in proj_mod._CACHE.values()))
+
+
 def small_problem(seed=0, d_in=5, d_hidden=7):
     """A two-layer tanh net with a per-example scalar; leaves of 35, 7 and 7 scalars (P = 49)."""
     k = jax.random.split(jax.random.key(seed), 4)
@@ -29,7 +41,7 @@ def small_problem(seed=0, d_in=5, d_hidden=7):
 def test_cached_matrix_is_the_explicit_matrix(kind, chunk_rows):
     _, params, _ = small_problem()
     proj = RandomProjection(24, seed=3, kind=kind, chunk_rows=chunk_rows)
-    proj_mod.clear_cache()
+    clear_cache()
     cached = proj.cached_matrix(params)
     assert cached is not None and cached.shape == (49, 24)
     np.testing.assert_array_equal(np.asarray(cached), proj.matrix(params))  # bit-identical
@@ -78,18 +90,18 @@ def test_feature_fn_under_an_outer_transformation_falls_back_to_on_the_fly():
 
 def test_cache_budget_and_lru_eviction():
     _, params, _ = small_problem()
-    proj_mod.clear_cache()
+    clear_cache()
     nbytes = 49 * 64 * 4
     small_budget = RandomProjection(64, seed=0, cache_bytes=nbytes - 1)
-    assert small_budget.cached_matrix(params) is None and proj_mod.cache_nbytes() == 0
+    assert small_budget.cached_matrix(params) is None and cache_nbytes() == 0
     budget = nbytes + nbytes // 2  # room for one matrix, not two
     m0 = RandomProjection(64, seed=0, cache_bytes=budget).cached_matrix(params)
     m1 = RandomProjection(64, seed=1, cache_bytes=budget).cached_matrix(params)
     assert m0 is not None and m1 is not None
-    assert proj_mod.cache_nbytes() == nbytes  # the least recently used one was evicted
+    assert cache_nbytes() == nbytes  # the least recently used one was evicted
     assert not np.array_equal(np.asarray(m0), np.asarray(m1))
-    proj_mod.clear_cache()
-    assert proj_mod.cache_nbytes() == 0
+    clear_cache()
+    assert cache_nbytes() == 0
     with pytest.raises(ValueError, match="cache_bytes"):
         RandomProjection(8, cache_bytes=-1)
 

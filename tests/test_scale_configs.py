@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from configs import common_8b
 from ntk_jax.launcher import platforms as plat
-from ntk_jax.launcher.config_lib import SECTIONS, base_config
+from ntk_jax.launcher.config_lib import base_config, sections
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.launcher.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, param_memory
@@ -67,7 +67,7 @@ def doc_rows() -> dict[tuple[str, str], dict]:
 def test_config_loads_and_fits(file, platform):
     name, _ = CONFIGS[file]
     c = load(file, platform)
-    assert c.experiments == ("select",) and all(e in SECTIONS for e in c.experiments)
+    assert c.experiments == ("select",) and all(e in sections() for e in c.experiments)
     lay, p = plat.layout(platform), plat.platform(platform)
     assert (c.mesh.data, c.mesh.model) == (-1, lay.mesh[1]) and lay.mesh[0] * lay.mesh[1] == p.devices_per_host
     s = c.select

@@ -13,10 +13,11 @@ from flax import nnx
 
 from ntk_jax.data.controlled import make_controlled_benchmark
 from ntk_jax.launcher.config_lib import base_config
-from ntk_jax.selection.jobs import SELECTED_NAME, StopRequested, run_selection
-from ntk_jax.selection.less import adam_preconditioner, find_adam_state
-from ntk_jax.selection.ntk_selector import knn_votes, ntk_features, ntk_scalar_fn, ntk_scores, ntk_scores_by_jvp, top_by_votes
-from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
+from ntk_jax.selection.jobs import SELECTED_NAME, run_selection
+from ntk_jax.selection.less import adam_preconditioner
+from ntk_jax.selection.optimizer_state import find_adam_state
+from ntk_jax.selection.ntk_selector import knn_votes, ntk_scalar_fn, top_by_votes
+from ntk_jax.selection.store import ScoreStore, StopRequested, check_workdir_fingerprint, fill_store
 
 
 # ------------------------------------------------------------------------ ScoreStore
@@ -149,15 +150,21 @@ def _random_batch(n, T=10, seed=0):
     att = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
     loss = att.copy().astype(np.float32)
     loss[:, :3] = 0  # "prompt"
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss}
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss, "targets": np.roll(ids, -1, axis=1)}
 
 
 def test_scores_match_jacobian_free_kernel():
-    from scipy.stats import spearmanr
-
+    """The job's NTK scores (``methods.ntk.domain_direction``, then one JVP per candidate)
+    against independent computations: the exact Jacobian-free kernel (no projection), and
+    candidate features projected one by one (with the projection)."""
+    from ntk_jax.data.encoding import lm_batch
+    from ntk_jax.kernels.features import directional_derivatives, gradient_features
+    from ntk_jax.kernels.ntk import jacobian_free_ntk
     from ntk_jax.kernels.outputs import lm_output_fn
+    from ntk_jax.kernels.projection import RandomProjection
     from ntk_jax.models.subset import param_subset
-    from ntk_jax.ntk import jacobian_free_ntk
+    from ntk_jax.selection.methods.ntk import domain_direction
+    from ntk_jax.stats import spearman
 
     model = _small_lora_model()
     subset = param_subset(model)
@@ -166,16 +173,21 @@ def test_scores_match_jacobian_free_kernel():
     K = np.asarray(jacobian_free_ntk(lm_output_fn(subset), subset.params, both))  # exact, (30, 30)
     exact = K[:6, 6:].mean(axis=0)
     fn = ntk_scalar_fn(subset)
-    s_exact = ntk_scores(ntk_features(subset, dom, projection_dim=0, scalar_fn=fn),
-                         ntk_features(subset, cand, projection_dim=0, scalar_fn=fn))
+
+    def job_scores(projection_dim):
+        tangent = domain_direction(subset, fn, dom, normalize="none", projection_dim=projection_dim)
+        return np.asarray(directional_derivatives(fn, subset.params, lm_batch(cand), tangent), np.float64)
+
+    s_exact = job_scores(0)
     np.testing.assert_allclose(s_exact, exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max())
-    dom_proj = ntk_features(subset, dom, projection_dim=8192, scalar_fn=fn)
-    s_proj = ntk_scores(dom_proj, ntk_features(subset, cand, projection_dim=8192, scalar_fn=fn))
-    rho = spearmanr(s_proj, exact).statistic
-    assert rho > 0.95, rho
-    # The job's scoring path: one JVP per candidate along Π u, no candidate features.
-    s_jvp = ntk_scores_by_jvp(subset, dom_proj, cand, projection_dim=8192, scalar_fn=fn)
-    np.testing.assert_allclose(s_jvp, s_proj, rtol=1e-4, atol=1e-5 * np.abs(s_proj).max())
+    s_jvp = job_scores(8192)
+    assert spearman(s_jvp, exact) > 0.95
+    # Π Πᵀ ḡ along the JVP = <mean projected domain feature, projected candidate feature>
+    proj = RandomProjection(8192, seed=0)
+    phi_dom, phi_cand = (np.asarray(gradient_features(fn, subset.params, lm_batch(b), projection=proj), np.float64)
+                         for b in (dom, cand))
+    s_feat = phi_cand @ phi_dom.mean(axis=0)
+    np.testing.assert_allclose(s_jvp, s_feat, rtol=1e-4, atol=1e-5 * np.abs(s_feat).max())
 
 
 # ------------------------------------------------------------------------ LESS preconditioner

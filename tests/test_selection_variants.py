@@ -125,8 +125,9 @@ def _cfg(**ntk):
 ])
 def test_job_scores_match_variant_formula(tmp_path, context, bench, variant):
     from ntk_jax.data.records import encode_records
-    from ntk_jax.selection.jobs import SelectionJob, lora_filter
-    from ntk_jax.selection.less import adam_diagonal, find_adam_state
+    from ntk_jax.models.lora import lora_filter
+    from ntk_jax.selection.jobs import SelectionJob
+    from ntk_jax.selection.optimizer_state import adam_diagonal, find_adam_state
 
     cfg = _cfg(**variant)
     rep = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "job"), seed=0, plot=False)
@@ -192,7 +193,7 @@ def test_factored_projection_scores_are_projected_feature_products(tmp_path, con
     from ntk_jax.data.encoding import lm_batch
     from ntk_jax.data.records import encode_records
     from ntk_jax.kernels.factored_projection import FactoredProjection
-    from ntk_jax.selection.jobs import lora_filter
+    from ntk_jax.models.lora import lora_filter
 
     base = dict(point="base", normalize="none", feature_norms=False)
     cfg = {**_cfg(**base), "projection_dim": 4096, "projection_type": "factored"}

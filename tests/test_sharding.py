@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ntk_jax.mesh import shard_batch
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.launcher.memory import LLAMA3_8B, QWEN3_8B, abstract_model, decoder_config, estimate_memory, param_memory
@@ -131,10 +132,10 @@ def test_shard_model_and_batch_on_one_device():
     plan = sh.shard_model(m, mesh)
     assert not plan.fallbacks
     np.testing.assert_array_equal(np.asarray(m.layers[0].mlp.up_proj.kernel[...]), before)
-    b = sh.shard_batch({"input_ids": np.zeros((3, 4), np.int32)}, mesh)
+    b = shard_batch({"input_ids": np.zeros((3, 4), np.int32)}, mesh)
     assert b["input_ids"].sharding.spec == P("data")
     with pytest.raises(ValueError, match="is a scalar"):
-        sh.shard_batch({"x": np.float32(1.0)}, mesh)
+        shard_batch({"x": np.float32(1.0)}, mesh)
 
 
 def test_from_pretrained_rejects_non_mesh(tiny_model_dir):

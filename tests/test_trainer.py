@@ -169,7 +169,7 @@ def test_only_wrt_subset_changes():
     res = train(model, succ_data(16), cfg, wrt=wrt)
     after_all = pure(model)
     changed = []
-    from ntk_jax.models.transformer import flatten_state
+    from ntk_jax.models.layers import flatten_state
     fb, fa = flatten_state(before_all), flatten_state(after_all)
     for k in fb:
         if not np.array_equal(fb[k], fa[k]):

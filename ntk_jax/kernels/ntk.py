@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_jax.kernels import nt_compat
-from ntk_jax.kernels.checks import NonFiniteKernelError, check_finite  # noqa: F401 (re-exported)
-from ntk_jax.kernels.contract import contract_jacobians, gram as _gram, output_size  # noqa: F401 (re-exported)
+from ntk_jax.kernels.checks import check_finite
+from ntk_jax.kernels.contract import contract_jacobians, gram as _gram, output_size
 from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
                                       slice_batch, sum_of_outputs)
 from ntk_jax.kernels.projection import RandomProjection

@@ -48,18 +48,6 @@ _CACHE: "collections.OrderedDict[tuple, jax.Array]" = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def clear_cache() -> None:
-    """Drops every cached projection matrix (frees their device memory)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def cache_nbytes() -> int:
-    """Bytes held by cached projection matrices."""
-    with _CACHE_LOCK:
-        return int(sum(m.nbytes for m in _CACHE.values()))
-
-
 def leaf_sizes(tree) -> tuple[int, ...]:
     """Scalar count of every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``), leaf order."""
     return tuple(int(np.prod(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape))

@@ -200,7 +200,8 @@ def sharded_empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
                           basis_batch: int | None = None, **kwargs) -> np.ndarray | None:
     """:func:`ntk_jax.kernels.ntk.empirical_ntk` computed by :func:`sharded_kernel`
     (rows sharded over ``mesh``'s ``axis``; stripes across processes via ``out_dir``)."""
-    from ntk_jax.kernels.ntk import ntk_fn, output_size
+    from ntk_jax.kernels.contract import output_size
+    from ntk_jax.kernels.ntk import ntk_fn
 
     O = output_size(f, params, x1)
     block = ntk_fn(f, trace=trace, method=method, output_dim=O, basis_batch=basis_batch)

@@ -1,9 +1,10 @@
 """Building blocks of the ``configs/*.py`` files (big_vision style: each config file has a
 ``get_config()`` that starts from :func:`base_config` and states the values its job needs,
-with the reason for each). The sections here hold the defaults that tests and the other
-jobs start from.
+with the reason for each). The sections here hold the defaults shared by the jobs (model,
+pre-training, mesh, ...); each experiment's own section comes from its module's ``config()``
+(``experiments/<name>.py``, found by :mod:`ntk_jax.launcher.discovery`).
 
-Every field the launcher reads is defined here, so ``--config.x.y=...`` on an unknown key is
+Every field the launcher reads has a default in :func:`base_config`, so ``--config.x.y=...`` on an unknown key is
 an error (the launcher locks the config). Every field can be set on the command line: sequences
 are tuples (``--config.select_compare.seeds='(0,1)'``; ``'[0,1]'`` and repeated flags also
 work) and optional sequences are ``placeholder(tuple)`` fields (``lora.layers``: ``None`` = all
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from ntk_jax.models.lora import lora_config  # noqa: F401  (a building block of the configs)
-from ntk_jax.selection.methods import get_method, method_names
-from ntk_jax.training.trainer import finetune_train_config  # noqa: F401
+from ntk_jax.launcher import discovery
+from ntk_jax.models.lora import lora_config
+from ntk_jax.training.trainer import finetune_train_config
 
-# The validation experiments the default job runs (docs/theory.md §5). Any job with a section in
-# SECTIONS below can be listed in ``config.experiments``.
+# The validation experiments the default job runs (docs/theory.md §5). Any job with a section
+# (:func:`sections`) can be listed in ``config.experiments``.
 EXPERIMENTS = ("stability", "spectrum", "approximation")
 
 # The tasks the embedded default model is pre-trained on (ntk_jax.data.synthetic.TASKS).
@@ -34,7 +35,7 @@ def model_config() -> ml_collections.ConfigDict:
         # (ntk_jax.models.packaged, e.g. "packaged:all-MiniLM-L6-v2").
         path="",
         # What the validation experiments (stability, spectrum, approximation) run
-        # (experiments/backends.py): "lm" — the causal LM on the synthetic tasks, kernel over
+        # (experiments/model_tasks.py): "lm" — the causal LM on the synthetic tasks, kernel over
         # response-position-mean logits; "classification" — a BERT/RoBERTa checkpoint with a new
         # num_labels-way head on the lexicon task (config.lexicon), kernel over the class logits.
         task="lm",
@@ -58,62 +59,6 @@ def pretrain_config() -> ml_collections.ConfigDict:
         train=dict(learning_rate=3e-3, warmup_steps=50, total_steps=800, schedule="cosine",
                    weight_decay=0.01, grad_clip=1.0, batch_size=64, seed=0, eval_every=0,
                    checkpoint_every=200, log_every=20, max_to_keep=1),
-    ))
-
-
-def stability_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §5.1: Θ_t on a fixed probe set during LoRA fine-tuning."""
-    return ml_collections.ConfigDict(dict(
-        task="add_spaced",          # fine-tuning task (not in the pre-training mix)
-        n_train=512,
-        n_probe=16,
-        kernel_every=10,            # compute Θ_t every this many steps
-        # B ~ N(0, b_init_std²) instead of B = 0, so the gradient w.r.t. A (and Θ_0) is not
-        # degenerate at step 0 (docs/theory.md §3.4).
-        lora=lora_config(b_init_std=0.02),
-        train=finetune_train_config(total_steps=100, learning_rate=2e-3),
-        epsilon=0.01,               # the NTK-like threshold checked in the report (S ≥ 1-ε)
-        # S_min map: one more run per learning rate (at lora.rank) and per LoRA rank (at
-        # train.learning_rate); empty: only the base run
-        sweep_learning_rates=(),
-        sweep_ranks=(),
-    ))
-
-
-def spectrum_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §5.2: κ and risk bounds over LoRA placements, then fine-tune each."""
-    return ml_collections.ConfigDict(dict(
-        task="sentiment_flipped",  # labels opposite to pre-training: fine-tuning must move
-        n_kernel=32,                # examples in the kernel (the paper: 32)
-        sigma=1e-4,                 # ridge (the paper: 1e-4)
-        # (targets, layers) sweep, after the paper's Table 1: a tuple of plain dicts, so
-        # --config.spectrum.placements="({'targets': ('k_proj',), 'layers': (0,)},)" sets it
-        placements=(
-            dict(targets=("q_proj", "v_proj"), layers=(0,)),
-            dict(targets=("q_proj", "v_proj"), layers=(0, 2)),
-            dict(targets=("q_proj", "v_proj"), layers=(0, 1, 2)),
-            dict(targets=("k_proj",), layers=(0,)),
-            dict(targets=("k_proj",), layers=(0, 2)),
-            dict(targets=("k_proj",), layers=(0, 1, 2)),
-        ),
-        lora=lora_config(),
-        n_train=256,
-        n_eval=256,
-        train=finetune_train_config(total_steps=60),
-        n_random_kernels=500,       # random PSD kernels for the printed-bound failure rate
-    ))
-
-
-def approximation_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §5.3: Jacobian-free Θ̃ vs exact tr Θ, and cross-output terms vs width."""
-    return ml_collections.ConfigDict(dict(
-        tasks=PRETRAIN_TASKS,
-        n_examples=48,              # all pairs of these examples are compared
-        projection_dims=(1024, 8192),
-        lora=lora_config(targets=("q_proj", "v_proj"), b_init_std=0.02),
-        widths=(16, 32, 64, 128),   # hidden sizes of fresh (random-init) models for the scaling
-        n_width_examples=8,
-        block_size=16,              # examples per kernel block (bounds memory; each block shape compiles once)
     ))
 
 
@@ -214,84 +159,6 @@ def prune_lpntk_config() -> ml_collections.ConfigDict:
     ))
 
 
-def select_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §6.1/§6.2: one data-selection job (experiments/select.py); also the per-method
-    settings the comparison (select_compare) uses."""
-    c = ml_collections.ConfigDict(dict(
-        method="ntk",               # a module of ntk_jax.selection.methods: ntk | less | random | embedding
-        n_select=64,                # N
-        # JSONL files or local HF datasets dirs; empty: the controlled benchmark
-        # (ntk_jax.data.controlled), generated into the job's directory.
-        domain_path="",
-        pool_path="",
-        test_path="",
-        # the controlled benchmark: a target of ntk_jax.data.controlled.TARGETS; variant
-        # "contradicting" (the pool also holds conflicting families) or "no_conflict"
-        benchmark=dict(target="flipped_sentiment", n_domain=32, n_test=256, n_pool_per_family=64,
-                       variant="contradicting"),
-        # The selection jobs' encoding (select, select_compare, select_suite; pretrain.max_len is
-        # the embedded model's pre-training length only). max_len: tokens per encoded record
-        # (bos + prompt/rendering + eos); 32 = the embedded model's, which the controlled
-        # benchmark's records fit.
-        max_len=32,
-        # Records longer than max_len, checked over every record before any model work (counts
-        # in report.json "data.lengths"): "error" stops naming the record's file: line, its
-        # length and what each other policy would do; "left" drops leading prompt tokens and
-        # keeps the response; "right" keeps the first max_len tokens; "drop" skips the record.
-        # left/right drop the records they cannot fit (response alone too long / prompt fills
-        # max_len). Default "error": the controlled benchmark never exceeds max_len, and a user's
-        # own pool is told at once, before any model is loaded (the 8B configs use "left").
-        truncation="error",
-        # messages records: the loss on every assistant turn ("all") or on the last one ("last")
-        assistant_turns="all",
-        lora=lora_config(),
-        warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
-        knn_k=32,                   # votes per domain example (coarse filter)
-        projection_dim=8192,        # p
-        projection_seed=0,
-        # "dense": a Rademacher (P, p) matrix (the paper's); "factored": per-layer Kronecker
-        # factors of the layers' inputs and output gradients (LoGra; docs/kernels.md), which
-        # never form a per-example gradient. LESS needs "dense".
-        projection_type="dense",
-        shard_size=128,             # candidates per ScoreStore shard
-        feature_batch_size=64,
-        # scoring/embedding in length buckets: widths rounded up to this multiple (at most
-        # max_len / bucket_multiple compiled shapes); 0 pads every candidate to max_len
-        bucket_multiple=16,
-    ))
-    # each method's own section (select.<method>), from its module (ntk_jax.selection.methods)
-    for name in method_names():
-        method = get_method(name)
-        if method.config is not None:
-            c[name] = method.config()
-    return c
-
-
-def select_compare_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §7.2 (docs/selection.md): domain-only vs domain ∪ selected(method) over seeds
-    (experiments/select_compare.py); selection settings come from ``config.select``."""
-    return ml_collections.ConfigDict(dict(
-        methods=("random", "embedding", "less", "ntk"),
-        # controlled benchmark only: arms "oracle_<role>" train on domain ∪ N pool items of that
-        # role (the best / worst a selector of N items can do)
-        oracles=("useful", "conflicting"),
-        seeds=(0, 1, 2),
-        lora=lora_config(),
-        # the benchmark's documented setting (ntk_jax.data.controlled.FINETUNE)
-        finetune=finetune_train_config(total_steps=150, learning_rate=5e-3, warmup_steps=5, batch_size=16),
-        eval_batch_size=128,
-    ))
-
-
-def select_suite_config() -> ml_collections.ConfigDict:
-    """The benchmark suite (experiments/select_suite.py): every target × variant, each cell a
-    comparison with the arms, seeds and fine-tuning of ``select_compare``."""
-    return ml_collections.ConfigDict(dict(
-        targets=(),                 # names of ntk_jax.data.controlled.TARGETS; empty: all of them
-        variants=("no_conflict", "contradicting"),
-    ))
-
-
 def distributed_config() -> ml_collections.ConfigDict:
     """``jax.distributed`` settings (see :mod:`ntk_jax.launcher.distributed`)."""
     return ml_collections.ConfigDict(dict(
@@ -306,6 +173,19 @@ def distributed_config() -> ml_collections.ConfigDict:
     ))
 
 
+def preflight_config() -> ml_collections.ConfigDict:
+    """The memory preflight (:mod:`ntk_jax.launcher.preflight`): before the model is loaded,
+    the per-device peak of the programs the experiments declare is estimated for the job's mesh,
+    batch sizes and dtypes; a job that cannot fit stops, naming settings that would fit."""
+    return ml_collections.ConfigDict(dict(
+        enabled=True,               # False: skip the check
+        # 0: the device's own memory (accelerators); a CPU has none, so there the check runs
+        # only when this is set (a fake device size, e.g. in tests)
+        device_memory_gib=0.0,
+        fraction=0.9,               # share of the device memory the estimate may take
+    ))
+
+
 def mesh_config() -> ml_collections.ConfigDict:
     """The device mesh each process builds from its local devices (``jax.local_devices()``):
     ``data`` × ``model``, one of them -1 for all the devices the other leaves
@@ -316,19 +196,24 @@ def mesh_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=-1, model=1))
 
 
-# Job name (``experiments/<name>.py``) -> builder of its config section ``config.<name>``.
-# A new job adds its ``<name>_config()`` here; every section is always present, so any
-# ``--config.<name>.<key>=...`` override is checked against the defaults.
+# Jobs whose section is still defined here (job name -> builder of ``config.<name>``), not by
+# their module's ``config()``. Every other job is a plug-in: ``experiments/<name>.py`` with
+# ``config()`` and ``run()``, found by :mod:`ntk_jax.launcher.discovery`.
 SECTIONS = {
-    "stability": stability_config,
-    "spectrum": spectrum_config,
-    "approximation": approximation_config,
     "gradex": gradex_config,
     "prune_lpntk": prune_lpntk_config,
-    "select": select_config,
-    "select_compare": select_compare_config,
-    "select_suite": select_suite_config,
 }
+
+
+def sections() -> dict:
+    """Every job's section builder: :data:`SECTIONS` and the plug-in experiments'
+    ``config`` (:func:`ntk_jax.launcher.discovery.experiment_sections`). ValueError if a job
+    has both."""
+    plugins = discovery.experiment_sections()
+    both = sorted(set(plugins) & set(SECTIONS))
+    if both:
+        raise ValueError(f"experiment(s) {both} define config() and also have a config_lib.SECTIONS entry: keep one")
+    return {**SECTIONS, **plugins}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -341,6 +226,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lexicon = lexicon_config()
     c.distributed = distributed_config()
     c.mesh = mesh_config()
-    for name, section in SECTIONS.items():
+    c.preflight = preflight_config()
+    # every job's section is always present, so any --config.<name>.<key>=... override is
+    # checked against the defaults
+    for name, section in sections().items():
         c[name] = section()
     return c

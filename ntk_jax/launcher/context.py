@@ -1,7 +1,7 @@
 """What every experiment needs: the (trained) base model, its tokenizer and encoding.
 
 ``config.model.path`` may name any checkpoint directory that
-:func:`ntk_jax.models.from_pretrained` loads: this repo's embedded format
+:func:`ntk_jax.models.hf_loading.from_pretrained` loads: this repo's embedded format
 (``model_type="ntk_jax_decoder"``, with its character tokenizer) or a Hugging Face
 checkpoint (Llama / Mistral / Qwen2 / Qwen3 / GPT-2 / BERT / RoBERTa) with a tokenizer that
 ``transformers.AutoTokenizer`` reads from the same directory. Empty: the embedded default
@@ -38,6 +38,7 @@ from ntk_jax.data.encoding import encode_examples
 from ntk_jax.data.tokenizer import CharTokenizer
 from ntk_jax.models.hf_loading import from_pretrained, read_hf_config
 from ntk_jax.models.hf_loading import load_tokenizer as load_hf_tokenizer
+from ntk_jax.mesh import AXES, resolve_mesh
 from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.packaged import resolve_model_path
@@ -84,7 +85,7 @@ class Context:
         values with or without a mesh). On a multi-device :attr:`mesh` every array of the
         model (LoRA factors included) is placed by
         :data:`~ntk_jax.models.sharding.DEFAULT_RULES`."""
-        mesh = sh.resolve_mesh(self.mesh)
+        mesh = resolve_mesh(self.mesh)
         model = from_pretrained(self.model_dir, dtype=self.dtype, param_dtype=self.param_dtype, mesh=mesh)
         if lora is not None:
             if not isinstance(lora, LoRAConfig):
@@ -164,7 +165,7 @@ def prepare_context(config, workdir: str) -> Context:
         info = {"source": "embedded default (pre-trained by this job)", "pretrain": report}
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(tokenizer, model_dir)
-    info["mesh"] = dict(zip(sh.AXES, sh.mesh_shape(mesh)))
+    info["mesh"] = dict(zip(AXES, sh.mesh_shape(mesh)))
     return Context(model_dir=model_dir, tokenizer=tokenizer, max_len=int(config.pretrain.max_len),
                    seed=int(config.seed), info=info, dtype=_dtype_or_none(config.model.get("dtype")),
                    param_dtype=_dtype_or_none(config.model.get("param_dtype")), mesh=mesh)

@@ -50,7 +50,7 @@ estimate; the parameter columns are exact.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +63,9 @@ from ntk_jax.models import sharding as sh
 from ntk_jax.models.lora import LoRAConfig, apply_lora
 from ntk_jax.models.transformer import DecoderConfig, DecoderLM
 
-__all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "PROGRAMS", "decoder_config", "abstract_model",
+__all__ = ["LLAMA3_8B", "QWEN3_8B", "MODEL_CONFIGS", "PROGRAMS", "PROGRAM_BUILDERS", "ProgramInputs",
+           "register_program", "decoder_config", "abstract_model",
            "param_memory", "cpu_upcast_bytes", "compiled_memory", "job_programs", "estimate_memory"]
-
-# Programs compiled_memory can analyse (see the module docstring).
-PROGRAMS = ("forward", "features", "hidden", "loss", "projected", "jvp", "train")
 
 # Hugging Face config.json values (meta-llama/Meta-Llama-3-8B, Qwen/Qwen3-8B).
 LLAMA3_8B: dict[str, Any] = dict(
@@ -179,6 +177,149 @@ def _opt_state_abstract(optimizer, params_abs, mesh):
     return jax.tree_util.tree_map_with_path(place, state)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProgramInputs:
+    """What a program builder compiles from: the abstract model split into ``graphdef`` /
+    sharded ``state``, the sharded LM batch of ``batch_size`` rows (``lm_batch(n, train)``
+    builds others), and, with LoRA, the LoRA subset's abstract parameters / template / frozen
+    state and the sum-of-logits ``scalar_fn(params, frozen)`` of the feature programs."""
+    graphdef: Any
+    state: Any
+    batch: dict
+    lm_batch: Callable[..., dict]
+    mesh: Any
+    batch_size: int
+    projection_dim: int
+    train_batch_size: int | None
+    subset: Any = None
+    params: Any = None
+    template: Any = None
+    frozen: Any = None
+    scalar_fn: Callable | None = None
+
+
+# name -> (builder(inputs) -> memory analysis, needs LoRA). Builders run in this order.
+PROGRAM_BUILDERS: dict[str, tuple[Callable[[ProgramInputs], dict[str, int]], bool]] = {}
+
+
+def register_program(name: str, *, needs_lora: bool):
+    """Decorator: ``builder(inputs: ProgramInputs) -> {"argument", "output", "temp", "alias"}``
+    (bytes per device, :func:`_analysis` of the compiled program) under ``name``."""
+    def deco(builder):
+        PROGRAM_BUILDERS[name] = (builder, needs_lora)
+        return builder
+    return deco
+
+
+def _compile(fn, *args):
+    return _analysis(jax.jit(fn).lower(*args).compile())
+
+
+@register_program("forward", needs_lora=False)
+def _forward_program(x: ProgramInputs):
+    def forward(state, batch):
+        return nnx.merge(x.graphdef, state)(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    return _compile(forward, x.state, x.batch)
+
+
+@register_program("hidden", needs_lora=False)
+def _hidden_program(x: ProgramInputs):
+    from ntk_jax.selection.ntk_selector import mean_hidden_program
+
+    return _analysis(mean_hidden_program.lower(x.state, x.batch["input_ids"], x.batch["attention_mask"],
+                                               graphdef=x.graphdef).compile())
+
+
+@register_program("features", needs_lora=True)
+def _features_program(x: ProgramInputs):
+    from ntk_jax.kernels.features import make_feature_fn
+
+    def feature_step(params, frozen, batch):
+        return make_feature_fn(x.scalar_fn(params, frozen)).compiled(params, batch, None)
+
+    return _compile(feature_step, x.params, x.frozen, x.batch)
+
+
+@register_program("loss", needs_lora=True)
+def _loss_program(x: ProgramInputs):
+    from ntk_jax.selection.ntk_selector import selection_scalar_fn
+
+    def loss_step(params, frozen, batch):  # the loss change's forward pass (one parameter point)
+        s = selection_scalar_fn(dataclasses.replace(x.subset, params=params, frozen=frozen), "loss", "mean")
+        return s(params, batch)
+
+    return _compile(loss_step, x.params, x.frozen, x.lm_batch(x.batch_size, train=True))
+
+
+@register_program("projected", needs_lora=True)
+def _projected_program(x: ProgramInputs):
+    from ntk_jax.kernels.features import make_feature_fn
+    from ntk_jax.kernels.projection import RandomProjection
+
+    projection = RandomProjection(int(x.projection_dim))
+
+    def projected_step(params, frozen, batch):
+        return make_feature_fn(x.scalar_fn(params, frozen), projection).compiled(params, batch, None)
+
+    return _compile(projected_step, x.params, x.frozen, x.batch)
+
+
+@register_program("jvp", needs_lora=True)
+def _jvp_program(x: ProgramInputs):
+    def jvp_step(params, frozen, batch, tangent):
+        s = x.scalar_fn(params, frozen)
+        return jax.jvp(lambda p: s(p, batch), (params,), (tangent,))[1]
+
+    return _compile(jvp_step, x.params, x.frozen, x.batch, x.params)
+
+
+@register_program("train", needs_lora=True)
+def _train_program(x: ProgramInputs):
+    from ntk_jax.training import trainer
+    from ntk_jax.training.losses import lm_loss
+
+    cfg = trainer.step_config(trainer.TrainConfig())
+    opt_abs = _opt_state_abstract(trainer.make_optimizer(cfg), x.params, x.mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.uint32)
+    lowered = trainer.train_step_program.lower(x.params, opt_abs, x.template, x.frozen,
+                                               x.lm_batch(x.train_batch_size or x.batch_size, train=True), scalar,
+                                               jax.ShapeDtypeStruct((), jnp.int32), graphdef=x.subset.graphdef,
+                                               cfg=cfg, loss_fn=lm_loss)
+    return _analysis(lowered.compile())
+
+
+PROGRAMS = tuple(PROGRAM_BUILDERS)
+
+
+def _program_inputs(model, mesh, batch_size: int, seq_len: int, projection_dim: int,
+                    train_batch_size: int | None, with_lora: bool) -> ProgramInputs:
+    from ntk_jax.kernels.features import sum_of_outputs
+    from ntk_jax.kernels.outputs import lm_output_fn
+    from ntk_jax.models.subset import param_subset
+
+    rows = NamedSharding(mesh, P("data"))
+
+    def lm_batch(n, train=False):
+        tok = jax.ShapeDtypeStruct((n, seq_len), jnp.int32, sharding=rows)
+        return {k: tok for k in (LM_TRAIN_INPUTS if train else LM_INPUTS)}
+
+    graphdef, state = nnx.split(model)
+    x = ProgramInputs(graphdef=graphdef, state=sh.abstract_sharded_state(state, mesh), batch=lm_batch(batch_size),
+                      lm_batch=lm_batch, mesh=mesh, batch_size=batch_size, projection_dim=projection_dim,
+                      train_batch_size=train_batch_size)
+    if not with_lora:
+        return x
+    subset = param_subset(model, nnx.LoRAParam)
+
+    def scalar_fn(params, frozen):
+        return sum_of_outputs(lm_output_fn(dataclasses.replace(subset, params=params, frozen=frozen)))
+
+    template = sh.abstract_sharded_state(subset._template, mesh)
+    return dataclasses.replace(x, subset=subset, params=nnx.to_pure_dict(template), template=template,
+                               frozen=sh.abstract_sharded_state(subset.frozen, mesh), scalar_fn=scalar_fn)
+
+
 def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_size: int,
                     seq_len: int, *, programs: Sequence[str] = ("forward", "features"),
                     projection_dim: int = 8192, train_batch_size: int | None = None) -> dict[str, dict[str, int]]:
@@ -187,92 +328,17 @@ def compiled_memory(config: DecoderConfig, lora: LoRAConfig | None, mesh, batch_
     of masked-mean logits over every LoRA factor) for ``DecoderLM(config)`` with ``lora``,
     compiled from abstract arguments sharded over ``mesh`` (batch over ``"data"``, parameters
     by the default rules). ``batch_size`` examples per call (``train_batch_size`` for
-    ``"train"``, default ``batch_size``) of ``seq_len`` tokens."""
-    from ntk_jax.kernels.features import make_feature_fn, sum_of_outputs
-    from ntk_jax.kernels.outputs import lm_output_fn
-    from ntk_jax.kernels.projection import RandomProjection
-    from ntk_jax.models.subset import param_subset
-
+    ``"train"``, default ``batch_size``) of ``seq_len`` tokens. Each program is built by its
+    :data:`PROGRAM_BUILDERS` entry (:func:`register_program`)."""
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise ValueError(f"unknown program(s) {unknown}; choose from {PROGRAMS}")
-    needs_lora = sorted(set(programs) & {"features", "loss", "projected", "jvp", "train"})
+    needs_lora = sorted(p for p in set(programs) if PROGRAM_BUILDERS[p][1])
     if lora is None and needs_lora:
         raise ValueError(f"program(s) {needs_lora} take gradients over LoRA factors: pass lora")
-    model = abstract_model(config, lora)
-    rows = NamedSharding(mesh, P("data"))
-
-    def lm_batch(n, train=False):
-        tok = jax.ShapeDtypeStruct((n, seq_len), jnp.int32, sharding=rows)
-        return {k: tok for k in (LM_TRAIN_INPUTS if train else LM_INPUTS)}
-
-    batch = lm_batch(batch_size)
-    graphdef, state = nnx.split(model)
-    state_abs = sh.abstract_sharded_state(state, mesh)
-    out = {}
-
-    def compile_(fn, *args):
-        return _analysis(jax.jit(fn).lower(*args).compile())
-
-    if "forward" in programs:
-        def forward(state, batch):
-            return nnx.merge(graphdef, state)(batch["input_ids"], attention_mask=batch["attention_mask"])
-
-        out["forward"] = compile_(forward, state_abs, batch)
-    if "hidden" in programs:
-        from ntk_jax.selection.ntk_selector import mean_hidden_program
-
-        out["hidden"] = _analysis(mean_hidden_program.lower(state_abs, batch["input_ids"], batch["attention_mask"],
-                                                     graphdef=graphdef).compile())
-    if lora is None:
-        return out
-
-    subset = param_subset(model, nnx.LoRAParam)
-    params_abs = nnx.to_pure_dict(sh.abstract_sharded_state(subset._template, mesh))
-    template_abs = sh.abstract_sharded_state(subset._template, mesh)
-    frozen_abs = sh.abstract_sharded_state(subset.frozen, mesh)
-
-    def scalar_fn(params, frozen):
-        return sum_of_outputs(lm_output_fn(dataclasses.replace(subset, params=params, frozen=frozen)))
-
-    if "features" in programs:
-        def feature_step(params, frozen, batch):
-            return make_feature_fn(scalar_fn(params, frozen)).compiled(params, batch, None)
-
-        out["features"] = compile_(feature_step, params_abs, frozen_abs, batch)
-    if "loss" in programs:
-        from ntk_jax.selection.ntk_selector import selection_scalar_fn
-
-        def loss_step(params, frozen, batch):  # the loss change's forward pass (one parameter point)
-            s = selection_scalar_fn(dataclasses.replace(subset, params=params, frozen=frozen), "loss", "mean")
-            return s(params, batch)
-
-        out["loss"] = compile_(loss_step, params_abs, frozen_abs, lm_batch(batch_size, train=True))
-    if "projected" in programs:
-        projection = RandomProjection(int(projection_dim))
-
-        def projected_step(params, frozen, batch):
-            return make_feature_fn(scalar_fn(params, frozen), projection).compiled(params, batch, None)
-
-        out["projected"] = compile_(projected_step, params_abs, frozen_abs, batch)
-    if "jvp" in programs:
-        def jvp_step(params, frozen, batch, tangent):
-            s = scalar_fn(params, frozen)
-            return jax.jvp(lambda p: s(p, batch), (params,), (tangent,))[1]
-
-        out["jvp"] = compile_(jvp_step, params_abs, frozen_abs, batch, params_abs)
-    if "train" in programs:
-        from ntk_jax.training import trainer
-
-        cfg = trainer.step_config(trainer.TrainConfig())
-        opt_abs = _opt_state_abstract(trainer.make_optimizer(cfg), params_abs, mesh)
-        scalar = jax.ShapeDtypeStruct((), jnp.uint32)
-        lowered = trainer.train_step_program.lower(params_abs, opt_abs, template_abs, frozen_abs,
-                                            lm_batch(train_batch_size or batch_size, train=True), scalar,
-                                            jax.ShapeDtypeStruct((), jnp.int32), graphdef=subset.graphdef, cfg=cfg,
-                                            loss_fn=trainer.lm_loss)
-        out["train"] = _analysis(lowered.compile())
-    return out
+    x = _program_inputs(abstract_model(config, lora), mesh, batch_size, seq_len, projection_dim,
+                        train_batch_size, with_lora=lora is not None)
+    return {name: builder(x) for name, (builder, _) in PROGRAM_BUILDERS.items() if name in programs}
 
 
 def job_programs(select: Mapping[str, Any]) -> tuple[str, ...]:

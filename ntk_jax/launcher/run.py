@@ -1,25 +1,29 @@
 """Dispatches a config to its experiments (``experiments/<name>.py``, each with
-``run(config, workdir, context) -> report``)."""
+``run(config, workdir, context) -> report``; found by :mod:`ntk_jax.launcher.discovery`)."""
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import time
 
 import jax
 
-from ntk_jax.launcher import distributed, logs
-from ntk_jax.launcher.config_lib import SECTIONS
+from ntk_jax.launcher import discovery, distributed, logs, preflight
+from ntk_jax.launcher.config_lib import sections
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.utils import read_json, write_json
 
 
 def check_config(config) -> None:
-    unknown = [e for e in config.experiments if e not in SECTIONS]
+    known = sections()
+    unknown = [e for e in config.experiments if e not in known]
     if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; known: {list(SECTIONS)}")
+        raise ValueError(f"unknown experiment(s) {unknown}; known: {sorted(known)} (an experiment is a module "
+                         f"experiments/<name>.py with config() and run(); see ntk_jax.launcher.discovery)")
+    missing = [e for e in config.experiments if e not in config]
+    if missing:
+        raise ValueError(f"config has no section for experiment(s) {missing}: start the config from base_config()")
     if not config.experiments:
         raise ValueError("config.experiments is empty: nothing to run")
 
@@ -33,6 +37,31 @@ def _outputs(out_dir: str) -> str:
     """Where an experiment's results are: its report and its top-level plots."""
     plots = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.png")))
     return f"{os.path.join(out_dir, 'report.json')}" + (f" (plots: {', '.join(plots)})" if plots else "")
+
+
+def _memory_preflight(config, context, names, process, timings) -> None:
+    """The memory preflight (:mod:`ntk_jax.launcher.preflight`) of the experiments ``names``
+    that declare a ``memory_plan(config)``; every process checks its own devices (so all stop
+    together). Silent when it does not run (on CPU without ``preflight.device_memory_gib``)."""
+    t = time.time()
+    plans = {}
+    for name in names:
+        plan_fn = getattr(discovery.experiment_module(name), "memory_plan", None)
+        plan = plan_fn(config) if plan_fn is not None else None
+        if plan is not None:
+            plans[name] = plan
+    result = preflight.check(config, context, plans)
+    if result is None:
+        return
+    timings["preflight_s"] = time.time() - t
+    if process.is_primary:
+        if "skipped" in result:
+            _say(f"memory preflight: skipped, {result['skipped']}")
+        else:
+            peaks = {n: max(v.values()) for n, v in result.items() if isinstance(v, dict)}
+            _say("memory preflight: fits, peak per device "
+                 + ", ".join(f"{n} {preflight.fmt_bytes(p)}" for n, p in peaks.items())
+                 + f" of {preflight.fmt_bytes(result['device_memory'])}")
 
 
 def run(config, workdir: str) -> dict:
@@ -72,6 +101,7 @@ def run(config, workdir: str) -> dict:
         context = prepare_context(config, workdir)  # reads what process 0 prepared
     context.process = process
     timings = {"prepare_model_s": time.time() - t0}
+    _memory_preflight(config, context, [n for n in config.experiments if n not in finished], process, timings)
     reports = {}
     for name in config.experiments:
         out_dir = os.path.join(workdir, name)
@@ -83,7 +113,7 @@ def run(config, workdir: str) -> dict:
             continue
         os.makedirs(out_dir, exist_ok=True)
         t = time.time()
-        module = importlib.import_module(f"experiments.{name}")
+        module = discovery.experiment_module(name)
         if getattr(module, "DISTRIBUTED", False) or process.is_primary:
             report = module.run(config, out_dir, context)
         if process.is_primary:

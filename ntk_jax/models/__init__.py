@@ -29,7 +29,3 @@ Per-device memory estimates of whole jobs (which compile the training and select
 too) are in :mod:`ntk_jax.launcher.memory`; the mesh helpers every batch loop uses in
 :mod:`ntk_jax.mesh`.
 """
-from ntk_jax.models.hf_loading import from_pretrained, load_tokenizer
-from ntk_jax.models.peft_export import load_peft_adapter, save_peft_adapter
-
-__all__ = ["from_pretrained", "load_tokenizer", "save_peft_adapter", "load_peft_adapter"]

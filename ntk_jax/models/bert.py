@@ -56,11 +56,11 @@ import numpy as np
 from flax import nnx
 
 from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
-                                       register_architecture, rename_weight_map, save_hf_safetensors)
+                                       rename_weight_map, save_hf_safetensors)
 from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attention_scores, get_activation, linear_f32,
                                   resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
-from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec
+from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
 from ntk_jax.models.transformer import _mask_value
 
 Array = jax.Array

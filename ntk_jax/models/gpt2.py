@@ -56,24 +56,21 @@ import numpy as np
 from flax import nnx
 
 from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
-                                       register_architecture, rename_weight_map, save_hf_safetensors)
+                                       rename_weight_map, save_hf_safetensors)
 from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attend_f32, attention_scores, get_activation,
                                   linear_f32, resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
-from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec
+from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
 from ntk_jax.models.transformer import _mask_value, position_ids_from_mask
 
 Array = jax.Array
 
 __all__ = [
     "GPT2Config",
-    "LayerNorm",
     "GPT2Attention",
     "GPT2MLP",
     "GPT2Block",
     "GPT2LMHeadModel",
-    "get_activation",
-    "position_ids_from_mask",
     "from_pretrained",
     "save_pretrained",
     "to_hf_state_dict",

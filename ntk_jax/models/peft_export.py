@@ -53,7 +53,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
-__all__ = ["PeftModule", "peft_module_names", "default_task_type", "head_modules", "save_peft_adapter",
+__all__ = ["peft_module_names", "default_task_type", "head_modules", "save_peft_adapter",
            "load_peft_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 

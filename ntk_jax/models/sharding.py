@@ -3,7 +3,7 @@ parameter name, and placement of models and batches.
 
 Axes (MaxText-style "FSDP × tensor parallel", kept small):
 
-* ``"data"`` — the batch is split over it (:func:`shard_batch`), and so is the *hidden*
+* ``"data"`` — the batch is split over it (:func:`ntk_jax.mesh.shard_batch`), and so is the *hidden*
   (``embed``) dimension of every large matrix (FSDP / ZeRO-3: each device stores 1/data of
   the weights; XLA all-gathers a layer's weights where it is used);
 * ``"model"`` — tensor parallelism (Megatron): column-parallel projections (q/k/v, gate/up,
@@ -51,11 +51,11 @@ receives only its slice), so the whole model never sits on one device.
 
 Jobs: :func:`mesh_from_config` builds the mesh of ``config.mesh`` over a process's local
 devices (``Context.mesh``). Every batch loop that runs a model — per-example features, JVP
-scores, hidden states, training, evaluation — places its batches with one mechanism: the
-mesh is the one named or else the one the parameters live on (:func:`resolve_mesh`; ``None``
-on one device, where nothing is placed), blocks are padded to a multiple of the ``data``
-size (:func:`round_up_to_data`) and split over it (:func:`place_rows`), and other arrays a
-step takes (optimiser state, tangents) are put on the mesh by :func:`onto_mesh`.
+scores, hidden states, training, evaluation — places its batches with one mechanism, the
+helpers of :mod:`ntk_jax.mesh`: the mesh is the one named or else the one the parameters live
+on (``resolve_mesh``; ``None`` on one device, where nothing is placed), blocks are padded to a
+multiple of the ``data`` size (``round_up_to_data``) and split over it (``place_rows``), and
+other arrays a step takes (optimiser state, tangents) are put on the mesh by ``onto_mesh``.
 """
 from __future__ import annotations
 
@@ -69,14 +69,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ntk_jax.mesh import (AXES, data_size, mesh_of, onto_mesh, place_rows, resolve_mesh,  # noqa: F401
-                          round_up_to_data, shard_batch)
+from ntk_jax.mesh import AXES
 from ntk_jax.models.ports import PartitionNames, partition_names
 
 Rules = Sequence[tuple[str, P]]
 
 __all__ = [
-    "AXES",
     "DEFAULT_RULES",
     "default_rules",
     "rules_from_names",
@@ -84,19 +82,12 @@ __all__ = [
     "make_mesh",
     "mesh_from_config",
     "mesh_shape",
-    "mesh_of",
-    "resolve_mesh",
-    "data_size",
-    "round_up_to_data",
-    "place_rows",
-    "onto_mesh",
     "ShardingPlan",
     "path_name",
     "spec_for",
     "fit_spec",
     "sharding_plan",
     "shard_model",
-    "shard_batch",
     "abstract_sharded_state",
     "shard_shape",
     "describe_sharding",
@@ -238,11 +229,6 @@ def mesh_from_config(data: int = -1, model: int = 1, devices: Sequence[jax.Devic
 def mesh_shape(mesh: Mesh) -> tuple[int, int]:
     """``(data, model)`` sizes of a mesh (an axis it lacks counts as 1)."""
     return int(mesh.shape.get("data", 1)), int(mesh.shape.get("model", 1))
-
-
-# ---------------------------------------------------------------------------------------
-# Data parallelism of the computations (features, JVP scores, hidden states, training,
-# evaluation): one mechanism, used by every batch loop.
 
 
 # ---------------------------------------------------------------------------------------

@@ -86,8 +86,8 @@ from flax.core import FrozenDict
 
 from ntk_jax.models.hf_loading import (CONFIG_NAME, SafetensorsDir, TensorMap, WeightMap, config_from_hf,
                                        load_model, read_hf_config, rename_weight_map, save_hf_safetensors)
-from ntk_jax.models.layers import (ConfigMixin, attend_f32, attention_scores, base_params_filter,  # noqa: F401
-                                   flatten_state, linear_f32, unflatten_state, with_dtypes)
+from ntk_jax.models.layers import (ConfigMixin, attend_f32, attention_scores, base_params_filter,
+                                   flatten_state, linear_f32, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
 
@@ -108,8 +108,6 @@ __all__ = [
     "rotate_half",
     "apply_rope",
     "position_ids_from_mask",
-    "flatten_state",
-    "unflatten_state",
     "save_pretrained",
     "load_pretrained",
     "load_own_config",

@@ -12,9 +12,13 @@ Modules:
   task and role, Spearman of the score vs feature norm and response length, a figure).
 * :mod:`~ntk_jax.selection.store` — ``ScoreStore``: sharded, atomic, fingerprinted,
   resumable per-candidate scores (per-process shard assignment, merge).
-* :mod:`~ntk_jax.selection.ntk_selector` — NTK-Selector's math (§6.1, §6.5): the selection
+* :mod:`~ntk_jax.selection.ntk_selector` — NTK-Selector's pieces (§6.1, §6.5): the selection
   scalars (sum of logits or loss, mean or sum over response tokens), mean-hidden-state kNN
-  coarse filter, Jacobian-free features and scores, top-N.
+  coarse filter, top-N (the scores: ``methods/ntk.py``).
+* :mod:`~ntk_jax.selection.embeddings` — the hidden-state embedding stage of the pool
+  (resumable), shared by the ``ntk`` and ``embedding`` methods.
+* :mod:`~ntk_jax.selection.optimizer_state` — Adam's moments in an optax state and the
+  diagonal preconditioner they define, shared by ``ntk`` and ``less``.
 * :mod:`~ntk_jax.selection.baselines` — random and embedding-similarity selection.
 * :mod:`~ntk_jax.selection.less` — LESS (§6.2): Adam-preconditioned loss gradients over
   warm-up checkpoints.

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ntk_jax.data.encoding import lm_batch
 from ntk_jax.data.records import encode_options, encode_records
-from ntk_jax.models import sharding as sh
+from ntk_jax.mesh import place_rows, resolve_mesh, round_up_to_data
 from ntk_jax.training.losses import token_log_probs
 from ntk_jax.training.trainer import TrainConfig, evaluate, train
 
@@ -45,8 +45,8 @@ def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: 
     mesh: the one the model lives on); ``truncation``: of the rows longer than ``max_len``."""
     arrays, owner, correct = encode_options(tokenizer, records, max_len, truncation=truncation)
     graphdef, state = nnx.split(model)
-    mesh = sh.resolve_mesh(mesh, state)
-    batch_size = sh.round_up_to_data(batch_size, mesh)
+    mesh = resolve_mesh(mesh, state)
+    batch_size = round_up_to_data(batch_size, mesh)
     m = owner.shape[0]
     ll = np.empty(m)
     for lo in range(0, m, batch_size):
@@ -54,7 +54,7 @@ def option_accuracy(model: nnx.Module, tokenizer, records: list[dict], max_len: 
         idx = np.arange(lo, hi)
         if hi - lo < batch_size:
             idx = np.concatenate([idx, np.full(batch_size - (hi - lo), lo)])
-        b = sh.place_rows({k: v[idx] for k, v in lm_batch(arrays).items()}, mesh)
+        b = place_rows({k: v[idx] for k, v in lm_batch(arrays).items()}, mesh)
         ll[lo:hi] = np.asarray(_row_loglik(state, b["input_ids"], b["attention_mask"], b["targets"],
                                            b["loss_mask"], graphdef=graphdef))[: hi - lo]
     hits = []

@@ -59,23 +59,16 @@ from typing import Any, Callable
 import numpy as np
 
 from ntk_jax.data.records import ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, map_length_buckets
-from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
-from ntk_jax.selection.methods import Selection, get_method, method_names
-from ntk_jax.selection.store import StopRequested  # noqa: F401 (re-exported: the kill hook raises it)
+from ntk_jax.selection.methods import Selection, get_method
 from ntk_jax.selection.store import ScoreStore, fill_store, fingerprint_of
 from ntk_jax.training.trainer import (CHECKPOINT_DIR, TrainConfig, checkpoint_manager, make_optimizer,
                                       restore_checkpoint, train)
 from ntk_jax.utils import atomic_write, to_jsonable, write_npz
 
 SELECTED_NAME = "selected.jsonl"
-
-
-def __getattr__(name):  # METHODS: the method modules present (a new file is a new method)
-    if name == "METHODS":
-        return method_names()
-    raise AttributeError(name)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -146,15 +139,6 @@ def restore_steps(ckpt_dir: str, params, wcfg: TrainConfig, steps: list[int] | N
             raise FileNotFoundError(f"warm-up checkpoints {missing} are missing in {ckpt_dir!r} "
                                     f"(found {available})")
         return {s: restore_checkpoint(mngr, s, target) for s in steps}
-
-
-def lora_filter():
-    """The trained subset of every selection method: the LoRA factors."""
-    from flax import nnx
-    return nnx.LoRAParam
-
-
-nnx_lora_filter = lora_filter
 
 
 def selection_context(context, cfg):
@@ -347,7 +331,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     Args:
       context: :class:`ntk_jax.launcher.context.Context` (model, tokenizer, max_len).
       cfg: the ``select`` config section (``ConfigDict`` or dict; see
-        :func:`ntk_jax.launcher.config_lib.select_config`).
+        ``experiments/select.py:config``).
       domain, pool: records (pool order defines the store order; every process passes the
         same lists).
       out_dir: job directory (stores, ``warmup/``, ``selected.jsonl``), shared by all processes.

@@ -23,37 +23,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ntk_jax.data.encoding import lm_batch
 from ntk_jax.kernels.features import gradient_features
 from ntk_jax.kernels.ntk import normalize_rows
 from ntk_jax.kernels.projection import RandomProjection
 from ntk_jax.models.subset import ParamSubset
+from ntk_jax.selection.optimizer_state import ADAM_B1, ADAM_B2, ADAM_EPS
 from ntk_jax.training.losses import per_example_lm_loss
 
-__all__ = ["find_adam_state", "adam_preconditioner", "adam_diagonal", "loss_scalar_fn", "less_features",
-           "subtask_groups", "less_scores"]
-
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adamw defaults, as the trainer uses
-
-
-def find_adam_state(opt_state: Any) -> optax.ScaleByAdamState:
-    """The (first) ``ScaleByAdamState`` inside an optax state (e.g. of the trainer's
-    ``chain(clip, adamw)``). ValueError if there is none."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, optax.ScaleByAdamState):
-            found.append(node)
-        elif isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-
-    visit(opt_state)
-    if not found:
-        raise ValueError("the optimizer state holds no Adam moments (optax ScaleByAdamState)")
-    return found[0]
+__all__ = ["adam_preconditioner", "loss_scalar_fn", "less_features", "subtask_groups", "less_scores"]
 
 
 def adam_preconditioner(mu: Any, nu: Any, *, b1: float = ADAM_B1, b2: float = ADAM_B2, eps: float = ADAM_EPS):
@@ -69,17 +48,6 @@ def adam_preconditioner(mu: Any, nu: Any, *, b1: float = ADAM_B1, b2: float = AD
         return jax.tree.map(one, g, mu, nu)
 
     return transform
-
-
-def adam_diagonal(nu: Any, step: int, *, b2: float = ADAM_B2, eps: float = ADAM_EPS) -> Any:
-    """The diagonal of Adam's preconditioner after ``step`` updates, ``1/(√ν̂ + ε)`` with the
-    bias-corrected second moment ``ν̂ = ν / (1 − β2^step)``: a pytree like ``nu`` (float32).
-    An Adam step on a gradient g moves the parameters by ≈ −η·diag(·)·g (first moment and
-    the g² update of ν left out), the linear part of LESS's :func:`adam_preconditioner`."""
-    if int(step) < 1:
-        raise ValueError(f"the Adam preconditioner needs at least one update (step={step})")
-    corr = 1.0 - b2 ** int(step)
-    return jax.tree.map(lambda v: (1.0 / (jnp.sqrt(jnp.asarray(v, jnp.float32) / corr) + eps)), nu)
 
 
 def loss_scalar_fn(subset: ParamSubset):

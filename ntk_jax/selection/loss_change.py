@@ -41,8 +41,8 @@ import numpy as np
 
 from ntk_jax.data.encoding import lm_batch
 from ntk_jax.kernels.features import scalar_values
+from ntk_jax.models.lora import lora_filter
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.jobs import lora_filter
 from ntk_jax.selection.ntk_selector import TOKEN_REDUCTIONS, selection_scalar_fn
 from ntk_jax.selection.store import ScoreStore, fingerprint_of
 

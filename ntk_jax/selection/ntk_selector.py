@@ -8,19 +8,17 @@ sharded scoring, is :mod:`ntk_jax.selection.jobs`):
 2. coarse filter: :func:`mean_hidden_states` (mean of the final-norm hidden states over the
    real tokens, ``attention_mask``), :func:`knn_votes` (each domain example votes for its K
    nearest candidates by cosine), :func:`top_by_votes` keeps the M most-voted;
-3. features: :func:`ntk_feature_fn` — THE composition of the contracts,
-   ``gradient_features(sum_of_outputs(lm_output_fn(subset, reduce="mean")), subset.params,
-   batch, projection=RandomProjection(p, seed))``: the gradient over the LoRA parameters of
-   the length-normalised sum of logits (mean over the response tokens of Σ_v z_v),
-   Rademacher-projected to p;
-4. score: ``s_j = (1/|D|) Σ_i Θ̃(x_i, x_j) = ⟨mean_i φ(x_i), φ(x_j)⟩`` (:func:`ntk_scores`);
-   top-N (:func:`top_n`).
+3. the per-example scalar :func:`ntk_scalar_fn` (:func:`selection_scalar_fn` for the variants):
+   the length-normalised sum of logits (mean over the response tokens of Σ_v z_v), whose
+   gradient over the LoRA parameters, Rademacher-projected to p, is the feature φ(x);
+4. score: ``s_j = (1/|D|) Σ_i Θ̃(x_i, x_j) = ⟨mean_i φ(x_i), φ(x_j)⟩``, computed by the job
+   (:mod:`ntk_jax.selection.methods.ntk`: ``domain_direction`` and one JVP per candidate,
+   :func:`ntk_jax.kernels.features.directional_derivatives`); top-N (:func:`top_n`).
 
-Device meshes: :func:`ntk_features`, :func:`ntk_scores_by_jvp` and :func:`mean_hidden_states`
-take ``mesh=`` (default: the mesh the model's parameters live on, e.g. a model from
-``Context.load_model`` under ``config.mesh``): batches are split over its ``data`` axis and
-padded to a multiple of it (the padding is dropped), see
-:func:`ntk_jax.models.sharding.resolve_mesh`.
+Device meshes: :func:`mean_hidden_states` takes ``mesh=`` (default: the mesh the model's
+parameters live on, e.g. a model from ``Context.load_model`` under ``config.mesh``): batches
+are split over its ``data`` axis and padded to a multiple of it (the padding is dropped), see
+:func:`ntk_jax.mesh.resolve_mesh`.
 """
 from __future__ import annotations
 
@@ -31,17 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ntk_jax.data.encoding import LM_INPUTS, lm_batch
-from ntk_jax.kernels.features import directional_derivatives, gradient_features, sum_of_outputs
+from ntk_jax.kernels.features import sum_of_outputs
 from ntk_jax.kernels.ntk import normalize_rows
 from ntk_jax.kernels.outputs import lm_output_fn
-from ntk_jax.kernels.projection import RandomProjection
-from ntk_jax.models import sharding as sh
+from ntk_jax.mesh import place_rows, resolve_mesh, round_up_to_data
 from ntk_jax.models.subset import ParamSubset
 from ntk_jax.training.losses import token_log_probs
 
-__all__ = ["SCORE_OUTPUTS", "TOKEN_REDUCTIONS", "selection_scalar_fn", "ntk_scalar_fn", "ntk_features", "mean_hidden_states", "cosine_similarity", "knn_votes",
-           "top_by_votes", "ntk_scores", "top_n"]
+__all__ = ["SCORE_OUTPUTS", "TOKEN_REDUCTIONS", "selection_scalar_fn", "ntk_scalar_fn", "mean_hidden_program",
+           "mean_hidden_states", "cosine_similarity", "knn_votes", "top_by_votes", "top_n"]
 
 
 SCORE_OUTPUTS = ("sum_of_logits", "loss")
@@ -91,24 +87,6 @@ def ntk_scalar_fn(subset: ParamSubset):
     return sum_of_outputs(lm_output_fn(subset, reduce="mean"))
 
 
-def ntk_features(subset: ParamSubset, batch: dict, *, projection_dim: int = 8192, projection_seed: int = 0,
-                 batch_size: int | None = None, progress_desc: str | None = None,
-                 scalar_fn=None, mesh=None) -> np.ndarray:
-    """NTK-Selector features ``φ(x) = Π ∇_θ s(θ, x)`` of every example of ``batch``:
-    ``(n, p)`` (``(n, P)`` exact gradients with ``projection_dim=0``), float32 numpy.
-
-    ``batch``: ``input_ids``, ``attention_mask``, ``loss_mask`` arrays ``(n, T)``.
-    ``scalar_fn``: ``ntk_scalar_fn(subset)`` built once by a caller that scores many
-    batches (the compiled program is cached on the function's identity).
-    ``mesh``: see the module docstring.
-    """
-    projection = None if not projection_dim else RandomProjection(int(projection_dim), seed=int(projection_seed))
-    x = lm_batch(batch, LM_INPUTS, asarray=jnp.asarray)
-    scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
-    return gradient_features(scalar_fn, subset.params, x, projection=projection,
-                             batch_size=batch_size, progress_desc=progress_desc, mesh=mesh)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def mean_hidden_program(state, input_ids, attention_mask, *, graphdef):
     model = nnx.merge(graphdef, state)
@@ -130,18 +108,18 @@ def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, 
     if not hasattr(model, "hidden_states"):
         raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
     graphdef, state = nnx.split(model)
-    mesh = sh.resolve_mesh(mesh, state)
+    mesh = resolve_mesh(mesh, state)
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
     n = ids.shape[0]
-    bs = sh.round_up_to_data(min(int(batch_size), n), mesh)
+    bs = round_up_to_data(min(int(batch_size), n), mesh)
     out = []
     for lo in range(0, n, bs):
         hi = min(lo + bs, n)
         idx = np.arange(lo, hi)
         if hi - lo < bs:  # pad by repeating the block's first example: one compiled shape
             idx = np.concatenate([idx, np.full(bs - (hi - lo), lo)])
-        b_ids, b_mask = sh.place_rows((ids[idx], mask[idx]), mesh)
+        b_ids, b_mask = place_rows((ids[idx], mask[idx]), mesh)
         out.append(np.asarray(mean_hidden_program(state, b_ids, b_mask, graphdef=graphdef))[: hi - lo])
     return np.concatenate(out, axis=0)
 
@@ -190,37 +168,6 @@ def top_by_votes(votes: np.ndarray, mean_cos: np.ndarray, m: int) -> np.ndarray:
     lower index (deterministic). Ordered best first."""
     order = np.lexsort((np.arange(len(votes)), -np.asarray(mean_cos), -np.asarray(votes)))
     return order[: int(m)]
-
-
-def ntk_scores_by_jvp(subset: ParamSubset, domain_features: np.ndarray, batch: dict, *,
-                      projection_dim: int, projection_seed: int = 0, batch_size: int | None = None,
-                      scalar_fn=None, mesh=None) -> np.ndarray:
-    """The scores of :func:`ntk_scores` without forming candidate features: ``(n_cand,)`` float64.
-
-    ``s_j = ⟨Πᵀ g_j, u⟩ = ⟨g_j, Π u⟩`` with ``u`` the mean projected domain feature
-    (``domain_features (n_dom, p)`` from :func:`ntk_features` with the same projection) and
-    ``g_j = ∇_θ s(θ, x_j)``: one forward-mode JVP per candidate along the fixed tangent
-    ``Π u`` (``RandomProjection.adjoint``), so there is no per-example gradient and no
-    ``P × p`` product per candidate. Equal to ``ntk_scores(domain_features,
-    ntk_features(...))`` up to float rounding. ``mesh``: see the module docstring.
-    """
-    if not projection_dim:
-        raise ValueError("ntk_scores_by_jvp needs projected domain features (projection_dim > 0)")
-    projection = RandomProjection(int(projection_dim), seed=int(projection_seed))
-    centre = np.asarray(domain_features, np.float64).mean(axis=0)
-    if centre.shape != (projection.dim,):
-        raise ValueError(f"domain features have {centre.shape[0]} columns, projection_dim is {projection.dim}")
-    tangent = projection.adjoint(centre.astype(np.float32), subset.params)
-    x = lm_batch(batch, LM_INPUTS, asarray=jnp.asarray)
-    scalar_fn = ntk_scalar_fn(subset) if scalar_fn is None else scalar_fn
-    return np.asarray(directional_derivatives(scalar_fn, subset.params, x, tangent, batch_size=batch_size,
-                                              mesh=mesh), np.float64)
-
-
-def ntk_scores(domain_features: np.ndarray, cand_features: np.ndarray) -> np.ndarray:
-    """``s_j = (1/|D|) Σ_i ⟨φ(x_i), φ(x_j)⟩ = ⟨mean_i φ(x_i), φ(x_j)⟩``: ``(n_cand,)`` float64."""
-    centre = np.asarray(domain_features, np.float64).mean(axis=0)
-    return np.asarray(cand_features, np.float64) @ centre
 
 
 def top_n(scores: np.ndarray, n: int) -> np.ndarray:

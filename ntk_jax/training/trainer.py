@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ntk_jax.models import sharding as sh
+from ntk_jax.mesh import data_size, onto_mesh, place_rows, resolve_mesh, round_up_to_data
 from ntk_jax.models.subset import merge_params, param_subset
 from ntk_jax.utils import DictConfig, atomic_write
 from ntk_jax.training.losses import lm_loss, token_log_probs
@@ -290,16 +290,16 @@ def _run_eval(step_fn: Callable[[dict], tuple[Any, Any]], data: Mapping[str, Any
     if pad and "loss_mask" not in arrays:
         raise ValueError("eval data needs a 'loss_mask' array for the masked LM loss")
     if pad:
-        batch_size = sh.round_up_to_data(batch_size, mesh)
+        batch_size = round_up_to_data(batch_size, mesh)
     total, weight = 0.0, 0.0
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         if pad:  # zero-weight rows fill a partial batch: one compiled shape
-            batch = sh.place_rows(_padded_batch(arrays, idx, batch_size), mesh)
+            batch = place_rows(_padded_batch(arrays, idx, batch_size), mesh)
         else:
             batch = _take(arrays, idx)
-            if len(idx) % sh.data_size(mesh) == 0:
-                batch = sh.place_rows(batch, mesh)
+            if len(idx) % data_size(mesh) == 0:
+                batch = place_rows(batch, mesh)
         s, w = step_fn(batch)
         total += float(s) if pad else float(s) * float(w)
         weight += float(w)
@@ -323,7 +323,7 @@ def evaluate(model_or_fn: nnx.Module | Callable[[dict], jax.Array], data: Mappin
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(model_or_fn, nnx.Module):
         graphdef, state = nnx.split(model_or_fn)
-        mesh = sh.resolve_mesh(mesh, state)
+        mesh = resolve_mesh(mesh, state)
 
         def step_fn(batch):
             return _eval_state_step(state, batch, graphdef=graphdef, loss_fn=loss_fn)
@@ -333,7 +333,7 @@ def evaluate(model_or_fn: nnx.Module | Callable[[dict], jax.Array], data: Mappin
 
         def step_fn(batch):
             return _lm_sums(model_or_fn(batch), batch)
-        mesh = sh.resolve_mesh(mesh)
+        mesh = resolve_mesh(mesh)
     else:
         raise TypeError(f"evaluate needs an nnx.Module or a callable, got {type(model_or_fn)}")
     return _run_eval(step_fn, data, batch_size, pad=loss_fn is None, mesh=mesh)
@@ -452,11 +452,11 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
     arrays, n = _as_numpy_data(data, "data")
     batch_indices(n, cfg.batch_size, cfg.seed, 0)  # validates n >= batch_size
     last = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
-    mesh = sh.resolve_mesh(mesh, nnx.state(model))
-    step_rows = sh.round_up_to_data(cfg.batch_size, mesh)
+    mesh = resolve_mesh(mesh, nnx.state(model))
+    step_rows = round_up_to_data(cfg.batch_size, mesh)
     if step_rows != cfg.batch_size and loss_fn is not lm_loss:
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the mesh's data axis "
-                         f"({sh.data_size(mesh)}); with a custom loss_fn batches cannot be padded")
+                         f"({data_size(mesh)}); with a custom loss_fn batches cannot be padded")
 
     model.train()
     train_sub = param_subset(model, wrt)
@@ -469,7 +469,7 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
     params = train_sub.params
     # On a mesh every leaf of the optimiser state (counters too) lives on it: jit needs all
     # arguments on one set of devices, and a restored checkpoint takes these placements.
-    opt_state = sh.onto_mesh(make_optimizer(cfg).init(params), mesh)
+    opt_state = onto_mesh(make_optimizer(cfg).init(params), mesh)
     step = 0
     history: list[dict] = []
     mngr = None
@@ -510,7 +510,7 @@ def train(model: nnx.Module, data: Mapping[str, Any], cfg: TrainConfig, *, wrt: 
             callback(0, params)
         while step < last:
             update = step  # optax count of this update
-            batch = sh.place_rows(_padded_batch(arrays, batch_indices(n, cfg.batch_size, cfg.seed, update),
+            batch = place_rows(_padded_batch(arrays, batch_indices(n, cfg.batch_size, cfg.seed, update),
                                                 step_rows), mesh)
             params, opt_state, loss, gnorm = train_step_program(
                 params, opt_state, template, frozen, batch, jnp.asarray(cfg.seed, jnp.uint32),

@@ -7,7 +7,7 @@ A method module ``ntk_jax/selection/methods/<name>.py`` defines:
   through the :class:`~ntk_jax.selection.jobs.SelectionJob` it is handed (warm-up, resumable
   score stores, barriers, timings) and returns the chosen pool indices, best first;
 * ``config() -> ml_collections.ConfigDict`` (optional): its settings, which become the
-  ``config.select.<name>`` section (:func:`ntk_jax.launcher.config_lib.select_config`);
+  ``config.select.<name>`` section (``experiments/select.py:config``);
 * ``PRESETS: dict[str, dict]`` (optional): named settings, as overrides of the ``select``
   section with dotted keys (``{"ntk.output": "loss", "ntk.filter_factor": 0}``); a comparison arm
   ``"<name>@<preset>"`` runs the method with them (:func:`apply_preset`);

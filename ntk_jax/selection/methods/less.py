@@ -13,13 +13,13 @@ import ml_collections
 import numpy as np
 
 from ntk_jax.kernels.factored_projection import make_projection
-from ntk_jax.models.lora import lora_config
+from ntk_jax.models.lora import lora_config, lora_filter
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.jobs import lora_filter
-from ntk_jax.selection.less import (adam_preconditioner, find_adam_state, less_features, less_scores,
+from ntk_jax.selection.less import (adam_preconditioner, less_features, less_scores,
                                     loss_scalar_fn, subtask_groups)
 from ntk_jax.selection.methods import Selection
 from ntk_jax.selection.ntk_selector import top_n
+from ntk_jax.selection.optimizer_state import find_adam_state
 from ntk_jax.training.trainer import finetune_train_config, make_schedule
 
 

@@ -39,7 +39,7 @@ point and ``s`` set by ``select.ntk.output`` / ``reduce``
   ``"candidate"`` — ``⟨ḡ, g_j⟩ / ‖g_j‖`` (the candidate's norm only);
 * ``precondition="adam"`` (at the warm-up point; not with ``point="base"``): inner products and norms in the metric
   ``D = diag(1/(√ν̂+ε))`` of the warm-up's final Adam state
-  (:func:`~ntk_jax.selection.less.adam_diagonal`): ``⟨ḡ, D g_j⟩`` — the first-order change of
+  (:func:`~ntk_jax.selection.optimizer_state.adam_diagonal`): ``⟨ḡ, D g_j⟩`` — the first-order change of
   the domain loss under an Adam-like step on j, as LESS preconditions its candidates;
 * ``projection_dim = p > 0``: the domain direction is replaced by its JL sketch
   ``Π Πᵀ (D) ḡ`` (seeded; ``select.projection_type="dense"``:
@@ -67,11 +67,11 @@ from ntk_jax.kernels.features import directional_derivatives, gradient_inner_pro
 from ntk_jax.kernels.factored_projection import PROJECTION_TYPES, bind_projection, make_projection
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.models.subset import param_subset
-from ntk_jax.selection.jobs import lora_filter
-from ntk_jax.selection.less import adam_diagonal, find_adam_state
+from ntk_jax.models.lora import lora_filter
+from ntk_jax.selection.optimizer_state import adam_diagonal, find_adam_state
 from ntk_jax.selection import loss_change
 from ntk_jax.selection.methods import Selection, apply_overrides
-from ntk_jax.selection.methods.embedding import pool_embeddings
+from ntk_jax.selection.embeddings import pool_embeddings
 from ntk_jax.selection.ntk_selector import (SCORE_OUTPUTS, TOKEN_REDUCTIONS, knn_votes, selection_scalar_fn,
                                             top_n)
 

@@ -2,12 +2,12 @@
 the data and the loss, chosen by ``config.model.task``. The experiments themselves are the
 same code for both.
 
-* ``"lm"`` (:class:`LMBackend`): the causal LM of the job's context (the embedded toy model,
+* ``"lm"`` (:class:`LMTask`): the causal LM of the job's context (the embedded toy model,
   or any decoder checkpoint), the synthetic prompt/response tasks
   (:mod:`ntk_jax.data.synthetic`), the kernel over the response-position-mean logits
   (O = V, :func:`ntk_jax.kernels.outputs.lm_output_fn`), the masked LM loss; LoRA factors
   trained and in the kernel.
-* ``"classification"`` (:class:`ClassificationBackend`): a BERT/RoBERTa sequence classifier
+* ``"classification"`` (:class:`ClassificationTask`): a BERT/RoBERTa sequence classifier
   loaded from ``config.model.path`` with a new ``config.model.num_labels``-way head
   (:func:`ntk_jax.models.bert.from_pretrained`), the lexicon task with human valence labels
   (:mod:`ntk_jax.data.lexicon`; splits disjoint by word), the kernel over the class logits
@@ -15,7 +15,7 @@ same code for both.
   loss. ``config.model.train_head``: the head is trained (and in the kernel) together with
   the LoRA factors, else it stays at its random init and only the LoRA factors are.
 
-Every backend describes itself for the reports (:meth:`describe`: checkpoint, output, what
+Every model task describes itself for the reports (report key ``setup.backend``) (:meth:`describe`: checkpoint, output, what
 the kernel is over, and the data split sizes).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ntk_jax.data.lexicon import lexicon_splits
 from ntk_jax.data.synthetic import generate_task, make_corpus
 from ntk_jax.kernels.outputs import classification_output_fn, default_classifier_call, lm_output_fn
 from ntk_jax.models import bert
-from ntk_jax.models import sharding as sh
+from ntk_jax.mesh import resolve_mesh
 from ntk_jax.models.hf_loading import load_tokenizer, read_hf_config
 from ntk_jax.models.lora import LoRAConfig
 from ntk_jax.training.trainer import evaluate
@@ -68,7 +68,7 @@ def classification_loss(model, batch: dict) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"]).mean()
 
 
-class LMBackend:
+class LMTask:
     """The synthetic-task causal-LM setting (see the module docstring). Split ``role`` →
     seed ``ctx.seed + SEED_OFFSETS[role]`` (the seeds the experiments have always used)."""
 
@@ -122,7 +122,7 @@ class LMBackend:
                 "kernel_params": self.kernel_params, "split_sizes": dict(self.split_sizes)}
 
 
-class ClassificationBackend:
+class ClassificationTask:
     """A BERT/RoBERTa classifier on the lexicon task (see the module docstring)."""
 
     task = "classification"
@@ -148,7 +148,7 @@ class ClassificationBackend:
         model = bert.from_pretrained(self.ctx.model_dir, task="sequence_classification",
                                      num_labels=self.num_labels, new_head=True, lora=lora,
                                      rngs=nnx.Rngs(self.ctx.seed), dtype=self.ctx.dtype,
-                                     param_dtype=self.ctx.param_dtype, mesh=sh.resolve_mesh(self.ctx.mesh))
+                                     param_dtype=self.ctx.param_dtype, mesh=resolve_mesh(self.ctx.mesh))
         model.eval()
         return model
 
@@ -211,11 +211,11 @@ def _logits_fn(graphdef):
     return _LOGITS_FNS[graphdef]
 
 
-def make_backend(config, ctx) -> Any:
-    """The backend of ``config.model.task`` (``"lm"`` or ``"classification"``)."""
+def make_model_task(config, ctx) -> Any:
+    """The model task of ``config.model.task`` (``"lm"`` or ``"classification"``)."""
     task = str(config.model.get("task", "lm"))
     if task == "lm":
-        return LMBackend(config, ctx)
+        return LMTask(config, ctx)
     if task == "classification":
-        return ClassificationBackend(config, ctx)
+        return ClassificationTask(config, ctx)
     raise ValueError(f"config.model.task must be one of {TASKS}, got {task!r}")

@@ -1,2 +1,0 @@
-"""Public NTK-stability API; see :mod:`ntk_jax.kernels.stability`."""
-from ntk_jax.kernels.stability import *  # noqa: F401,F403

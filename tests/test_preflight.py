@@ -51,7 +51,7 @@ def test_plan_is_the_jobs_programs(tiny_model_dir):
     plan = memory_plan(c)
     assert plan.programs == job_programs(plain(c.select)) and "train" in plan.programs
     assert (plan.batch_size, plan.train_batch_size, plan.seq_len, plan.projection_dim) == (16, 16, 32, 64)
-    c.select.ntk.update(filter="knn", gradient=True, normalize="cosine")
+    c.select.ntk.update(filter="knn", rescore="gradient", normalize="cosine")
     assert memory_plan(c).programs == ("train", "hidden", "features", "projected")
 
 

@@ -12,7 +12,8 @@ set retrained from scratch per seed; test accuracy at the best-VALIDATION checkp
 (the launcher also prepares the embedded language model, which this job does not use; pass
 --config.model.path=DIR of any checkpoint to skip its pre-training).
 """
-from ntk_jax.launcher.config_lib import base_config, finetune_train_config
+from ntk_jax.launcher.config_lib import base_config
+from ntk_jax.training.trainer import finetune_train_config
 
 
 def get_config():

@@ -38,19 +38,69 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from experiments.plotting import save, subplots
 from ntk_jax.data.synthetic import TASKS, generate_task
 from ntk_jax.kernels.factored_projection import make_projection
-from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.models.lora import LoRAConfig, lora_config
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import gradex as gx
 from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store, fingerprint_of
 from ntk_jax.stats import spearman
-from ntk_jax.training.trainer import TrainConfig, train
+from ntk_jax.training.trainer import TrainConfig, finetune_train_config, train
 from ntk_jax.utils import progress, read_json, write_json, write_npz
+
+
+def config() -> ml_collections.ConfigDict:
+    """docs/theory.md §6.4: first-order subset estimation (GradEx) over synthetic auxiliary tasks,
+    judged against real LoRA fine-tunes and the trivial estimators (experiments/gradex.py,
+    docs/gradex.md)."""
+    return ml_collections.ConfigDict(dict(
+        target="add_spaced",        # target task (not in the pre-training mix)
+        aux_tasks=("add", "sub", "copy", "reverse", "sort", "count", "sentiment", "parity",
+                   "sentiment_flipped", "add_mod10", "noise"),
+        seeds=(0, 1, 2),            # replicates: each its own data draw, θ*, projection and subsets (seed_<s>/)
+        n_train_per_task=256,       # training examples per auxiliary task (meta-init, fits, fine-tunes)
+        n_target_train=0,           # target examples added to every subset (0: auxiliary tasks only)
+        n_target_eval=128,          # target examples the target loss is measured on
+        lora=lora_config(),
+        meta_train=finetune_train_config(total_steps=300, learning_rate=2e-3, warmup_steps=20,
+                                         schedule="cosine", batch_size=32, checkpoint_every=100,
+                                         log_every=10),
+        finetune=finetune_train_config(total_steps=60),  # the real fine-tunes, from θ*
+        projection_dim=200,         # d (the paper's code: 100-400)
+        projection_seed=0,          # + the replicate's seed
+        projection_kind="rademacher",
+        projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
+        clip_eps=1e-4,              # q clipped to [eps, 1-eps] in f = mean log(q/(1-q))
+        # Logistic fit: sum of the subset's losses + |w|^2/(2C). C sets the size of Δ (nothing is
+        # rescaled). With calibrate_C, C is picked from C_grid on n_calibrate extra really
+        # fine-tuned subsets (never used for the error check; their cost counts in the timing);
+        # otherwise C is used as given. C_grid also gives a post-hoc sensitivity table.
+        C=1e-3,
+        calibrate_C=True,
+        n_calibrate=2,
+        C_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0),
+        feature_batch_size=64,
+        shard_size=256,             # features in resumable shards of this many examples (features/)
+        eval_batch_size=128,
+        n_subsets=200,              # random ensemble size m
+        subset_prob=0.5,
+        keep_fraction=0.3,          # top fraction of tasks kept by the ensemble scores
+        greedy=True,                # also greedy forward selection on the estimates
+        ridge_lambda=1.0,           # ridge surrogate on subset indicators (of the estimates)
+        surrogate_holdout=0.2,      # fraction of the ensemble held out for the surrogate's Spearman
+        n_verify=24,                # subsets really fine-tuned per seed (evenly spaced ranks of the estimate)
+        verify_shard_size=4,        # fine-tunes per resumable store shard (verify_*/, calibrate_*/, compare_*/)
+        compare_selection=True,     # fine-tune the selected, greedy, all-task and random same-size subsets
+        n_random_compare=4,         # random subsets of the selected size in that check, per seed
+        baseline_lambdas=(0.01, 0.1, 1.0, 10.0, 100.0),  # λ grid of the leave-one-out ridge baselines
+        baseline_few=8,             # the indicator ridge also fitted on only this many real fine-tunes
+        n_boot=1000,                # bootstrap resamples of every interval
+    ))
 
 FEATURES_DIR = "features"  # the ScoreStore of f(θ*, x) (scores) and g̃ (features), one row per example
 

@@ -51,6 +51,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import matplotlib
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -61,15 +62,53 @@ from ntk_jax.data.synthetic import generate_task
 from ntk_jax.kernels.factored_projection import make_projection
 from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.models.cnn import LeNet, LeNetConfig, num_params
-from ntk_jax.models.lora import LoRAConfig
+from ntk_jax.models.lora import LoRAConfig, lora_config
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.lpntk import (class_clusters, cluster_counts, cosine_kernel, lpntk_features,
                                      lpntk_kernel, prune_clusters, random_prune)
 from ntk_jax.selection.pruning_scores import average_runs, el2n_scores, grand_scores, keep_highest
 from ntk_jax.selection.store import ScoreStore, check_workdir_fingerprint, fill_store
 from ntk_jax.stats import bootstrap_interval
-from ntk_jax.training.trainer import TrainConfig, train
+from ntk_jax.training.trainer import TrainConfig, finetune_train_config, train
 from ntk_jax.utils import progress, read_json, write_json, write_npz
+
+
+def config() -> ml_collections.ConfigDict:
+    """docs/theory.md §6.3: lpNTK farthest-point-clustering pruning vs random pruning
+    (experiments/prune_lpntk.py)."""
+    return ml_collections.ConfigDict(dict(
+        # "text": LoRA classifier on `task`; "digits": a LeNet-like CNN on scikit-learn's 8x8
+        # digits (configs/prune_lpntk_digits.py), every parameter trained
+        dataset="text",
+        # Labelled synthetic task; classes = its distinct responses. sentiment_flipped: the
+        # pre-trained model predicts the opposite label, so LoRA must learn the task.
+        # (add_mod10, 10 classes, stays near chance with this model and budget.)
+        task="sentiment_flipped",
+        n_train=400,                # digits: 0 = every image not in val / test
+        n_val=200,                  # checkpoint selection (never the test split)
+        n_test=400,
+        label_noise=0.2,            # fraction of training labels flipped to another class
+        lora=lora_config(),
+        reference_train=finetune_train_config(total_steps=150, learning_rate=3e-3, warmup_steps=10,
+                                              schedule="cosine", batch_size=32, checkpoint_every=50,
+                                              log_every=10),
+        retrain=finetune_train_config(total_steps=100, learning_rate=3e-3, warmup_steps=10,
+                                      schedule="cosine", batch_size=32, log_every=50),
+        eval_every=10,              # validation accuracy every this many retrain steps
+        keep_ratios=(0.1, 0.3),
+        modes=("centres", "random_member", "drop_largest_half"),
+        seeds=(0, 1, 2),
+        kernels=("lpntk",),         # ntk_jax.selection.lpntk.KERNELS: + "sum_logits" (the paper's ablation)
+        baselines=("random",),      # + "el2n", "grand" (ntk_jax.selection.pruning_scores)
+        score_runs=3,               # EL2N / GraNd: averaged over this many short runs ...
+        score_steps=20,             # ... of this many steps of the retrain schedule
+        digits=dict(split_seed=0, cnn=dict(channels=(16, 32), hidden=64)),  # dataset="digits" only
+        projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
+        projection_seed=0,
+        projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
+        feature_batch_size=64,
+        shard_size=256,             # features in resumable shards of this many examples (features/)
+    ))
 
 DATASETS = ("text", "digits")
 RETRAINS_DIR = "retrains"  # one JSON shard per (method, ratio, seed)

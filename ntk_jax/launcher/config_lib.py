@@ -16,8 +16,6 @@ from __future__ import annotations
 import ml_collections
 
 from ntk_jax.launcher import discovery
-from ntk_jax.models.lora import lora_config
-from ntk_jax.training.trainer import finetune_train_config
 
 # The validation experiments the default job runs (docs/theory.md §5). Any job with a section
 # (:func:`sections`) can be listed in ``config.experiments``.
@@ -72,93 +70,6 @@ def lexicon_config() -> ml_collections.ConfigDict:
     ))
 
 
-def gradex_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §6.4: first-order subset estimation (GradEx) over synthetic auxiliary tasks,
-    judged against real LoRA fine-tunes and the trivial estimators (experiments/gradex.py,
-    docs/gradex.md)."""
-    return ml_collections.ConfigDict(dict(
-        target="add_spaced",        # target task (not in the pre-training mix)
-        aux_tasks=("add", "sub", "copy", "reverse", "sort", "count", "sentiment", "parity",
-                   "sentiment_flipped", "add_mod10", "noise"),
-        seeds=(0, 1, 2),            # replicates: each its own data draw, θ*, projection and subsets (seed_<s>/)
-        n_train_per_task=256,       # training examples per auxiliary task (meta-init, fits, fine-tunes)
-        n_target_train=0,           # target examples added to every subset (0: auxiliary tasks only)
-        n_target_eval=128,          # target examples the target loss is measured on
-        lora=lora_config(),
-        meta_train=finetune_train_config(total_steps=300, learning_rate=2e-3, warmup_steps=20,
-                                         schedule="cosine", batch_size=32, checkpoint_every=100,
-                                         log_every=10),
-        finetune=finetune_train_config(total_steps=60),  # the real fine-tunes, from θ*
-        projection_dim=200,         # d (the paper's code: 100-400)
-        projection_seed=0,          # + the replicate's seed
-        projection_kind="rademacher",
-        projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
-        clip_eps=1e-4,              # q clipped to [eps, 1-eps] in f = mean log(q/(1-q))
-        # Logistic fit: sum of the subset's losses + |w|^2/(2C). C sets the size of Δ (nothing is
-        # rescaled). With calibrate_C, C is picked from C_grid on n_calibrate extra really
-        # fine-tuned subsets (never used for the error check; their cost counts in the timing);
-        # otherwise C is used as given. C_grid also gives a post-hoc sensitivity table.
-        C=1e-3,
-        calibrate_C=True,
-        n_calibrate=2,
-        C_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0),
-        feature_batch_size=64,
-        shard_size=256,             # features in resumable shards of this many examples (features/)
-        eval_batch_size=128,
-        n_subsets=200,              # random ensemble size m
-        subset_prob=0.5,
-        keep_fraction=0.3,          # top fraction of tasks kept by the ensemble scores
-        greedy=True,                # also greedy forward selection on the estimates
-        ridge_lambda=1.0,           # ridge surrogate on subset indicators (of the estimates)
-        surrogate_holdout=0.2,      # fraction of the ensemble held out for the surrogate's Spearman
-        n_verify=24,                # subsets really fine-tuned per seed (evenly spaced ranks of the estimate)
-        verify_shard_size=4,        # fine-tunes per resumable store shard (verify_*/, calibrate_*/, compare_*/)
-        compare_selection=True,     # fine-tune the selected, greedy, all-task and random same-size subsets
-        n_random_compare=4,         # random subsets of the selected size in that check, per seed
-        baseline_lambdas=(0.01, 0.1, 1.0, 10.0, 100.0),  # λ grid of the leave-one-out ridge baselines
-        baseline_few=8,             # the indicator ridge also fitted on only this many real fine-tunes
-        n_boot=1000,                # bootstrap resamples of every interval
-    ))
-
-
-def prune_lpntk_config() -> ml_collections.ConfigDict:
-    """docs/theory.md §6.3: lpNTK farthest-point-clustering pruning vs random pruning
-    (experiments/prune_lpntk.py)."""
-    return ml_collections.ConfigDict(dict(
-        # "text": LoRA classifier on `task`; "digits": a LeNet-like CNN on scikit-learn's 8x8
-        # digits (configs/prune_lpntk_digits.py), every parameter trained
-        dataset="text",
-        # Labelled synthetic task; classes = its distinct responses. sentiment_flipped: the
-        # pre-trained model predicts the opposite label, so LoRA must learn the task.
-        # (add_mod10, 10 classes, stays near chance with this model and budget.)
-        task="sentiment_flipped",
-        n_train=400,                # digits: 0 = every image not in val / test
-        n_val=200,                  # checkpoint selection (never the test split)
-        n_test=400,
-        label_noise=0.2,            # fraction of training labels flipped to another class
-        lora=lora_config(),
-        reference_train=finetune_train_config(total_steps=150, learning_rate=3e-3, warmup_steps=10,
-                                              schedule="cosine", batch_size=32, checkpoint_every=50,
-                                              log_every=10),
-        retrain=finetune_train_config(total_steps=100, learning_rate=3e-3, warmup_steps=10,
-                                      schedule="cosine", batch_size=32, log_every=50),
-        eval_every=10,              # validation accuracy every this many retrain steps
-        keep_ratios=(0.1, 0.3),
-        modes=("centres", "random_member", "drop_largest_half"),
-        seeds=(0, 1, 2),
-        kernels=("lpntk",),         # ntk_jax.selection.lpntk.KERNELS: + "sum_logits" (the paper's ablation)
-        baselines=("random",),      # + "el2n", "grand" (ntk_jax.selection.pruning_scores)
-        score_runs=3,               # EL2N / GraNd: averaged over this many short runs ...
-        score_steps=20,             # ... of this many steps of the retrain schedule
-        digits=dict(split_seed=0, cnn=dict(channels=(16, 32), hidden=64)),  # dataset="digits" only
-        projection_dim=0,           # 0: exact features (LoRA P is small); else JL dimension
-        projection_seed=0,
-        projection_type="dense",    # or "factored" (per-layer Kronecker map; docs/kernels.md)
-        feature_batch_size=64,
-        shard_size=256,             # features in resumable shards of this many examples (features/)
-    ))
-
-
 def distributed_config() -> ml_collections.ConfigDict:
     """``jax.distributed`` settings (see :mod:`ntk_jax.launcher.distributed`)."""
     return ml_collections.ConfigDict(dict(
@@ -196,13 +107,10 @@ def mesh_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=-1, model=1))
 
 
-# Jobs whose section is still defined here (job name -> builder of ``config.<name>``), not by
-# their module's ``config()``. Every other job is a plug-in: ``experiments/<name>.py`` with
+# Jobs whose section is defined here (job name -> builder of ``config.<name>``) rather than by
+# their module's ``config()``: none now. Every job is a plug-in: ``experiments/<name>.py`` with
 # ``config()`` and ``run()``, found by :mod:`ntk_jax.launcher.discovery`.
-SECTIONS = {
-    "gradex": gradex_config,
-    "prune_lpntk": prune_lpntk_config,
-}
+SECTIONS: dict = {}
 
 
 def sections() -> dict:

@@ -10,13 +10,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The suite's programs are small, so its time is mostly XLA compilation; compiling without
-# LLVM's backend optimisations is ~25 % faster for the same results up to float rounding
-# (measured: tests/test_launcher_hf.py 107 s -> 83 s, cold cache). Tests check values, never
-# speed; the benchmarks (run outside pytest) keep the default. A caller's own
-# --xla_backend_optimization_level wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Compile flags for speed (tests/procs.py FAST_COMPILE: same results up to float rounding); a
+# caller's own setting of either flag wins.
+from procs import with_fast_compile  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 import pytest  # noqa: E402
 

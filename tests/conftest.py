@@ -42,3 +42,13 @@ def tiny_model_dir(tmp_path_factory):
     directory = os.path.join(str(tmp_path_factory.mktemp("tiny_model")), "base_model")
     pretrain_default_model(c.pretrain, c.model.arch, directory, seed=0)
     return directory
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a ``slow`` test run first (a stable sort; each file's own order is kept).
+    pytest-xdist's ``--dist loadfile`` hands files to the workers in this order (pytest.ini:
+    ``--no-loadscope-reorder``; its default order is by number of tests, which puts one-test
+    slow files last): the long files start early and the workers finish close together."""
+    slow_files = {item.path for item in items
+                  if item.get_closest_marker("slow") and not item.get_closest_marker("benchmark")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -10,13 +10,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The suite's programs are small, so its time is mostly XLA compilation; compiling without
-# LLVM's backend optimisations is ~25 % faster for the same results up to float rounding
-# (measured: tests/test_launcher_hf.py 107 s -> 83 s, cold cache). Tests check values, never
-# speed; the benchmarks (run outside pytest) keep the default. A caller's own
-# --xla_backend_optimization_level wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Compile flags for speed (tests/procs.py FAST_COMPILE: same results up to float rounding); a
+# caller's own setting of either flag wins.
+from procs import with_fast_compile  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 import pytest  # noqa: E402
 
@@ -44,3 +42,13 @@ def tiny_model_dir(tmp_path_factory):
     directory = os.path.join(str(tmp_path_factory.mktemp("tiny_model")), "base_model")
     pretrain_default_model(c.pretrain, c.model.arch, directory, seed=0)
     return directory
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a ``slow`` test run first (a stable sort; each file's own order is kept).
+    pytest-xdist's ``--dist loadfile`` hands files to the workers in this order (pytest.ini:
+    ``--no-loadscope-reorder``; its default order is by number of tests, which puts one-test
+    slow files last): the long files start early and the workers finish close together."""
+    slow_files = {item.path for item in items
+                  if item.get_closest_marker("slow") and not item.get_closest_marker("benchmark")}
+    items.sort(key=lambda item: item.path not in slow_files)

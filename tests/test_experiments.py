@@ -45,6 +45,7 @@ def reports(tmp_path_factory):
     return workdir, run(small_config(), workdir)
 
 
+@pytest.mark.slow  # the module's job (the `reports` fixture) runs in its setup
 def test_reports_and_plots_written(reports):
     workdir, reps = reports
     for name in ("stability", "spectrum", "approximation"):

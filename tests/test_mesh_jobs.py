@@ -81,7 +81,8 @@ def test_prepare_context_rejects_bad_mesh(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_meshes_match_one_device_for_selection_and_training(tmp_path):
     out = tmp_path / "report.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu",
                NTK_JAX_NO_PROGRESS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_jobs_checks.py"), str(out)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

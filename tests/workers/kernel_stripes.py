@@ -21,7 +21,10 @@ ap.add_argument("--port", type=int, default=0)
 ap.add_argument("--devices", type=int, default=1)
 ap.add_argument("--die_after", type=int, default=-1, help="os._exit after writing this many stripes")
 args = ap.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from procs import with_fast_compile  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_fast_compile(f"--xla_force_host_platform_device_count={args.devices}")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -32,7 +32,10 @@ ap.add_argument("--heartbeat_timeout_s", type=int, default=100)
 ap.add_argument("--small", action="store_true", help="a smaller job (26 candidates, 4 shards)")
 args = ap.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from procs import with_fast_compile  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_fast_compile()  # one CPU device per process; the test run's compile flags
 
 from ntk_jax.launcher.config_lib import base_config  # noqa: E402
 from ntk_jax.launcher.run import run  # noqa: E402

@@ -169,6 +169,28 @@ def gradex_config() -> ml_collections.ConfigDict:
     ))
 
 
+def advise_placement_config() -> ml_collections.ConfigDict:
+    """docs/theory.md §6.8: rank LoRA placements by a predictor from the eNTK at θ_0, optionally
+    validated against real fine-tunes (experiments/advise_placement.py)."""
+    return ml_collections.ConfigDict(dict(
+        task="sentiment_flipped",   # two-label task (lm backend; the lexicon for classification)
+        # candidate placements: plain dicts {'targets', 'layers'[, 'rank']}, as spectrum.placements
+        placements=tuple(dict(targets=t, layers=l) for t in (("q_proj", "v_proj"), ("k_proj",))
+                         for l in ((0,), (0, 1, 2))),
+        predictor="lin_eval_loss_ce",  # a name of ntk_jax.kernels.placement.PREDICTORS (or num_params)
+        n_kernel=32,                # training inputs of the kernel
+        n_kernel_test=32,           # held-out inputs of the test-train kernel
+        sigma=1e-4,                 # ridge of κ and R
+        lora=lora_config(),
+        train=finetune_train_config(total_steps=60),  # the fine-tuning job the advice is for
+        validate=False,             # also fine-tune every placement over seeds and rank-correlate
+        seeds=(0, 1, 2),            # validation seeds (without validate: the job's seed)
+        n_train=256,
+        n_eval=256,
+        n_boot=1000,                # bootstrap draws over placements
+    ))
+
+
 def prune_lpntk_config() -> ml_collections.ConfigDict:
     """docs/theory.md §6.3: lpNTK farthest-point-clustering pruning vs random pruning
     (experiments/prune_lpntk.py)."""
@@ -313,6 +335,7 @@ SECTIONS = {
     "select": select_config,
     "select_compare": select_compare_config,
     "select_suite": select_suite_config,
+    "advise_placement": advise_placement_config,
 }
 
 

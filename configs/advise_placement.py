@@ -32,6 +32,7 @@ def get_config():
     c.n_kernel = 32
     c.n_kernel_test = 32
     c.sigma = 1e-4                      # the NTK-spectrum paper's ridge
+    c.output_probes = 8                 # O = V = 50 logits: the traced kernel from 8 output probes
     c.train.total_steps = 60            # the fine-tuning default (as the spectrum job)
     c.validate = True
     c.seeds = (0, 1, 2)

@@ -35,7 +35,9 @@ def get_config():
     c.n_kernel = 32
     c.n_kernel_test = 32
     c.sigma = 1e-4
-    c.train.total_steps = 60            # batch 16: ~4 epochs over the 256 training words
+    c.output_probes = 8                 # O = 2 logits: the exact traced kernel
+    c.train.total_steps = 30            # batch 16: ~2 epochs over the 256 training words (the budget of
+                                        # configs/validate_pretrained.py stability; sized for ~20 min)
     c.train.learning_rate = 2e-3
     c.validate = True
     c.seeds = (0, 1, 2)

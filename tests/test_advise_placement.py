@@ -70,6 +70,9 @@ def test_ranking_and_validation_written(job):
     assert t["advisor_s"] > 0 and t["finetune_all_s"] > 0
     assert t["advisor_over_finetune_all"] == pytest.approx(t["advisor_s"] / t["finetune_all_s"])
     assert "fine-tuned all 3 placements" in r["how_validated"]
+    assert os.path.isfile(os.path.join(workdir, "advise_placement", "table.md"))
+    assert all(e["meets_target"] == (bool(e["theory_sign_vs_loss"]) and e["spearman_rank_vs_eval_loss"]["value"] is not None
+                                     and e["spearman_rank_vs_eval_loss"]["value"] >= 0.8) for e in v["predictors"].values())
 
 
 def test_killed_run_resumes_exactly(job, tmp_path):

@@ -131,3 +131,34 @@ def test_bad_inputs():
         linearised_cross_entropy(np.eye(3), np.array([0, 1, 2]), 0.1, 2, num_classes=2)
     with pytest.raises(ValueError, match="learning rates"):
         learning_rates([])
+
+
+def test_leaf_kernels_sum_to_the_exact_traced_ntk_and_probes_estimate_it():
+    import jax
+    import jax.numpy as jnp
+
+    from ntk_jax.kernels.ntk import empirical_ntk
+    from ntk_jax.kernels.placement import leaf_kernels
+
+    rng = np.random.default_rng(4)
+    params = {"w1": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+              "w2": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+
+    def f(p, xx):
+        return jnp.tanh(xx @ p["w1"]) @ p["w2"]  # (n, O = 4)
+
+    exact = np.asarray(empirical_ntk(f, params, x), np.float64)
+    leaves = leaf_kernels(f, params, x, 4)
+    np.testing.assert_allclose(np.asarray(leaves["w1"] + leaves["w2"]), exact, rtol=1e-5, atol=1e-5)
+    # the w2 leaf alone: Σ_a ∂f_a/∂w2 · ∂f_a/∂w2 = h hᵀ (one copy per output column)
+    h = np.tanh(np.asarray(x, np.float64) @ np.asarray(params["w1"], np.float64))
+    np.testing.assert_allclose(np.asarray(leaves["w2"]), 4 * h @ h.T, rtol=1e-5, atol=1e-5)
+    # probes = the identity basis: the exact kernel; many random ±1 probes: close to it
+    eye = leaf_kernels(f, params, x, 4, probes=np.eye(4, dtype=np.float32) * 2.0)
+    np.testing.assert_allclose(np.asarray(eye["w2"]), np.asarray(leaves["w2"]), rtol=1e-5, atol=1e-5)
+    r = np.random.default_rng(5).choice([-1.0, 1.0], size=(4000, 4)).astype(np.float32)
+    est = jax.jit(lambda p, xx, rr: leaf_kernels(f, p, xx, 4, basis_batch=500, probes=rr))(params, x, r)
+    total = np.asarray(est["w1"] + est["w2"])
+    assert np.linalg.norm(total - exact) / np.linalg.norm(exact) < 0.05
+    assert not np.allclose(total, exact, rtol=1e-6)  # an estimate, not the exact kernel

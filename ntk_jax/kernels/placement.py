@@ -57,24 +57,31 @@ PREDICTORS = {
 }
 
 
-def leaf_kernels(f, params, x, output_dim: int, basis_batch: int = 8):
+def leaf_kernels(f, params, x, output_dim: int, basis_batch: int = 8, probes=None):
     """The traced eNTK split by parameter leaf: a pytree like ``params`` whose leaves are
     ``K_leaf = Σ_a J_a,leaf J_a,leafᵀ`` ``(n, n)``, so that the kernel over any set of leaves is
     the sum of theirs (``Σ`` over every leaf is the traced eNTK of
     :func:`ntk_jax.kernels.ntk.empirical_ntk`). One program for every subset of the leaves
     (e.g. every LoRA placement inside one model adapted at all their sites).
 
-    Args: ``f(params, x) -> (n, O)`` (or ``(n, ...)`` with O entries per example); ``x`` a
-    batch of n examples; ``output_dim`` O. Jittable (``output_dim``, ``basis_batch`` static)."""
+    Args:
+      f: ``f(params, x) -> (n, O)`` (or ``(n, ...)`` with O entries per example).
+      x: a batch of n examples. output_dim: O (static). basis_batch: output rows per VJP batch.
+      probes: ``None``: exact, one VJP per output. Else a ``(k, O)`` array of output probes
+        ``r_j`` with ``E[r rᵀ] = I`` (e.g. Rademacher): the unbiased estimate
+        ``(1/k) Σ_j (J ᵀr_j)(Jᵀ r_j)ᵀ`` of the same kernel (Hutchinson's trace estimator over the
+        outputs) at k VJPs instead of O.
+    """
     vjp, out = per_example_vjp(f, params, x)
+    basis = jnp.eye(output_dim, dtype=out.dtype) if probes is None else jnp.asarray(probes, out.dtype)
+    scale = 1.0 if probes is None else 1.0 / basis.shape[0]
 
-    def rows(b):
-        e = jax.nn.one_hot(b, output_dim, dtype=out.dtype)
+    def rows(e):
         (c,) = vjp(jnp.broadcast_to(e, out.shape))
         return jax.tree.map(lambda g: g.reshape(g.shape[0], -1) @ g.reshape(g.shape[0], -1).T, c)
 
-    per_row = jax.lax.map(rows, jnp.arange(output_dim), batch_size=min(basis_batch, output_dim))
-    return jax.tree.map(lambda k: k.sum(axis=0), per_row)
+    per_row = jax.lax.map(rows, basis, batch_size=min(basis_batch, basis.shape[0]))
+    return jax.tree.map(lambda k: scale * k.sum(axis=0), per_row)
 
 
 def _check_test_kernel(K_test, n: int) -> np.ndarray:

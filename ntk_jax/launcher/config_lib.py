@@ -181,6 +181,9 @@ def advise_placement_config() -> ml_collections.ConfigDict:
         n_kernel=32,                # training inputs of the kernel
         n_kernel_test=32,           # held-out inputs of the test-train kernel
         sigma=1e-4,                 # ridge of κ and R
+        # traced kernel over O outputs from k random ±1 output probes (unbiased; k VJPs instead of
+        # O); 0 or k >= O: exact
+        output_probes=8,
         lora=lora_config(),
         train=finetune_train_config(total_steps=60),  # the fine-tuning job the advice is for
         validate=False,             # also fine-tune every placement over seeds and rank-correlate

@@ -99,7 +99,8 @@ def advise(backend, splits, loras, c, train_cfg) -> dict:
     from one model per LoRA rank, adapted at the union of the sites of that rank's placements:
     with B = 0 at init the other sites' adapters leave the outputs unchanged, so a placement's
     kernel is the sum of its sites' per-leaf kernels (:func:`ntk_jax.kernels.placement.leaf_kernels`;
-    with ``output_probes`` k < O outputs, its unbiased k-probe estimate)."""
+    with ``output_probes`` k < O outputs, its unbiased k-probe estimate). The union model draws
+    its own A factors: the same distribution as a fine-tune's init, not the same values."""
     if any(lo.b_init_std for lo in loras):
         raise ValueError("the advisor's union kernel needs B = 0 at init (lora.b_init_std = 0): with "
                          "B != 0 every adapted site changes the others' gradients")

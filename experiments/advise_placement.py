@@ -361,7 +361,8 @@ def table_md(report: dict) -> str:
     for name, e in v["predictors"].items():
         s = e["theory_sign_vs_loss"]
         per = ", ".join("–" if r is None else f"{r:+.2f}" for r in e["spearman_value_vs_eval_loss_per_seed"])
-        row = f"| {name} | {'+' if s > 0 else '−' if s < 0 else 'none'} | {_fmt(e['spearman_rank_vs_eval_loss'], s or 1)} | {per} |"
+        sign = "+" if s > 0 else "−" if s < 0 else "none"
+        row = f"| {name} | {sign} | {_fmt(e['spearman_rank_vs_eval_loss'], s or 1)} | {per} |"
         if has_acc:
             row += f" {_fmt(e['spearman_rank_vs_eval_accuracy'], s or 1)} |"
         row += f" {e['regret_eval_loss']:.3f}" + (f" / {e['regret_eval_accuracy']:.3f}" if has_acc else "") + " |"

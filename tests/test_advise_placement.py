@@ -153,3 +153,23 @@ def test_union_kernel_of_a_placement_is_its_own_kernel(job):
         want = empirical_ntk(lm_output_fn(sub), sub.params, x)
         np.testing.assert_allclose(ap.placement_kernel(leaf_K, lora), want, rtol=1e-4, atol=1e-6)
     assert not np.allclose(ap.placement_kernel(leaf_K, loras[0]), ap.placement_kernel(leaf_K, loras[1]))
+
+
+def test_advice_alone_ranks_without_fine_tuning(job, tmp_path):
+    """validate=False: the job's seed only, no fine-tune shards, the ranking by the chosen
+    predictor, and a report that says where the ranking was validated."""
+    workdir, _ = job
+    c = tiny_config()
+    c.advise_placement.validate = False
+    c.advise_placement.predictor = "trace"
+    ctx = prepare_context(c, workdir)
+    out = str(tmp_path / "advice")
+    os.makedirs(out)
+    r = ap.run(c, out, ctx)
+    assert "validation" not in r and r["setup"]["seeds"] == [c.seed]
+    assert sorted(os.listdir(os.path.join(out, "shards", f"seed{c.seed}"))) == ["advisor.json"]
+    traces = {json.dumps(p["placement"]): p["trace"][0] for p in r["placements"]}
+    ranked = [traces[json.dumps(x["placement"])] for x in r["ranking"]]
+    assert ranked == sorted(ranked, reverse=True)  # tr K: larger is predicted better
+    assert "docs/validation.md" in r["how_validated"] and os.path.getsize(r["plots"][0]) > 5_000
+    assert ap.summary(r)["best"] == r["ranking"][0]["label"]

@@ -179,7 +179,8 @@ def summary(report: dict) -> dict:
             "printed_lower_violation_rate_random_psd": report["random_psd"]["printed_lower_violation_rate"]}
 
 
-def _label(row) -> str:
+def placement_label(row) -> str:
+    """``"q+v L(0, 1) r8"``: a placement row (targets, layers, optional rank) for plots and tables."""
     rank = f" r{row['rank']}" if "rank" in row else ""
     return f"{'+'.join(t.replace('_proj', '') for t in row['targets'])} L{row['layers']}{rank}"
 
@@ -189,7 +190,7 @@ def plot(report: dict, path: str) -> str:
     fig, ax = subplots(3, width=4.6)
     for r in rows:
         lam = np.clip(np.array(r["eigenvalues"])[::-1], 1e-12, None)
-        ax[0].semilogy(np.arange(1, lam.size + 1), lam, ".-", label=f"{_label(r)} κ={r['kappa']:.3g}")
+        ax[0].semilogy(np.arange(1, lam.size + 1), lam, ".-", label=f"{placement_label(r)} κ={r['kappa']:.3g}")
     ax[0].set(title="eNTK eigen-spectrum", xlabel="index", ylabel="λ")
     ax[0].legend(fontsize=6)
     idx = np.arange(len(rows))
@@ -197,12 +198,12 @@ def plot(report: dict, path: str) -> str:
     ax[1].semilogy(idx, [r["correct_lower"] for r in rows], "g^", label="correct lower")
     ax[1].semilogy(idx, [r["correct_upper"] for r in rows], "gv", label="correct upper")
     ax[1].semilogy(idx, [r["printed_lower"] for r in rows], "rx", label="printed lower (false)")
-    ax[1].set_xticks(idx, [_label(r) for r in rows], rotation=45, fontsize=6)
+    ax[1].set_xticks(idx, [placement_label(r) for r in rows], rotation=45, fontsize=6)
     ax[1].set(title="kernel-regression risk and bounds")
     ax[1].legend(fontsize=6)
     ax[2].loglog([r["kappa"] for r in rows], [r["eval_loss_after"] for r in rows], "o")
     for r in rows:
-        ax[2].annotate(_label(r), (r["kappa"], r["eval_loss_after"]), fontsize=6)
+        ax[2].annotate(placement_label(r), (r["kappa"], r["eval_loss_after"]), fontsize=6)
     rho = report["spearman_kappa_vs_eval_loss"]["rho"]  # None: undefined (fewer than 2 distinct values)
     rho_text = "undefined" if rho is None else f"{rho:.2f}"
     ax[2].set(title=f"κ vs eval loss (Spearman ρ={rho_text})", xlabel="κ(K+σI)", ylabel="eval loss")

@@ -196,13 +196,19 @@ def assemble_kernel(out_dir: str | None, *, stripes: dict[int, np.ndarray] | Non
 
 def sharded_empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
                           mesh: jax.sharding.Mesh, block_size: int, trace: bool = True,
-                          method: str = "jacobian", axis: str = "data", out_dir: str | None = None,
+                          method: str = "auto", axis: str = "data", out_dir: str | None = None,
                           basis_batch: int | None = None, **kwargs) -> np.ndarray | None:
     """:func:`ntk_jax.kernels.ntk.empirical_ntk` computed by :func:`sharded_kernel`
-    (rows sharded over ``mesh``'s ``axis``; stripes across processes via ``out_dir``)."""
+    (rows sharded over ``mesh``'s ``axis``; stripes across processes via ``out_dir``). ``method``
+    as for ``empirical_ntk`` (default ``"auto"``, resolved for the whole kernel by
+    :func:`~ntk_jax.kernels.structured.structured_plan`, as ``empirical_ntk`` resolves it)."""
     from ntk_jax.kernels.contract import output_size
-    from ntk_jax.kernels.ntk import ntk_fn
+    from ntk_jax.kernels.ntk import ntk_fn, ntk_method
+    from ntk_jax.kernels.structured import structured_plan
 
+    method = ntk_method(method).value
+    if method == "auto":
+        method = structured_plan(f, params, x1, x2, trace=trace).auto
     O = output_size(f, params, x1)
     block = ntk_fn(f, trace=trace, method=method, output_dim=O, basis_batch=basis_batch)
     return sharded_kernel(block, params, x1, x2, mesh=mesh, block_size=block_size, axis=axis,

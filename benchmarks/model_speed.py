@@ -1,6 +1,6 @@
 """Tokens/s of the Flax Llama port vs ``transformers`` PyTorch, forward and forward+backward.
 
-    python benchmarks/model_speed.py [--batch 8] [--seq-len 64] [--repeats 7] [--quick]
+    python benchmarks/model_speed.py [--batch 8] [--seq-len 64 128 256] [--rounds 7] [--quick]
 
 For each model size (``tiny``: hidden 64, 2 layers; ``larger``: hidden 256, 4 layers; both
 Llama with GQA, SwiGLU, untied head) ONE checkpoint is written by ``transformers``
@@ -19,12 +19,16 @@ Timed, on the same random ``(batch, seq_len)`` token batch:
   factors only (PEFT freezes the base weights on the torch side; ``jax.value_and_grad``
   over the ``nnx.LoRAParam`` subset on the Flax side).
 
-Each function is called ``--warmup`` times (compilation for JAX), then ``--repeats`` times
-timed, one function after the other (see :func:`median_times`); the median time is reported
-as tokens/s = batch * seq_len / median, with the ratio Flax / PyTorch. Threads: PyTorch uses
-``torch.set_num_threads(cores)`` with ``cores`` the CPUs this process may run on, the
-number of threads XLA's CPU backend uses by default; ``--threads 1`` makes both
-single-threaded (the fairest comparison on a loaded machine).
+Each function is called ``--warmup`` times (compilation for JAX), then timed in ``--rounds``
+interleaved rounds: in each round every function runs one untimed call and ``--per-round``
+timed calls, one function after the other (see :func:`interleaved_times`), so a change of the
+host's speed during the run (other tenants of a shared machine) hits both frameworks alike.
+Reported: the median time per function, tokens/s = batch * seq_len / median, the ratio
+Flax / PyTorch of the medians and the median and range of the per-round ratios. Threads:
+PyTorch uses ``torch.set_num_threads(cores)`` with ``cores`` the CPUs this process may run on,
+the number of threads XLA's CPU backend uses by default; ``--threads 1`` pins the whole
+process to one CPU (``sched_setaffinity`` before JAX starts: XLA's CPU runtime ignores the
+intra-op thread flags for its YNNPACK fusions, so only the affinity makes it single-threaded).
 
 Prints one JSON object on stdout (progress and notes go to stderr).
 """
@@ -51,9 +55,8 @@ def _early_threads(argv) -> int | None:
     return None
 
 
-if __name__ == "__main__" and _early_threads(sys.argv[1:]) == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if __name__ == "__main__" and _early_threads(sys.argv[1:]) == 1 and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -86,21 +89,26 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def median_times(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of every zero-argument ``fn``: for each function in turn,
-    ``warmup`` untimed calls then ``repeats`` timed ones. (Consecutive rather than
-    round-robin: XLA's and PyTorch's CPU thread pools spin-wait after a call, so interleaving
-    the two frameworks call by call slows whichever runs next.)"""
-    out = {}
-    for k, fn in fns.items():
+def interleaved_times(fns: dict, warmup: int, rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds per call of every zero-argument ``fn``, measured in interleaved rounds.
+
+    Every function first gets ``warmup`` untimed calls. Then, ``rounds`` times, each function
+    in turn runs one untimed call (XLA's and PyTorch's CPU thread pools spin-wait after a
+    call, so the first call after the other framework's is slower) and ``per_round`` timed
+    ones. Returns ``{name: [rounds lists of per_round times]}``."""
+    for fn in fns.values():
         for _ in range(warmup):
             fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
             fn()
-            ts.append(time.perf_counter() - t)
-        out[k] = statistics.median(ts)
+            ts = []
+            for _ in range(per_round):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            out[k].append(ts)
     return out
 
 
@@ -189,12 +197,17 @@ def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
     t_loss = float(t_vg())
     grad_diff = max_grad_rel_diff(model, f_grads, tmodel)
 
-    log(f"[{name}] timing: warm-up {args.warmup}, {args.repeats} rounds")
-    med = median_times({"flax_forward": f_fwd, "flax_forward_backward": f_vg,
-                        "torch_forward": t_fwd, "torch_forward_backward": t_vg}, args.warmup, args.repeats)
+    log(f"[{name}] T={args.seq_len} timing: warm-up {args.warmup}, {args.rounds} rounds x {args.per_round}")
+    times = interleaved_times({"flax_forward": f_fwd, "flax_forward_backward": f_vg,
+                               "torch_forward": t_fwd, "torch_forward_backward": t_vg},
+                              args.warmup, args.rounds, args.per_round)
+    med = {k: statistics.median([t for r in v for t in r]) for k, v in times.items()}
     tokens = args.batch * args.seq_len
     tps = {side: {kind: tokens / med[f"{side}_{kind}"] for kind in ("forward", "forward_backward")}
            for side in ("flax", "torch")}
+    per_round = {kind: [statistics.median(t) / statistics.median(f) for f, t in
+                        zip(times[f"flax_{kind}"], times[f"torch_{kind}"])]
+                 for kind in ("forward", "forward_backward")}
     n_params = sum(int(np.prod(p.shape)) for p in tmodel.base_model.model.parameters())
     n_lora = sum(int(np.prod(p.shape)) for p in tmodel.parameters() if p.requires_grad)
     return {
@@ -202,6 +215,8 @@ def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
         "median_s": med,
         "tokens_per_s": tps,
         "ratio_flax_over_torch": {k: tps["flax"][k] / tps["torch"][k] for k in ("forward", "forward_backward")},
+        "ratio_per_round": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                            for k, v in per_round.items()},
         "max_abs_logit_diff": logit_diff,
         "loss": {"flax": float(f_loss), "torch": t_loss},
         "max_lora_grad_rel_diff": grad_diff,
@@ -211,22 +226,29 @@ def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per function (median)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=None,
+                   help="sequence lengths, each timed in its own interleaved block (default 64; "
+                        "16 with --quick)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    p.add_argument("--per-round", type=int, default=3, help="timed calls per function per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per function first")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of both frameworks: PyTorch set_num_threads; 1 also makes XLA "
-                        "single-threaded (default: the available cores, XLA's default)")
-    p.add_argument("--quick", action="store_true", help="batch 2, seq-len 16, repeats 2, warm-up 1 (for tests)")
+                   help="CPU threads of both frameworks: PyTorch set_num_threads; 1 also pins the "
+                        "process to one CPU, the only way to make XLA single-threaded (default: the "
+                        "available cores, XLA's default)")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 2, seq-len 16, 2 rounds of 1 call, warm-up 1 (for tests)")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.seq_len, args.repeats, args.warmup = 2, 16, 2, 1
-    for k in ("batch", "seq_len", "repeats", "warmup"):
+        args.batch, args.rounds, args.per_round, args.warmup = 2, 2, 1, 1
+    if args.seq_len is None:
+        args.seq_len = [16] if args.quick else [64]
+    for k in ("batch", "rounds", "per_round", "warmup"):
         if getattr(args, k) < (0 if k == "warmup" else 1):
             p.error(f"--{k.replace('_', '-')} must be positive")
-    if args.seq_len < 2:
+    if min(args.seq_len) < 2:
         p.error("--seq-len must be at least 2 (next-token loss)")
     return args
 
@@ -241,7 +263,8 @@ def main(argv=None) -> dict:
     if n < 1:
         raise SystemExit("--threads must be positive")
     if n not in (1, cores()):
-        log(f"note: --threads {n} sets PyTorch only; XLA uses its default ({cores()} cores) unless n == 1")
+        log(f"note: --threads {n} sets PyTorch only; XLA uses every CPU the process may run on "
+            f"({cores()}) unless n == 1")
     torch.set_num_threads(n)
     result = {
         "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
@@ -250,16 +273,20 @@ def main(argv=None) -> dict:
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
         "threads": {"cores": cores(), "requested": n, "torch": torch.get_num_threads(),
-                    "xla_cpu": 1 if "intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", "")
-                    else f"default ({cores()} cores)"},
-        "settings": {"batch": args.batch, "seq_len": args.seq_len, "repeats": args.repeats,
-                     "warmup": args.warmup, "dtype": "float32",
+                    "xla_cpu": f"the CPUs of the process ({cores()})"},
+        "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,
+                     "per_round": args.per_round, "warmup": args.warmup, "dtype": "float32",
                      "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets)}},
         "sizes": {},
     }
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.sizes:
-            result["sizes"][name] = bench_size(name, SIZES[name], args, workdir)
+            by_len = {}
+            for T in args.seq_len:
+                by_len[str(T)] = bench_size(name, SIZES[name], argparse.Namespace(**{**vars(args), "seq_len": T}),
+                                            os.path.join(workdir, f"T{T}"))
+            # one sequence length: the size's entry is that result (the layout of earlier runs)
+            result["sizes"][name] = by_len[str(args.seq_len[0])] if len(by_len) == 1 else by_len
     print(json.dumps(result, indent=2))
     return result
 

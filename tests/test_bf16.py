@@ -86,12 +86,12 @@ def test_decoder_program_keeps_reductions_softmax_and_logits_in_float32(decoders
     for e in eqns:
         if e.primitive.name in ("reduce_sum", "reduce_max", "exp", "rsqrt", "log"):
             assert all(v.aval.dtype == jnp.float32 for v in e.invars if hasattr(v, "aval")), e
-    # Attention scores (B, KV, rep, T, T; dot_general may order the axes differently) and the
-    # logits (B, T, V) accumulate into float32.
+    # Attention scores (B, KV, rep·T, T: one causal query block at this length; dot_general may
+    # order the axes differently) and the logits (B, T, V) accumulate into float32.
     B, T = ids.shape
     rep = DEC.num_heads // DEC.num_kv_heads
     f32_out = [e.outvars[0].aval for e in bf16_dots if e.outvars[0].aval.dtype == jnp.float32]
-    assert sum(sorted(a.shape) == sorted((B, DEC.num_kv_heads, rep, T, T)) for a in f32_out) == DEC.num_layers
+    assert sum(sorted(a.shape) == sorted((B, DEC.num_kv_heads, rep * T, T)) for a in f32_out) == DEC.num_layers
     assert any(a.shape == (B, T, DEC.vocab_size) for a in f32_out)
 
 

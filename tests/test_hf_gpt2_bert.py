@@ -21,7 +21,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ntk_jax.models import bert, gpt2, packaged  # noqa: E402
+from ntk_jax.models import bert, gpt2, layers, packaged  # noqa: E402
 from ntk_jax.models.lora import LoRAConfig, LoRALinear, linear_names, lora_filter, merge_lora  # noqa: E402
 from ntk_jax.models.subset import param_subset  # noqa: E402
 
@@ -166,6 +166,21 @@ def test_gpt2_logits_match_torch(gpt2_ckpt):
     h = hidden(model, ids, mask)
     assert h.shape == (3, 10, 32)
     assert max_err(h @ model.wte.embedding[...].T, out) <= TOL  # tied head
+
+
+def test_gpt2_blocked_causal_attention_matches_torch(gpt2_ckpt, monkeypatch):
+    """Causal attention in query blocks of 3 rows (4 blocks of the length-10 rows), right and
+    left padding, against ``transformers``."""
+    monkeypatch.setattr(layers, "CAUSAL_QUERY_BLOCK", 3)
+    tm, d = gpt2_ckpt
+    model = gpt2.from_pretrained(d)
+    (ids, mask), (l_ids, l_mask) = ids_and_masks(1)
+    out = model(jnp.asarray(ids), jnp.asarray(mask))  # eager: traced with the patched block
+    assert max_err(real(out, mask), real(torch_out(tm, ids, mask).logits.numpy(), mask)) <= TOL
+    pos = np.maximum(np.cumsum(l_mask, -1) - 1, 0)
+    out_l = model(jnp.asarray(l_ids), jnp.asarray(l_mask))
+    ref_l = torch_out(tm, l_ids, l_mask, position_ids=pos).logits.numpy()
+    assert max_err(real(out_l, l_mask), real(ref_l, l_mask)) <= TOL
 
 
 def test_gpt2_untied_head_and_variants(tmp_path):

@@ -30,9 +30,10 @@ def test_model_speed_quick():
     for key in ("device", "jax_version", "torch_version", "transformers_version", "peft_version",
                 "threads", "settings", "sizes"):
         assert key in out, key
-    assert out["threads"]["torch"] == 1 and out["threads"]["xla_cpu"] == 1
+    # --threads 1 pins the process to one CPU (XLA's only single-threaded mode)
+    assert out["threads"]["torch"] == 1 and out["threads"]["cores"] == 1
     s = out["settings"]
-    assert (s["batch"], s["seq_len"], s["repeats"]) == (2, 16, 2)
+    assert (s["batch"], s["seq_len"], s["rounds"], s["per_round"]) == (2, [16], 2, 1)
     assert s["lora"] == {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
     assert set(out["sizes"]) == {"tiny", "larger"}
     for name, r in out["sizes"].items():
@@ -49,6 +50,25 @@ def test_model_speed_quick():
             want = r["tokens_per_s"]["flax"][kind] / r["tokens_per_s"]["torch"][kind]
             assert r["ratio_flax_over_torch"][kind] == pytest.approx(want, rel=1e-9)
             assert r["tokens_per_s"]["flax"][kind] == pytest.approx(32 / r["median_s"][f"flax_{kind}"])
+            rr = r["ratio_per_round"][kind]
+            assert 0 < rr["min"] <= rr["median"] <= rr["max"]
         assert r["max_abs_logit_diff"] < 1e-4
         assert r["loss"]["flax"] == pytest.approx(r["loss"]["torch"], rel=1e-5)
         assert r["max_lora_grad_rel_diff"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark
+def test_model_speed_several_lengths():
+    """Several ``--seq-len`` values: one entry per length under each size."""
+    env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--sizes", "tiny", "--seq-len", "8", "12"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout)
+    assert out["settings"]["seq_len"] == [8, 12]
+    by_len = out["sizes"]["tiny"]
+    assert set(by_len) == {"8", "12"}
+    for T, r in by_len.items():
+        assert r["tokens_per_s"]["flax"]["forward"] == pytest.approx(2 * int(T) / r["median_s"]["flax_forward"])
+        assert r["max_abs_logit_diff"] < 1e-4

@@ -57,11 +57,10 @@ from flax import nnx
 
 from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
                                        rename_weight_map, save_hf_safetensors)
-from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attention_scores, get_activation, linear_f32,
+from ntk_jax.models.layers import (ConfigMixin, LayerNorm, dot_product_attention, get_activation, linear_f32,
                                   resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
-from ntk_jax.models.transformer import _mask_value
 
 Array = jax.Array
 
@@ -260,11 +259,7 @@ class BertSelfAttention(nnx.Module):
         q = self.query(x).reshape(B, T, H, D)
         k = self.key(x).reshape(B, T, H, D)
         v = self.value(x).reshape(B, T, H, D)
-        scores = attention_scores("bqhd,bkhd->bhqk", q, k, D ** -0.5)  # float32 (bf16 compute)
-        if key_mask is not None:
-            scores = jnp.where(key_mask[:, None, None, :], scores, _mask_value(scores.dtype))
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, T, E)
+        return dot_product_attention(q, k, v, None if key_mask is None else key_mask[:, None, :], D ** -0.5)
 
 
 class BertResidualOutput(nnx.Module):

@@ -57,11 +57,11 @@ from flax import nnx
 
 from ntk_jax.models.hf_loading import (SafetensorsDir, effective_kernels, load_model, read_hf_config,
                                        rename_weight_map, save_hf_safetensors)
-from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attend_f32, attention_scores, get_activation,
+from ntk_jax.models.layers import (ConfigMixin, LayerNorm, attend_f32, dot_product_attention, get_activation,
                                   linear_f32, resolve_dtype, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
-from ntk_jax.models.transformer import _mask_value, position_ids_from_mask
+from ntk_jax.models.transformer import position_ids_from_mask
 
 Array = jax.Array
 
@@ -170,10 +170,7 @@ class GPT2Attention(nnx.Module):
         H, D = self.num_heads, self.head_dim
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))
-        scores = attention_scores("bqhd,bkhd->bhqk", q, k, self.scaling)  # float32 (bf16 compute)
-        scores = jnp.where(mask[:, None], scores, _mask_value(scores.dtype))
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, T, E)
+        out = dot_product_attention(q, k, v, mask, self.scaling, causal=True)  # GPT-2's mask is causal
         return self.c_proj(out)
 
 

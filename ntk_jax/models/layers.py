@@ -19,7 +19,7 @@ from ntk_jax.utils import DictConfig
 Array = jax.Array
 
 __all__ = ["LayerNorm", "get_activation", "resolve_dtype", "with_dtypes", "ConfigMixin", "accum_dtype",
-           "attention_scores", "linear_f32", "attend_f32", "flatten_state", "unflatten_state",
+           "attention_scores", "dot_product_attention", "mask_value", "CAUSAL_QUERY_BLOCK", "linear_f32", "attend_f32", "flatten_state", "unflatten_state",
            "base_params_filter"]
 
 
@@ -42,6 +42,73 @@ def attention_scores(spec: str, q: Array, k: Array, scale: float) -> Array:
     """``einsum(spec, q, k) * scale`` accumulated and returned in (at least) float32."""
     acc = accum_dtype(q.dtype)
     return jnp.einsum(spec, q, k, preferred_element_type=acc).astype(acc) * scale
+
+
+def mask_value(dtype) -> float:
+    """The score of a masked (query, key) pair: a large finite negative, so a row with no
+    visible key gets a uniform softmax, never NaN."""
+    return float(jnp.finfo(dtype).min)
+
+
+# Query rows per block of the causal attention (:func:`dot_product_attention`). Measured on the
+# 2-core CPU host (docs/kernels.md, "The model pass"): 32-64 are within a few per cent of each
+# other from T = 64 to 512, a whole-sequence block is 1.3-2.5x slower at T >= 256.
+CAUSAL_QUERY_BLOCK = 64
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, *,
+                          causal: bool = False, query_block: int | None = None) -> Array:
+    """Softmax attention with grouped-query heads, computed head-major.
+
+    Shapes: ``q (B, T, H, D)``, ``k``/``v`` ``(B, S, KV, D)`` with ``KV`` dividing ``H`` (query
+    head ``h`` uses key/value head ``h // (H // KV)``, HF's ``repeat_kv``, never materialised);
+    ``mask`` ``(B, T, S)`` or ``(B, 1, S)`` bool, True where query ``i`` may see key ``j``, or
+    ``None``. Returns ``(B, T, H * D)`` in ``v``'s dtype.
+
+    Scores ``q·k * scale`` accumulate in (at least) float32 (:func:`attention_scores`), masked
+    pairs get :func:`mask_value`, the softmax runs in float32 and the probabilities are cast to
+    ``v``'s dtype before ``p @ v``. The query rows of one key/value head are folded into one
+    ``(H/KV · T, D)`` operand, so each contraction is one batched GEMM over ``(B, KV)``.
+
+    ``causal=True`` promises that ``mask`` hides every key ``j > i`` (``T == S``; a causal mask,
+    possibly with padding or a sliding window on top). The queries are then processed in blocks
+    of ``query_block`` rows (default :data:`CAUSAL_QUERY_BLOCK`, read at trace time), each against keys ``[0, block end)`` only: the blocks above the
+    diagonal, which the mask would zero, are never computed (about half of the score and
+    ``p @ v`` work for long sequences, and of its gradient). Rows with a visible key are the
+    same as the unblocked computation up to float rounding; a row with none (a padding query)
+    averages the values of its block's keys instead of all keys — finite and meaningless either
+    way.
+    """
+    B, T, H, D = q.shape
+    S, KV = k.shape[1], k.shape[2]
+    if H % KV or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"attention shapes q {q.shape}, k {k.shape}, v {v.shape}: key/value heads must "
+                         f"divide query heads and k, v must agree")
+    rep = H // KV
+    if causal and S != T:
+        raise ValueError(f"causal attention needs as many keys as queries, got T={T}, S={S}")
+    qh = q.reshape(B, T, KV, rep, D).transpose(0, 2, 3, 1, 4)  # (B, KV, rep, T, D)
+    kh = k.transpose(0, 2, 1, 3)  # (B, KV, S, D)
+    vh = v.transpose(0, 2, 1, 3)
+    if query_block is None:
+        query_block = CAUSAL_QUERY_BLOCK
+    if query_block < 1:
+        raise ValueError(f"query_block must be positive, got {query_block}")
+    step = query_block if causal else T
+    outs = []
+    for start in range(0, T, step):
+        end = min(T, start + step)
+        keys = end if causal else S
+        n = end - start
+        rows = qh[:, :, :, start:end].reshape(B, KV, rep * n, D)
+        scores = attention_scores("bgqd,bgkd->bgqk", rows, kh[:, :, :keys], scale).reshape(B, KV, rep, n, keys)
+        if mask is not None:
+            m = mask[:, start:end, :keys] if mask.shape[1] != 1 else mask[:, :, :keys]
+            scores = jnp.where(m[:, None, None], scores, mask_value(scores.dtype))
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, KV, rep * n, keys)
+        outs.append(jnp.einsum("bgqk,bgkd->bgqd", probs, vh[:, :, :keys]).reshape(B, KV, rep, n, D))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 def linear_f32(lin, x: Array) -> Array:

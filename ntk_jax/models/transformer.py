@@ -86,7 +86,7 @@ from flax.core import FrozenDict
 
 from ntk_jax.models.hf_loading import (CONFIG_NAME, SafetensorsDir, TensorMap, WeightMap, config_from_hf,
                                        load_model, read_hf_config, rename_weight_map, save_hf_safetensors)
-from ntk_jax.models.layers import (ConfigMixin, attend_f32, attention_scores, base_params_filter,
+from ntk_jax.models.layers import (ConfigMixin, attend_f32, base_params_filter, dot_product_attention,
                                    flatten_state, linear_f32, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
@@ -348,11 +348,6 @@ def position_ids_from_mask(attention_mask: Array | None, batch: int, length: int
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
-def _mask_value(dtype) -> float:
-    # A large finite negative: fully masked rows give a uniform softmax, never NaN.
-    return float(jnp.finfo(dtype).min)
-
-
 def _kernel_init(config: DecoderConfig):
     if config.initializer_range is None:
         return nnx.initializers.lecun_normal()
@@ -384,7 +379,6 @@ class Attention(nnx.Module):
         """``x`` (B, T, hidden); ``mask`` (B, T_q, T_k) bool, True where attention is allowed."""
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        rep = H // KV
         q = self.q_proj(x).reshape(B, T, H, D)
         k = self.k_proj(x).reshape(B, T, KV, D)
         if self.q_norm is not None:
@@ -392,12 +386,9 @@ class Attention(nnx.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         v = self.v_proj(x).reshape(B, T, KV, D)
-        # Query head h = g * rep + r uses key/value head g (HF repeat_kv), without materialising it.
-        q = q.reshape(B, T, KV, rep, D)
-        scores = attention_scores("bqgrd,bkgd->bgrqk", q, k, D ** -0.5)  # float32 (bf16 compute)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _mask_value(scores.dtype))
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(B, T, H * D)
+        # The decoder's masks are causal (with padding / a sliding window on top): blocks of
+        # queries skip the keys after them.
+        out = dot_product_attention(q, k, v, mask, D ** -0.5, causal=True)
         return self.o_proj(out)
 
 

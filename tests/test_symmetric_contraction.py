@@ -152,3 +152,14 @@ def test_structured_sites_symmetric_equal_cross(kind, monkeypatch):
         ref = empirical_ntk(f, params, x, x, trace=trace, method="jacobian")
         assert_close(K_sym, np.asarray(ref, np.float64), "float64")
         assert_exactly_symmetric(K_sym)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_feature_kernel_symmetric_equals_cross(normalize):
+    """``feature_kernel(F)`` (one array, normalised once: numpy's syrk) equals the cross form."""
+    from ntk_jax.kernels.ntk import feature_kernel
+
+    F = np.random.default_rng(0).standard_normal((9, 13)).astype(np.float32)
+    K = feature_kernel(F, None, normalize=normalize)
+    np.testing.assert_allclose(K, feature_kernel(F, F.copy(), normalize=normalize), rtol=1e-5, atol=1e-5)
+    assert_exactly_symmetric(K)

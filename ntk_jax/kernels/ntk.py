@@ -292,16 +292,21 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 def feature_kernel(F1: np.ndarray, F2: np.ndarray | None = None, *, normalize: bool = False) -> np.ndarray:
     """Gram matrix ``F1 F2ᵀ`` of feature rows ``(n1, d)``, ``(n2, d)`` → ``(n1, n2)``.
 
-    ``normalize`` scales every row to unit norm first (cosine kernel, as LESS does).
+    ``normalize`` scales every row to unit norm first (cosine kernel, as LESS does). With
+    ``F2=None`` the product is ``F1 @ F1.T`` of one array (normalised once), which numpy
+    computes as a symmetric rank-k update (BLAS ``syrk``: one triangle, exactly symmetric).
     """
     F1 = np.asarray(F1)
-    F2 = F1 if F2 is None else np.asarray(F2)
+    same = F2 is None
+    F2 = F1 if same else np.asarray(F2)
     if F1.ndim != 2 or F2.ndim != 2 or F1.shape[1] != F2.shape[1]:
         raise ValueError(f"feature matrices must be (n1, d) and (n2, d); got {F1.shape} and {F2.shape}")
     check_finite(F1, "features")
-    check_finite(F2, "features")
+    if not same:
+        check_finite(F2, "features")
     if normalize:
-        F1, F2 = normalize_rows(F1), normalize_rows(F2)
+        F1 = normalize_rows(F1)
+        F2 = F1 if same else normalize_rows(F2)
     return F1 @ F2.T
 
 

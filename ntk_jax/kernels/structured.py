@@ -468,35 +468,72 @@ def _acc(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# Examples per block of the triangle when a factored site's contraction is symmetric
+# (x2=None; :func:`contract.num_blocks`): a plain contraction below 2 · this many examples.
+# Measured with benchmarks/symmetric_contraction.py (docs/kernels.md).
+STRUCTURED_BLOCK_EXAMPLES = 16
+
+
+def _tap_gram(t1: jax.Array, t2: jax.Array | None) -> jax.Array:
+    """``kx = Σ_c x1_itc x2_jsc`` ``(n1, n2, T, T)`` of taps ``(n, T, d_in)``; ``t2=None``:
+    ``x2 = x1``, one triangle of the ``(n·T, n·T)`` Gram (:func:`contract.symmetric_gram`)."""
+    if t2 is not None:
+        return jnp.einsum("itc,jsc->ijts", t1, t2)
+    n, T, _ = t1.shape
+    return contract.symmetric_gram(t1.reshape(n * T, -1)).reshape(n, T, n, T).transpose(0, 2, 1, 3)
+
+
+def _factored_site(kx: jax.Array, d1: jax.Array, d2: jax.Array | None, trace: bool) -> jax.Array:
+    """One factored site's kernel from ``kx`` ``(n1, n2, T, T)`` and output cotangents ``δ``:
+    traced ``Σ_{t,s,f} kx_ijts δ1_itf δ2_jsf`` → ``(n1, n2)`` with ``δ`` ``(n, T, d_out)``;
+    full ``Σ kx_ijts δ1_aitf δ2_bjsf`` → ``(n1, n2, O, O)`` with ``δ`` ``(O, n, T, d_out)``.
+    ``d2=None``: ``x2 = x1``, only the blocks on or above the diagonal
+    (:func:`contract.symmetric_blocks`, :data:`STRUCTURED_BLOCK_EXAMPLES` examples a block)."""
+
+    def pair(i0, i1, j0, j1, da=d1, db=d1 if d2 is None else d2):
+        k = kx[i0:i1, j0:j1]
+        if trace:
+            return jnp.einsum("ijts,itf,jsf->ij", k, da[i0:i1], db[j0:j1])
+        tmp = jnp.einsum("ijts,aitf->ijasf", k, da[:, i0:i1])
+        return jnp.einsum("ijasf,bjsf->ijab", tmp, db[:, j0:j1])
+
+    n1, n2 = kx.shape[:2]
+    if d2 is None:
+        return contract.symmetric_blocks(pair, n1, contract.num_blocks(n1, STRUCTURED_BLOCK_EXAMPLES))
+    return pair(0, n1, 0, n2)
+
+
 def structured_block(f: Callable, trace: bool, O: int, basis_batch: int) -> Callable:
     """``kernel(params, x1, x2)`` of the structured method (``x2=None``: ``x2 = x1``,
-    differentiated once); ``(n1, n2)`` traced or ``(n1, n2, O, O)``. Pure and jittable: the
-    plan is made from the shapes when the function is traced."""
+    differentiated once, and every contraction symmetric — one triangle, the kernel exactly
+    symmetric); ``(n1, n2)`` traced or ``(n1, n2, O, O)``. Pure and jittable: the plan is made
+    from the shapes when the function is traced."""
 
     def block(params, x1, x2):
+        sym = x2 is None
         n1 = batch_size_of(x1)
-        n2 = n1 if x2 is None else batch_size_of(x2)
+        n2 = n1 if sym else batch_size_of(x2)
         _, closed, interp, linear, choice = _make_plan(f, params, slice_batch(x1, 0, 1), n1, n2, O, trace)
         n_leaves = len(jax.tree.leaves(params))
         taps1, cot1, out1 = _factors(f, params, x1, closed, interp, linear, n_leaves)
-        taps2, cot2, out2 = (taps1, cot1, out1) if x2 is None else _factors(f, params, x2, closed, interp,
-                                                                           linear, n_leaves)
+        taps2, cot2, out2 = (taps1, cot1, out1) if sym else _factors(f, params, x2, closed, interp,
+                                                                     linear, n_leaves)
         fact = [s for s, k in choice.items() if k == "factored"]
         mat = [s for s, k in choice.items() if k == "materialized"]
-        kx = {s: jnp.einsum("itc,jsc->ijts", taps1[s], taps2[s]) for s in fact}
+        kx = {s: _tap_gram(taps1[s], None if sym else taps2[s]) for s in fact}
 
         if trace:
             def rows(b):
                 e = jax.nn.one_hot(b, O, dtype=out1.dtype)
                 d1, fb1 = cot1(jnp.broadcast_to(e, out1.shape))
-                d2, fb2 = (d1, fb1) if x2 is None else cot2(jnp.broadcast_to(e, out2.shape))
+                d2, fb2 = (d1, fb1) if sym else cot2(jnp.broadcast_to(e, out2.shape))
                 k = jnp.zeros((n1, n2), _acc(out1.dtype)) + contract.gram(fb1, fb2)
                 for s in fact:
-                    k = k + jnp.einsum("ijts,itf,jsf->ij", kx[s], d1[s], d2[s])
+                    k = k + _factored_site(kx[s], d1[s], None if sym else d2[s], trace=True)
                 for s in mat:
-                    g1 = jnp.einsum("itc,itf->icf", taps1[s], d1[s]).reshape(n1, -1)
-                    g2 = g1 if x2 is None else jnp.einsum("itc,itf->icf", taps2[s], d2[s]).reshape(n2, -1)
-                    k = k + g1 @ g2.T
+                    g1 = jnp.einsum("itc,itf->icf", taps1[s], d1[s])
+                    g2 = g1 if sym else jnp.einsum("itc,itf->icf", taps2[s], d2[s])
+                    k = k + contract.gram(g1, g2)
                 return k
 
             return jax.lax.map(rows, jnp.arange(O), batch_size=basis_batch).sum(axis=0)
@@ -507,16 +544,15 @@ def structured_block(f: Callable, trace: bool, O: int, basis_batch: int) -> Call
             return jax.vmap(lambda e: cot(jnp.broadcast_to(e, out.shape)))(eye)  # leading axis O
 
         d1, fb1 = all_rows(cot1, out1)
-        d2, fb2 = (d1, fb1) if x2 is None else all_rows(cot2, out2)
+        d2, fb2 = (d1, fb1) if sym else all_rows(cot2, out2)
         k = jnp.zeros((n1, n2, O, O), _acc(out1.dtype))
         for s in fact:
-            tmp = jnp.einsum("ijts,aitf->ijasf", kx[s], d1[s])
-            k = k + jnp.einsum("ijasf,bjsf->ijab", tmp, d2[s])
+            k = k + _factored_site(kx[s], d1[s], None if sym else d2[s], trace=False)
         # Per-example Jacobian rows (n, O, *leaf) of the fallback leaves ((O, n, *leaf) here) and
-        # of the materialised sites, contracted together in one GEMM.
+        # of the materialised sites, contracted together in one GEMM (one triangle if sym).
         rows1 = [jnp.swapaxes(a, 0, 1) for a in fb1]
         rows1 += [jnp.einsum("itc,aitf->iacf", taps1[s], d1[s]).reshape(n1, O, -1) for s in mat]
-        if x2 is None:
+        if sym:
             rows2 = rows1
         else:
             rows2 = [jnp.swapaxes(b, 0, 1) for b in fb2]
@@ -526,4 +562,3 @@ def structured_block(f: Callable, trace: bool, O: int, basis_batch: int) -> Call
         return k
 
     return block
-

@@ -28,6 +28,37 @@ def output_size(f: Callable, params: PyTree, x: PyTree) -> int:
     return int(math.prod(out.shape[1:]))
 
 
+def _subjaxprs(eqn):
+    for v in eqn.params.values():
+        for u in (v if isinstance(v, (list, tuple)) else (v,)):
+            if hasattr(u, "jaxpr") and hasattr(u, "consts"):  # ClosedJaxpr
+                yield u.jaxpr
+            elif hasattr(u, "eqns"):  # Jaxpr
+                yield u
+
+
+def jaxpr_has_convolution(jaxpr) -> bool:
+    """Whether a (closed) jaxpr, or any jaxpr nested in it, runs ``conv_general_dilated``."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(eqn.primitive.name == "conv_general_dilated" or any(jaxpr_has_convolution(j) for j in _subjaxprs(eqn))
+               for eqn in jaxpr.eqns)
+
+
+def uses_convolution(f: Callable, params: PyTree, x: PyTree) -> bool:
+    """Whether ``f(params, x)`` runs a convolution (traced on one example's shapes).
+
+    Per-example VJPs over *stacked* parameters (:func:`ntk_jax.kernels.ntk.per_example_vjp`,
+    the structured method's factors) give every example its own convolution kernel, which
+    XLA lowers to a grouped convolution with one group per example — on XLA:CPU about 20x
+    slower than the same convolutions with one shared kernel
+    (``benchmarks/ntk_speed.py``, the CNN problem; docs/kernels.md). Per-example Jacobians by
+    ``vmap(jacrev)`` keep the parameters shared, so the eNTK methods take that route for
+    such models."""
+    p_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params)
+    x_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + tuple(jnp.shape(a))[1:], jnp.result_type(a)), x)
+    return jaxpr_has_convolution(jax.make_jaxpr(f)(p_struct, x_struct))
+
+
 CONCAT_MAX_BYTES = 256 * 1024 ** 2  # full kernels: leaves concatenated into one GEMM up to this size
 
 # --- symmetric (one-triangle) contractions ---------------------------------------------------

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_jax.kernels import nt_compat
+from ntk_jax.kernels import contract, nt_compat
 from ntk_jax.kernels.checks import check_finite
 from ntk_jax.kernels.contract import contract_jacobians, gram as _gram, output_size
 from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
@@ -97,6 +97,15 @@ def per_example_vjp(f: Callable, params: PyTree, x: PyTree):
     return vjp, out
 
 
+def _full_rows_fit(params, x1, x2, O) -> bool:
+    """Whether both sides' whole per-example Jacobian rows ``(n, O, P)`` take at most
+    :data:`contract.CONCAT_MAX_BYTES`."""
+    leaves = jax.tree.leaves(params)
+    row = O * sum(int(np.prod(np.shape(a))) * jnp.dtype(jnp.result_type(a)).itemsize for a in leaves)
+    n = batch_size_of(x1) + (0 if x2 is None else batch_size_of(x2))
+    return n * row <= contract.CONCAT_MAX_BYTES
+
+
 def _jacobian_block(f, trace, O, basis_batch):
     """Jacobian contraction. Traced: ``Σ_b ⟨J(x1)ᵀe_b, J(x2)ᵀe_b⟩`` with ``basis_batch``
     output rows of the per-example Jacobians alive at a time (faster than forming all
@@ -104,6 +113,12 @@ def _jacobian_block(f, trace, O, basis_batch):
     ``x2=None`` reuses ``x1``'s Jacobian rows."""
 
     def traced(params, x1, x2):
+        if _full_rows_fit(params, x1, x2, O) and contract.uses_convolution(f, params, x1):
+            # Convolutions: whole per-example Jacobians by vmap(jacrev) (shared parameters),
+            # then the traced contraction (contract.uses_convolution says why).
+            j1 = per_example_jacobians(f, params, x1)
+            j2 = j1 if x2 is None else per_example_jacobians(f, params, x2)
+            return contract_jacobians(j1, j2, trace=True)
         vjp1, out1 = per_example_vjp(f, params, x1)
         vjp2, out2 = (vjp1, out1) if x2 is None else per_example_vjp(f, params, x2)
 

@@ -392,6 +392,11 @@ def _make_plan(f, params, x, n1, n2, O, trace):
     auto = min(("structured", "jacobian", "ntk_vp"), key=lambda m: (costs[m], m != "structured"))
     if auto == "structured" and not any(k == "factored" for k in choice.values()):
         auto = "jacobian"  # nothing to gain from the structure: keep the plain method
+    if contract.jaxpr_has_convolution(closed):
+        # structured and ntk_vp take per-example VJPs over stacked parameters, which turn the
+        # convolutions into grouped ones; jacobian keeps the parameters shared
+        # (contract.uses_convolution). The FLOP counts above do not see that.
+        auto = "jacobian"
     plan = StructuredPlan(n1, n2, O, trace, tuple(leaves), int(F), costs, auto)
     return plan, closed, interp, linear, choice
 

@@ -32,7 +32,7 @@ if [[ $QUICK == 1 ]]; then
 else
   NTK_ARGS="--n 64 --repeats 5 --big-n 4096 --block-size 512 --seq-len 64"
   SEL_ARGS="--n 4096 --sizes 4096,16384 --batch-size 256 --repeats 3"
-  MODEL_ARGS="--batch 16 --seq-len 512 --repeats 7"
+  MODEL_ARGS="--batch 16 --seq-len 512 --rounds 5"
   MEM_ARGS="--meshes 1x1 --ranks 8,128 --seq-len 1024 --cache $OUT/memory_rows.json --out $OUT/memory.md"
   STEP_LIMITS=(150 150 90 70)
 fi

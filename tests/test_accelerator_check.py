@@ -44,3 +44,24 @@ def test_quick_check_runs_every_benchmark(tmp_path):
 def test_usage_error_without_an_output_directory():
     proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "usage: benchmarks/accelerator_check.sh" in proc.stderr
+
+
+@pytest.mark.parametrize("step", ["ntk_speed", "selection_speed", "model_speed"])
+def test_full_size_arguments_parse(step, tmp_path):
+    """The full-size (accelerator) arguments the script passes each benchmark are ones that
+    benchmark accepts (they run only on a lent GPU, so nothing else would notice a rename)."""
+    import importlib
+    import re
+    import shlex
+    import sys
+
+    text = open(SCRIPT).read()
+    full = text[text.index("else\n"):text.index("fi\n", text.index("else\n"))]
+    names = {"ntk_speed": "NTK_ARGS", "selection_speed": "SEL_ARGS", "model_speed": "MODEL_ARGS"}
+    args = re.search(names[step] + r'="([^"]*)"', full).group(1)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        mod = importlib.import_module(step)
+    finally:
+        sys.path.pop(0)
+    mod.parse_args(shlex.split(args.replace("$OUT", str(tmp_path))))  # argparse exits on a bad flag

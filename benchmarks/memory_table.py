@@ -31,8 +31,9 @@ import json
 import os
 import sys
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # added to whatever flags are set (tests set compile flags), not only when none are
+if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # run as a script: added to whatever flags are set (tests set compile flags), not only when
+    # none are; an import (rehearse_scale's splice) leaves the importing process alone
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -23,8 +23,8 @@ over the synthetic tasks and 32 domain records of one task.
 Devices: each process simulates its host's devices on the CPU
 (``XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_HOST``); a platform with
 several hosts (``v4-32``, ``v5e-16``) runs as that many local processes joined by
-``jax.distributed`` (``--coordinator_address/--num_processes/--process_id``, gloo
-collectives), one WORKDIR shared, as on a TPU slice. ``--real-devices``: no simulation flags
+``jax.distributed`` (``--coordinator_address/--num_processes/--process_id``; no cross-process
+collectives: they meet at coordination-service barriers), one WORKDIR shared, as on a TPU slice. ``--real-devices``: no simulation flags
 and one process (platforms whose mesh does not fit the local devices fail with the job's own
 error): run one platform on the accelerator first, e.g. ``--platforms gpu1 --models llama3``.
 
@@ -52,6 +52,7 @@ Prints one JSON object (``rows`` and ``summary``); ``--out`` also writes it to a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -59,6 +60,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -355,6 +358,20 @@ def compare(e: dict, local_devices: int, row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- consistency
+def scores_digest(path: str) -> str | None:
+    """SHA-256 over every array of a job's ``all_scores.npz`` (names, dtypes, shapes, bytes);
+    ``None`` when the file is missing."""
+    if not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    with np.load(path) as z:
+        for name in sorted(z.files):
+            a = np.ascontiguousarray(z[name])
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+    return h.hexdigest()
+
+
 def consistency(rows: list[dict]) -> dict:
     """Per model: the overlap (|A ∩ B| / N) of every pair of platforms' selections, and the
     groups of platforms with the same arithmetic (weight dtype, batch sizes) with whether
@@ -369,7 +386,8 @@ def consistency(rows: list[dict]) -> dict:
         for name in names:
             batch = done[name]["batch_feature_train"]
             groups.setdefault(f"{done[name]['param_dtype']} {batch[0]}/{batch[1]}", []).append(name)
-        same = {key: {"platforms": g, "identical": len({frozenset(done[n]["selected_ids"]) for n in g}) == 1}
+        same = {key: {"platforms": g, "identical": len({frozenset(done[n]["selected_ids"]) for n in g}) == 1,
+                      "scores_bitwise_equal": len({done[n].get("scores_sha256") for n in g}) == 1}
                 for key, g in groups.items() if len(g) > 1}
         out[model] = {"overlap": overlap, "same_arithmetic": same}
     return out
@@ -460,6 +478,7 @@ def rehearse(a) -> dict:
                     rep = json.load(fh)
                 row["timings_s"] = {k: round(v, 2) for k, v in rep["timings_s"].items()}
                 row["selected_ids"] = rep["selected_ids"]
+                row["scores_sha256"] = scores_digest(os.path.join(run_dir, "job", "select", "all_scores.npz"))
                 cfg = rep["config"]
                 row["projection"] = [cfg["projection_type"], cfg["projection_dim"]]
             row["baseline_rss_gb"] = baselines[None if a.real_devices else p.devices_per_host]

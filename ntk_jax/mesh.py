@@ -8,7 +8,9 @@ in :mod:`ntk_jax.models.sharding`.
 * :func:`data_size`, :func:`round_up_to_data`: block sizes that split evenly over ``data``;
 * :func:`place_rows` / :func:`shard_batch`: a batch's leading (example) axis over ``data``;
 * :func:`onto_mesh`: every leaf of a pytree on the mesh (kept if laid out there, else
-  replicated).
+  replicated);
+* :func:`process_barrier`: every ``jax.distributed`` process waits for the others (the
+  coordination service's barrier: no device program, so no cross-process collectives).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "mesh_of", "resolve_mesh", "data_size", "round_up_to_data", "place_rows", "shard_batch",
-           "onto_mesh"]
+           "onto_mesh", "process_barrier"]
 
 AXES = ("data", "model")
 
@@ -106,3 +108,33 @@ def onto_mesh(tree, mesh: Mesh | None):
         return jax.device_put(x, replicated)
 
     return jax.tree.map(put, tree)
+
+
+# Longest wait at a barrier (seconds). Long on purpose: the other processes wait at a barrier while
+# process 0 trains a warm-up, which may take hours at scale. A process that dies is noticed much
+# earlier, by jax.distributed's heartbeat. ntk_jax.launcher.distributed.initialize sets it from
+# config.distributed.barrier_timeout_s.
+BARRIER_TIMEOUT_S = 7 * 24 * 3600
+
+
+def process_barrier(name: str, timeout_s: float | None = None) -> None:
+    """Blocks until every ``jax.distributed`` process has called ``process_barrier(name)``
+    (no-op with one process); ``timeout_s`` (default :data:`BARRIER_TIMEOUT_S`) bounds the wait.
+
+    It uses the coordination service's barrier, not a device program: the job's programs run
+    on each process's own devices only, so the CPU backend needs no cross-process collectives
+    (``jax_cpu_collectives_implementation`` unset), and a mesh of a process's local devices then
+    sums exactly as the same mesh in a one-process run. Raises the runtime's error when a process
+    died (after its heartbeat timeout) or the wait exceeds ``timeout_s``."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _distributed  # the client JAX's own checkpointing waits on
+
+    client = _distributed.global_state.client
+    if client is None:  # processes not started by jax.distributed.initialize: a device barrier
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    timeout = BARRIER_TIMEOUT_S if timeout_s is None else timeout_s
+    client.wait_at_barrier(name, timeout_in_ms=int(min(timeout, 2**31 / 1000 - 1) * 1000))

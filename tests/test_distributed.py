@@ -12,6 +12,7 @@ from ntk_jax.launcher import distributed
 from ntk_jax.launcher.config_lib import distributed_config
 
 KERNEL_WORKER = os.path.join(ROOT, "tests", "workers", "kernel_stripes.py")
+SUMS_WORKER = os.path.join(ROOT, "tests", "workers", "mesh_sums.py")
 
 
 def kernel_job(out_dir, result, n, devices=1, die_after=None):
@@ -66,6 +67,25 @@ def test_kernel_rows_sharded_over_8_devices_equal_one_device(tmp_path):
     assert rc == 0, out
     K1, K8 = np.load(tmp_path / "one.npy"), np.load(tmp_path / "eight.npy")
     np.testing.assert_allclose(K8, K1, rtol=1e-5, atol=1e-5 * np.abs(K1).max())
+
+
+def test_a_process_mesh_sums_bitwise_as_in_one_process(tmp_path):
+    # Each process runs a (1 x 4) mesh of its own devices whose matmuls all-reduce over "model".
+    # With gloo as the CPU collectives (JAX's default), those sums took gloo's order and differed
+    # from a one-process run in the last bits (a 4-process Qwen3 rehearsal selected differently);
+    # the launcher leaves cross-process collectives off (config.distributed.cpu_collectives="none",
+    # processes meet at coordination-service barriers).
+    port = str(free_port())
+    (rc, out), = run_workers(SUMS_WORKER, [[str(tmp_path / "one_")]], timeout=120)
+    assert rc == 0, out
+    two = [[str(tmp_path / "two_"), "--process_id", str(i), "--num_processes", "2", "--port", port] for i in range(2)]
+    outs = run_workers(SUMS_WORKER, two, timeout=120)
+    assert all(rc == 0 for rc, _ in outs), outs
+    one = np.load(tmp_path / "one_0.npz")
+    for i in range(2):
+        got = np.load(tmp_path / f"two_{i}.npz")
+        for k in one.files:
+            np.testing.assert_array_equal(got[k], one[k], err_msg=f"process {i}, product {k}")
 
 
 def test_sharded_kernel_matches_blocked_kernel_in_process(tmp_path):
@@ -130,3 +150,11 @@ def test_distributed_settings_and_errors(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert distributed.cluster_detected() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_NTASKS")
+    two = dict(coordinator_address="h:1", num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match="cpu_collectives must be one of"):
+        distributed.initialize(_cfg(cpu_collectives="nccl", **two))
+    with pytest.raises(ValueError, match="barrier_timeout_s must be > 0"):
+        distributed.initialize(_cfg(barrier_timeout_s=0, **two))
+    assert distributed_config().cpu_collectives == "none"

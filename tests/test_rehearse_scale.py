@@ -74,6 +74,19 @@ def test_watchdog_kills_a_process_over_the_limit(tmp_path):
     assert ok["status"] == "ok" and ok["returncodes"] == [0, 0] and len(ok["maxrss_gb"]) == 2
 
 
+def test_scores_digest_sees_one_changed_bit(tmp_path):
+    import numpy as np
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    x = np.linspace(0, 1, 7, dtype=np.float32)
+    np.savez(a, ids=np.array(["p0", "p1"]), scores=x)
+    y = x.copy()
+    y.view(np.uint32)[3] ^= 1  # the last bit of one score
+    np.savez(b, ids=np.array(["p0", "p1"]), scores=y)
+    assert rs.scores_digest(str(a)) == rs.scores_digest(str(a)) != rs.scores_digest(str(b))
+    assert rs.scores_digest(str(tmp_path / "missing.npz")) is None
+
+
 def test_tiny_checkpoints_are_the_8b_families(tmp_path):
     pytest.importorskip("transformers")
     from ntk_jax.data.records import encode_records
@@ -113,7 +126,8 @@ def test_rehearsal_of_every_platform(tmp_path):
         assert r["projection"] == ["dense", common_8b.PROJECTION_DIM]
         assert max(r["maxrss_gb"]) < 4.0, (model, platform, r["maxrss_gb"])  # was 24 GB (OOM) on v5e-8
     for model, c in result["summary"]["consistency"].items():
-        assert c["same_arithmetic"]["float32 2/2"]["identical"], (model, c)  # v4-8 (1 process) = v4-32 (4)
+        same = c["same_arithmetic"]["float32 2/2"]  # v4-8 (1 process) = v4-32 (4 processes)
+        assert same["identical"] and same["scores_bitwise_equal"], (model, c)
 
 
 def test_consistency_and_table():
@@ -126,7 +140,11 @@ def test_consistency_and_table():
             row("gpu1", ["a", "c"], "bfloat16", [1, 1])]
     c = rs.consistency(rows)["llama3"]
     assert c["overlap"]["gpu1"]["v4-8"] == 0.5 and c["overlap"]["v4-8"]["v4-32"] == 1.0
-    assert c["same_arithmetic"] == {"float32 2/2": {"platforms": ["v4-32", "v4-8"], "identical": True}}  # a set
+    # a set; no score files here, so both digests are None (equal)
+    assert c["same_arithmetic"] == {"float32 2/2": {"platforms": ["v4-32", "v4-8"], "identical": True,
+                                                    "scores_bitwise_equal": True}}
+    rows[1]["scores_sha256"] = "x"
+    assert not rs.consistency(rows)["llama3"]["same_arithmetic"]["float32 2/2"]["scores_bitwise_equal"]
     result = {"rows": rows, "summary": {"ok": 3, "runs": 3, "total_wall_s": 3.0, "baseline_rss_gb": {"1": 0.5},
                                         "consistency": rs.consistency(rows)}}
     table = rs.render(result)

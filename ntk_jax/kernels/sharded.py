@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ntk_jax.kernels.checks import check_finite
 from ntk_jax.kernels.jit import jit_constants_as_args
 from ntk_jax.kernels.features import batch_size_of, pad_batch, slice_batch
+from ntk_jax.mesh import process_barrier
 from ntk_jax.utils import atomic_write, progress, read_json, write_json
 
 PyTree = Any
@@ -147,9 +148,7 @@ def sharded_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     if not assemble:
         return None
     if pc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"ntk_jax.sharded_kernel:{out_dir}")
+        process_barrier(f"ntk_jax.sharded_kernel:{out_dir}")
     return assemble_kernel(out_dir, stripes=None if out_dir is not None else computed, n1=n1, n2=n2, row_block=b1,
                            symmetric=symmetric, full=full)
 

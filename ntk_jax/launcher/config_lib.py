@@ -77,7 +77,12 @@ def distributed_config() -> ml_collections.ConfigDict:
         coordinator_address="",     # host:port of process 0 (or JAX_COORDINATOR_ADDRESS)
         num_processes=0,            # 0: from JAX_NUM_PROCESSES / the cluster
         process_id=-1,              # -1: from JAX_PROCESS_ID / the cluster
-        cpu_collectives="gloo",     # CPU backend's cross-process collectives ("" = JAX default)
+        # CPU backend's cross-process collectives: none | gloo | mpi. "none": no program spans two
+        # processes (the jobs meet at coordination-service barriers), and a process's own mesh then
+        # sums exactly as in a one-process run; gloo would change the last bits of every all-reduce
+        cpu_collectives="none",
+        # longest wait at a barrier (s); others wait there while process 0 trains the warm-up
+        barrier_timeout_s=7 * 24 * 3600,
         # seconds without a heartbeat after which a process counts as dead: the others then stop
         # at their next barrier with an error saying how to resume (JAX's default: 100)
         heartbeat_timeout_s=100,

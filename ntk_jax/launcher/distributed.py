@@ -13,8 +13,11 @@ A job started as one of several processes (one per host, or one per GPU) calls
   arguments and JAX reads the cluster.
 
 ``config.distributed.mode``: ``"auto"`` (initialise when either applies), ``"on"`` (always;
-error if nothing says how) or ``"off"``. On the CPU backend the cross-process collectives use
-gloo. Work is split across processes by deterministic shard assignment (shard ``k`` to process
+error if nothing says how) or ``"off"``. Processes meet at barriers of the coordination
+service (:func:`barrier`); no program spans two processes, so the CPU backend runs without
+cross-process collectives by default (``config.distributed.cpu_collectives="none"``): with
+gloo, even a mesh of one process's own devices would sum in gloo's order, and a 4-process run
+would differ in the last bits from one process. Work is split across processes by deterministic shard assignment (shard ``k`` to process
 ``k % process_count``; see :mod:`ntk_jax.selection.store` and
 :mod:`ntk_jax.kernels.sharded`); within a process, the ``data`` × ``model`` mesh of its
 local devices shards each computation.
@@ -27,7 +30,10 @@ import os
 import jax
 from absl import logging
 
+from ntk_jax import mesh as mesh_lib
+
 MODES = ("auto", "on", "off")
+CPU_COLLECTIVES = ("none", "gloo", "mpi")
 _HEARTBEAT_TIMEOUT_S = 100  # as initialize() set it (JAX's default until then)
 
 
@@ -103,9 +109,16 @@ def initialize(cfg) -> ProcessInfo:
         return ProcessInfo(0, 1, False)
     if settings is not None and settings["num_processes"] == 1:
         return ProcessInfo(0, 1, False)
-    if cfg.cpu_collectives:
-        # Cross-process collectives of the CPU backend (barriers, gathers); no effect on GPU/TPU.
-        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    collectives = str(cfg.get("cpu_collectives", "none") or "none")
+    if collectives not in CPU_COLLECTIVES:
+        raise ValueError(f"config.distributed.cpu_collectives must be one of {CPU_COLLECTIVES}, got {collectives!r}")
+    # The CPU backend's cross-process collectives (no effect on GPU/TPU): "none" unless a program
+    # spans processes (none of this project's do; see the module docstring).
+    jax.config.update("jax_cpu_collectives_implementation", None if collectives == "none" else collectives)
+    barrier_timeout = float(cfg.get("barrier_timeout_s", mesh_lib.BARRIER_TIMEOUT_S))
+    if not barrier_timeout > 0:
+        raise ValueError(f"config.distributed.barrier_timeout_s must be > 0, got {barrier_timeout}")
+    mesh_lib.BARRIER_TIMEOUT_S = barrier_timeout
     global _HEARTBEAT_TIMEOUT_S
     timeout = int(cfg.get("heartbeat_timeout_s", 100))
     if timeout < 1:
@@ -122,20 +135,21 @@ def initialize(cfg) -> ProcessInfo:
 
 
 def barrier(name: str) -> None:
-    """Waits until every process reaches ``barrier(name)`` (no-op with one process).
+    """Waits until every process reaches ``barrier(name)`` (no-op with one process;
+    :func:`ntk_jax.mesh.process_barrier`).
 
     A process that died or stopped answering is noticed after the heartbeat timeout
-    (``config.distributed.heartbeat_timeout_s``, JAX's default 100 s); the survivors then stop
-    with a ``RuntimeError`` naming the barrier and how to resume (rerunning the same command
-    recomputes only what is missing)."""
+    (``config.distributed.heartbeat_timeout_s``, JAX's default 100 s), a barrier that is never
+    reached after ``config.distributed.barrier_timeout_s``; the survivors then stop with a
+    ``RuntimeError`` naming the barrier, both settings and how to resume (rerunning the same
+    command recomputes only what is missing)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         try:
-            multihost_utils.sync_global_devices(name)
+            mesh_lib.process_barrier(name)
         except Exception as e:  # the runtime's error says little about what to do
             raise RuntimeError(
                 f"process {jax.process_index()} of {jax.process_count()}: barrier {name!r} failed — another process "
                 f"died or stopped answering (noticed after the heartbeat timeout, {_HEARTBEAT_TIMEOUT_S} s: "
-                "config.distributed.heartbeat_timeout_s). Rerun the same command, with any number of processes, "
+                f"config.distributed.heartbeat_timeout_s), or did not arrive within {mesh_lib.BARRIER_TIMEOUT_S:.0f} s "
+                "(config.distributed.barrier_timeout_s). Rerun the same command, with any number of processes, "
                 f"to resume from the results written so far. Cause: {type(e).__name__}: {e}") from e

@@ -8,7 +8,8 @@ projection is off (``p = 0``: exact directions), as in the earlier variant scree
 JSON: per cell and arm precision@N and base rate; per arm the mean and minimum over cells; and
 per cell the Spearman correlations of the label-aware gradient scores at θ_0, θ_w and
 θ_0+θ_w with the loss change Δ_j (40 and 120 warm-up steps), with the precision of the
-records each picks that the other does not.
+records each picks that the other does not; and the precision of the loss change over every
+window of the warm-up path (``loss_change_windows``, from the four-checkpoint job).
 
     python benchmarks/selection_screen.py --workdir runs/screen --targets flipped_sentiment mirror \\
         --variants no_conflict contradicting --seeds 0 > screen.json
@@ -118,6 +119,32 @@ def precision(scores: np.ndarray, pool: list[dict], n: int) -> float:
     return float(np.mean([pool[i].get("role") == "useful" for i in top]))
 
 
+def loss_change_windows(arm_dir: str, pool: list[dict], n: int) -> dict:
+    """Precision@N of the loss change over windows of the warm-up path, from a job with several
+    loss-change checkpoints (``lc_ckpt4``: its stored losses ``ℓ(θ_0), ℓ(θ_s1), …`` per record):
+    ``"a-b"`` ranks by ``ℓ(θ_a) − ℓ(θ_b)`` for every pair of steps ``a < b`` (``"0-<last>"`` is
+    Δ; the late windows test whether the end of the warm-up, after the answer's form is learnt,
+    carries the rule)."""
+    with open(os.path.join(arm_dir, "report.json")) as fh:
+        steps = [0] + [int(s) for s in json.load(fh)["loss_change"]["checkpoint_steps"]]
+    with open(os.path.join(arm_dir, "loss_change", "meta.json")) as fh:
+        num_shards = int(json.load(fh)["num_shards"])
+    ids, losses = [], []
+    for k in range(num_shards):
+        with np.load(os.path.join(arm_dir, "loss_change", f"shard_{k:05d}.npz")) as z:
+            ids += [str(i) for i in z["ids"]]
+            losses.append(z["features"])  # (rows, 1 + K): ℓ at θ_0 and each checkpoint
+    L = np.concatenate(losses)
+    role = {str(r["id"]): r.get("role") for r in pool}
+    useful = np.array([role[i] == "useful" for i in ids])
+    out = {}
+    for i, a in enumerate(steps):
+        for j in range(i + 1, len(steps)):
+            s = L[:, i] - L[:, j]
+            out[f"{a}-{steps[j]}"] = float(useful[np.lexsort((np.arange(len(s)), -s))[:n]].mean())
+    return out
+
+
 def first_order_vs_exact(cell_dir: str, pool: list[dict], n: int) -> dict:
     """Spearman of each gradient score with Δ (40, 120 steps) over the pool, and where the
     top-N sets differ, the useful share of the records only one of them picks."""
@@ -174,6 +201,9 @@ def main(argv=None) -> dict:
                 if {"lc", "lc_120", "grad_base", "grad_warm"} <= set(args.arms):
                     cell["first_order_vs_exact"] = first_order_vs_exact(cell_dir, bench.pool,
                                                                         int(select["n_select"]))
+                if "lc_ckpt4" in args.arms:
+                    cell["loss_change_windows"] = loss_change_windows(os.path.join(cell_dir, "lc_ckpt4"), bench.pool,
+                                                                      int(select["n_select"]))
                 cells[f"{target}/{variant}/seed{seed}"] = cell
                 print(json.dumps({f"{target}/{variant}/seed{seed}": row}), file=sys.stderr, flush=True)
     summary = {a: {v: {"mean": float(np.mean([cells[c]["arms"][a]["precision_at_n"] for c in cells

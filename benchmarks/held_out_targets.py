@@ -1,0 +1,179 @@
+"""A held-out check of the recommended selector: targets defined after the default was chosen.
+
+The suite's five targets (``ntk_jax.data.controlled.TARGETS``) chose the recommended pipeline
+(``ntk``: the kNN filter to 4N, then the loss change Δ_j of the kept) and were used again to
+compare it with a 3× longer warm-up, so none of them is held out any more. This script
+registers three targets that no selection setting was ever tuned on — each a new rule under a
+new template with two useful families (the rule under other templates), two conflicting
+families (another rule on the target's inputs, in the target's template and in a useful one)
+and the long-answer unrelated families — and runs every arm as a selection job with the
+job's defaults (precision@N, no fine-tuning; resumable: a finished job is read back):
+
+* ``successor`` (arithmetic): ``"{a} plus one="`` → a + 1; conflicting rule a − 1;
+* ``swap_ends`` (string transform): ``"swap {s}:"`` → the word with its first and last letters
+  exchanged; conflicting rule: rotated left by one letter;
+* ``max_digit`` (lookup): ``"{d} largest?"`` → the largest digit; conflicting: the smallest.
+
+Printed JSON: per (target, variant, seed) and arm precision@N and the pool's base rate; per
+arm and variant the mean precision, its 95 % bootstrap interval over cells, the minimum
+multiple of the base rate, and the per-target means.
+
+    python benchmarks/held_out_targets.py --workdir runs/held_out > held_out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ntk_jax.data import controlled as ctl  # noqa: E402
+from ntk_jax.launcher.config_lib import base_config  # noqa: E402
+from ntk_jax.launcher.context import prepare_context  # noqa: E402
+from ntk_jax.selection.jobs import plain, run_selection  # noqa: E402
+from ntk_jax.selection.methods import apply_preset  # noqa: E402
+from ntk_jax.stats import bootstrap_interval  # noqa: E402
+from ntk_jax.utils import write_json  # noqa: E402
+
+ARMS = ("random", "embedding", "ntk@paper", "ntk", "ntk[warmup.total_steps=120]")
+
+
+def _successor(x):
+    return str(int(x["a"]) + 1)
+
+
+def _predecessor(x):
+    return str(int(x["a"]) - 1)
+
+
+def _draw_positive(rng):
+    return {"a": int(rng.integers(1, 1000))}
+
+
+def _swap_ends(x):
+    s = x["s"]
+    return s[-1] + s[1:-1] + s[0]
+
+
+def _rotate_left(x):
+    s = x["s"]
+    return s[1:] + s[0]
+
+
+def _draw_word4(rng):  # 4-6 letters: swapping the ends and rotating by one always differ in form
+    return {"s": ctl._letters(rng, 4, 6)}
+
+
+def _max_digit(x):
+    return max(x["d"])
+
+
+def _min_digit(x):
+    return min(x["d"])
+
+
+HELD_OUT = (
+    ctl.TargetSpec(
+        name="successor", kind="arithmetic", description="a + 1 (a in 1..999) under 'A plus one='",
+        template="{a} plus one=", draw=_draw_positive, rule=_successor, fields={"a": r"\d+"},
+        families={"plus_one_spaced": ctl.useful("{a} plus one ="), "one_more_than": ctl.useful("one more than {a}="),
+                  "plus_one_minus": ctl.conflicting(_predecessor),
+                  "plus_one_spaced_minus": ctl.conflicting(_predecessor, "{a} plus one ="),
+                  **ctl._LONG_UNRELATED},
+        length_contrast="useful_shorter"),
+    ctl.TargetSpec(
+        name="swap_ends", kind="string_transform", description="swap the first and last letters under 'swap S:'",
+        template="swap {s}:", draw=_draw_word4, rule=_swap_ends, fields={"s": "[a-z]+"},
+        families={"swap_spaced": ctl.useful("swap {s} :"), "ends_swapped": ctl.useful("ends swapped {s}:"),
+                  "swap_rotate": ctl.conflicting(_rotate_left),
+                  "swap_spaced_rotate": ctl.conflicting(_rotate_left, "swap {s} :"),
+                  **{f: ctl.unrelated(f) for f in ("add", "sub", "count", "parity", "sentiment", "noise")}},
+        length_contrast="similar"),
+    ctl.TargetSpec(
+        name="max_digit", kind="character_lookup", description="the largest digit under 'D largest?'",
+        template="{d} largest?", draw=ctl._draw_digits, rule=_max_digit, fields={"d": "[0-9]+"},
+        families={"largest_spaced": ctl.useful("{d} largest ?"), "largest_of": ctl.useful("largest of {d}?"),
+                  "largest_min": ctl.conflicting(_min_digit),
+                  "largest_spaced_min": ctl.conflicting(_min_digit, "{d} largest ?"),
+                  **ctl._LONG_UNRELATED},
+        length_contrast="useful_shorter"),
+)
+
+
+def register() -> list[str]:
+    """Registers :data:`HELD_OUT` (once per process); returns their names."""
+    for spec in HELD_OUT:
+        if spec.name not in ctl.TARGETS:
+            ctl.register_target(spec)
+    return [s.name for s in HELD_OUT]
+
+
+def run_arm(context, select: dict, bench, arm: str, out_dir: str, seed: int) -> dict:
+    path = os.path.join(out_dir, "report.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    rep = run_selection(context, apply_preset(select, arm), bench.domain, bench.pool, out_dir, seed=seed, plot=False)
+    write_json(path, rep)
+    return rep
+
+
+def summarise(cells: dict, arms, variants) -> dict:
+    """Per arm and variant: mean precision@N over cells with a 95 % bootstrap interval, the
+    smallest multiple of the base rate, and the mean per target."""
+    out = {}
+    for arm in arms:
+        for variant in variants:
+            rows = [(k.split("/")[0], c[arm], c["base_rate"]) for k, c in cells.items()
+                    if k.split("/")[1] == variant and arm in c]
+            if not rows:
+                continue
+            p = np.array([r[1] for r in rows])
+            ci = bootstrap_interval(lambda a: float(np.mean(a)), p, seed=0)
+            per_target = {t: float(np.mean([r[1] for r in rows if r[0] == t])) for t in sorted({r[0] for r in rows})}
+            out[f"{arm} / {variant}"] = {"mean": float(p.mean()), "ci95": [ci["low"], ci["high"]], "cells": len(rows),
+                                         "min_multiple_of_base": float(min(r[1] / r[2] for r in rows)),
+                                         "per_target": per_target}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--targets", nargs="+", default=None, help="default: every held-out target")
+    ap.add_argument("--variants", nargs="+", default=["no_conflict", "contradicting"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    args = ap.parse_args(argv)
+    targets = args.targets or register()
+    register()
+    config = base_config()
+    context = prepare_context(config, args.workdir)
+    select = plain(config.select)
+    b = select["benchmark"]
+    cells = {}
+    for target in targets:
+        for variant in args.variants:
+            for seed in args.seeds:
+                bench = ctl.make_benchmark(target, seed, n_domain=int(b["n_domain"]), n_test=int(b["n_test"]),
+                                           n_pool_per_family=int(b["n_pool_per_family"]), variant=variant)
+                key = f"{target}/{variant}/seed{seed}"
+                cell = {}
+                for arm in args.arms:
+                    rep = run_arm(context, select, bench, arm, os.path.join(args.workdir, key, arm), seed)
+                    cell[arm] = rep["precision_at_n"]
+                    cell["base_rate"] = rep["base_rate"]
+                cells[key] = cell
+                print(f"held_out: {key}: " + ", ".join(f"{a} {cell[a]:.2f}" for a in args.arms)
+                      + f" (base {cell['base_rate']:.2f})", file=sys.stderr, flush=True)
+    result = {"arms": list(args.arms), "cells": cells, "summary": summarise(cells, args.arms, args.variants)}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

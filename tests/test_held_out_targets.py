@@ -1,0 +1,76 @@
+"""The held-out targets of benchmarks/held_out_targets.py (the recommended selector's check on
+targets defined after it was chosen): they register and build in both variants, every answer
+recomputed from its prompt by an independent rule, the conflicting rule really disagrees with
+the target's, and the summary statistics."""
+import importlib.util
+import os
+import re
+
+import numpy as np
+import pytest
+
+from ntk_jax.data.controlled import TARGETS, make_benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("held_out_targets", os.path.join(ROOT, "benchmarks",
+                                                                                  "held_out_targets.py"))
+ho = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ho)
+NAMES = ho.register()
+
+# prompt regex -> (target rule, conflicting rule) on the parsed field, written independently
+_NUMBER = re.compile(r"^(?:one more than )?(\d+)(?: plus one ?=|=)$")
+_WORD = re.compile(r"^(?:swap|ends swapped) ([a-z]+) ?:$")
+_DIGITS = re.compile(r"^(?:largest of )?([0-9]+)(?: largest ?\?|\?)$")
+RULES = {
+    "successor": (_NUMBER, lambda a: str(int(a) + 1), lambda a: str(int(a) - 1)),
+    "swap_ends": (_WORD, lambda s: s[-1] + s[1:-1] + s[0], lambda s: s[1:] + s[:1]),
+    "max_digit": (_DIGITS, lambda d: str(max(int(c) for c in d)), lambda d: str(min(int(c) for c in d))),
+}
+
+
+def test_registered_once_and_kept_out_of_the_suite_until_imported():
+    assert NAMES == ["successor", "swap_ends", "max_digit"] and all(n in TARGETS for n in NAMES)
+    assert ho.register() == NAMES  # idempotent
+    assert not set(NAMES) & {"flipped_sentiment", "double", "mirror", "sort_words", "last_letter"}
+
+
+@pytest.mark.parametrize("target", ["successor", "swap_ends", "max_digit"])
+@pytest.mark.parametrize("variant", ["no_conflict", "contradicting"])
+def test_answers_recomputed_from_prompts(target, variant):
+    b = make_benchmark(target, 0, n_domain=32, n_test=64, n_pool_per_family=64, variant=variant)
+    regex, rule, other = RULES[target]
+    for r in b.domain + b.test:
+        m = regex.match(r["prompt"])
+        assert m and r["response"] == rule(m.group(1)), r
+    roles = {r["role"] for r in b.pool}
+    assert roles == ({"useful", "unrelated", "conflicting"} if variant == "contradicting" else {"useful", "unrelated"})
+    disagree = []
+    for r in b.pool:
+        if r["role"] == "unrelated":
+            continue
+        m = regex.match(r["prompt"])
+        assert m, r
+        want = rule(m.group(1)) if r["role"] == "useful" else other(m.group(1))
+        assert r["response"] == want, r
+        if r["role"] == "conflicting":
+            disagree.append(rule(m.group(1)) != r["response"])
+    if variant == "contradicting":
+        assert np.mean(disagree) > 0.85, np.mean(disagree)  # max == min only on repeated-digit draws
+    useful_share = np.mean([r["role"] == "useful" for r in b.pool])
+    assert 0.1 < useful_share < 0.3
+    train_prompts = {r["prompt"] for r in b.domain}
+    assert not train_prompts & {r["prompt"] for r in b.test}
+
+
+def test_summary_means_intervals_and_base_multiples():
+    cells = {"successor/contradicting/seed0": {"ntk": 0.5, "random": 0.2, "base_rate": 0.2},
+             "successor/contradicting/seed1": {"ntk": 0.7, "random": 0.1, "base_rate": 0.2},
+             "max_digit/contradicting/seed0": {"ntk": 0.9, "random": 0.3, "base_rate": 0.15},
+             "max_digit/no_conflict/seed0": {"ntk": 1.0, "random": 0.2, "base_rate": 0.2}}
+    s = ho.summarise(cells, ["ntk", "random"], ["contradicting", "no_conflict"])
+    c = s["ntk / contradicting"]
+    assert c["cells"] == 3 and c["mean"] == pytest.approx(0.7) and c["min_multiple_of_base"] == pytest.approx(2.5)
+    assert c["per_target"] == pytest.approx({"max_digit": 0.9, "successor": 0.6})
+    assert 0.5 <= c["ci95"][0] <= 0.7 <= c["ci95"][1] <= 0.9
+    assert s["random / no_conflict"]["cells"] == 1 and s["random / no_conflict"]["mean"] == pytest.approx(0.2)

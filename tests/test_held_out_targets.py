@@ -74,3 +74,32 @@ def test_summary_means_intervals_and_base_multiples():
     assert c["per_target"] == pytest.approx({"max_digit": 0.9, "successor": 0.6})
     assert 0.5 <= c["ci95"][0] <= 0.7 <= c["ci95"][1] <= 0.9
     assert s["random / no_conflict"]["cells"] == 1 and s["random / no_conflict"]["mean"] == pytest.approx(0.2)
+
+
+def test_warmup_length_path_table_from_stores(tmp_path):
+    """benchmarks/warmup_length.py: per checkpoint, the probes' mean loss and the precision of
+    ℓ(θ_0) − ℓ(θ_k) over the non-probe records, read from the job's two stores."""
+    spec = importlib.util.spec_from_file_location("warmup_length", os.path.join(ROOT, "benchmarks",
+                                                                                "warmup_length.py"))
+    wl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wl)
+    pool = ([{"id": f"u{i}", "role": "useful"} for i in range(3)] + [{"id": f"c{i}", "role": "conflicting"}
+                                                                      for i in range(3)]
+            + [{"id": f"p{i}", "role": "probe"} for i in range(2)])
+    ids = [r["id"] for r in pool]
+    base = np.full(len(ids), 5.0)
+    # checkpoint 1: the conflicting records' loss falls most (Δ ranks them first);
+    # checkpoint 2: the useful ones' does; probes 3.0 then 1.0
+    warm = np.array([[3.0, 2.0], [3.0, 2.0], [3.0, 2.0], [1.0, 4.0], [1.0, 4.0], [1.0, 4.0], [3.0, 1.0],
+                     [3.0, 1.0]])
+    for name, column, values in (("loss_base", "scores", base), ("loss_change", "features", warm)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "meta.json").write_text('{"num_shards": 2}')
+        np.savez(d / "shard_00000.npz", ids=np.array(ids[:5]), **{column: values[:5]})
+        np.savez(d / "shard_00001.npz", ids=np.array(ids[5:]), **{column: values[5:]})
+    t = wl.path_table(str(tmp_path), pool, 3, [10, 20])
+    assert t["held_out_loss_at_theta0"] == 5.0
+    assert [(r["step"], r["held_out_loss"], r["precision_at_n"]) for r in t["path"]] == [(10, 3.0, 0.0),
+                                                                                      (20, 1.0, 1.0)]
+    assert t["early_stop"] == {"step": 20, "precision_at_n": 1.0}

@@ -148,6 +148,10 @@ def test_cross_fit_reports_held_out_change(tmp_path, context, bench):
     for half in ("half_a", "half_b"):
         h = lc["held_out_domain"][half]
         assert np.isfinite(h["held_out_change"]) and h["trained_on_change"] > h["held_out_change"]
+        # one checkpoint: loss after + change = the half's mean loss at θ_0, under either warm-up
+        assert h["held_out_loss"] + h["held_out_change"] == pytest.approx(h["trained_on_loss"] + h["trained_on_change"],
+                                                                          rel=1e-6)
+        assert h["trained_on_loss"] < h["held_out_loss"]
 
 
 def test_bad_loss_change_settings_are_named(tmp_path, context, bench):

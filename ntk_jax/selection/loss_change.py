@@ -22,9 +22,10 @@ Variants (``select.ntk.loss_change``):
   checkpoints (K = 1: the last; a TracIn-style sum over the path, which weights what the
   warm-up learnt early more than the last checkpoint alone does); K + 1 forward passes;
 * ``cross_fit``: two warm-ups, each on one half of the domain (a seeded split), and ``Δ_j``
-  averaged over them. Each half's held-out loss change (the other half's records) is reported:
-  how much of the warm-up's effect generalises beyond memorising the domain records, i.e. the
-  Δ a useful record can be expected to reach. Three forward passes.
+  averaged over them. Each half's held-out loss change (the other half's records) is reported,
+  with its loss after the warm-up beside the trained-on half's: how much of the warm-up's effect
+  generalises beyond memorising the domain records, i.e. the Δ a useful record can be expected
+  to reach, and whether the warm-up learnt the rule at all. Three forward passes.
 
 The stage writes ``ℓ_j(θ_0)`` into one resumable ScoreStore (``loss_base/``, or a cache shared
 by jobs on the same pool: ``base_cache``, since θ_0 does not depend on the target) and
@@ -150,7 +151,10 @@ def warmup_points(job, lcfg: dict, base_model) -> LossPoints:
 
 def _held_out_change(job, lcfg, model, base, warm, half_a, half_b) -> dict:
     """Mean Δ of each domain half's records under the warm-up trained on the other half (and,
-    for contrast, on itself): how much of Δ generalises beyond the records trained on."""
+    for contrast, on itself): how much of Δ generalises beyond the records trained on; and
+    their mean loss after each warm-up's last checkpoint (``held_out_loss`` high while
+    ``trained_on_loss`` is near 0: the warm-up memorised its half instead of learning the rule,
+    and Δ will not tell a conflicting rule on the target's inputs from the target's own)."""
     sfn = selection_scalar_fn(param_subset(model, lora_filter()), "loss", lcfg["reduce"])
     fbs = job.feature_batch_size
     out = {}
@@ -162,7 +166,8 @@ def _held_out_change(job, lcfg, model, base, warm, half_a, half_b) -> dict:
         lo = np.stack([scalar_values(sfn, p, x, batch_size=fbs) for p in other], axis=1)
         ls = np.stack([scalar_values(sfn, p, x, batch_size=fbs) for p in own], axis=1)
         out[held] = {"held_out_change": float(loss_change(l0, lo, relative=bool(lcfg["relative"])).mean()),
-                     "trained_on_change": float(loss_change(l0, ls, relative=bool(lcfg["relative"])).mean())}
+                     "trained_on_change": float(loss_change(l0, ls, relative=bool(lcfg["relative"])).mean()),
+                     "held_out_loss": float(lo[:, -1].mean()), "trained_on_loss": float(ls[:, -1].mean())}
     return out
 
 

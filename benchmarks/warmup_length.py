@@ -11,6 +11,8 @@ held-out loss is lowest (an early-stopping rule a job could use) and the precisi
 
     python benchmarks/warmup_length.py --workdir runs/warmup_length \\
         --targets mirror last_letter successor swap_ends max_digit --seeds 0 > warmup_length.json
+    # the same with 4x the domain records (does more domain data teach the rule?)
+    python benchmarks/warmup_length.py --workdir runs/warmup_length_d128 --n-domain 128 --steps 80 --checkpoints 4
 """
 from __future__ import annotations
 
@@ -73,12 +75,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--checkpoints", type=int, default=8)
+    ap.add_argument("--n-domain", type=int, default=0, help="domain records (default: the job's, 32)")
     args = ap.parse_args(argv)
     held_out_targets.register()
     config = base_config()
     context = prepare_context(config, args.workdir)
     select = plain(config.select)
     b, n = select["benchmark"], int(select["n_select"])
+    if args.n_domain:
+        b["n_domain"] = args.n_domain
     arm = f"ntk@loss_change[warmup.total_steps={args.steps},ntk.loss_change.checkpoints={args.checkpoints}]"
     out = {"arm": arm, "cells": {}}
     for target in args.targets:

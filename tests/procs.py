@@ -64,3 +64,22 @@ def run_workers(worker: str, args_per_process, *, timeout: float = 300, kill_whe
             if p.poll() is None:
                 p.kill()
     return [(p.returncode, p.stdout.read()) for p in procs]
+
+
+def start_worker_process(devices: int, num_processes: int, process_id: int, port: int):
+    """Inside a worker (before anything imports JAX): this many simulated CPU ``devices`` and the
+    test run's compile flags, then ``jax.distributed`` through the launcher's
+    ``distributed.initialize`` when ``num_processes > 1``. Returns its ``ProcessInfo``."""
+    os.environ["XLA_FLAGS"] = with_fast_compile(f"--xla_force_host_platform_device_count={devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from ntk_jax.launcher import distributed
+    from ntk_jax.launcher.config_lib import distributed_config
+
+    cfg = distributed_config()
+    if num_processes > 1:
+        cfg.coordinator_address = f"localhost:{port}"
+        cfg.num_processes = num_processes
+        cfg.process_id = process_id
+    info = distributed.initialize(cfg)
+    assert info.process_count == num_processes, info
+    return info

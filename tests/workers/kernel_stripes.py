@@ -22,26 +22,15 @@ ap.add_argument("--devices", type=int, default=1)
 ap.add_argument("--die_after", type=int, default=-1, help="os._exit after writing this many stripes")
 args = ap.parse_args()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from procs import with_fast_compile  # noqa: E402
+from procs import start_worker_process  # noqa: E402
 
-os.environ["XLA_FLAGS"] = with_fast_compile(f"--xla_force_host_platform_device_count={args.devices}")
-os.environ["JAX_PLATFORMS"] = "cpu"
+info = start_worker_process(args.devices, args.num_processes, args.process_id, args.port)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ntk_jax.kernels import sharded  # noqa: E402
-from ntk_jax.launcher import distributed  # noqa: E402
-from ntk_jax.launcher.config_lib import distributed_config  # noqa: E402
-
-cfg = distributed_config()
-if args.num_processes > 1:
-    cfg.coordinator_address = f"localhost:{args.port}"
-    cfg.num_processes = args.num_processes
-    cfg.process_id = args.process_id
-info = distributed.initialize(cfg)
-assert info.process_count == args.num_processes, info
 
 k = jax.random.split(jax.random.PRNGKey(0), 3)
 params = {"w1": jax.random.normal(k[0], (6, 16)), "w2": jax.random.normal(k[1], (16, 3)) / 4}

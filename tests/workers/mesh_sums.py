@@ -16,25 +16,15 @@ ap.add_argument("--num_processes", type=int, default=1)
 ap.add_argument("--port", type=int, default=0)
 args = ap.parse_args()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from procs import with_fast_compile  # noqa: E402
+from procs import start_worker_process  # noqa: E402
 
-os.environ["XLA_FLAGS"] = with_fast_compile("--xla_force_host_platform_device_count=4")
-os.environ["JAX_PLATFORMS"] = "cpu"
+info = start_worker_process(4, args.num_processes, args.process_id, args.port)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from ntk_jax.launcher import distributed  # noqa: E402
-from ntk_jax.launcher.config_lib import distributed_config  # noqa: E402
-
-cfg = distributed_config()
-if args.num_processes > 1:
-    cfg.coordinator_address = f"localhost:{args.port}"
-    cfg.num_processes = args.num_processes
-    cfg.process_id = args.process_id
-info = distributed.initialize(cfg)
-assert info.process_count == args.num_processes, info
 
 mesh = jax.sharding.Mesh(np.array(jax.local_devices()).reshape(1, 4), ("data", "model"))
 matmul = jax.jit(lambda a, b: a @ b, out_shardings=NamedSharding(mesh, P()))

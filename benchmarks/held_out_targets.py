@@ -18,7 +18,12 @@ Printed JSON: per (target, variant, seed) and arm precision@N and the pool's bas
 arm and variant the mean precision, its 95 % bootstrap interval over cells, the minimum
 multiple of the base rate, and the per-target means.
 
+``--suite``: instead, the selection suite itself (``configs/select_suite.py``: every selection
+fine-tuned and evaluated on the target's test records beside domain-only and the oracles, 3
+seeds; ``suite_table.{json,md}``) on the held-out targets, with ``--arms`` as its methods.
+
     python benchmarks/held_out_targets.py --workdir runs/held_out > held_out.json
+    python benchmarks/held_out_targets.py --suite --workdir runs/held_out_suite --arms random embedding ntk@paper ntk
 """
 from __future__ import annotations
 
@@ -122,6 +127,25 @@ def run_arm(context, select: dict, bench, arm: str, out_dir: str, seed: int) -> 
     return rep
 
 
+def run_suite(workdir: str, targets, arms, seeds, variants) -> dict:
+    """``configs/select_suite.py`` on ``targets`` with ``arms`` as its methods (the launcher's
+    ``run``; resumable). Returns the launcher's result."""
+    import importlib.util
+
+    from ntk_jax.launcher.run import run
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "select_suite.py")
+    spec = importlib.util.spec_from_file_location("select_suite_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.select_suite.targets = tuple(targets)
+    config.select_suite.variants = tuple(variants)
+    config.select_compare.methods = tuple(arms)
+    config.select_compare.seeds = tuple(seeds)
+    return run(config, workdir)
+
+
 def summarise(cells: dict, arms, variants) -> dict:
     """Per arm and variant: mean precision@N over cells with a 95 % bootstrap interval, the
     smallest multiple of the base rate, and the mean per target."""
@@ -148,9 +172,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", nargs="+", default=["no_conflict", "contradicting"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--suite", action="store_true", help="run configs/select_suite.py on the held-out targets")
     args = ap.parse_args(argv)
     targets = args.targets or register()
     register()
+    if args.suite:
+        return run_suite(args.workdir, targets, args.arms, args.seeds, args.variants)
     config = base_config()
     context = prepare_context(config, args.workdir)
     select = plain(config.select)

@@ -17,8 +17,8 @@ error if nothing says how) or ``"off"``. Processes meet at barriers of the coord
 service (:func:`barrier`); no program spans two processes, so the CPU backend runs without
 cross-process collectives by default (``config.distributed.cpu_collectives="none"``): with
 gloo, even a mesh of one process's own devices would sum in gloo's order, and a 4-process run
-would differ in the last bits from one process. Work is split across processes by deterministic shard assignment (shard ``k`` to process
-``k % process_count``; see :mod:`ntk_jax.selection.store` and
+would differ in the last bits from one process. Work is split across processes by
+deterministic shard assignment (shard ``k`` to process ``k % process_count``; see :mod:`ntk_jax.selection.store` and
 :mod:`ntk_jax.kernels.sharded`); within a process, the ``data`` × ``model`` mesh of its
 local devices shards each computation.
 """

@@ -24,6 +24,10 @@ seeds; ``suite_table.{json,md}``) on the held-out targets, with ``--arms`` as it
 
     python benchmarks/held_out_targets.py --workdir runs/held_out > held_out.json
     python benchmarks/held_out_targets.py --suite --workdir runs/held_out_suite --arms random embedding ntk@paper ntk
+    # a 4x wider, deeper embedded model, every target with a conflicting rule, contradicting only:
+    python benchmarks/held_out_targets.py --workdir runs/held_out_h256 --variants contradicting --arms random ntk \
+        --arch hidden_size=256,num_layers=4,num_heads=8,num_kv_heads=4,intermediate_size=512 \
+        --targets successor swap_ends max_digit mirror last_letter double sort_words
 """
 from __future__ import annotations
 
@@ -173,12 +177,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--suite", action="store_true", help="run configs/select_suite.py on the held-out targets")
+    ap.add_argument("--arch", default="", help="the embedded model's architecture, e.g. 'hidden_size=256,num_layers=4,"
+                                               "num_heads=8,num_kv_heads=4,intermediate_size=512' (pre-trained into "
+                                               "WORKDIR/base_model; default: the job's)")
     args = ap.parse_args(argv)
     targets = args.targets or register()
     register()
     if args.suite:
         return run_suite(args.workdir, targets, args.arms, args.seeds, args.variants)
     config = base_config()
+    for item in filter(None, args.arch.split(",")):
+        key, _, value = item.partition("=")
+        config.model.arch[key.strip()] = int(value)
     context = prepare_context(config, args.workdir)
     select = plain(config.select)
     b = select["benchmark"]

@@ -113,6 +113,16 @@ HELD_OUT = (
 )
 
 
+def apply_arch(config, spec: str) -> None:
+    """Sets ``config.model.arch`` entries from ``"key=int,key=int"`` (``""``: unchanged)."""
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in config.model.arch:
+            raise ValueError(f"--arch: the embedded model has no setting {key.strip()!r}; "
+                             f"settings: {sorted(config.model.arch)}")
+        config.model.arch[key.strip()] = int(value)
+
+
 def register() -> list[str]:
     """Registers :data:`HELD_OUT` (once per process); returns their names."""
     for spec in HELD_OUT:
@@ -186,9 +196,7 @@ def main(argv=None) -> dict:
     if args.suite:
         return run_suite(args.workdir, targets, args.arms, args.seeds, args.variants)
     config = base_config()
-    for item in filter(None, args.arch.split(",")):
-        key, _, value = item.partition("=")
-        config.model.arch[key.strip()] = int(value)
+    apply_arch(config, args.arch)
     context = prepare_context(config, args.workdir)
     select = plain(config.select)
     b = select["benchmark"]

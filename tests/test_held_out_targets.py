@@ -103,3 +103,15 @@ def test_warmup_length_path_table_from_stores(tmp_path):
     assert [(r["step"], r["held_out_loss"], r["precision_at_n"]) for r in t["path"]] == [(10, 3.0, 0.0),
                                                                                       (20, 1.0, 1.0)]
     assert t["early_stop"] == {"step": 20, "precision_at_n": 1.0}
+
+
+def test_arch_overrides_and_unknown_setting():
+    from ntk_jax.launcher.config_lib import base_config
+
+    config = base_config()
+    ho.apply_arch(config, "hidden_size=256,num_layers=4")
+    assert (config.model.arch.hidden_size, config.model.arch.num_layers) == (256, 4)
+    ho.apply_arch(config, "")
+    assert config.model.arch.hidden_size == 256
+    with pytest.raises(ValueError, match="no setting 'width'"):
+        ho.apply_arch(config, "width=3")

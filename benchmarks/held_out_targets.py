@@ -24,6 +24,9 @@ seeds; ``suite_table.{json,md}``) on the held-out targets, with ``--arms`` as it
 
     python benchmarks/held_out_targets.py --workdir runs/held_out > held_out.json
     python benchmarks/held_out_targets.py --suite --workdir runs/held_out_suite --arms random embedding ntk@paper ntk
+    # a large pool with a 1.3 % useful share (precision@N is then the useful records' recall):
+    python benchmarks/held_out_targets.py --workdir runs/held_out_large_pool --targets max_digit sort_words mirror \
+        --seeds 0 1 --arms random embedding ntk ntk@loss_change --pool-counts useful=32,conflicting=64,unrelated=600
     # a 4x wider, deeper embedded model, every target with a conflicting rule, contradicting only:
     python benchmarks/held_out_targets.py --workdir runs/held_out_h256 --variants contradicting --arms random ntk \
         --arch hidden_size=256,num_layers=4,num_heads=8,num_kv_heads=4,intermediate_size=512 \
@@ -123,6 +126,20 @@ def apply_arch(config, spec: str) -> None:
         config.model.arch[key.strip()] = int(value)
 
 
+def pool_counts(spec, variant: str, by_role: str, default: int):
+    """``n_pool_per_family`` for ``spec``'s ``variant``: ``default`` records per family, or per
+    role from ``"useful=32,conflicting=64,unrelated=600"`` (roles not named keep ``default``)."""
+    if not by_role:
+        return default
+    roles = {}
+    for item in by_role.split(","):
+        role, _, value = item.partition("=")
+        if role.strip() not in ctl.POOL_ROLES:
+            raise ValueError(f"--pool-counts: unknown role {role.strip()!r}; roles: {list(ctl.POOL_ROLES)}")
+        roles[role.strip()] = int(value)
+    return {f: roles.get(spec.roles[f], default) for f in spec.variant_families(variant)}
+
+
 def register() -> list[str]:
     """Registers :data:`HELD_OUT` (once per process); returns their names."""
     for spec in HELD_OUT:
@@ -160,6 +177,34 @@ def run_suite(workdir: str, targets, arms, seeds, variants) -> dict:
     return run(config, workdir)
 
 
+def filter_sweep(cell_dir: str, pool: list[dict], n: int, factors=(2, 4, 8, 16, 32)) -> dict:
+    """The recommended pipeline with other kNN filter sizes, from two saved jobs of one cell:
+    the ``ntk`` job's votes (every pool record) and the ``ntk@loss_change`` job's Δ (every pool
+    record; the same warm-up). Per factor k: the useful records' recall in the kept k·N and
+    precision@N of Δ within them; ``"whole"``: Δ of the whole pool."""
+    ids = [str(r["id"]) for r in pool]
+    pos = {i: k for k, i in enumerate(ids)}
+    useful = np.array([r.get("role") == "useful" for r in pool])
+
+    def pool_order(arm: str, key: str) -> np.ndarray:
+        with np.load(os.path.join(cell_dir, arm, "all_scores.npz")) as z:
+            out = np.full(len(ids), -np.inf)
+            out[[pos[str(i)] for i in z["ids"]]] = z[key]
+        return out
+
+    votes, delta = pool_order("ntk", "votes"), pool_order("ntk@loss_change", "scores")
+    first = np.lexsort((np.arange(len(ids)), -votes))
+    out = {}
+    for k in factors:
+        kept = first[: k * n]
+        score = np.full(len(ids), -np.inf)
+        score[kept] = delta[kept]
+        out[f"{k}N"] = {"recall": float(useful[kept].sum() / max(useful.sum(), 1)),
+                        "precision_at_n": float(useful[np.lexsort((np.arange(len(ids)), -score))[:n]].mean())}
+    out["whole"] = {"recall": 1.0, "precision_at_n": float(useful[np.lexsort((np.arange(len(ids)), -delta))[:n]].mean())}
+    return out
+
+
 def summarise(cells: dict, arms, variants) -> dict:
     """Per arm and variant: mean precision@N over cells with a 95 % bootstrap interval, the
     smallest multiple of the base rate, and the mean per target."""
@@ -187,6 +232,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--suite", action="store_true", help="run configs/select_suite.py on the held-out targets")
+    ap.add_argument("--pool-counts", default="", help="records per pool family by role, e.g. 'useful=32,"
+                                                       "conflicting=64,unrelated=600' (a large pool with a small "
+                                                       "useful share; default: the job's n_pool_per_family)")
     ap.add_argument("--arch", default="", help="the embedded model's architecture, e.g. 'hidden_size=256,num_layers=4,"
                                                "num_heads=8,num_kv_heads=4,intermediate_size=512' (pre-trained into "
                                                "WORKDIR/base_model; default: the job's)")
@@ -204,14 +252,17 @@ def main(argv=None) -> dict:
     for target in targets:
         for variant in args.variants:
             for seed in args.seeds:
+                counts = pool_counts(ctl.TARGETS[target], variant, args.pool_counts, int(b["n_pool_per_family"]))
                 bench = ctl.make_benchmark(target, seed, n_domain=int(b["n_domain"]), n_test=int(b["n_test"]),
-                                           n_pool_per_family=int(b["n_pool_per_family"]), variant=variant)
+                                           n_pool_per_family=counts, variant=variant)
                 key = f"{target}/{variant}/seed{seed}"
                 cell = {}
                 for arm in args.arms:
                     rep = run_arm(context, select, bench, arm, os.path.join(args.workdir, key, arm), seed)
                     cell[arm] = rep["precision_at_n"]
                     cell["base_rate"] = rep["base_rate"]
+                if {"ntk", "ntk@loss_change"} <= set(args.arms):
+                    cell["filter_sweep"] = filter_sweep(os.path.join(args.workdir, key), bench.pool, int(select["n_select"]))
                 cells[key] = cell
                 print(f"held_out: {key}: " + ", ".join(f"{a} {cell[a]:.2f}" for a in args.arms)
                       + f" (base {cell['base_rate']:.2f})", file=sys.stderr, flush=True)

@@ -115,3 +115,27 @@ def test_arch_overrides_and_unknown_setting():
     assert config.model.arch.hidden_size == 256
     with pytest.raises(ValueError, match="no setting 'width'"):
         ho.apply_arch(config, "width=3")
+
+
+def test_pool_counts_by_role_and_filter_sweep(tmp_path):
+    spec = TARGETS["max_digit"]
+    counts = ho.pool_counts(spec, "contradicting", "useful=3,unrelated=5", 7)
+    assert {f: counts[f] for f in ("largest_spaced", "largest_min", "count")} == {"largest_spaced": 3,
+                                                                                 "largest_min": 7, "count": 5}
+    assert set(counts) == set(spec.variant_families("contradicting"))
+    assert ho.pool_counts(spec, "no_conflict", "", 7) == 7
+    with pytest.raises(ValueError, match="unknown role 'helpful'"):
+        ho.pool_counts(spec, "contradicting", "helpful=3", 7)
+    # 8 records, N = 2: the votes keep u0 first, then the unrelated ones; Δ prefers u1, then x0
+    pool = [{"id": "u0", "role": "useful"}, {"id": "u1", "role": "useful"}] + [
+        {"id": f"x{i}", "role": "unrelated"} for i in range(6)]
+    ids = np.array([r["id"] for r in pool])
+    (tmp_path / "ntk").mkdir()
+    (tmp_path / "ntk@loss_change").mkdir()
+    np.savez(tmp_path / "ntk" / "all_scores.npz", ids=ids, votes=np.array([9, 0, 8, 7, 6, 5, 4, 3.0]))
+    np.savez(tmp_path / "ntk@loss_change" / "all_scores.npz", ids=ids[::-1],
+             scores=np.array([0, 0, 0, 0, 0, 1, 3, 2.0]))  # reversed order: x5..x0, u1, u0
+    sweep = ho.filter_sweep(str(tmp_path), pool, 2, factors=(1, 2))
+    assert sweep["1N"] == {"recall": 0.5, "precision_at_n": 0.5}   # kept u0, x0 -> both picked
+    assert sweep["2N"] == {"recall": 0.5, "precision_at_n": 0.5}   # kept u0, x0, x1, x2 -> u0 (2), x0 (1)
+    assert sweep["whole"] == {"recall": 1.0, "precision_at_n": 1.0}  # u1 (3), u0 (2)

@@ -181,7 +181,7 @@ def filter_sweep(cell_dir: str, pool: list[dict], n: int, factors=(2, 4, 8, 16, 
     """The recommended pipeline with other kNN filter sizes, from two saved jobs of one cell:
     the ``ntk`` job's votes (every pool record) and the ``ntk@loss_change`` job's Δ (every pool
     record; the same warm-up). Per factor k: the useful records' recall in the kept k·N and
-    precision@N of Δ within them; ``"whole"``: Δ of the whole pool."""
+    precision@N of Δ within them (and of the relative Δ, Δ / ℓ(θ_0)); ``"whole"``: the whole pool."""
     ids = [str(r["id"]) for r in pool]
     pos = {i: k for k, i in enumerate(ids)}
     useful = np.array([r.get("role") == "useful" for r in pool])
@@ -193,15 +193,23 @@ def filter_sweep(cell_dir: str, pool: list[dict], n: int, factors=(2, 4, 8, 16, 
         return out
 
     votes, delta = pool_order("ntk", "votes"), pool_order("ntk@loss_change", "scores")
+    base = pool_order("ntk@loss_change", "loss_base")
+    relative = np.where(np.isfinite(delta), delta / np.maximum(base, 1e-12), -np.inf)  # loss_change.relative
     first = np.lexsort((np.arange(len(ids)), -votes))
+
+    def precision(score: np.ndarray) -> float:
+        return float(useful[np.lexsort((np.arange(len(ids)), -score))[:n]].mean())
+
     out = {}
     for k in factors:
         kept = first[: k * n]
-        score = np.full(len(ids), -np.inf)
-        score[kept] = delta[kept]
-        out[f"{k}N"] = {"recall": float(useful[kept].sum() / max(useful.sum(), 1)),
-                        "precision_at_n": float(useful[np.lexsort((np.arange(len(ids)), -score))[:n]].mean())}
-    out["whole"] = {"recall": 1.0, "precision_at_n": float(useful[np.lexsort((np.arange(len(ids)), -delta))[:n]].mean())}
+        row = {"recall": float(useful[kept].sum() / max(useful.sum(), 1))}
+        for name, values in (("precision_at_n", delta), ("precision_at_n_relative", relative)):
+            score = np.full(len(ids), -np.inf)
+            score[kept] = values[kept]
+            row[name] = precision(score)
+        out[f"{k}N"] = row
+    out["whole"] = {"recall": 1.0, "precision_at_n": precision(delta), "precision_at_n_relative": precision(relative)}
     return out
 
 

@@ -134,8 +134,11 @@ def test_pool_counts_by_role_and_filter_sweep(tmp_path):
     (tmp_path / "ntk@loss_change").mkdir()
     np.savez(tmp_path / "ntk" / "all_scores.npz", ids=ids, votes=np.array([9, 0, 8, 7, 6, 5, 4, 3.0]))
     np.savez(tmp_path / "ntk@loss_change" / "all_scores.npz", ids=ids[::-1],
-             scores=np.array([0, 0, 0, 0, 0, 1, 3, 2.0]))  # reversed order: x5..x0, u1, u0
+             scores=np.array([0, 0, 0, 0, 0, 1, 3, 2.0]),  # reversed order: x5..x0, u1, u0
+             loss_base=np.array([1, 1, 1, 1, 1, 0.1, 30, 4.0]))  # relative Δ: x0 10, u0 0.5, u1 0.1
     sweep = ho.filter_sweep(str(tmp_path), pool, 2, factors=(1, 2))
-    assert sweep["1N"] == {"recall": 0.5, "precision_at_n": 0.5}   # kept u0, x0 -> both picked
-    assert sweep["2N"] == {"recall": 0.5, "precision_at_n": 0.5}   # kept u0, x0, x1, x2 -> u0 (2), x0 (1)
-    assert sweep["whole"] == {"recall": 1.0, "precision_at_n": 1.0}  # u1 (3), u0 (2)
+    assert sweep["1N"] == {"recall": 0.5, "precision_at_n": 0.5, "precision_at_n_relative": 0.5}  # u0, x0 kept
+    assert sweep["2N"] == {"recall": 0.5, "precision_at_n": 0.5,    # kept u0, x0, x1, x2 -> u0 (2), x0 (1)
+                           "precision_at_n_relative": 0.5}          # x0 (10), u0 (0.5)
+    assert sweep["whole"] == {"recall": 1.0, "precision_at_n": 1.0,  # u1 (3), u0 (2)
+                              "precision_at_n_relative": 0.5}       # x0 (10), u0 (0.5)

@@ -44,6 +44,8 @@ ARMS = {
     "lc_ckpt4": ("ntk@loss_change", {"ntk.loss_change.checkpoints": 4}),
     "lc_xfit": ("ntk@loss_change", {"ntk.loss_change.cross_fit": True}),
     "lc_120": ("ntk@loss_change", {"warmup.total_steps": 120}),
+    # Δ from a warm-up on the domain with its responses permuted (the answers' form, not the rule)
+    "lc_shuf": ("ntk@loss_change", {"ntk.loss_change.reference": "shuffled"}),
     # kNN votes over mean hidden states at θ_0 (no warm-up: the pass that gives ℓ(θ_0)) and at θ_w
     "knn0": ("embedding", {"warmup.total_steps": 0}),
     "knnw": ("embedding", {}),
@@ -56,6 +58,8 @@ GRADIENTS = {"gradient": ("grad_base", "grad_warm"), "grad_base": ("grad_base",)
 DERIVED = (["gradient"] + [f"{d}>{g}@{k}{c}" for d in ("lc", "lc_120", "lc_xfit") for g in GRADIENTS
                            for k in (2, 4) for c in ("", ":filter")]
            + [f"{knn}>lc@{k}:filter" for knn in ("knn0", "knnw") for k in (2, 4)])
+# ... and with the shuffled-reference Δ (when its arm ran)
+DERIVED_SHUFFLED = ["knnw>lc_shuf@4:filter", "lc_shuf>grad_base@4:filter"]
 
 
 def arm_config(select: dict, arm: str, overrides: dict) -> dict:
@@ -196,6 +200,13 @@ def main(argv=None) -> dict:
                         p = precision(derived_scores(cell_dir, ids, name, int(select["n_select"])), bench.pool,
                                       int(select["n_select"]))
                         row[name] = {"precision_at_n": p, "base_rate": row["lc"]["base_rate"]}
+                        per_arm.setdefault(name, []).append(p)
+                if {"lc_shuf", "knnw", "grad_base"} <= set(args.arms):
+                    ids = [str(r["id"]) for r in bench.pool]
+                    for name in DERIVED_SHUFFLED:
+                        p = precision(derived_scores(cell_dir, ids, name, int(select["n_select"])), bench.pool,
+                                      int(select["n_select"]))
+                        row[name] = {"precision_at_n": p, "base_rate": row["lc_shuf"]["base_rate"]}
                         per_arm.setdefault(name, []).append(p)
                 cell = {"arms": row}
                 if {"lc", "lc_120", "grad_base", "grad_warm"} <= set(args.arms):

@@ -188,3 +188,60 @@ def test_base_losses_are_shared_across_targets(tmp_path, context, bench):
     nonzero["lora"]["b_init_std"] = 0.02  # θ_0 is no longer the base model: another cache entry
     run_selection(context, nonzero, bench.domain, bench.pool, str(tmp_path / "d"), seed=0, plot=False)
     assert len(os.listdir(cache)) == 2
+
+
+def test_shuffle_responses_is_a_seeded_derangement():
+    from ntk_jax.data.records import shuffle_responses
+    recs = [{"id": f"p{i}", "prompt": f"q{i}", "response": f"a{i}", "family": "f"} for i in range(5)]
+    recs.append({"id": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a5"},
+                                         {"role": "user", "content": "again"},
+                                         {"role": "assistant", "content": "last"}]})
+    out = shuffle_responses(recs, seed=3)
+    answers = [r["response"] if "response" in r else r["messages"][-1]["content"] for r in out]
+    assert sorted(answers) == sorted([f"a{i}" for i in range(5)] + ["last"])  # the same answers, moved
+    assert all(a != (r["response"] if "response" in r else "last") for a, r in zip(answers, recs))  # none kept
+    assert out[-1]["messages"][1]["content"] == "a5" and recs[-1]["messages"][-1]["content"] == "last"  # input intact
+    assert [r["prompt"] for r in out[:5]] == [r["prompt"] for r in recs[:5]] and out[0]["family"] == "f"
+    assert shuffle_responses(recs, seed=3) == out and shuffle_responses(recs, seed=4) != out
+    with pytest.raises(ValueError, match="at least 2"):
+        shuffle_responses(recs[:1], seed=0)
+    with pytest.raises(ValueError, match="'t'.*text record"):
+        shuffle_responses(recs[:2] + [{"id": "t", "text": "x"}], seed=0)
+
+
+def test_shuffled_reference_scores_from_a_warm_up_on_permuted_answers(tmp_path, context, bench):
+    """``reference="shuffled"``: Δ_j = ℓ_j(θ_s) − ℓ_j(θ_w), θ_s a warm-up of the same seed and length
+    on the domain with its responses permuted — checked against that warm-up trained here, apart
+    from the job, and plain forwards."""
+    from ntk_jax.data.records import shuffle_responses
+    from ntk_jax.models.lora import lora_filter
+    from ntk_jax.models.subset import param_subset
+    from ntk_jax.training.trainer import train
+    from ntk_jax.selection.jobs import train_config
+
+    cfg = _cfg(reference="shuffled")
+    rep = run_selection(context, cfg, bench.domain, bench.pool, str(tmp_path / "job"), seed=0, plot=False)
+    got = np.load(tmp_path / "job" / "all_scores.npz")
+    pool = encode_records(context.tokenizer, bench.pool, 32)
+    shuffled = encode_records(context.tokenizer, shuffle_responses(bench.domain, 0), 32, truncation="left")
+    model_s = context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=0)
+    wcfg = train_config(cfg["warmup"], seed=0)
+    train(model_s, shuffled, train_config(wcfg.to_dict(), batch_size=min(wcfg.batch_size, len(bench.domain))),
+          workdir=str(tmp_path / "oracle_warmup"))
+    model_w = _job(context, cfg, bench, str(tmp_path / "job")).warm_up(cfg["lora"], cfg["warmup"])[0]  # resumes
+    ls, lw = _nll(model_s, pool), _nll(model_w, pool)
+    np.testing.assert_allclose(got["loss_reference"], ls, rtol=1e-4)
+    np.testing.assert_allclose(got["scores"], ls - lw, rtol=1e-4, atol=2e-6 * np.abs(ls).max())
+    assert "loss_base" not in got and rep["loss_change"]["reference"] == "shuffled"
+    base = context.load_model(LoRAConfig.from_dict(cfg["lora"]), seed=0)
+    assert np.abs(ls - _nll(base, pool)).max() > 1e-3  # the reference did move away from θ_0
+    import jax
+    leaves_s = jax.tree.leaves(param_subset(model_s, lora_filter()).params)
+    leaves_w = jax.tree.leaves(param_subset(model_w, lora_filter()).params)
+    assert leaves_s and not any(np.allclose(a, b) for a, b in zip(leaves_s, leaves_w))  # another warm-up
+    with pytest.raises(ValueError, match="reference='shuffled' is not supported together"):
+        run_selection(context, _cfg(reference="shuffled", cross_fit=True), bench.domain, bench.pool,
+                      str(tmp_path / "bad"), seed=0, plot=False)
+    with pytest.raises(ValueError, match="reference='nope' is not one of"):
+        run_selection(context, _cfg(reference="nope"), bench.domain, bench.pool, str(tmp_path / "bad2"), seed=0,
+                      plot=False)

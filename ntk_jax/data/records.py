@@ -75,6 +75,7 @@ __all__ = [
     "tokenize_record",
     "tokenize_records",
     "encode_records",
+    "shuffle_responses",
     "encoded_lengths",
     "length_profile",
     "LENGTH_POLICIES",
@@ -522,6 +523,46 @@ def encode_records(tokenizer, records: Sequence[Mapping], max_len: int, *, chat_
     return pack_sequences([(ids, flags) for ids, flags, _ in tokenized], max_len, int(pad),
                           record_ids=[str(r.get("id", f"#{i}")) for i, r in enumerate(records)],
                           truncation=truncation, keep_head=[k for _, _, k in tokenized])
+
+
+def shuffle_responses(records: Sequence[Mapping], seed: int) -> list[dict]:
+    """A control set: the records with their responses permuted among them, so that no record
+    keeps its own (a seeded cyclic derangement). A prompt/response record's ``"response"`` or a
+    messages record's last assistant turn is what moves; formats may be mixed. The set keeps
+    the responses' form (their tokens, lengths, template) and breaks the mapping from a prompt
+    to its answer — what a model learns from it is the form alone.
+
+    Args:
+      records: ``n >= 2`` prompt/response or messages records.
+      seed: the permutation's seed.
+    Returns ``n`` new dicts (ids kept; every other field but the moved response as it was).
+    ValueError for fewer than 2 records or a text record (it has no response to move).
+    """
+    if len(records) < 2:
+        raise ValueError(f"shuffle_responses needs at least 2 records to permute their responses, got {len(records)}")
+
+    def response(r: Mapping) -> str:
+        if "response" in r:
+            return r["response"]
+        if "messages" in r:
+            return [t for t in r["messages"] if t["role"] == "assistant"][-1]["content"]
+        raise ValueError(f"record {r.get('id', '?')!r} is a text record: it has no response to permute "
+                         "(shuffle_responses needs prompt/response or messages records)")
+
+    answers = [response(r) for r in records]
+    order = np.random.default_rng([int(seed), 7919]).permutation(len(records))
+    out = [dict(r) for r in records]
+    for pos, i in enumerate(order):  # record order[pos] takes the answer of order[pos + 1]
+        moved = answers[int(order[(pos + 1) % len(order)])]
+        r = out[int(i)]
+        if "response" in r:
+            r["response"] = moved
+        else:
+            msgs = [dict(t) for t in r["messages"]]
+            last = max(k for k, t in enumerate(msgs) if t["role"] == "assistant")
+            msgs[last]["content"] = moved
+            r["messages"] = msgs
+    return out
 
 
 def length_profile(tokenizer, records: Iterable[Mapping], *, locate: Callable[[int], str] | None = None,

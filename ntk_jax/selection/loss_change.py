@@ -25,7 +25,17 @@ Variants (``select.ntk.loss_change``):
   averaged over them. Each half's held-out loss change (the other half's records) is reported,
   with its loss after the warm-up beside the trained-on half's: how much of the warm-up's effect
   generalises beyond memorising the domain records, i.e. the Δ a useful record can be expected
-  to reach, and whether the warm-up learnt the rule at all. Three forward passes.
+  to reach, and whether the warm-up learnt the rule at all. Three forward passes;
+* ``reference``: the point the loss change is measured from. ``"base"`` (the default): θ_0.
+  ``"shuffled"``: θ_s, the same warm-up (seed, steps, optimiser, fresh LoRA factors) trained on
+  the domain records with their responses permuted among them
+  (:func:`ntk_jax.data.records.shuffle_responses`), so ``Δ_j = ℓ_j(θ_s) − ℓ_j(θ_w)``. θ_s learns
+  what the domain's answers look like (their tokens, lengths and template) and nothing of which
+  answer goes with which input; the difference keeps the part of the loss change that the
+  input-to-answer mapping causes — the rule — and cancels the part the answers' form causes,
+  which a conflicting rule on the target's own inputs shares with the target (docs/theory.md
+  §6.7). One more warm-up of the domain's size; still two forward passes per record. Not with
+  ``cross_fit`` or ``checkpoints > 1``.
 
 The stage writes ``ℓ_j(θ_0)`` into one resumable ScoreStore (``loss_base/``, or a cache shared
 by jobs on the same pool: ``base_cache``, since θ_0 does not depend on the target) and
@@ -41,13 +51,16 @@ import ml_collections
 import numpy as np
 
 from ntk_jax.data.encoding import lm_batch
+from ntk_jax.data.records import encode_records, shuffle_responses
 from ntk_jax.kernels.features import scalar_values
 from ntk_jax.models.lora import lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.ntk_selector import TOKEN_REDUCTIONS, selection_scalar_fn
 from ntk_jax.selection.store import ScoreStore, fingerprint_of
 
-__all__ = ["config", "check_config", "loss_change", "LossPoints", "warmup_points", "base_loss_store",
+REFERENCES = ("base", "shuffled")
+
+__all__ = ["REFERENCES", "config", "check_config", "loss_change", "LossPoints", "warmup_points", "base_loss_store",
            "loss_change_stage"]
 
 
@@ -58,6 +71,8 @@ def config() -> ml_collections.ConfigDict:
         relative=False,             # Δ_j / ℓ_j(θ_0) instead of Δ_j
         checkpoints=1,              # K evenly spaced warm-up checkpoints, Δ averaged (1: the last)
         cross_fit=False,            # two warm-ups on halves of the domain, Δ averaged over them
+        reference="base",           # Δ from: base (θ_0) | shuffled (a warm-up on the domain with its
+                                    # responses permuted: Δ_j = ℓ_j(θ_s) − ℓ_j(θ_w))
         # a directory shared by jobs on the same pool and model: ℓ_j(θ_0) does not depend on the
         # target, so it is computed once and reused (empty: inside the job's directory)
         base_cache="",
@@ -71,6 +86,12 @@ def check_config(lcfg: dict, warmup: dict) -> None:
     k, steps = int(lcfg["checkpoints"]), int(warmup["total_steps"])
     if k < 1:
         raise ValueError(f"select.ntk.loss_change.checkpoints must be >= 1, got {k}")
+    reference = lcfg.get("reference", "base")
+    if reference not in REFERENCES:
+        raise ValueError(f"select.ntk.loss_change.reference={reference!r} is not one of {REFERENCES}")
+    if reference == "shuffled" and (lcfg["cross_fit"] or k > 1):
+        raise ValueError("select.ntk.loss_change.reference='shuffled' is not supported together with cross_fit "
+                         "or checkpoints > 1: set cross_fit=False and checkpoints=1, or reference='base'")
     if steps < 1:
         raise ValueError("loss-change scores need a warm-up: set select.warmup.total_steps >= 1")
     if k > steps:
@@ -96,7 +117,8 @@ def loss_change(base_loss: np.ndarray, point_losses: np.ndarray, *, relative: bo
 
 @dataclasses.dataclass
 class LossPoints:
-    """The parameter points of the Δ stage: ``base`` (θ_0) and ``warm`` (``[(name, params)]``,
+    """The parameter points of the Δ stage: ``base`` (the reference point: θ_0, or θ_s with
+    ``reference="shuffled"``) and ``warm`` (``[(name, params)]``,
     the K or 2K warmed-up LoRA factors), the last warm-up's model and ``TrainConfig``
     (``wcfg``), and report entries (``info``)."""
 
@@ -144,9 +166,23 @@ def warmup_points(job, lcfg: dict, base_model) -> LossPoints:
         else:
             states = job.checkpoints(model, wcfg, workdir=workdir, steps=steps)
             warm += [(f"{name}@{s}", states[s]["params"]) for s in steps]
+    if lcfg.get("reference", "base") == "shuffled":
+        info["reference"] = "shuffled"
+        model_s, _ = job.warm_up(cfg["lora"], cfg["warmup"], _shuffled_domain(job), workdir="warmup_shuffled")
+        base = param_subset(model_s, lora_filter()).params
     if lcfg["cross_fit"]:
         info["held_out_domain"] = _held_out_change(job, lcfg, base_model, base, warm, half_a, half_b)
     return LossPoints(model=model, wcfg=wcfg, base=base, warm=warm, info=info)
+
+
+def _shuffled_domain(job) -> dict:
+    """The domain records with their responses permuted (seeded by the job's seed), encoded as
+    the job encodes (over-long pairs truncated from the left, never refused: a prompt may now
+    carry a longer answer than its own)."""
+    opts = dict(job.encoding)
+    if opts.get("truncation") == "error":
+        opts["truncation"] = "left"
+    return encode_records(job.context.tokenizer, shuffle_responses(job.domain, job.seed), job.context.max_len, **opts)
 
 
 def _held_out_change(job, lcfg, model, base, warm, half_a, half_b) -> dict:
@@ -181,6 +217,8 @@ def base_loss_store(job, lcfg: dict, kept: np.ndarray) -> ScoreStore:
     LoRA factors where they are not zero at θ_0 (``b_init_std > 0``; with B = 0, θ_0 is the
     base model whatever the LoRA)."""
     cfg, ctx = job.cfg, job.context
+    if lcfg.get("reference", "base") != "base":  # θ_s depends on the domain: a store of the job's own
+        return job.store("loss_reference", [job.pool_ids[int(i)] for i in kept], "loss_reference")
     lora = dict(cfg["lora"])
     recs = [job.pool[int(i)] for i in kept]
     key = {"stage": "loss_base", "model_dir": os.path.abspath(ctx.model_dir), "dtype": ctx.dtype,
@@ -216,7 +254,7 @@ def loss_change_stage(job, lcfg: dict, points: LossPoints, kept: np.ndarray | No
     with job.timed("loss_change"):
         base_store = base_loss_store(job, lcfg, kept)
         job.score_shards(base_store, lambda lo, hi: job.map_records(losses_at([points.base]), lo, hi, kept)[:, 0],
-                         desc="loss change: forward passes at θ_0")
+                         desc="loss change: forward passes at the reference point")
         _, base = base_store.merge()
 
         def score(lo, hi):

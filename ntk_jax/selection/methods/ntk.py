@@ -294,7 +294,8 @@ def _delta_stage(job, ncfg: dict, lpoints, kept: np.ndarray | None, store_name: 
     delta, losses = loss_change.loss_change_stage(job, ncfg["loss_change"], lpoints, kept, store_name=store_name)
     job.extra.setdefault("loss_change", {}).update(**lpoints.info, points=[name for name, _ in lpoints.warm],
                                                    mean_change=float(np.mean(delta)), n_scored=int(len(delta)))
-    return delta, dict(loss_change=delta, loss_base=losses[:, 0], loss_warm=losses[:, 1:].mean(axis=1))
+    reference = "loss_base" if ncfg["loss_change"]["reference"] == "base" else "loss_reference"
+    return delta, {"loss_change": delta, reference: losses[:, 0], "loss_warm": losses[:, 1:].mean(axis=1)}
 
 
 def first_stage(job, ncfg: dict, model, lpoints) -> tuple[np.ndarray | None, dict]:

@@ -11,7 +11,11 @@ set and candidate pool. For each p and seed:
 * ``spearman_vs_dense``: Spearman correlation of the NTK-Selector scores ``s_j = ⟨mean_i φ_i,
   φ_j⟩`` from factored features vs from dense features (same p, same seed);
 * ``spearman_vs_exact``: the same for each projection vs the unprojected gradients;
-* ``kernel_rel_error``: ``‖K̃ − K‖_F / ‖K‖_F`` of the candidates' Gram matrix vs the exact one.
+* ``kernel_rel_error``: ``‖K̃ − K‖_F / ‖K‖_F`` of the candidates' Gram matrix vs the exact one;
+
+for the dense map, the factored map as the jobs use it (the LoRA factors, small sites, by the
+sparse sign hash of their formed gradients) and the factored map with every site on its
+Kronecker factors (``kronecker``: ``FactoredProjection(p, sparse_sites=False)``).
 
 Medians over seeds are reported. Prints one JSON object on stdout.
 """
@@ -70,12 +74,16 @@ def main(argv=None) -> dict:
         rows = []
         for seed in range(args.seeds):
             dense, fact = RandomProjection(dim, seed=seed), FactoredProjection(dim, seed=seed)
+            kron = FactoredProjection(dim, seed=seed, sparse_sites=False)
             sd, sf = scores(feats(dom, dense), feats(cand, dense)), scores(feats(dom, fact), feats(cand, fact))
+            sk = scores(feats(dom, kron), feats(cand, kron))
             rows.append(dict(spearman_factored_vs_dense=spearman(sf, sd),
                              spearman_dense_vs_exact=spearman(sd, exact_scores),
                              spearman_factored_vs_exact=spearman(sf, exact_scores),
+                             spearman_kronecker_vs_exact=spearman(sk, exact_scores),
                              kernel_rel_error_dense=rel_err(feats(cand, dense), K),
-                             kernel_rel_error_factored=rel_err(feats(cand, fact), K)))
+                             kernel_rel_error_factored=rel_err(feats(cand, fact), K),
+                             kernel_rel_error_kronecker=rel_err(feats(cand, kron), K)))
             log(f"p={dim} seed={seed}: {rows[-1]}")
         results[str(dim)] = {"median": {k: float(np.median([r[k] for r in rows])) for k in rows[0]},
                              "per_seed": rows,

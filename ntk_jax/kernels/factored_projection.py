@@ -21,6 +21,20 @@ that a side of size ``d ≤ √p`` that divides ``p`` is kept exact (``P = I_d``
 that side) and the other side gets ``k = p / d``. One side exact and the other random keeps
 every leaf's map zero-mean, so the leaves' sum stays unbiased.
 
+Small sites (``sparse_sites=True``, the default): where forming a site's per-example gradient
+costs less than projecting its two sides — per token ``d_in·d_out < d_in·k_in + d_out·k_out +
+k_in·k_out`` (the exact sides not counted), which holds for every LoRA factor (``d · r``
+entries against a ``p/r``-row projection of the ``d`` side) — ``G`` is formed and mapped by a
+sparse sign hash (CountSketch; Charikar et al. 2002, the sparse JL transform of Kane & Nelson
+2014 with one nonzero per column): coordinate ``j`` of the concatenated small-site gradients
+goes to bucket ``h(j)`` with sign ``σ(j)``. When the small sites hold ``M ≤ p`` coordinates
+in all, ``h`` is injective (a seeded random injection), so the map preserves their inner
+products exactly; otherwise ``h`` is uniform and ``E⟨Sg, Sg'⟩ = ⟨g, g'⟩`` with the variance of a
+dense Rademacher map (docs/theory.md §2.6). It costs ``O(d_in·d_out)`` per example instead of the
+``p·d_in``-order work of the factors. Which sites are small depends only on the shapes and
+``p`` (never on the sequence length), so every batch gets the same map. ``sparse_sites=False``
+maps every linear site by its Kronecker factors.
+
 Seeded and deterministic: the factors of leaf ``i`` come from
 ``fold_in(fold_in(fold_in(key(seed), TAG), i), side)``; the same seed, parameter structure
 and ``p`` give the same map in every process.
@@ -40,6 +54,7 @@ from ntk_jax.kernels.features import batch_size_of, slice_batch
 from ntk_jax.kernels.projection import KINDS, RandomProjection, _generate_matrix
 
 _TAG = 0x6B726F6E  # separates the factor keys from RandomProjection's fold_in(leaf, chunk) keys
+_SPARSE_TAG = 0x68617368  # the key of the small sites' sign hash
 
 
 def _divisors(p: int) -> list[int]:
@@ -53,12 +68,17 @@ class FactoredProjection:
     Attributes:
       dim: output dimension p (a power of two splits best; any p works).
       seed: integer seed of every factor and of the dense fallback.
-      kind: ``"rademacher"`` (±1/√k) or ``"gaussian"`` (N(0, 1/k)) factors.
+      kind: ``"rademacher"`` (±1/√k) or ``"gaussian"`` (N(0, 1/k)) factors (the sparse
+        hash of small sites always uses ±1 signs).
+      sparse_sites: map the linear sites whose per-example gradient is cheaper to form than to
+        project (module docstring; every LoRA factor) by a sparse sign hash of the formed
+        gradient; ``False``: every linear site by its Kronecker factors.
     """
 
     dim: int
     seed: int = 0
     kind: str = "rademacher"
+    sparse_sites: bool = True
     is_factored = True  # duck-typed by kernels.features (no import cycle)
 
     def __post_init__(self):
@@ -75,6 +95,44 @@ class FactoredProjection:
                 return (d, p // d, True, False) if first else (p // d, d, False, True)
         k_in = min(_divisors(p), key=lambda k: (abs(math.log(k / root)), -k))
         return k_in, p // k_in, False, False
+
+    def is_sparse(self, d_in: int, d_out: int) -> bool:
+        """Whether a ``(d_in, d_out)`` linear site is mapped by the sparse hash: ``sparse_sites``
+        and forming its gradient costs less per token than its Kronecker factors (exact sides
+        free). Shapes and ``p`` only."""
+        if not self.sparse_sites:
+            return False
+        k_in, k_out, exact_in, exact_out = self.split(d_in, d_out)
+        factored = (0 if exact_in else d_in * k_in) + (0 if exact_out else d_out * k_out) + k_in * k_out
+        return d_in * d_out < factored
+
+    def sparse_layout(self, sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """``(buckets (M,) int32, signs (M,) float32)`` of the sparse hash over the concatenated
+        small-site gradients (``sizes``: each site's ``d_in·d_out``, in leaf order; ``M`` their
+        sum): a seeded injection into ``[0, p)`` when ``M ≤ p``, uniform buckets otherwise;
+        ±1 signs."""
+        m = int(sum(sizes))
+        key = jax.random.fold_in(jax.random.key(self.seed), _SPARSE_TAG)
+        k_bucket, k_sign = jax.random.split(key)
+        if m <= self.dim:
+            buckets = jax.random.permutation(k_bucket, self.dim)[:m]
+        else:
+            buckets = jax.random.randint(k_bucket, (m,), 0, self.dim)
+        signs = jax.random.rademacher(k_sign, (m,), dtype=jnp.float32)
+        return buckets.astype(jnp.int32), signs
+
+    def hash_features(self, grads: list[jax.Array], dtype) -> jax.Array:
+        """``(n, dim)``: the sparse hash of the small sites' per-example gradients ``grads``
+        (each ``(n, d_in, d_out)``, in leaf order)."""
+        n = grads[0].shape[0]
+        vals = jnp.concatenate([g.reshape(n, -1).astype(dtype) for g in grads], axis=1)
+        buckets, signs = self.sparse_layout(tuple(int(np.prod(g.shape[1:])) for g in grads))
+        vals = vals * signs.astype(dtype)
+        m = vals.shape[1]
+        if m <= self.dim:  # injective: a gather from the p outputs (faster than a scatter on CPU)
+            source = jnp.full((self.dim,), m, jnp.int32).at[buckets].set(jnp.arange(m, dtype=jnp.int32))
+            return jnp.take(jnp.concatenate([vals, jnp.zeros((n, 1), dtype)], axis=1), source, axis=1)
+        return jnp.zeros((n, self.dim), dtype).at[:, buckets].add(vals)
 
     def factor(self, leaf_index: int, side: int, k: int, d: int, dtype=jnp.float32) -> jax.Array:
         """The ``(k, d)`` factor of leaf ``leaf_index`` (``side`` 0 = input, 1 = output)."""
@@ -99,14 +157,18 @@ class FactoredProjection:
         return RandomProjection(self.dim, seed=self.seed, kind=self.kind, cache_bytes=0)
 
     def plan(self, scalar_fn, params, x) -> list[dict]:
-        """Per parameter leaf: ``{"path", "kind": "factored" | "dense", "d_in", "d_out",
-        "k_in", "k_out"}`` (shapes only)."""
+        """Per parameter leaf: ``{"path", "kind": "factored" | "sparse" | "dense", "d_in",
+        "d_out", "k_in", "k_out"}`` (shapes only; ``k_*`` for factored sites)."""
         _, interp, n_leaves = structured._analyse(scalar_fn, params, slice_batch(x, 0, 1))
         linear = structured._linear_sites(interp, n_leaves)
         out = []
         for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(params)):
             if i in linear:
                 site = interp.sites[linear[i]]
+                if self.is_sparse(site.d_in, site.d_out):
+                    out.append({"path": jax.tree_util.keystr(path), "kind": "sparse", "d_in": site.d_in,
+                                "d_out": site.d_out})
+                    continue
                 k_in, k_out, _, _ = self.split(site.d_in, site.d_out)
                 out.append({"path": jax.tree_util.keystr(path), "kind": "factored", "d_in": site.d_in,
                             "d_out": site.d_out, "k_in": k_in, "k_out": k_out})
@@ -126,13 +188,19 @@ class FactoredProjection:
         deltas, fb = cotangents(jnp.ones_like(out))
         dtype = jnp.promote_types(out.dtype, jnp.float32)
         groups: dict = {}  # sites with the same split share one accumulation
+        sparse = []        # small sites: their gradients, hashed together
         for leaf, s in sorted(linear.items()):
             site = interp.sites[s]
+            if self.is_sparse(site.d_in, site.d_out):
+                sparse.append(jnp.einsum("ntc,ntf->ncf", taps[s].astype(dtype), deltas[s].astype(dtype)))
+                continue
             groups.setdefault(self.split(site.d_in, site.d_out), []).append(
                 (leaf, taps[s].astype(dtype), deltas[s].astype(dtype)))
         total = jnp.zeros((n, self.dim), dtype)
         for split, members in groups.items():
             total = total + self._project_group(split, members, dtype)
+        if sparse:
+            total = total + self.hash_features(sparse, dtype)
         if fb:
             total = total + self.fallback(list(fb)).astype(dtype)
         return total
@@ -187,9 +255,21 @@ class FactoredProjection:
         fb_idx = [i for i in range(len(leaves)) if i not in linear_dims]
         fb_sizes = tuple(int(np.prod(np.shape(leaves[i]))) for i in fb_idx)
         fb_matrix = np.asarray(_generate_matrix(self.fallback, fb_sizes, jnp.dtype(dtype).name)) if fb_idx else None
+        sparse_idx = [i for i in sorted(linear_dims) if self.is_sparse(*linear_dims[i])]
+        sparse_rows = {}
+        if sparse_idx:
+            sizes = tuple(int(np.prod(linear_dims[i])) for i in sparse_idx)
+            buckets, signs = (np.asarray(a) for a in self.sparse_layout(sizes))
+            start = 0
+            for i, size in zip(sparse_idx, sizes):
+                rows = np.zeros((size, self.dim), jnp.dtype(dtype))
+                rows[np.arange(size), buckets[start:start + size]] = signs[start:start + size]
+                sparse_rows[i], start = rows, start + size
         blocks, fb_start = [], 0
         for i, leaf in enumerate(leaves):
-            if i in linear_dims:
+            if i in sparse_rows:
+                blocks.append(sparse_rows[i])
+            elif i in linear_dims:
                 d_in, d_out = linear_dims[i]
                 p_in, p_out = self.factors(i, d_in, d_out, jnp.dtype(dtype))
                 blocks.append(np.kron(np.asarray(p_in).T, np.asarray(p_out).T))  # vec(G) row-major
@@ -230,16 +310,21 @@ class BoundFactoredProjection:
         b = leaves[0].shape[0]
         dtype = jnp.promote_types(leaves[0].dtype, jnp.float32)
         total = jnp.zeros((b, self.dim), dtype)
-        fallback = []
+        fallback, sparse = [], []
         for i, g in enumerate(leaves):
             g = jnp.asarray(g).astype(dtype)
             if i not in self.sites:
                 fallback.append(g)
                 continue
             site = self.sites[i]
+            if self.projection.is_sparse(site.d_in, site.d_out):
+                sparse.append(jax.vmap(lambda a: structured.site_matrix(site, a))(g))
+                continue
             p_in, p_out = self.projection.factors(i, site.d_in, site.d_out, dtype)
             m = jax.vmap(lambda a: structured.site_matrix(site, a))(g)          # (b, d_in, d_out)
             total = total + jnp.einsum("kc,bcf,lf->bkl", p_in, m, p_out).reshape(b, self.dim)
+        if sparse:
+            total = total + self.projection.hash_features(sparse, dtype)
         if fallback:
             total = total + self.projection.fallback(fallback).astype(dtype)
         return total

@@ -58,8 +58,10 @@ GRADIENTS = {"gradient": ("grad_base", "grad_warm"), "grad_base": ("grad_base",)
 DERIVED = (["gradient"] + [f"{d}>{g}@{k}{c}" for d in ("lc", "lc_120", "lc_xfit") for g in GRADIENTS
                            for k in (2, 4) for c in ("", ":filter")]
            + [f"{knn}>lc@{k}:filter" for knn in ("knn0", "knnw") for k in (2, 4)])
+DERIVED_NEEDS = {"lc", "lc_120", "lc_xfit", "grad_base", "grad_warm", "knn0", "knnw"}
 # ... and with the shuffled-reference Δ (when its arm ran)
 DERIVED_SHUFFLED = ["knnw>lc_shuf@4:filter", "lc_shuf>grad_base@4:filter"]
+DERIVED_SHUFFLED_NEEDS = {"lc_shuf", "knnw", "grad_base"}
 
 
 def arm_config(select: dict, arm: str, overrides: dict) -> dict:
@@ -194,19 +196,14 @@ def main(argv=None) -> dict:
                     row[name] = {"precision_at_n": rep["precision_at_n"], "base_rate": rep["base_rate"],
                                  "seconds": float(sum(rep["timings_s"].values()))}
                     per_arm[name].append(rep["precision_at_n"])
-                if {"lc", "lc_120", "lc_xfit", "grad_base", "grad_warm", "knn0", "knnw"} <= set(args.arms):
-                    ids = [str(r["id"]) for r in bench.pool]
-                    for name in DERIVED:
+                ids = [str(r["id"]) for r in bench.pool]
+                for needs, derived in ((DERIVED_NEEDS, DERIVED), (DERIVED_SHUFFLED_NEEDS, DERIVED_SHUFFLED)):
+                    if not needs <= set(args.arms):
+                        continue
+                    for name in derived:
                         p = precision(derived_scores(cell_dir, ids, name, int(select["n_select"])), bench.pool,
                                       int(select["n_select"]))
-                        row[name] = {"precision_at_n": p, "base_rate": row["lc"]["base_rate"]}
-                        per_arm.setdefault(name, []).append(p)
-                if {"lc_shuf", "knnw", "grad_base"} <= set(args.arms):
-                    ids = [str(r["id"]) for r in bench.pool]
-                    for name in DERIVED_SHUFFLED:
-                        p = precision(derived_scores(cell_dir, ids, name, int(select["n_select"])), bench.pool,
-                                      int(select["n_select"]))
-                        row[name] = {"precision_at_n": p, "base_rate": row["lc_shuf"]["base_rate"]}
+                        row[name] = {"precision_at_n": p, "base_rate": row[args.arms[0]]["base_rate"]}
                         per_arm.setdefault(name, []).append(p)
                 cell = {"arms": row}
                 if {"lc", "lc_120", "grad_base", "grad_warm"} <= set(args.arms):

@@ -28,8 +28,9 @@ entries against a ``p/r``-row projection of the ``d`` side) — ``G`` is formed 
 sparse sign hash (CountSketch; Charikar et al. 2002, the sparse JL transform of Kane & Nelson
 2014 with one nonzero per column): coordinate ``j`` of the concatenated small-site gradients
 goes to bucket ``h(j)`` with sign ``σ(j)``. When the small sites hold ``M ≤ p`` coordinates
-in all, ``h`` is injective (a seeded random injection), so the map preserves their inner
-products exactly; otherwise ``h`` is uniform and ``E⟨Sg, Sg'⟩ = ⟨g, g'⟩`` with the variance of a
+in all, ``h`` is injective (``h(j) = j``, seeded signs), so the map preserves their inner
+products exactly (any injection would; the other leaves' maps are random and zero-mean, so the
+cross terms stay unbiased); otherwise ``h`` is uniform and ``E⟨Sg, Sg'⟩ = ⟨g, g'⟩`` with the variance of a
 dense Rademacher map (docs/theory.md §2.6). It costs ``O(d_in·d_out)`` per example instead of the
 ``p·d_in``-order work of the factors. Which sites are small depends only on the shapes and
 ``p`` (never on the sequence length), so every batch gets the same map. ``sparse_sites=False``
@@ -109,13 +110,13 @@ class FactoredProjection:
     def sparse_layout(self, sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
         """``(buckets (M,) int32, signs (M,) float32)`` of the sparse hash over the concatenated
         small-site gradients (``sizes``: each site's ``d_in·d_out``, in leaf order; ``M`` their
-        sum): a seeded injection into ``[0, p)`` when ``M ≤ p``, uniform buckets otherwise;
+        sum): the injection ``j ↦ j`` when ``M ≤ p``, seeded uniform buckets otherwise; seeded
         ±1 signs."""
         m = int(sum(sizes))
         key = jax.random.fold_in(jax.random.key(self.seed), _SPARSE_TAG)
         k_bucket, k_sign = jax.random.split(key)
         if m <= self.dim:
-            buckets = jax.random.permutation(k_bucket, self.dim)[:m]
+            buckets = jnp.arange(m)
         else:
             buckets = jax.random.randint(k_bucket, (m,), 0, self.dim)
         signs = jax.random.rademacher(k_sign, (m,), dtype=jnp.float32)
@@ -129,9 +130,8 @@ class FactoredProjection:
         buckets, signs = self.sparse_layout(tuple(int(np.prod(g.shape[1:])) for g in grads))
         vals = vals * signs.astype(dtype)
         m = vals.shape[1]
-        if m <= self.dim:  # injective: a gather from the p outputs (faster than a scatter on CPU)
-            source = jnp.full((self.dim,), m, jnp.int32).at[buckets].set(jnp.arange(m, dtype=jnp.int32))
-            return jnp.take(jnp.concatenate([vals, jnp.zeros((n, 1), dtype)], axis=1), source, axis=1)
+        if m <= self.dim:  # injective, h(j) = j
+            return jnp.concatenate([vals, jnp.zeros((n, self.dim - m), dtype)], axis=1)
         return jnp.zeros((n, self.dim), dtype).at[:, buckets].add(vals)
 
     def factor(self, leaf_index: int, side: int, k: int, d: int, dtype=jnp.float32) -> jax.Array:

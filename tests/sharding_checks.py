@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 
 from ntk_jax.kernels.features import make_feature_fn, sum_of_outputs  # noqa: E402
 from ntk_jax.kernels.outputs import lm_output_fn  # noqa: E402
+from ntk_jax.kernels.factored_projection import FactoredProjection  # noqa: E402
 from ntk_jax.kernels.projection import RandomProjection  # noqa: E402
 from ntk_jax.mesh import shard_batch  # noqa: E402
 from ntk_jax.models import sharding as sh  # noqa: E402
@@ -88,7 +89,10 @@ def maxabs(a, b):
 
 
 def lm_quantities(model, batch, mesh):
-    """logits (N,T,V), features exact (N,P) and projected (N,64), LoRA loss-gradient (P,)."""
+    """logits (N,T,V), features exact (N,P), projected (N,64) by the dense map, by the factored map
+    (the LoRA factors by its sparse hash; P > 64, so buckets collide) and by the factored map at
+    p = 4096 ≥ P (an injective hash: the exact features up to signs and zero padding) and with
+    every site on its Kronecker factors; LoRA loss-gradient (P,)."""
     if mesh is not None:
         batch = shard_batch(batch, mesh)
     logits = nnx.jit(lambda m, b: m(b["input_ids"], attention_mask=b["attention_mask"]))(model, batch)
@@ -96,10 +100,14 @@ def lm_quantities(model, batch, mesh):
     scalar = sum_of_outputs(lm_output_fn(subset))
     exact = make_feature_fn(scalar)(subset.params, batch)
     projected = make_feature_fn(scalar, RandomProjection(dim=64, seed=3))(subset.params, batch)
+    factored = {f"factored_{name}": np.asarray(make_feature_fn(scalar, proj)(subset.params, batch))
+                for name, proj in (("sparse64", FactoredProjection(64, seed=3)),
+                                   ("sparse4096", FactoredProjection(4096, seed=3)),
+                                   ("kronecker64", FactoredProjection(64, seed=3, sparse_sites=False)))}
     grad = jax.jit(jax.grad(lambda p, b: lm_loss(subset.merge(p), b)))(subset.params, batch)
     flat_grad = np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(grad)])
     return {"logits": np.asarray(logits), "features": np.asarray(exact), "projected": np.asarray(projected),
-            "grad": flat_grad}, {"features": exact.sharding, "params": subset.params}
+            "grad": flat_grad, **factored}, {"features": exact.sharding, "params": subset.params}
 
 
 def placement(model, names):

@@ -173,7 +173,8 @@ def test_meshes_match_one_device(tmp_path):
     scale = r["scale"]
     assert r["sizes"]["features"][1] > 1000  # P: LoRA factors of 5 projections
     for mesh_name, entry in r["meshes"].items():
-        for k in ("logits", "features", "projected", "grad"):
+        for k in ("logits", "features", "projected", "grad", "factored_sparse64", "factored_sparse4096",
+                  "factored_kronecker64"):
             assert entry[k] <= 2e-5 * max(scale[k], 1.0), (mesh_name, k, entry[k], scale[k])
         assert entry["all_leaves_on_mesh"] and entry["feature_devices"] == 8
     place = {m: r["meshes"][m]["placement"] for m in r["meshes"]}

@@ -188,3 +188,38 @@ def test_bad_method_and_batch_axis_errors():
         empirical_ntk(lambda p, x: f(p, x).sum(), params, x1)
     with pytest.raises(ValueError, match="empty batch"):
         empirical_ntk(f, params, x1[:0])
+
+
+def test_repeated_calls_reuse_one_compiled_kernel():
+    """The same ``f`` called again (new parameter values, same shapes) runs the program compiled by
+    the first call — one traced signature, a cache hit — and still gives the kernel of the *new*
+    parameters (the closed-form ``X Xᵀ`` scaled by the weights' second layer); another ``f`` gets
+    its own program."""
+    from ntk_jax.kernels.ntk import _shared_kernel_fn
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+
+    def f(p, x):  # (n, 1): a two-layer linear model, kernel over the first layer only
+        return (x @ p["w"]) @ jnp.array([[2.0], [0.5]])
+
+    p1 = {"w": jnp.ones((3, 2))}
+    p2 = {"w": 3.0 * jnp.ones((3, 2))}
+    _shared_kernel_fn.cache_clear()
+    k1 = empirical_ntk(f, p1, x, method="jacobian")
+    k2 = empirical_ntk(f, p2, x, method="jacobian")
+    info = _shared_kernel_fn.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    compiled = _shared_kernel_fn(f, True, "jacobian", "jacobian_contraction", 1, None)
+    assert len(compiled._programs) == 1  # one trace for both calls
+    expected = np.asarray(x @ x.T) * (2.0 ** 2 + 0.5 ** 2)  # linear in w: the same kernel at p1 and p2
+    np.testing.assert_allclose(k1, expected, rtol=1e-5)
+    np.testing.assert_allclose(k2, expected, rtol=1e-5)
+
+    def g(p, x):  # nonlinear in w: the kernel moves with the parameters
+        return jnp.tanh(x @ p["w"]).sum(axis=1, keepdims=True)
+
+    kg1, kg2 = empirical_ntk(g, p1, x, method="jacobian"), empirical_ntk(g, p2, x, method="jacobian")
+    assert _shared_kernel_fn.cache_info().misses == 2
+    for k, p in ((kg1, p1), (kg2, p2)):
+        J = flatten_per_example(per_example_grads(lambda p, x: g(p, x)[:, 0], p, x))
+        np.testing.assert_allclose(k, np.asarray(J @ J.T), rtol=1e-5, atol=1e-6)
+    assert np.abs(kg1 - kg2).max() > 1e-3

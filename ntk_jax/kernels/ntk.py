@@ -23,6 +23,7 @@ host memory (numpy). Blocks are padded to one shape, so each driver compiles onc
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any, Callable
 
 import jax
@@ -35,7 +36,7 @@ from ntk_jax.kernels.contract import contract_jacobians, gram as _gram, output_s
 from ntk_jax.kernels.features import (ScalarFn, batch_size_of, gradient_features, pad_batch,
                                       slice_batch, sum_of_outputs)
 from ntk_jax.kernels.projection import RandomProjection
-from ntk_jax.kernels.jit import jit_constants_as_args
+from ntk_jax.kernels.jit import ConstantsAsArgs, jit_constants_as_args
 from ntk_jax.kernels.structured import StructuredPlan, structured_block, structured_plan
 from ntk_jax.utils import progress
 
@@ -208,12 +209,25 @@ def ntk_fn(f: Callable, *, trace: bool = True, method: str = "jacobian",
     return _BLOCK_BUILDERS[method](f, trace, output_dim, bb, nt_implementation)
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_kernel_fn(f: Callable, trace: bool, method: str, nt_implementation: str, output_dim: int | None,
+                      basis_batch: int | None) -> ConstantsAsArgs:
+    """:func:`ntk_fn` compiled (:func:`~ntk_jax.kernels.jit.jit_constants_as_args`) and memoised
+    on its arguments — ``f`` by identity, as ``jax.jit`` caches a function's traces — so that
+    repeated :func:`empirical_ntk` calls with the same ``f`` (a kernel at every checkpoint of a
+    fine-tune, blocks of a large kernel) reuse one compiled program instead of re-tracing and
+    re-compiling it each call. Holds the last 8 combinations (and what their closures reference)."""
+    return jit_constants_as_args(ntk_fn(f, trace=trace, method=method, nt_implementation=nt_implementation,
+                                        output_dim=output_dim, basis_batch=basis_batch))
+
+
 # --- blocked drivers -----------------------------------------------------------------------
 
 
 def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | None,
                    block_size: int | None, *, full: bool = False, desc: str = "kernel blocks") -> np.ndarray:
-    """Evaluates ``block_fn(params, xa, xb)`` over row × column blocks into a host array.
+    """Evaluates ``block_fn(params, xa, xb)`` over row × column blocks into a host array
+    (compiled here unless it already is a :class:`~ntk_jax.kernels.jit.ConstantsAsArgs`).
 
     With ``x2=None`` the kernel is symmetric and only blocks on or above the diagonal are
     computed (mirrored, transposing the output axes too when ``full``); diagonal blocks are
@@ -222,7 +236,7 @@ def blocked_kernel(block_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
     n1, n2 = batch_size_of(x1, "x1"), batch_size_of(x2, "x2")
-    fn = jit_constants_as_args(block_fn)
+    fn = block_fn if isinstance(block_fn, ConstantsAsArgs) else jit_constants_as_args(block_fn)
     if block_size is None:
         return np.asarray(fn(params, x1, None if symmetric else x2))
     if block_size <= 0:
@@ -289,8 +303,11 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
     if method in ("structured", "auto"):
         plan = structured_plan(f, params, x1, x2, trace=trace, block_size=block_size)
         method = plan.auto if method == "auto" else method
-    block = ntk_fn(f, trace=trace, method=method, nt_implementation=nt_implementation,
-                   output_dim=O, basis_batch=basis_batch)
+    try:
+        block = _shared_kernel_fn(f, trace, method, nt_implementation, O, basis_batch)
+    except TypeError:  # an unhashable f: compile for this call only
+        block = ntk_fn(f, trace=trace, method=method, nt_implementation=nt_implementation,
+                       output_dim=O, basis_batch=basis_batch)
     K = blocked_kernel(block, params, x1, x2, block_size, full=not trace, desc=f"eNTK ({method})")
     del n1
     K = check_finite(K, f"eNTK ({method})") if check else K

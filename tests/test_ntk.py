@@ -223,3 +223,26 @@ def test_repeated_calls_reuse_one_compiled_kernel():
         J = flatten_per_example(per_example_grads(lambda p, x: g(p, x)[:, 0], p, x))
         np.testing.assert_allclose(k, np.asarray(J @ J.T), rtol=1e-5, atol=1e-6)
     assert np.abs(kg1 - kg2).max() > 1e-3
+
+
+def test_repeated_jacobian_free_calls_reuse_one_compiled_program():
+    """``jacobian_free_ntk`` wraps ``f`` in its sum of outputs: the same ``f`` gives the same
+    wrapper, so the second call (new parameter values) hits the memoised feature program and
+    still equals ``J_s J_sᵀ`` at the new parameters."""
+    from ntk_jax.kernels.features import _shared_feature_fn, sum_of_outputs
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w"])  # (n, 2)
+
+    assert sum_of_outputs(f) is sum_of_outputs(f)
+    _shared_feature_fn.cache_clear()
+    for scale in (1.0, 2.0):
+        p = {"w": scale * jnp.ones((3, 2))}
+        K = jacobian_free_ntk(f, p, x)
+        J = flatten_per_example(per_example_grads(sum_of_outputs(f), p, x))
+        np.testing.assert_allclose(K, np.asarray(J @ J.T), rtol=1e-5, atol=1e-6)
+    info = _shared_feature_fn.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    unhashable = type("F", (), {"__call__": lambda self, p, x: f(p, x), "__hash__": None})()
+    np.testing.assert_allclose(jacobian_free_ntk(unhashable, p, x), K, rtol=1e-6)  # still works

@@ -72,8 +72,18 @@ def pad_batch(x: PyTree, size: int) -> PyTree:
 
 
 def sum_of_outputs(f: Callable) -> ScalarFn:
-    """``s(params, x) = Σ_k f_k(params, x)``, summing every output axis: ``(n,)``."""
+    """``s(params, x) = Σ_k f_k(params, x)``, summing every output axis: ``(n,)``. The same
+    ``f`` (by identity; the last 8) gives the same ``s``, so the programs memoised on ``s``
+    (features, scores) are compiled once across calls such as repeated
+    :func:`~ntk_jax.kernels.ntk.jacobian_free_ntk` calls."""
+    try:
+        return _sum_of_outputs(f)
+    except TypeError:  # an unhashable callable
+        return _sum_of_outputs.__wrapped__(f)
 
+
+@functools.lru_cache(maxsize=8)
+def _sum_of_outputs(f: Callable) -> ScalarFn:
     def s(params, x):
         out = f(params, x)
         return out.reshape(out.shape[0], -1).sum(axis=1)

@@ -63,6 +63,8 @@ pool of ``--n`` candidates in batches of ``--batch-size``, ``--repeats`` times r
 ``--sizes`` candidates (one timed pass each after warm-up), a least-squares line
 time = a + b·n with its R², and the time per candidate at each size.
 
+``--factored-only`` runs just the ``factored_projection`` section (after the same set-up).
+
 Data pipeline (``data_pipeline``; ``--data-only`` runs just this): what the selection job does
 to a pool before and besides the model, on ONE core (one record at a time, as the job does):
 ``--data-records`` chat records (``messages``: an optional system turn, 1-3 user/assistant
@@ -577,6 +579,8 @@ def parse_args(argv=None):
     p.add_argument("--data-records", type=int, default=20000, help="records of the data-pipeline pool")
     p.add_argument("--data-max-len", type=int, default=1024, help="encoding length of the data pipeline")
     p.add_argument("--data-only", action="store_true", help="run only the data-pipeline section")
+    p.add_argument("--factored-only", action="store_true",
+                   help="run only the factored_projection section (after the same set-up)")
     p.add_argument("--quick", action="store_true",
                    help="n=64, batch 32, sizes 64,128,256, repeats 1, 200 data records (for tests)")
     a = p.parse_args(argv)
@@ -660,6 +664,12 @@ def main(argv=None) -> dict:
         # our per-example gradients without the projection (the model part alone)
         "ours_unprojected_grads": unprojected_runner,
     }
+    if args.factored_only:
+        warm_up({k: runners[k] for k in ("train_step_floor", "ours_features", "torch_func_features")}, warm_pool)
+        report = dict(device=str(jax.devices()[0].platform), model=dict(P=subset.num_params, T=T, **arch),
+                      factored_projection=factored_section(subset, runners, ours_runner, pool, warm_pool, args))
+        print(json.dumps(report, indent=2))
+        return report
     # Scores without materialising features: NTK-Selector's s_j = mean_i <F_i, F_j> = <F_j, u>
     # with u the mean projected feature of a domain set (here: the first batch of the pool)
     # equals the JVP of s(x_j) along Π u (``RandomProjection.adjoint``).

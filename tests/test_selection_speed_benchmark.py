@@ -21,6 +21,21 @@ def run_benchmark(name, *args):
     return json.loads(proc.stdout)  # stdout is exactly one JSON object
 
 
+@pytest.mark.benchmark
+def test_selection_speed_factored_only():
+    """``--factored-only``: the factored section alone, with the sparse-site map timed against
+    the Kronecker-only one and scored against the exact scores (the tiny model's LoRA factors
+    fit in p = 8192, so its scores are the exact ones)."""
+    out = run_benchmark("selection_speed.py", "--factored-only")
+    f = out["factored_projection"]
+    assert set(f["seconds"]) == {"ours_features_factored", "ours_features_kronecker_only", "ours_features",
+                                 "train_step_floor", "torch_func_features"}
+    assert {row["kind"] for row in f["plan"]} == {"sparse"}
+    assert f["score_spearman_vs_exact"]["factored"] == pytest.approx(1.0, abs=1e-9)
+    assert f["score_spearman_vs_exact"]["kronecker_only"] > 0.9
+    assert out["model"]["P"] == 5376 and "pipelines" not in out
+
+
 @pytest.mark.slow
 @pytest.mark.benchmark
 def test_selection_speed_quick():

@@ -30,7 +30,9 @@ sparse sign hash (CountSketch; Charikar et al. 2002, the sparse JL transform of 
 goes to bucket ``h(j)`` with sign ``σ(j)``. When the small sites hold ``M ≤ p`` coordinates
 in all, ``h`` is injective (``h(j) = j``, seeded signs), so the map preserves their inner
 products exactly (any injection would; the other leaves' maps are random and zero-mean, so the
-cross terms stay unbiased); otherwise ``h`` is uniform and ``E⟨Sg, Sg'⟩ = ⟨g, g'⟩`` with the variance of a
+cross terms stay unbiased); otherwise ``h`` folds a seeded random order of the coordinates
+onto the p buckets (a gather and a sum: deterministic on every backend, unlike a scatter-add)
+and ``E⟨Sg, Sg'⟩ = ⟨g, g'⟩`` with about the variance of a
 dense Rademacher map (docs/theory.md §2.6). It costs ``O(d_in·d_out)`` per example instead of the
 ``p·d_in``-order work of the factors. Which sites are small depends only on the shapes and
 ``p`` (never on the sequence length), so every batch gets the same map. ``sparse_sites=False``
@@ -107,32 +109,40 @@ class FactoredProjection:
         factored = (0 if exact_in else d_in * k_in) + (0 if exact_out else d_out * k_out) + k_in * k_out
         return d_in * d_out < factored
 
+    def _sparse_keys(self):
+        return jax.random.split(jax.random.fold_in(jax.random.key(self.seed), _SPARSE_TAG))
+
     def sparse_layout(self, sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
         """``(buckets (M,) int32, signs (M,) float32)`` of the sparse hash over the concatenated
         small-site gradients (``sizes``: each site's ``d_in·d_out``, in leaf order; ``M`` their
-        sum): the injection ``j ↦ j`` when ``M ≤ p``, seeded uniform buckets otherwise; seeded
-        ±1 signs."""
+        sum): the injection ``j ↦ j`` when ``M ≤ p``; otherwise a seeded random order of the M
+        coordinates folded onto the p buckets (position ``q`` in the order goes to bucket
+        ``q mod p``: each bucket gets ``⌈M/p⌉`` or ``⌊M/p⌋`` coordinates, and two coordinates
+        share one with probability ≈ 1/p); seeded ±1 signs. :meth:`hash_features` applies it."""
         m = int(sum(sizes))
-        key = jax.random.fold_in(jax.random.key(self.seed), _SPARSE_TAG)
-        k_bucket, k_sign = jax.random.split(key)
+        k_order, k_sign = self._sparse_keys()
         if m <= self.dim:
             buckets = jnp.arange(m)
         else:
-            buckets = jax.random.randint(k_bucket, (m,), 0, self.dim)
+            buckets = jnp.argsort(jax.random.permutation(k_order, m)) % self.dim
         signs = jax.random.rademacher(k_sign, (m,), dtype=jnp.float32)
         return buckets.astype(jnp.int32), signs
 
     def hash_features(self, grads: list[jax.Array], dtype) -> jax.Array:
         """``(n, dim)``: the sparse hash of the small sites' per-example gradients ``grads``
-        (each ``(n, d_in, d_out)``, in leaf order)."""
+        (each ``(n, d_in, d_out)``, in leaf order). A gather and a sum over a reshape — no
+        scatter, so the sums run in the same order on every backend (deterministic)."""
         n = grads[0].shape[0]
         vals = jnp.concatenate([g.reshape(n, -1).astype(dtype) for g in grads], axis=1)
-        buckets, signs = self.sparse_layout(tuple(int(np.prod(g.shape[1:])) for g in grads))
-        vals = vals * signs.astype(dtype)
         m = vals.shape[1]
+        k_order, k_sign = self._sparse_keys()
+        vals = vals * jax.random.rademacher(k_sign, (m,), dtype=dtype)
         if m <= self.dim:  # injective, h(j) = j
             return jnp.concatenate([vals, jnp.zeros((n, self.dim - m), dtype)], axis=1)
-        return jnp.zeros((n, self.dim), dtype).at[:, buckets].add(vals)
+        folds = -(-m // self.dim)
+        ordered = jnp.take(vals, jax.random.permutation(k_order, m), axis=1)  # position q: coordinate order[q]
+        ordered = jnp.pad(ordered, ((0, 0), (0, folds * self.dim - m)))
+        return ordered.reshape(n, folds, self.dim).sum(axis=1)
 
     def factor(self, leaf_index: int, side: int, k: int, d: int, dtype=jnp.float32) -> jax.Array:
         """The ``(k, d)`` factor of leaf ``leaf_index`` (``side`` 0 = input, 1 = output)."""

@@ -109,8 +109,8 @@ class FactoredProjection:
         factored = (0 if exact_in else d_in * k_in) + (0 if exact_out else d_out * k_out) + k_in * k_out
         return d_in * d_out < factored
 
-    def _sparse_keys(self):
-        return jax.random.split(jax.random.fold_in(jax.random.key(self.seed), _SPARSE_TAG))
+    def _sign_key(self):
+        return jax.random.fold_in(jax.random.key(self.seed), _SPARSE_TAG)
 
     def sparse_layout(self, sizes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
         """``(buckets (M,) int32, signs (M,) float32)`` of the sparse hash over the concatenated
@@ -120,12 +120,11 @@ class FactoredProjection:
         ``q mod p``: each bucket gets ``⌈M/p⌉`` or ``⌊M/p⌋`` coordinates, and two coordinates
         share one with probability ≈ 1/p); seeded ±1 signs. :meth:`hash_features` applies it."""
         m = int(sum(sizes))
-        k_order, k_sign = self._sparse_keys()
         if m <= self.dim:
             buckets = jnp.arange(m)
         else:
-            buckets = jnp.argsort(jax.random.permutation(k_order, m)) % self.dim
-        signs = jax.random.rademacher(k_sign, (m,), dtype=jnp.float32)
+            buckets = jnp.asarray(np.argsort(_fold_order(self.seed, m)) % self.dim)
+        signs = jax.random.rademacher(self._sign_key(), (m,), dtype=jnp.float32)
         return buckets.astype(jnp.int32), signs
 
     def hash_features(self, grads: list[jax.Array], dtype) -> jax.Array:
@@ -135,12 +134,11 @@ class FactoredProjection:
         n = grads[0].shape[0]
         vals = jnp.concatenate([g.reshape(n, -1).astype(dtype) for g in grads], axis=1)
         m = vals.shape[1]
-        k_order, k_sign = self._sparse_keys()
-        vals = vals * jax.random.rademacher(k_sign, (m,), dtype=dtype)
+        vals = vals * jax.random.rademacher(self._sign_key(), (m,), dtype=dtype)
         if m <= self.dim:  # injective, h(j) = j
             return jnp.concatenate([vals, jnp.zeros((n, self.dim - m), dtype)], axis=1)
         folds = -(-m // self.dim)
-        ordered = jnp.take(vals, jax.random.permutation(k_order, m), axis=1)  # position q: coordinate order[q]
+        ordered = jnp.take(vals, _fold_order(self.seed, m), axis=1)  # position q: coordinate order[q]
         ordered = jnp.pad(ordered, ((0, 0), (0, folds * self.dim - m)))
         return ordered.reshape(n, folds, self.dim).sum(axis=1)
 
@@ -288,6 +286,16 @@ class FactoredProjection:
                 blocks.append(fb_matrix[fb_start:fb_start + size])
                 fb_start += size
         return np.concatenate(blocks, axis=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _fold_order(seed: int, m: int) -> np.ndarray:
+    """The seeded random order ``(m,)`` of the small-site coordinates that the sparse hash folds
+    onto the buckets — a host array, drawn once per (seed, M) and embedded in the compiled
+    programs (no per-batch shuffle)."""
+    order = np.random.default_rng([int(seed), _SPARSE_TAG]).permutation(int(m)).astype(np.int32)
+    order.flags.writeable = False
+    return order
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -51,6 +51,16 @@ CASES = {
     "llama3_rope": ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
     "linear_rope": ("llama", dict(num_key_value_heads=2,
                                   rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    # YaRN (head_dim 8 over 16 original positions: the ramp spans the middle frequencies;
+    # attention factor 0.1 ln 4 + 1 on cos/sin), and with every optional key
+    "yarn_rope": ("llama", dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
+    "qwen3_yarn_options": ("qwen3", dict(num_key_value_heads=2, head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=8.0, original_max_position_embeddings=8, beta_fast=16.0,
+        beta_slow=2.0, truncate=False, mscale=0.707, mscale_all_dim=1.0))),
+    "mistral_yarn_attention_factor": ("mistral", dict(num_key_value_heads=2, sliding_window=None, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=32,
+        attention_factor=1.3))),
     # Qwen2: q/k/v biases, no o_proj bias
     "qwen2": ("qwen2", dict(num_key_value_heads=2)),
     # Qwen3: q/k RMSNorm, head_dim != hidden / heads
@@ -261,8 +271,13 @@ def test_config_conversion_and_rope_errors():
     v4.update(rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0})
     c4 = config_from_hf(v4)
     assert c4.rope_theta == 1e4 and dict(c4.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
-    with pytest.raises(ValueError, match="'yarn'"):
+    with pytest.raises(ValueError, match="'yarn' is missing \\['original_max_position_embeddings'\\]"):
         config_from_hf({**v4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'.*yarn"):
+        config_from_hf({**v4, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match="unsupported keys \\['beta'\\].*optionally"):
+        config_from_hf({**v4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 8, "beta": 1.0}})
     with pytest.raises(ValueError, match="hidden_act"):
         config_from_hf({**v4, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'.*llama.*mistral.*qwen2.*qwen3"):

@@ -24,7 +24,10 @@ the end of this module):
   (``self_attn.q_norm`` / ``self_attn.k_norm``, weight ``(head_dim,)``), before RoPE;
 * ``rope_scaling`` — ``None`` or HF's ``{"rope_type": "linear", "factor"}`` /
   ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-  "original_max_position_embeddings"}`` (other types raise ``ValueError``);
+  "original_max_position_embeddings"}`` / ``{"rope_type": "yarn", "factor",
+  "original_max_position_embeddings"}`` with YaRN's optional ``attention_factor``,
+  ``beta_fast``, ``beta_slow``, ``mscale``, ``mscale_all_dim``, ``truncate`` (other types raise
+  ``ValueError``);
 * ``sliding_window`` / ``layer_types`` — Mistral/Qwen sliding-window attention: query ``i``
   sees key ``j`` iff ``i - window < j <= i`` (sequence indices, HF's ``sliding_window_overlay``),
   on every layer (``layer_types=None``) or on the layers marked ``"sliding_attention"``.
@@ -103,6 +106,7 @@ __all__ = [
     "DecoderBlock",
     "DecoderLM",
     "rope_inv_freq",
+    "rope_attention_factor",
     "ROPE_SCALING_TYPES",
     "rope_cos_sin",
     "rotate_half",
@@ -128,6 +132,11 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_SCALING_TYPES: dict[str, tuple[str, ...]] = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+# rope_type -> optional keys (HF's defaults when absent or None)
+ROPE_SCALING_OPTIONAL: dict[str, tuple[str, ...]] = {
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
 }
 
 
@@ -155,16 +164,20 @@ def _normalize_rope_scaling(rs: Mapping[str, Any] | None) -> FrozenDict | None:
         raise ValueError(f"unsupported rope_scaling type {rtype!r}; supported: "
                          f"{sorted(ROPE_SCALING_TYPES)} (or None / 'default')")
     required = ROPE_SCALING_TYPES[rtype]
-    missing = [k for k in required if k not in d]
+    optional = ROPE_SCALING_OPTIONAL.get(rtype, ())
+    missing = [k for k in required if d.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling of type {rtype!r} is missing {missing}")
-    unknown = sorted(set(d) - set(required))
+    unknown = sorted(set(d) - set(required) - set(optional))
     if unknown:
         raise ValueError(f"rope_scaling of type {rtype!r} has unsupported keys {unknown}; "
-                         f"expected exactly {list(required)}")
+                         f"expected {list(required)}" + (f" and optionally {list(optional)}" if optional else ""))
     out: dict[str, Any] = {"rope_type": rtype}
-    for k in required:
+    for k in required + tuple(k for k in optional if d.get(k) is not None):
         v = d[k]
+        if k == "truncate":
+            out[k] = bool(v)
+            continue
         out[k] = int(v) if k == "original_max_position_embeddings" else float(v)
         if out[k] <= 0:
             raise ValueError(f"rope_scaling[{k!r}] must be positive, got {v!r}")
@@ -298,7 +311,10 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] |
     in float32: ``"linear"`` divides by ``factor``; ``"llama3"`` divides the low frequencies
     (wavelength > ``original_max_position_embeddings / low_freq_factor``) by ``factor``, keeps
     the high ones (wavelength < ``original / high_freq_factor``) and interpolates smoothly in
-    between. Both have attention factor 1 (cos/sin are not rescaled).
+    between; ``"yarn"`` (YaRN, Peng et al. 2023; ``_compute_yarn_parameters``) blends the
+    interpolated (``/ factor``) and the original frequencies with a linear ramp between the
+    dimensions that make ``beta_fast`` and ``beta_slow`` rotations over
+    ``original_max_position_embeddings``. The cos/sin scale is :func:`rope_attention_factor`.
     """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     rs = _normalize_rope_scaling(rope_scaling)
@@ -307,6 +323,8 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] |
     factor = rs["factor"]
     if rs["rope_type"] == "linear":
         return inv_freq / factor
+    if rs["rope_type"] == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, rs)
     # llama3 (transformers.modeling_rope_utils._compute_llama3_parameters)
     low, high = rs["low_freq_factor"], rs["high_freq_factor"]
     old_len = rs["original_max_position_embeddings"]
@@ -318,6 +336,44 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] |
     smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return jnp.where(is_medium, smoothed, inv_freq_llama)
+
+
+def _yarn_inv_freq(inv_freq: Array, head_dim: int, theta: float, rs: Mapping[str, Any]) -> Array:
+    """YaRN's frequencies (``transformers.modeling_rope_utils._compute_yarn_parameters``)."""
+    factor, old_len = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast", 32.0), rs.get("beta_slow", 1.0)
+
+    def correction_dim(rotations):
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    extrapolation = 1.0 - ramp
+    return (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation
+
+
+def rope_attention_factor(rope_scaling: Mapping[str, Any] | None) -> float:
+    """The scale ``transformers`` applies to RoPE's cos and sin: 1, except for ``"yarn"``:
+    ``attention_factor`` if given, else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``
+    when both are given, else ``mscale(factor) = 0.1 · ln(factor) + 1`` (1 for ``factor ≤ 1``)."""
+    rs = _normalize_rope_scaling(rope_scaling)
+    if rs is None or rs["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in rs:
+        return float(rs["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = rs["factor"]
+    if rs.get("mscale") and rs.get("mscale_all_dim"):
+        return float(mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"]))
+    return float(mscale(factor))
 
 
 def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
@@ -456,6 +512,9 @@ class DecoderLM(nnx.Module):
         positions = position_ids_from_mask(attention_mask, B, T)
         c = self.config
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+        scale = rope_attention_factor(c.rope_scaling)
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
         causal = jnp.tril(jnp.ones((T, T), dtype=bool))
         keys_ok = None if attention_mask is None else (attention_mask[:, None, :] != 0)
 

@@ -49,6 +49,9 @@ ARMS = {
     # kNN votes over mean hidden states at θ_0 (no warm-up: the pass that gives ℓ(θ_0)) and at θ_w
     "knn0": ("embedding", {"warmup.total_steps": 0}),
     "knnw": ("embedding", {}),
+    # ... the same over the scored positions only (select.knn_pooling="response")
+    "knn0_resp": ("embedding", {"warmup.total_steps": 0, "knn_pooling": "response"}),
+    "knnw_resp": ("embedding", {"knn_pooling": "response"}),
 }
 # Arms computed from the jobs' saved scores, exactly as the staged pipeline combines them
 # (ntk_jax.selection.methods.ntk.select): "gradient" is the mean of the two points' scores
@@ -62,6 +65,9 @@ DERIVED_NEEDS = {"lc", "lc_120", "lc_xfit", "grad_base", "grad_warm", "knn0", "k
 # ... and with the shuffled-reference Δ (when its arm ran)
 DERIVED_SHUFFLED = ["knnw>lc_shuf@4:filter", "lc_shuf>grad_base@4:filter"]
 DERIVED_SHUFFLED_NEEDS = {"lc_shuf", "knnw", "grad_base"}
+# ... and with the response-pooled kNN filters
+DERIVED_RESPONSE = [f"{knn}>lc@{k}:filter" for knn in ("knn0_resp", "knnw_resp") for k in (2, 4)]
+DERIVED_RESPONSE_NEEDS = {"lc", "knn0_resp", "knnw_resp"}
 
 
 def arm_config(select: dict, arm: str, overrides: dict) -> dict:
@@ -197,7 +203,8 @@ def main(argv=None) -> dict:
                                  "seconds": float(sum(rep["timings_s"].values()))}
                     per_arm[name].append(rep["precision_at_n"])
                 ids = [str(r["id"]) for r in bench.pool]
-                for needs, derived in ((DERIVED_NEEDS, DERIVED), (DERIVED_SHUFFLED_NEEDS, DERIVED_SHUFFLED)):
+                for needs, derived in ((DERIVED_NEEDS, DERIVED), (DERIVED_SHUFFLED_NEEDS, DERIVED_SHUFFLED),
+                                       (DERIVED_RESPONSE_NEEDS, DERIVED_RESPONSE)):
                     if not needs <= set(args.arms):
                         continue
                     for name in derived:

@@ -60,6 +60,10 @@ def config() -> ml_collections.ConfigDict:
         lora=lora_config(),
         warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
         knn_k=32,                   # votes per domain example (coarse filter)
+        # what the kNN filter's mean hidden states average over: every real token ("all", the
+        # paper's) or the scored positions ("response": records with the same prompt and
+        # different answers get different embeddings)
+        knn_pooling="all",
         projection_dim=8192,        # p
         projection_seed=0,
         # "dense": a Rademacher (P, p) matrix (the paper's); "factored": per-layer Kronecker

@@ -256,7 +256,8 @@ def knn_oracle(context, cfg, domain, pool, out_dir):
     ``out_dir``: its warm-up model (resumed from the job's checkpoint), the mean over real tokens
     of ``model.hidden_states`` (float64), cosines, each domain record voting for its ``knn_k``
     most similar pool records (ties to the lower index). Returns ``(votes, mean_cos, rank)``,
-    ``rank`` the pool best first (most votes, then mean cosine, then index)."""
+    ``rank`` the pool best first (most votes, then mean cosine, then index). With
+    ``cfg["knn_pooling"] == "response"`` the mean runs over the ``loss_mask`` positions."""
     from ntk_jax.data.records import encode_records
     from ntk_jax.selection.jobs import SelectionJob, plain
 
@@ -268,7 +269,8 @@ def knn_oracle(context, cfg, domain, pool, out_dir):
     def mean_hidden(recs):
         a = encode_records(context.tokenizer, recs, context.max_len)
         h = np.asarray(model.hidden_states(jnp.asarray(a["input_ids"]), jnp.asarray(a["attention_mask"])), np.float64)
-        m = np.asarray(a["attention_mask"], np.float64)[:, :, None]
+        key = "loss_mask" if cfg.get("knn_pooling", "all") == "response" else "attention_mask"
+        m = np.asarray(a[key], np.float64)[:, :, None]
         return (h * m).sum(axis=1) / m.sum(axis=1)
 
     d, c = mean_hidden(domain), mean_hidden(pool)

@@ -223,14 +223,18 @@ def test_bad_variant_settings_are_named(tmp_path, context, bench):
                        (dict(output="logits"), "select.ntk.output")):
         with pytest.raises(ValueError, match=match):
             run_selection(context, _cfg(**ntk), bench.domain, bench.pool, str(tmp_path / "x"), seed=0)
+    with pytest.raises(ValueError, match="select.knn_pooling 'last'"):
+        run_selection(context, {**_cfg(), "knn_pooling": "last"}, bench.domain, bench.pool, str(tmp_path / "x"), seed=0)
     assert not os.path.exists(tmp_path / "x" / "selected.jsonl")
 
 
-def test_embedding_selection_matches_numpy_votes(tmp_path, context, bench):
+@pytest.mark.parametrize("pooling", ["all", "response"])
+def test_embedding_selection_matches_numpy_votes(tmp_path, context, bench, pooling):
     """The embedding method's selection (docs/theory.md §6.2) equals a kNN vote computed
     independently from the warm-up model's mean hidden states (the kNN filter of ntk@paper:
-    tests/test_selection.py::test_job_resume_identical_scores)."""
-    cfg = apply_preset({**_cfg(), "knn_k": 3}, "embedding")
+    tests/test_selection.py::test_job_resume_identical_scores), over every real token or over
+    the scored positions (``select.knn_pooling``)."""
+    cfg = apply_preset({**_cfg(), "knn_k": 3, "knn_pooling": pooling}, "embedding")
     out = str(tmp_path / "job")
     rep = run_selection(context, cfg, bench.domain, bench.pool, out, seed=0, plot=False)
     got = np.load(os.path.join(out, "all_scores.npz"))
@@ -242,6 +246,30 @@ def test_embedding_selection_matches_numpy_votes(tmp_path, context, bench):
     np.testing.assert_array_equal(got["votes"], votes)
     np.testing.assert_allclose(got["mean_cos"], mean_cos, rtol=1e-4, atol=1e-5)
     assert rep["n_voted"] == int((votes > 0).sum())
+    if pooling == "response":  # the two poolings embed differently (and the store is not reused)
+        other = str(tmp_path / "job_all")
+        run_selection(context, {**cfg, "knn_pooling": "all"}, bench.domain, bench.pool, other, seed=0, plot=False)
+        assert not np.array_equal(np.load(os.path.join(other, "all_scores.npz"))["mean_cos"], got["mean_cos"])
+
+
+def test_mean_hidden_states_pooling_closed_form_and_errors():
+    """``pooling="response"``: the mean of the hidden states over the ``loss_mask`` positions
+    (computed by hand from the model's own ``hidden_states``); bad settings are named."""
+    from ntk_jax.selection.ntk_selector import mean_hidden_states
+
+    model, x = _model(), _batch(5, seed=4)
+    h = np.asarray(model.hidden_states(jnp.asarray(x["input_ids"]), jnp.asarray(x["attention_mask"])), np.float64)
+    for pooling, key in (("all", "attention_mask"), ("response", "loss_mask")):
+        m = np.asarray(x[key], np.float64)[:, :, None]
+        got = mean_hidden_states(model, x, batch_size=2, pooling=pooling)  # blocks of 2, last one padded
+        np.testing.assert_allclose(got, (h * m).sum(axis=1) / m.sum(axis=1), rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown pooling 'last'"):
+        mean_hidden_states(model, x, pooling="last")
+    with pytest.raises(ValueError, match="needs the batch's 'loss_mask'"):
+        mean_hidden_states(model, {k: v for k, v in x.items() if k != "loss_mask"}, pooling="response")
+    empty = {**x, "loss_mask": np.where(np.arange(5)[:, None] == 2, 0.0, x["loss_mask"])}
+    with pytest.raises(ValueError, match=r"row\(s\) \[2\] have no scored position"):
+        mean_hidden_states(model, empty, pooling="response")
 
 
 # ------------------------------------------------------------------------ plug-ins and presets

@@ -63,6 +63,7 @@ from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
 from ntk_jax.selection.methods import Selection, get_method
+from ntk_jax.selection.ntk_selector import POOLINGS
 from ntk_jax.selection.store import ScoreStore, fill_store, fingerprint_of
 from ntk_jax.training.trainer import (CHECKPOINT_DIR, TrainConfig, checkpoint_manager, make_optimizer,
                                       restore_checkpoint, train)
@@ -381,6 +382,9 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     domain_arrays = encode_records(context.tokenizer, domain, context.max_len, **encoding)
     if float(np.min(domain_arrays["loss_mask"].sum(axis=1))) <= 0:
         raise ValueError("a domain record has zero loss tokens after masking")
+    pooling = str(cfg.get("knn_pooling", "all"))
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown select.knn_pooling {pooling!r}; choose one of {POOLINGS}")
     method.check_config(cfg)
     os.makedirs(out_dir, exist_ok=True)
     selected_path = os.path.join(out_dir, SELECTED_NAME)

@@ -36,7 +36,7 @@ from ntk_jax.mesh import place_rows, resolve_mesh, round_up_to_data
 from ntk_jax.models.subset import ParamSubset
 from ntk_jax.training.losses import token_log_probs
 
-__all__ = ["SCORE_OUTPUTS", "TOKEN_REDUCTIONS", "selection_scalar_fn", "ntk_scalar_fn", "mean_hidden_program",
+__all__ = ["SCORE_OUTPUTS", "TOKEN_REDUCTIONS", "POOLINGS", "selection_scalar_fn", "ntk_scalar_fn", "mean_hidden_program",
            "mean_hidden_states", "cosine_similarity", "knn_votes", "top_by_votes", "top_n"]
 
 
@@ -87,17 +87,47 @@ def ntk_scalar_fn(subset: ParamSubset):
     return sum_of_outputs(lm_output_fn(subset, reduce="mean"))
 
 
+# What the mean of the hidden states runs over (:func:`mean_hidden_states`): every real token
+# ("all", the paper's and the embedding baseline's), or the scored positions ("response": the
+# ``loss_mask`` positions, whose next token is a response token — where the record's loss is).
+POOLINGS = ("all", "response")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def mean_hidden_program(state, input_ids, attention_mask, *, graphdef):
+def mean_hidden_program(state, input_ids, attention_mask, weights=None, *, graphdef):
+    """``(n, hidden)`` float32: the final hidden states averaged over the positions where
+    ``weights`` (``(n, T)``; default ``attention_mask``) is nonzero, weighted by it."""
     model = nnx.merge(graphdef, state)
     h = model.hidden_states(input_ids, attention_mask).astype(jnp.float32)
-    m = attention_mask.astype(jnp.float32)
+    m = (attention_mask if weights is None else weights).astype(jnp.float32)
     return jnp.einsum("nth,nt->nh", h, m) / jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)
 
 
-def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, mesh=None) -> np.ndarray:
-    """Mean of the model's final-norm hidden states over the real tokens
-    (``attention_mask == 1``) of every example: ``(n, hidden)`` float32.
+def _pooling_weights(batch: dict, pooling: str) -> np.ndarray:
+    """``(n, T)`` weights of :func:`mean_hidden_states`'s mean for ``pooling`` (:data:`POOLINGS`)."""
+    if pooling == "all":
+        return np.asarray(batch["attention_mask"])
+    if pooling == "response":
+        if "loss_mask" not in batch:
+            raise ValueError("pooling='response' needs the batch's 'loss_mask' (encode the records with "
+                             "ntk_jax.data.records.encode_records)")
+        w = np.asarray(batch["loss_mask"], np.float32) * (np.asarray(batch["attention_mask"]) > 0)
+        empty = np.flatnonzero(w.sum(axis=1) == 0)
+        if empty.size:
+            raise ValueError(f"pooling='response': row(s) {empty[:5].tolist()} have no scored position "
+                             "(an empty response and no eos?)")
+        return w
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, mesh=None,
+                       pooling: str = "all") -> np.ndarray:
+    """Mean of the model's final-norm hidden states of every example: ``(n, hidden)`` float32.
+
+    ``pooling`` (:data:`POOLINGS`): ``"all"`` averages over the real tokens
+    (``attention_mask == 1``); ``"response"`` over the scored positions (``loss_mask == 1``:
+    the last prompt token and the response, the states that predict the response), so that
+    records with the same prompts but different answers get different embeddings.
 
     The model needs a ``hidden_states(input_ids, attention_mask)`` method (the embedded
     :class:`~ntk_jax.models.transformer.DecoderLM` and the Llama-family ports have one).
@@ -107,6 +137,7 @@ def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, 
     """
     if not hasattr(model, "hidden_states"):
         raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
+    weights = _pooling_weights(batch, pooling)
     graphdef, state = nnx.split(model)
     mesh = resolve_mesh(mesh, state)
     ids = np.asarray(batch["input_ids"])
@@ -119,8 +150,8 @@ def mean_hidden_states(model: nnx.Module, batch: dict, *, batch_size: int = 64, 
         idx = np.arange(lo, hi)
         if hi - lo < bs:  # pad by repeating the block's first example: one compiled shape
             idx = np.concatenate([idx, np.full(bs - (hi - lo), lo)])
-        b_ids, b_mask = place_rows((ids[idx], mask[idx]), mesh)
-        out.append(np.asarray(mean_hidden_program(state, b_ids, b_mask, graphdef=graphdef))[: hi - lo])
+        rows = (ids[idx], mask[idx]) if pooling == "all" else (ids[idx], mask[idx], weights[idx])
+        out.append(np.asarray(mean_hidden_program(state, *place_rows(rows, mesh), graphdef=graphdef))[: hi - lo])
     return np.concatenate(out, axis=0)
 
 

@@ -16,6 +16,27 @@ records back as they were), with
   ``"options"`` (a non-empty list of distinct strings, the candidate responses of a
   classification / multiple-choice record; its ``response``, if any, must be one of them).
 
+Records in the other layouts instruction-tuning sets ship in are recognised by their fields
+and converted on reading (:data:`RECORD_FORMATS`, :func:`convert_record`), so a pool needs no
+preprocessing; formats may be mixed within one file:
+
+* ``alpaca`` — ``instruction``, optional ``input``, ``output`` (and LLaMA-Factory's optional
+  ``system`` and ``history``, a list of ``[query, answer]`` pairs): the prompt is the
+  instruction, then a newline and the input when there is one; with a system or history the
+  record becomes a ``messages`` chat (history turns first); a ``text`` field next to them (the
+  formatted copy ``tatsu-lab/alpaca`` ships) is dropped;
+* ``dolly`` — ``instruction``, optional ``context``, ``response`` (and ``category``, which
+  becomes the ``task`` when there is none): prompt = instruction, then a newline and the context;
+* ``sharegpt`` — ``conversations``: a list of turns ``{"from": "human" | "gpt" | "system" | ...,
+  "value"}`` (or ``{"role", "content"}``), with an optional top-level ``system``: a ``messages``
+  chat (``human``/``user`` → user, ``gpt``/``assistant``/``chatgpt``/``bard``/``bing``/``model`` →
+  assistant; any other speaker, e.g. a tool, is an error naming it);
+* ``prompt_completion`` — ``prompt`` and ``completion`` strings (OpenAI's legacy fine-tuning
+  files, TRL's prompt-completion type): prompt/response.
+
+A converted record keeps every other field (``id``, ``label``, ``role``, ...), and
+:func:`source_record` gives the record as it was read, which is what a selection writes back.
+
 Sources (``path``): a ``.jsonl`` file (one JSON object per line, blank lines skipped) or a
 local directory written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` directory
 must be narrowed to one split, ``path/<split>``). In ``datasets`` rows, columns that are
@@ -67,6 +88,10 @@ from ntk_jax.data.encoding import (TRUNCATION_POLICIES, _special_id, encode_reco
 
 __all__ = [
     "ROLES",
+    "RECORD_FORMATS",
+    "convert_record",
+    "source_record",
+    "layout_counts",
     "validate_record",
     "iter_records",
     "iter_record_chunks",
@@ -95,17 +120,164 @@ CHAT_ROLES = ("system", "user", "assistant")
 ASSISTANT_TURNS = ("all", "last")
 
 
+# ----------------------------------------------------------------------------- other formats
+RECORD_FORMATS = ("alpaca", "dolly", "sharegpt", "prompt_completion")
+# ShareGPT speakers -> chat roles (the names LLaMA-Factory, FastChat and Axolotl accept)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+class _Converted(dict):
+    """A record converted from another format (:func:`convert_record`): the canonical fields,
+    with the record as read in :attr:`source` (:func:`source_record`)."""
+
+    source: dict
+    format: str
+
+
+def record_format(record: Mapping) -> str | None:
+    """The name in :data:`RECORD_FORMATS` of the layout ``record`` is in (by its fields), or
+    ``None`` for the native layouts (``messages`` / ``prompt`` + ``response`` / ``text``) and
+    for anything unrecognised (which :func:`validate_record` then reports)."""
+    if "conversations" in record and "messages" not in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record and not {"messages", "prompt", "response"} & set(record):
+        return "alpaca"
+    if "instruction" in record and "response" in record and "prompt" not in record and "text" not in record:
+        return "dolly"
+    if "prompt" in record and "completion" in record and "response" not in record:
+        return "prompt_completion"
+    return None
+
+
+def _string(record: Mapping, key: str, where: str, fmt: str, *, optional: bool = False) -> str:
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        need = "a string" + (" or absent" if optional else "")
+        raise ValueError(f"{where}: {fmt} record {record['id']!r}: {key!r} must be {need}, got {type(value).__name__}")
+    return value
+
+
+def _joined(first: str, second: str) -> str:
+    return f"{first}\n{second}" if second else first
+
+
+def _sharegpt_messages(record: Mapping, where: str) -> list[dict]:
+    turns, rid = record["conversations"], record["id"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: sharegpt record {rid!r}: 'conversations' must be a non-empty list of turns, "
+                         f"got {turns!r:.80}")
+    messages = []
+    system = record.get("system")
+    if system:
+        messages.append({"role": "system", "content": _string(record, "system", where, "sharegpt")})
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise ValueError(f"{where}: sharegpt record {rid!r}: conversations[{k}] must be an object, got {turn!r:.80}")
+        speaker = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        if speaker not in SHAREGPT_ROLES:
+            raise ValueError(f"{where}: sharegpt record {rid!r}: conversations[{k}] has speaker {speaker!r}; "
+                             f"supported: {sorted(SHAREGPT_ROLES)} (tool and function turns are not)")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: sharegpt record {rid!r}: conversations[{k}] needs a string 'value' "
+                             f"(or 'content'), got {type(content).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": content})
+    return messages
+
+
+def _alpaca_history(record: Mapping, where: str) -> list[dict]:
+    history, rid = record.get("history") or [], record["id"]
+    if not isinstance(history, list):
+        raise ValueError(f"{where}: alpaca record {rid!r}: 'history' must be a list of [query, answer] pairs")
+    out = []
+    for k, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise ValueError(f"{where}: alpaca record {rid!r}: history[{k}] must be a [query, answer] pair of "
+                             f"strings, got {pair!r:.80}")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
+
+
+def convert_record(record: Mapping, where: str = "record", index: int | None = None) -> dict:
+    """``record`` in the project's canonical layout: unchanged (the same object) when it is
+    native or unrecognised, else a new dict converted from its format (:data:`RECORD_FORMATS`,
+    the module docstring) that keeps every field the conversion does not consume and remembers
+    the record as read (:func:`source_record`). ValueError prefixed ``where`` (naming the
+    record by its ``id``, else ``index``) on a field of the wrong type or an unknown ShareGPT
+    speaker."""
+    fmt = record_format(record)
+    if fmt is None:
+        return record
+    rid = record.get("id")
+    named = {**record, "id": str(rid if rid is not None else ("?" if index is None else index))}  # for messages
+    consumed = {"sharegpt": ("conversations", "system"),
+                "alpaca": ("instruction", "input", "output", "system", "history", "text"),
+                "dolly": ("instruction", "context", "response"), "prompt_completion": ("prompt", "completion")}[fmt]
+    out = _Converted({k: v for k, v in record.items() if k not in consumed})
+    if fmt == "sharegpt":
+        out["messages"] = _sharegpt_messages(named, where)
+    elif fmt == "alpaca":
+        prompt = _joined(_string(named, "instruction", where, fmt), _string(named, "input", where, fmt, optional=True))
+        response = _string(named, "output", where, fmt)
+        system = _string(named, "system", where, fmt, optional=True)
+        history = _alpaca_history(named, where)
+        if system or history:
+            out["messages"] = ([{"role": "system", "content": system}] if system else []) + history + [
+                {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        else:
+            out["prompt"], out["response"] = prompt, response
+    elif fmt == "dolly":
+        out["prompt"] = _joined(_string(named, "instruction", where, fmt),
+                                _string(named, "context", where, fmt, optional=True))
+        out["response"] = _string(named, "response", where, fmt)
+        if "task" not in out and isinstance(record.get("category"), str):
+            out["task"] = record["category"]
+    else:
+        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
+            raise ValueError(f"{where}: prompt_completion record {named['id']!r}: 'prompt' and 'completion' must be "
+                             "strings (a conversational prompt/completion record can be given as 'messages')")
+        out["prompt"], out["response"] = record["prompt"], record["completion"]
+    out.source, out.format = dict(record), fmt
+    return out
+
+
+def source_record(record: Mapping) -> Mapping:
+    """``record`` as it was read: the original of a converted record (:func:`convert_record`,
+    with its ``id``), else ``record`` itself."""
+    source = getattr(record, "source", None)
+    if source is None:
+        return record
+    return {**source, "id": record["id"]} if "id" in record else source
+
+
+def layout_counts(records: Iterable[Mapping]) -> dict[str, int]:
+    """How many of ``records`` were read in each layout: the format a record was converted from
+    (:data:`RECORD_FORMATS`), else ``"messages"``, ``"prompt_response"`` or ``"text"``."""
+    out: dict[str, int] = {}
+    for r in records:
+        kind = getattr(r, "format", None) or ("messages" if "messages" in r else "text" if "text" in r
+                                              else "prompt_response")
+        out[kind] = out.get(kind, 0) + 1
+    return dict(sorted(out.items()))
+
+
 # ----------------------------------------------------------------------------- validation
 def validate_record(record, index: int, where: str) -> dict:
     """``record`` checked and with its ``id`` ensured (``f"{index}"`` if absent).
 
     ``where`` (e.g. ``"pool.jsonl: line 7"``) prefixes every error message. Returns the same
-    dict (mutated only to add/normalise ``id``). ValueError on: not a dict, a non-string
+    dict (mutated only to add/normalise ``id``), or for a record in another format
+    (:data:`RECORD_FORMATS`) its converted copy (:func:`convert_record`). ValueError on: not a dict, a non-string
     ``id``, neither ``prompt``+``response`` nor ``text``, a field of the wrong type, bad
     ``options``, or an unknown ``role``.
     """
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    record = convert_record(record, where, index)
     if "id" not in record or record["id"] is None:
         record["id"] = f"{index}"
     elif isinstance(record["id"], (int, np.integer)) and not isinstance(record["id"], bool):
@@ -130,8 +302,8 @@ def validate_record(record, index: int, where: str) -> dict:
             raise ValueError(f"{where}: record {record['id']!r}: 'text' must be a string, "
                              f"got {type(record['text']).__name__}")
     else:
-        raise ValueError(f"{where}: record {record['id']!r} needs 'prompt' and 'response', or 'text', or 'messages' "
-                         f"(fields: {sorted(record)})")
+        raise ValueError(f"{where}: record {record['id']!r} needs 'prompt' and 'response', or 'text', or 'messages', "
+                         f"or the fields of one of {RECORD_FORMATS} (fields: {sorted(record)})")
     if "options" in record:
         opts = record["options"]
         if (not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts)

@@ -58,7 +58,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ntk_jax.data.records import ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, map_length_buckets
+from ntk_jax.data.records import (ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, layout_counts,
+                                  map_length_buckets, source_record)
 from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
@@ -83,10 +84,11 @@ def check_unique_ids(records: list[dict], what: str) -> None:
 
 
 def write_records_atomic(path: str, records: list[dict]) -> None:
-    """JSONL of ``records`` unchanged, written atomically."""
+    """JSONL of ``records`` as they were read (a record converted from another format is
+    written in that format: :func:`~ntk_jax.data.records.source_record`), atomically."""
     with atomic_write(path) as f:
         for r in records:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps(source_record(r)) + "\n")
 
 
 def role_counts(records: list[dict]) -> dict[str, int]:
@@ -370,6 +372,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     domain, dom_check = fit_to_length(context, cfg, domain, "domain", cfg.get("domain_path"))
     pool, pool_check = fit_to_length(context, cfg, pool, "pool", cfg.get("pool_path"))
     lengths = {"domain": dom_check.summary, "pool": pool_check.summary}
+    layouts = {"domain": layout_counts(domain), "pool": layout_counts(pool)}
     t_lengths = time.time() - t_lengths
     for what, summ in lengths.items():
         if summ["n_over"]:
@@ -418,7 +421,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     job.sync("select")  # on return, selected.jsonl exists for every process
     return {"method": job.method, "seed": int(seed), "config": to_jsonable(cfg), "timings_s": job.timings,
             "counts": {"domain": len(domain), "pool": len(pool), "selected": len(selected)},
-            "data": {"lengths": lengths},
+            "data": {"lengths": lengths, "layouts": layouts},
             "processes": int(process_count),
             "selected_ids": [r["id"] for r in selected], **precision_report(selected, pool),
             "diagnostics": diag, **job.extra}

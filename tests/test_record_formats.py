@@ -1,0 +1,117 @@
+"""Pools in the layouts instruction-tuning sets ship in (Alpaca, Dolly, ShareGPT,
+prompt/completion) read without preprocessing (ntk_jax.data.records.convert_record), and a
+selection on them writing the chosen records back in their own format.
+
+Oracles: the canonical record written by hand for each layout; a selection on the converted
+pool scoring exactly as the same pool given in the native layout."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ntk_jax.data.records import (RECORD_FORMATS, convert_record, encode_records, read_records, record_format,
+                                  source_record)
+from ntk_jax.data.tokenizer import CharTokenizer
+from ntk_jax.selection.jobs import SELECTED_NAME, run_selection
+from test_selection import _select_cfg, small_bench, tiny_context  # noqa: F401 (fixtures)
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+FOREIGN = [
+    # (record as shipped, its canonical fields, format)
+    ({"instruction": "Add.", "input": "2 3", "output": "5", "role": "useful"},
+     {"prompt": "Add.\n2 3", "response": "5", "role": "useful"}, "alpaca"),
+    ({"instruction": "Say hi.", "input": "", "output": "hi", "text": "### Instruction: Say hi. ### Response: hi"},
+     {"prompt": "Say hi.", "response": "hi"}, "alpaca"),
+    ({"instruction": "Go on.", "output": "c", "system": "Be brief.", "history": [["a", "b"]]},
+     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                   {"role": "assistant", "content": "b"}, {"role": "user", "content": "Go on."},
+                   {"role": "assistant", "content": "c"}]}, "alpaca"),
+    ({"instruction": "Who?", "context": "Ada wrote it.", "response": "Ada", "category": "closed_qa"},
+     {"prompt": "Who?\nAda wrote it.", "response": "Ada", "task": "closed_qa", "category": "closed_qa"}, "dolly"),
+    ({"id": 70, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "S"},
+     {"id": "70", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}]}, "sharegpt"),
+    ({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": "x"},
+     {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": "x"}, "sharegpt"),
+    ({"prompt": "1+1=", "completion": "2"}, {"prompt": "1+1=", "response": "2"}, "prompt_completion"),
+]
+
+
+def test_each_format_reads_as_its_canonical_record_and_writes_back_as_read(tmp_path):
+    shipped = [r for r, _, _ in FOREIGN] + [{"prompt": "p", "response": "r"}, {"text": "t"}]
+    recs = read_records(_write(tmp_path / "pool.jsonl", shipped))
+    assert sorted(RECORD_FORMATS) == sorted({f for _, _, f in FOREIGN})
+    for i, (rec, (raw, canonical, fmt)) in enumerate(zip(recs, FOREIGN)):
+        assert record_format(raw) == fmt
+        assert dict(rec) == {"id": str(i), **canonical}, fmt  # ids by position, as for native records
+        assert source_record(rec) == {**raw, "id": str(i) if "id" not in raw else str(raw["id"])}
+    for native in recs[len(FOREIGN):]:  # native records are not copied
+        assert record_format(native) is None and source_record(native) is native
+    # a converted record encodes as the native record with the same fields
+    tok = CharTokenizer()
+    converted = recs[:len(FOREIGN)]
+    native = [{k: v for k, v in r.items() if k in ("id", "prompt", "response", "messages")} for r in converted]
+    for key, want in encode_records(tok, native, 128).items():
+        np.testing.assert_array_equal(encode_records(tok, converted, 128)[key], want)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "x"}]},
+     r"line 2: sharegpt record '1': conversations\[1\] has speaker 'tool'"),
+    ({"conversations": []}, r"line 2: sharegpt record '1': 'conversations' must be a non-empty list"),
+    ({"conversations": [{"from": "gpt", "value": "a"}]}, r"line 2: record '1': messages\[0\] is an assistant turn"),
+    ({"conversations": [{"from": "human", "value": 3}]}, r"conversations\[0\] needs a string 'value'"),
+    ({"instruction": "i", "output": 5}, r"line 2: alpaca record '1': 'output' must be a string, got int"),
+    ({"instruction": "i", "output": "o", "history": [["only one"]]}, r"history\[0\] must be a \[query, answer\] pair"),
+    ({"instruction": "i", "context": ["c"], "response": "r"}, r"dolly record '1': 'context' must be a string or absent"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+     r"prompt_completion record '1': 'prompt' and 'completion' must be strings .*as 'messages'"),
+    ({"question": "q", "answer": "a"}, r"needs 'prompt' and 'response', or 'text', or 'messages', or the fields of one "
+                                       r"of \('alpaca', 'dolly', 'sharegpt', 'prompt_completion'\)"),
+])
+def test_bad_records_of_each_format_name_file_line_and_field(tmp_path, record, message):
+    p = _write(tmp_path / "f.jsonl", [{"text": "ok"}, record])
+    with pytest.raises(ValueError, match=r"f\.jsonl: " + message if message.startswith("line") else message):
+        read_records(p)
+
+
+def test_convert_record_leaves_native_records_alone():
+    rec = {"prompt": "p", "response": "r", "instruction": "kept as a field"}  # has prompt: native
+    assert convert_record(rec) is rec and record_format({"text": "t", "instruction": "i"}) is None
+
+
+def test_selection_on_a_mixed_format_pool_scores_as_native_and_writes_the_formats_back(
+        tmp_path, tiny_context, small_bench):
+    """A pool written as Alpaca / Dolly / prompt-completion records (the same prompts and
+    responses): the embedding job's scores equal those on the native pool, and
+    ``selected.jsonl`` holds the chosen records as they were in the file."""
+    def shipped(k, r):
+        rest = {key: v for key, v in r.items() if key not in ("prompt", "response")}
+        return [{**rest, "instruction": r["prompt"], "output": r["response"]},
+                {**rest, "instruction": r["prompt"], "response": r["response"]},
+                {**rest, "prompt": r["prompt"], "completion": r["response"]}][k % 3]
+
+    pool = small_bench.pool
+    lines = [shipped(k, r) for k, r in enumerate(pool)]
+    read = read_records(_write(tmp_path / "pool.jsonl", lines))
+    assert {r.format for r in read} == {"alpaca", "dolly", "prompt_completion"}
+    cfg = _select_cfg("embedding")
+    cfg.warmup.total_steps = 0
+    ref = run_selection(tiny_context, cfg, small_bench.domain, pool, str(tmp_path / "native"), seed=0, plot=False)
+    got = run_selection(tiny_context, cfg, small_bench.domain, read, str(tmp_path / "shipped"), seed=0, plot=False)
+    a, b = (np.load(os.path.join(tmp_path, d, "all_scores.npz")) for d in ("shipped", "native"))
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    assert got["selected_ids"] == ref["selected_ids"]
+    n = len(pool)
+    assert got["data"]["layouts"] == {"domain": {"prompt_response": len(small_bench.domain)},
+                                      "pool": {"alpaca": len(range(0, n, 3)), "dolly": len(range(1, n, 3)),
+                                               "prompt_completion": len(range(2, n, 3))}}
+    by_id = {str(r["id"]): r for r in lines}
+    written = [json.loads(x) for x in open(tmp_path / "shipped" / SELECTED_NAME)]
+    assert written == [by_id[i] for i in got["selected_ids"]]  # in their own format, as read

@@ -115,3 +115,57 @@ def test_selection_on_a_mixed_format_pool_scores_as_native_and_writes_the_format
     by_id = {str(r["id"]): r for r in lines}
     written = [json.loads(x) for x in open(tmp_path / "shipped" / SELECTED_NAME)]
     assert written == [by_id[i] for i in got["selected_ids"]]  # in their own format, as read
+
+
+# ----------------------------------------------------------------------------- file kinds
+def test_json_array_parquet_and_json_lines_sources(tmp_path):
+    """``alpaca_data.json`` (one JSON array), a ``.json`` file of JSON Lines and a Parquet file
+    (nested ShareGPT turns, a column absent in some rows) read as the same records as JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ntk_jax.data.records import iter_record_chunks, record_locator
+
+    raws = [r for r, _, _ in FOREIGN if "history" not in r and "id" not in r] + [{"prompt": "p", "response": "r"}]
+    want = read_records(_write(tmp_path / "ref.jsonl", raws))
+    (tmp_path / "arr.json").write_text("  \n" + json.dumps(raws, indent=1), encoding="utf-8")
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in raws), encoding="utf-8")
+    for name in ("arr.json", "lines.json"):
+        got = read_records(tmp_path / name)
+        assert got == want and [source_record(r) for r in got] == [source_record(r) for r in want]
+    assert [r for _, c in iter_record_chunks(tmp_path / "arr.json", 2) for r in c] == want
+    assert record_locator(str(tmp_path / "arr.json"))(3) == f"{tmp_path / 'arr.json'}: item 3"
+    assert record_locator(str(tmp_path / "lines.json"))(3) == f"{tmp_path / 'lines.json'}: line 4"
+    # Parquet: ShareGPT rows with a list-of-struct column; 'system' missing (None) in one row
+    rows = [{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}],
+             "system": "S"},
+            {"id": "b", "conversations": [{"from": "human", "value": "r"}, {"from": "gpt", "value": "y"}],
+             "system": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pool.parquet", row_group_size=1)
+    got = read_records(tmp_path / "pool.parquet")
+    assert [r["messages"] for r in got] == [
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "r"}, {"role": "assistant", "content": "y"}]]
+    assert source_record(got[1]) == {"id": "b", "conversations": rows[1]["conversations"]}  # None column dropped
+    assert record_locator(str(tmp_path / "pool.parquet"))(1) == f"{tmp_path / 'pool.parquet'}: row 1"
+
+
+def test_bad_sources_are_named(tmp_path):
+    (tmp_path / "bad.json").write_text('[{"text": "a"}, {"text": ]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.json: malformed JSON .*line 1"):
+        read_records(tmp_path / "bad.json")
+    (tmp_path / "obj.json").write_text('[{"text": "a"}, ["not", "an", "object"]]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"obj\.json: item 1: expected a JSON object"):
+        read_records(tmp_path / "obj.json")
+    (tmp_path / "dup.json").write_text(json.dumps([{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]))
+    with pytest.raises(ValueError, match=r"duplicate id 'x': .*dup\.json: item 0 and .*dup\.json: item 1"):
+        read_records(tmp_path / "dup.json")
+    (tmp_path / "not.parquet").write_text("hello", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"not\.parquet: not a readable Parquet file"):
+        read_records(tmp_path / "not.parquet")
+    (tmp_path / "pool.csv").write_text("prompt,response\na,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pool\.csv: CSV/TSV sources are not read"):
+        read_records(tmp_path / "pool.csv")
+    (tmp_path / "empty.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(ValueError, match="no records"):
+        read_records(tmp_path / "empty.json")

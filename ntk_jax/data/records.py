@@ -37,13 +37,17 @@ preprocessing; formats may be mixed within one file:
 A converted record keeps every other field (``id``, ``label``, ``role``, ...), and
 :func:`source_record` gives the record as it was read, which is what a selection writes back.
 
-Sources (``path``): a ``.jsonl`` file (one JSON object per line, blank lines skipped) or a
-local directory written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` directory
-must be narrowed to one split, ``path/<split>``). In ``datasets`` rows, columns that are
-``None`` (absent in that row) are dropped from the record.
+Sources (``path``): a ``.jsonl`` file (one JSON object per line, blank lines skipped); a
+``.json`` file holding one JSON array of objects (loaded whole, e.g. ``alpaca_data.json``; a
+``.json`` file of JSON Lines is read as ``.jsonl``); a ``.parquet`` file (read in row batches,
+as the Hugging Face hub stores datasets); or a local directory written by
+``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` directory must be narrowed to one split,
+``path/<split>``). In Parquet and ``datasets`` rows, columns that are ``None`` (absent in that
+row) are dropped from the record.
 
-Every error names where it happened: ``file.jsonl: line 7: ...`` (1-based line) or
-``dir: row 7: ...`` (0-based row).
+Every error names where it happened: ``file.jsonl: line 7: ...`` (1-based line),
+``file.json: item 7: ...`` (0-based array index) or ``file.parquet: row 7`` / ``dir: row 7: ...``
+(0-based row).
 
 Encoding (:func:`encode_records`) gives the arrays of :mod:`ntk_jax.data.encoding`
 (``input_ids``, ``targets``, ``loss_mask``, ``attention_mask``). With a chat template
@@ -347,6 +351,61 @@ def _is_hf_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
+def _first_char(path: str) -> str:
+    """The first non-whitespace character of a text file ('' if none)."""
+    with open(path, encoding="utf-8") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0]
+
+
+def _iter_json_array(path: str) -> Iterator[tuple[str, dict]]:
+    """``(where, raw record)`` per element of a file holding one JSON array (loaded whole)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: a .json source must hold one JSON array of records (or JSON Lines), "
+                         f"got a {type(items).__name__}")
+    for k, rec in enumerate(items):
+        yield f"{path}: item {k}", rec
+
+
+def _iter_parquet(path: str, chunk_rows: int = 1024) -> Iterator[tuple[str, dict]]:
+    """``(where, raw record)`` per row of a Parquet file, read in batches (``None`` columns dropped)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and others for a file that is not Parquet
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
+    row = 0
+    for batch in pf.iter_batches(batch_size=chunk_rows):
+        for rec in batch.to_pylist():
+            yield f"{path}: row {row}", {k: v for k, v in rec.items() if v is not None}
+            row += 1
+
+
+def _iter_source(path: str) -> Iterator[tuple[str, dict]]:
+    """``(where, raw record)`` of every record of ``path``, by its kind (module docstring)."""
+    if _is_hf_dir(path):
+        return _iter_hf(path)
+    if path.endswith((".csv", ".tsv")):
+        raise ValueError(f"{path}: CSV/TSV sources are not read; give the records as JSONL, a JSON array, Parquet "
+                         "or a datasets directory (e.g. datasets.Dataset.from_csv(path).to_json(out.jsonl))")
+    if path.endswith(".parquet"):
+        return _iter_parquet(path)
+    if path.endswith(".json") and _first_char(path) == "[":
+        return _iter_json_array(path)
+    return _iter_jsonl(path)
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """``(where, raw record)`` for each non-blank line, streaming."""
     with open(path, encoding="utf-8") as f:
@@ -402,7 +461,7 @@ def iter_records(path: str | os.PathLike, *, limit: int | None = None) -> Iterat
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")
-    raw = _iter_hf(path) if _is_hf_dir(path) else _iter_jsonl(path)
+    raw = _iter_source(path)
     seen: dict[str, str] = {}
     count = 0
     for where, rec in raw:
@@ -774,11 +833,11 @@ def record_locator(path: str | os.PathLike | None, what: str = "pool") -> Callab
     if not path:
         return lambda i: f"{what} record {i}"
     path = os.fspath(path)
-    if _is_hf_dir(path):
+    if _is_hf_dir(path) or path.endswith(".parquet"):
         return lambda i: f"{path}: row {i}"
 
     def locate(i: int) -> str:
-        for where, _ in itertools.islice(_iter_jsonl(path), int(i), int(i) + 1):
+        for where, _ in itertools.islice(_iter_source(path), int(i), int(i) + 1):
             return where
         return f"{path}: record {i}"
     return locate

@@ -169,3 +169,29 @@ def test_bad_sources_are_named(tmp_path):
     (tmp_path / "empty.json").write_text("[]", encoding="utf-8")
     with pytest.raises(ValueError, match="no records"):
         read_records(tmp_path / "empty.json")
+
+
+def test_glob_of_parquet_shards_as_one_source(tmp_path):
+    """A hub snapshot's split given by a glob (``data/train-*.parquet``): the shards in sorted
+    order, ids by position across them, duplicates named with both files; the snapshot
+    directory itself is refused with the glob to use."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "snap" / "data"
+    data.mkdir(parents=True)
+    rows = [{"instruction": f"i{k}", "output": f"o{k}"} for k in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows[3:]), data / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:3]), data / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist([{"instruction": "t", "output": "t"}]), data / "test-00000-of-00001.parquet")
+    got = read_records(str(tmp_path / "snap" / "**" / "train-*.parquet"))
+    assert [(r["id"], r["prompt"]) for r in got] == [(str(k), f"i{k}") for k in range(5)]
+    with pytest.raises(ValueError, match=r"snap: not a Hugging Face datasets directory .*holds data files "
+                                         r"\(data/test-00000-of-00001\.parquet, .*name the split's files with a glob"):
+        read_records(tmp_path / "snap")
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        read_records(str(tmp_path / "snap" / "*.jsonl"))
+    _write(tmp_path / "a1.jsonl", [{"id": "x", "text": "a"}])
+    _write(tmp_path / "a2.jsonl", [{"id": "x", "text": "b"}])
+    with pytest.raises(ValueError, match=r"duplicate id 'x': .*a1\.jsonl: line 1 and .*a2\.jsonl: line 1"):
+        read_records(str(tmp_path / "a*.jsonl"))

@@ -148,7 +148,7 @@ def test_empty_or_missing_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_records(tmp_path / "nope.jsonl")
     (tmp_path / "notds").mkdir()
-    with pytest.raises(ValueError, match="not a JSONL file nor a Hugging Face datasets directory"):
+    with pytest.raises(ValueError, match="not a Hugging Face datasets directory"):
         read_records(tmp_path / "notds")
     with pytest.raises(ValueError, match="chunk_size"):
         list(iter_record_chunks(tmp_path / "empty.jsonl", 0))

@@ -42,8 +42,9 @@ Sources (``path``): a ``.jsonl`` file (one JSON object per line, blank lines ski
 ``.json`` file of JSON Lines is read as ``.jsonl``); a ``.parquet`` file (read in row batches,
 as the Hugging Face hub stores datasets); or a local directory written by
 ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` directory must be narrowed to one split,
-``path/<split>``). In Parquet and ``datasets`` rows, columns that are ``None`` (absent in that
-row) are dropped from the record.
+``path/<split>``); or a glob pattern naming several such files (``snapshot/data/train-*.parquet``,
+``**`` recursive), read in sorted order as one source (ids by position across them). In Parquet
+and ``datasets`` rows, columns that are ``None`` (absent in that row) are dropped from the record.
 
 Every error names where it happened: ``file.jsonl: line 7: ...`` (1-based line),
 ``file.json: item 7: ...`` (0-based array index) or ``file.parquet: row 7`` / ``dir: row 7: ...``
@@ -79,6 +80,7 @@ with its arrays, so results map back to pool order.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import json
 import os
@@ -392,8 +394,22 @@ def _iter_parquet(path: str, chunk_rows: int = 1024) -> Iterator[tuple[str, dict
             row += 1
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _glob_files(path: str) -> list[str]:
+    """The files a glob pattern names, sorted (``**`` recursive); FileNotFoundError if none."""
+    files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"no file matches {path!r}")
+    return files
+
+
 def _iter_source(path: str) -> Iterator[tuple[str, dict]]:
     """``(where, raw record)`` of every record of ``path``, by its kind (module docstring)."""
+    if _is_glob(path):
+        return itertools.chain.from_iterable(_iter_source(f) for f in _glob_files(path))
     if _is_hf_dir(path):
         return _iter_hf(path)
     if path.endswith((".csv", ".tsv")):
@@ -428,8 +444,11 @@ def _load_hf(path: str):
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as e:
-        raise ValueError(f"{path}: not a JSONL file nor a Hugging Face datasets directory "
-                         f"(save_to_disk): {e}") from e
+        found = sorted(os.path.relpath(f, path) for ext in ("parquet", "jsonl", "json")
+                       for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
+        hint = (f"; it holds data files ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): name the "
+                f"split's files with a glob, e.g. {os.path.join(path, '**', 'train-*.parquet')!r}") if found else ""
+        raise ValueError(f"{path}: not a Hugging Face datasets directory (save_to_disk){hint}") from e
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{path} holds a DatasetDict with splits {sorted(ds)}; pass one split's "
                          f"directory, e.g. {os.path.join(path, sorted(ds)[0])}")
@@ -459,7 +478,7 @@ def iter_records(path: str | os.PathLike, *, limit: int | None = None) -> Iterat
     path = os.fspath(path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-    if not os.path.exists(path):
+    if not _is_glob(path) and not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")
     raw = _iter_source(path)
     seen: dict[str, str] = {}
@@ -833,7 +852,7 @@ def record_locator(path: str | os.PathLike | None, what: str = "pool") -> Callab
     if not path:
         return lambda i: f"{what} record {i}"
     path = os.fspath(path)
-    if _is_hf_dir(path) or path.endswith(".parquet"):
+    if not _is_glob(path) and (_is_hf_dir(path) or path.endswith(".parquet")):
         return lambda i: f"{path}: row {i}"
 
     def locate(i: int) -> str:

@@ -63,6 +63,8 @@ CASES = {
         attention_factor=1.3))),
     # Qwen2: q/k/v biases, no o_proj bias
     "qwen2": ("qwen2", dict(num_key_value_heads=2)),
+    # a gated MLP with another activation than SiLU (HF's ACT2FN name)
+    "llama_gelu_tanh_act": ("llama", dict(num_key_value_heads=2, hidden_act="gelu_pytorch_tanh")),
     # Qwen3: q/k RMSNorm, head_dim != hidden / heads
     "qwen3_headdim": ("qwen3", dict(num_key_value_heads=2, head_dim=12)),
     # Qwen3 with sliding window on layer 1 only (max_window_layers=1), biases, tied
@@ -278,8 +280,9 @@ def test_config_conversion_and_rope_errors():
     with pytest.raises(ValueError, match="unsupported keys \\['beta'\\].*optionally"):
         config_from_hf({**v4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 8, "beta": 1.0}})
-    with pytest.raises(ValueError, match="hidden_act"):
-        config_from_hf({**v4, "hidden_act": "gelu"})
+    assert config_from_hf({**v4, "hidden_act": "gelu"}).hidden_act == "gelu"
+    with pytest.raises(ValueError, match="unsupported activation 'xielu'; supported: .*silu"):
+        config_from_hf({**v4, "hidden_act": "xielu"})
     with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'.*llama.*mistral.*qwen2.*qwen3"):
         config_from_hf({**v4, "model_type": "gpt_neox"})
 

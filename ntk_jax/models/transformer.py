@@ -10,7 +10,9 @@ Mistral checkpoints can be loaded into it by renaming tensors only:
   ``num_heads``; query head ``h`` uses key/value head ``h // (num_heads // num_kv_heads)``,
   HF's ``repeat_kv``) and an explicit ``head_dim``; scores scaled by ``head_dim ** -0.5``,
   softmax in (at least) float32;
-* SwiGLU MLP ``down_proj(silu(gate_proj(x)) * up_proj(x))``;
+* gated MLP ``down_proj(act(gate_proj(x)) * up_proj(x))`` with ``act`` HF's ``hidden_act``
+  (``silu``, SwiGLU, in every Llama / Mistral / Qwen release; any name of
+  ``layers.get_activation``, e.g. ``gelu_pytorch_tanh``);
 * optional tied input/output embeddings.
 
 Config switches cover the HF variants without copies of the decoder (the ``config.json``
@@ -90,7 +92,7 @@ from flax.core import FrozenDict
 from ntk_jax.models.hf_loading import (CONFIG_NAME, SafetensorsDir, TensorMap, WeightMap, config_from_hf,
                                        load_model, read_hf_config, rename_weight_map, save_hf_safetensors)
 from ntk_jax.models.layers import (ConfigMixin, attend_f32, base_params_filter, dot_product_attention,
-                                   flatten_state, linear_f32, with_dtypes)
+                                   flatten_state, get_activation, linear_f32, with_dtypes)
 from ntk_jax.models.lora import LoRALinear
 from ntk_jax.models.ports import PartitionNames, PeftModule, PeftSpec, register_architecture
 
@@ -201,7 +203,8 @@ class DecoderConfig(ConfigMixin):
     immutable ``FrozenDict`` with the type under ``"rope_type"``; ``{"rope_type": "default"}``
     is normalised to ``None``), ``sliding_window`` (int window, ``None`` = full causal
     attention) and ``layer_types`` (``None``: every layer uses ``sliding_window``; else one of
-    ``"full_attention"`` / ``"sliding_attention"`` per layer).
+    ``"full_attention"`` / ``"sliding_attention"`` per layer). ``hidden_act``: the gated MLP's
+    activation, an HF name (:func:`~ntk_jax.models.layers.get_activation`).
     """
 
     vocab_size: int
@@ -225,6 +228,7 @@ class DecoderConfig(ConfigMixin):
     rope_scaling: Mapping[str, Any] | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    hidden_act: str = "silu"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -254,6 +258,7 @@ class DecoderConfig(ConfigMixin):
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         object.__setattr__(self, "rope_scaling", _normalize_rope_scaling(self.rope_scaling))
+        get_activation(self.hidden_act)  # ValueError naming the supported ones
         if self.sliding_window is not None:
             w = self.sliding_window
             if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w <= 0:
@@ -449,7 +454,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    """Gated MLP ``down_proj(act(gate_proj(x)) * up_proj(x))``, ``act`` the config's
+    ``hidden_act`` (SiLU: SwiGLU)."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         c = config
@@ -458,9 +464,10 @@ class MLP(nnx.Module):
         self.gate_proj = LoRALinear(c.hidden_size, c.intermediate_size, **kw)
         self.up_proj = LoRALinear(c.hidden_size, c.intermediate_size, **kw)
         self.down_proj = LoRALinear(c.intermediate_size, c.hidden_size, **kw)
+        self.act = get_activation(c.hidden_act)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderBlock(nnx.Module):
@@ -635,9 +642,6 @@ def decoder_config_from_hf(d: Mapping[str, Any]) -> DecoderConfig:
     missing = [k for k in _REQUIRED if d.get(k) is None]
     if missing:
         raise ValueError(f"{mt} config is missing {missing}")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
     heads = int(d["num_attention_heads"])
     head_dim = d.get("head_dim")
     if head_dim is None:  # HF's Qwen3Config defaults head_dim to 128, the others to hidden / heads
@@ -687,6 +691,7 @@ def decoder_config_from_hf(d: Mapping[str, Any]) -> DecoderConfig:
         sliding_window=None if sliding_window is None else int(sliding_window),
         layer_types=None if layer_types is None else tuple(layer_types),
         initializer_range=None if init is None else float(init),
+        hidden_act=str(d.get("hidden_act", "silu")),
     )
 
 

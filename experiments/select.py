@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from ntk_jax.launcher import distributed
 from ntk_jax.launcher.memory import job_programs
@@ -32,7 +33,9 @@ def config() -> ml_collections.ConfigDict:
     settings the comparison (select_compare) uses."""
     c = ml_collections.ConfigDict(dict(
         method="ntk",               # a module of ntk_jax.selection.methods: ntk | less | random | embedding
-        n_select=64,                # N
+        # N, or a fraction of the pool in (0, 1) (0.05: LESS's top 5 %); typed loosely so that
+        # --config.select.n_select takes either
+        n_select=config_dict.FieldReference(64, field_type=object),
         # JSONL files or local HF datasets dirs; empty: the controlled benchmark
         # (ntk_jax.data.controlled), generated into the job's directory.
         domain_path="",

@@ -33,7 +33,8 @@ from experiments.plotting import save, subplots
 from ntk_jax.launcher.distributed import barrier
 from ntk_jax.models.lora import lora_config
 from ntk_jax.selection.evaluation import finetune_and_evaluate
-from ntk_jax.selection.jobs import (encoding_options, fit_to_length, load_selection_data, plain, run_selection,
+from ntk_jax.selection.jobs import (encoding_options, fit_to_length, load_selection_data, plain, resolve_n_select,
+                                    run_selection,
                                     selection_context)
 from ntk_jax.selection.methods import apply_preset
 from ntk_jax.selection.store import fingerprint_of
@@ -209,7 +210,8 @@ def compare(context, sel, cc, out_dir: str) -> dict:
             entry = {"seed": seed, "arm": arm, "config_fingerprint": fingerprint}
             train_records = list(fitted["domain"])
             if arm.startswith("oracle_"):
-                extra = oracle_records(fitted["pool"], arm[len("oracle_"):], int(sel["n_select"]))
+                extra = oracle_records(fitted["pool"], arm[len("oracle_"):],
+                                       resolve_n_select(sel["n_select"], len(fitted["pool"])))
                 train_records += extra
                 entry["n_added"] = len(extra)
             elif arm != "domain_only":

@@ -30,8 +30,9 @@ CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 
                       if "def get_config" in open(p).read())
 # One valid argument for each config file whose get_config takes one.
 ARGS = {"select_compare.py": "no_conflict", "select_ntk.py": "paper", "select_llama3_8b.py": "gpu8", "select_qwen3_8b.py": "v5e-8"}
-# Field types the config flag parser can set (ml_collections.config_flags._FIELD_TYPE_TO_PARSER).
-OVERRIDABLE = (int, float, bool, str, tuple)
+# Field types the config flag parser can set (ml_collections.config_flags._FIELD_TYPE_TO_PARSER;
+# ``object``: a Python literal, for a field that takes values of several types).
+OVERRIDABLE = (int, float, bool, str, tuple, object)
 
 
 def load(file: str, *overrides: str):
@@ -95,6 +96,12 @@ def test_sequence_syntaxes(argv):
     """A tuple, a list, bare commas, or the flag repeated once per element."""
     c = load("select_compare.py", *(f"--config.select_compare.seeds={a}" for a in argv))
     assert c.select_compare.seeds == (0, 1)
+
+
+@pytest.mark.parametrize("value, want", [("0.05", 0.05), ("16", 16)])
+def test_n_select_takes_a_count_or_a_fraction(value, want):
+    n = load("select_ntk.py", f"--config.select.n_select={value}").select.n_select
+    assert n == want and type(n) is type(want)
 
 
 def test_overridden_lora_fields_reach_the_experiments():

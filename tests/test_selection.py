@@ -332,6 +332,10 @@ def test_job_bad_inputs(tmp_path, tiny_context, small_bench):
         run_selection(tiny_context, cfg, b.domain, [], str(tmp_path / "a"), seed=0)
     with pytest.raises(ValueError, match="larger than the pool"):
         run_selection(tiny_context, _select_cfg("random", n_select=1000), b.domain, b.pool, str(tmp_path / "b"), seed=0)
+    for bad in (0, 0.0, 1.5, -3, "5", True):
+        with pytest.raises(ValueError, match="select.n_select must be a positive integer or a fraction"):
+            run_selection(tiny_context, _select_cfg("random", n_select=bad), b.domain, b.pool, str(tmp_path / "b"),
+                          seed=0)
     dup = b.pool[:10] + [dict(b.pool[0])]
     with pytest.raises(ValueError, match="duplicate id"):
         run_selection(tiny_context, cfg, b.domain, dup, str(tmp_path / "c"), seed=0)
@@ -353,6 +357,17 @@ def test_job_bad_inputs(tmp_path, tiny_context, small_bench):
         run_selection(tiny_context, _select_cfg("ntk"), b.domain, b.pool, str(tmp_path / "e"), seed=0,
                       stop_after_shards=0)
     assert not os.path.exists(tmp_path / "e" / SELECTED_NAME)
+
+
+def test_n_select_as_a_fraction_of_the_pool(tmp_path, tiny_context, small_bench):
+    from ntk_jax.selection.jobs import resolve_n_select
+
+    assert [resolve_n_select(v, 52) for v in (1, 8, 8.0, np.int64(3), 0.1, 0.05, 0.001, 0.99)] == [1, 8, 8, 3, 5, 3, 1, 51]
+    rep = run_selection(tiny_context, _select_cfg("random", n_select=0.1), small_bench.domain, small_bench.pool,
+                        str(tmp_path / "f"), seed=0)
+    assert rep["counts"]["selected"] == len(rep["selected_ids"]) == 5 and rep["config"]["n_select"] == 5
+    with open(tmp_path / "f" / SELECTED_NAME) as fh:
+        assert len(fh.readlines()) == 5
 
 
 def test_malformed_jsonl_names_line(tmp_path):

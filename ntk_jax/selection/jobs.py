@@ -83,6 +83,23 @@ def check_unique_ids(records: list[dict], what: str) -> None:
         seen[rid] = i
 
 
+def resolve_n_select(value, pool_size: int) -> int:
+    """``select.n_select`` as a count: an integer N ≥ 1 as given, or a fraction ``0 < f < 1``
+    of the pool, ``round(f · pool_size)`` (at least 1; LESS's "top 5 %" is ``0.05``).
+    ValueError naming the setting otherwise, or when N exceeds the pool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"select.n_select must be a positive integer or a fraction in (0, 1), got {value!r}")
+    if float(value).is_integer() and value >= 1:
+        n = int(value)
+    elif 0 < value < 1:
+        n = max(1, int(np.floor(float(value) * pool_size + 0.5)))
+    else:
+        raise ValueError(f"select.n_select must be a positive integer or a fraction in (0, 1), got {value!r}")
+    if n > pool_size:
+        raise ValueError(f"N={n} is larger than the pool ({pool_size} candidates)")
+    return n
+
+
 def write_records_atomic(path: str, records: list[dict]) -> None:
     """JSONL of ``records`` as they were read (a record converted from another format is
     written in that format: :func:`~ntk_jax.data.records.source_record`), atomically."""
@@ -353,17 +370,14 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     cfg = plain(cfg)
     method = get_method(str(cfg["method"]))  # ValueError naming the known methods
     _check_processes(process_index, process_count, barrier)
-    n_select = int(cfg["n_select"])
+    n_setting = cfg["n_select"]
     t = time.time()
     # ---- validate
     if not pool:
         raise ValueError("the candidate pool is empty: nothing to select from")
     if not domain:
         raise ValueError("the domain set is empty")
-    if n_select <= 0:
-        raise ValueError(f"n_select must be positive, got {n_select}")
-    if n_select > len(pool):
-        raise ValueError(f"N={n_select} is larger than the pool ({len(pool)} candidates)")
+    n_select = resolve_n_select(n_setting, len(pool))
     check_unique_ids(pool, "pool")
     check_unique_ids(domain, "domain")
     # ---- the length policy, over every record before any model work (errors name file and line)
@@ -379,9 +393,11 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
             print(f"[select] {what}: {summ['n_over']} of {summ['records']} records longer than "
                   f"select.max_len={summ['max_len']} (longest {summ['longest']}): truncation={summ['truncation']} "
                   f"truncates {summ['truncated']}, drops {summ['dropped']}", flush=True)
+    n_select = resolve_n_select(n_setting, len(pool))  # a fraction: of the records the policy kept
     if n_select > len(pool):
         raise ValueError(f"N={n_select} is larger than the pool ({len(pool)} candidates after the length policy "
                          f"dropped {pool_check.summary['dropped']})")
+    cfg["n_select"] = n_select  # what every method reads (and the stores' fingerprints hold)
     domain_arrays = encode_records(context.tokenizer, domain, context.max_len, **encoding)
     if float(np.min(domain_arrays["loss_mask"].sum(axis=1))) <= 0:
         raise ValueError("a domain record has zero loss tokens after masking")

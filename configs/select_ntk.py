@@ -8,8 +8,9 @@ paper's reading: sum-of-logits gradients after the warm-up, unnormalised, kNN fi
 
     python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/select_ntk
     python -m ntk_jax.main --config=configs/select_ntk.py:paper --workdir=runs/select_ntk_paper
-    # your data (JSONL records with "messages", "prompt"/"response", or "text") on your
-    # checkpoint, records encoded to 1024 tokens, longer ones truncated on the left:
+    # your data (JSONL / JSON / Parquet records with "messages", "prompt"/"response" or "text",
+    # or in the Alpaca, Dolly, ShareGPT or prompt/completion layouts) on your checkpoint,
+    # records encoded to 1024 tokens, longer ones truncated on the left:
     python -m ntk_jax.main --config=configs/select_ntk.py --workdir=runs/mine \\
         --config.model.path=CKPT --config.select.max_len=1024 --config.select.truncation=left \\
         --config.select.domain_path=domain.jsonl --config.select.pool_path=pool.jsonl

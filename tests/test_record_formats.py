@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_jax.data.records import (RECORD_FORMATS, convert_record, encode_records, read_records, record_format,
-                                  source_record)
+                                  renderings, source_record)
 from ntk_jax.data.tokenizer import CharTokenizer
 from ntk_jax.selection.jobs import SELECTED_NAME, run_selection
 from test_selection import _select_cfg, small_bench, tiny_context  # noqa: F401 (fixtures)
@@ -115,6 +115,25 @@ def test_selection_on_a_mixed_format_pool_scores_as_native_and_writes_the_format
     by_id = {str(r["id"]): r for r in lines}
     written = [json.loads(x) for x in open(tmp_path / "shipped" / SELECTED_NAME)]
     assert written == [by_id[i] for i in got["selected_ids"]]  # in their own format, as read
+    assert "warning" not in got["data"]["layouts"]
+    # a ShareGPT pool against a prompt/response domain, no chat template: the job says so
+    chat_pool = read_records(_write(tmp_path / "chat.jsonl", [
+        {"id": r["id"], "conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["response"]}]}
+        for r in pool]))
+    cfg.max_len = 64
+    mixed = run_selection(tiny_context, cfg, small_bench.domain, chat_pool, str(tmp_path / "mixed"), seed=0, plot=False)
+    assert mixed["data"]["layouts"]["warning"].startswith("the domain is rendered plain and the pool chat")
+
+
+def test_renderings_with_and_without_a_chat_template():
+    from test_chat_pools import bpe_tokenizer
+
+    recs = [{"prompt": "p", "response": "r"}, {"messages": [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "a"}]}, {"text": "t"}]
+    char, bpe = CharTokenizer(), bpe_tokenizer()
+    assert [renderings(char, [r]) for r in recs] == [{"plain"}, {"chat"}, {"plain"}]
+    assert [renderings(bpe, [r]) for r in recs] == [{"chat"}, {"chat"}, {"plain"}]
+    assert renderings(bpe, recs[:1], chat_template=False) == {"plain"}
 
 
 # ----------------------------------------------------------------------------- file kinds

@@ -98,6 +98,7 @@ __all__ = [
     "convert_record",
     "source_record",
     "layout_counts",
+    "renderings",
     "validate_record",
     "iter_records",
     "iter_record_chunks",
@@ -269,6 +270,16 @@ def layout_counts(records: Iterable[Mapping]) -> dict[str, int]:
                                               else "prompt_response")
         out[kind] = out.get(kind, 0) + 1
     return dict(sorted(out.items()))
+
+
+def renderings(tokenizer, records: Iterable[Mapping], chat_template="auto") -> set[str]:
+    """How ``records`` are rendered for the model: ``"chat"`` (a ``messages`` record, or with a
+    chat template a prompt/response record, rendered as a conversation) or ``"plain"``
+    (prompt/response without a template, text). Without a chat template the two differ (the
+    plain chat rendering adds ``User:`` / ``Assistant:`` headers), so a domain and a pool that
+    do not share one rendering look unlike each other to every score."""
+    templated = _use_template(tokenizer, chat_template) is not False
+    return {"chat" if "messages" in r or (templated and "prompt" in r) else "plain" for r in records}
 
 
 # ----------------------------------------------------------------------------- validation

@@ -59,7 +59,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ntk_jax.data.records import (ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, layout_counts,
-                                  map_length_buckets, source_record)
+                                  map_length_buckets, renderings, source_record)
 from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
@@ -387,6 +387,14 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     pool, pool_check = fit_to_length(context, cfg, pool, "pool", cfg.get("pool_path"))
     lengths = {"domain": dom_check.summary, "pool": pool_check.summary}
     layouts = {"domain": layout_counts(domain), "pool": layout_counts(pool)}
+    rendered = {"domain": renderings(context.tokenizer, domain), "pool": renderings(context.tokenizer, pool)}
+    if rendered["domain"] != rendered["pool"]:
+        layouts["warning"] = (f"the domain is rendered {'+'.join(sorted(rendered['domain']))} and the pool "
+                              f"{'+'.join(sorted(rendered['pool']))} (chat: as a conversation, with 'User:' / "
+                              "'Assistant:' headers when the tokenizer has no chat template; plain: prompt and "
+                              "response, or text, as they are), so pool records look unlike the domain to every "
+                              "score; give both in one layout (or use a tokenizer with a chat template)")
+        print(f"[select] warning: {layouts['warning']}", flush=True)
     t_lengths = time.time() - t_lengths
     for what, summ in lengths.items():
         if summ["n_over"]:

@@ -62,6 +62,9 @@ def config() -> ml_collections.ConfigDict:
         assistant_turns="all",
         lora=lora_config(),
         warmup=finetune_train_config(total_steps=40, learning_rate=5e-3, batch_size=16),
+        # "exact": drop pool records whose content (messages / prompt+response / text) repeats an
+        # earlier one's before scoring (report data.dedup), so N is not spent on copies; "none"
+        dedup="none",
         knn_k=32,                   # votes per domain example (coarse filter)
         # what the kNN filter's mean hidden states average over: every real token ("all", the
         # paper's) or the scored positions ("response": records with the same prompt and

@@ -214,3 +214,30 @@ def test_glob_of_parquet_shards_as_one_source(tmp_path):
     _write(tmp_path / "a2.jsonl", [{"id": "x", "text": "b"}])
     with pytest.raises(ValueError, match=r"duplicate id 'x': .*a1\.jsonl: line 1 and .*a2\.jsonl: line 1"):
         read_records(str(tmp_path / "a*.jsonl"))
+
+
+def test_exact_duplicates_dropped_before_scoring(tmp_path, tiny_context, small_bench):
+    """``select.dedup="exact"``: copies of earlier records (new ids, same content) leave the pool
+    before scoring — the job then scores exactly as on the pool without them — and the report
+    names them; ``"none"`` keeps them; an unknown policy is named."""
+    from ntk_jax.data.records import first_of_duplicates
+
+    pool = small_bench.pool
+    copies = [{**pool[k], "id": f"copy-{k}-{j}"} for j, k in enumerate((3, 7, 7))]
+    noisy = pool[:10] + copies + pool[10:]
+    assert first_of_duplicates(noisy).tolist() == list(range(10)) + list(range(13, len(noisy)))
+    cfg = _select_cfg("embedding")
+    cfg.warmup.total_steps = 0
+    ref = run_selection(tiny_context, cfg, small_bench.domain, pool, str(tmp_path / "ref"), seed=0, plot=False)
+    cfg.dedup = "exact"
+    got = run_selection(tiny_context, cfg, small_bench.domain, noisy, str(tmp_path / "dedup"), seed=0, plot=False)
+    assert got["data"]["dedup"] == {"policy": "exact", "dropped": 3, "dropped_ids": ["copy-3-0", "copy-7-1", "copy-7-2"]}
+    assert got["counts"]["pool"] == len(pool) and got["selected_ids"] == ref["selected_ids"]
+    a, b = (np.load(os.path.join(tmp_path, d, "all_scores.npz")) for d in ("dedup", "ref"))
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    cfg.dedup = "none"
+    kept = run_selection(tiny_context, cfg, small_bench.domain, noisy, str(tmp_path / "none"), seed=0, plot=False)
+    assert kept["counts"]["pool"] == len(noisy) and kept["data"]["dedup"] == {"policy": "none"}
+    cfg.dedup = "fuzzy"
+    with pytest.raises(ValueError, match="unknown select.dedup 'fuzzy'"):
+        run_selection(tiny_context, cfg, small_bench.domain, noisy, str(tmp_path / "bad"), seed=0, plot=False)

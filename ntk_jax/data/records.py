@@ -99,6 +99,7 @@ __all__ = [
     "source_record",
     "layout_counts",
     "renderings",
+    "first_of_duplicates",
     "validate_record",
     "iter_records",
     "iter_record_chunks",
@@ -270,6 +271,20 @@ def layout_counts(records: Iterable[Mapping]) -> dict[str, int]:
                                               else "prompt_response")
         out[kind] = out.get(kind, 0) + 1
     return dict(sorted(out.items()))
+
+
+def first_of_duplicates(records: Sequence[Mapping]) -> np.ndarray:
+    """int64 indices of the records kept when exact duplicates are dropped: the first record
+    of each distinct content (its ``messages``, ``prompt``/``response`` or ``text``; ids and
+    other fields do not count), in order."""
+    seen: set[str] = set()
+    kept = []
+    for i, r in enumerate(records):
+        key = json.dumps({k: r[k] for k in ("messages", "prompt", "response", "text") if k in r}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(i)
+    return np.asarray(kept, dtype=np.int64)
 
 
 def renderings(tokenizer, records: Iterable[Mapping], chat_template="auto") -> set[str]:

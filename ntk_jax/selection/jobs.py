@@ -58,8 +58,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ntk_jax.data.records import (ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, fit_records, layout_counts,
-                                  map_length_buckets, renderings, source_record)
+from ntk_jax.data.records import (ASSISTANT_TURNS, LENGTH_POLICIES, encode_records, first_of_duplicates, fit_records,
+                                  layout_counts, map_length_buckets, renderings, source_record)
 from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection import diagnostics
@@ -386,6 +386,16 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     domain, dom_check = fit_to_length(context, cfg, domain, "domain", cfg.get("domain_path"))
     pool, pool_check = fit_to_length(context, cfg, pool, "pool", cfg.get("pool_path"))
     lengths = {"domain": dom_check.summary, "pool": pool_check.summary}
+    pool_lengths, dedup = pool_check.lengths, {"policy": str(cfg.get("dedup", "none"))}
+    if dedup["policy"] == "exact":  # after the length policy, whose errors locate records by position
+        kept = first_of_duplicates(pool)
+        dropped = sorted(set(range(len(pool))) - set(kept.tolist()))
+        dedup.update(dropped=len(dropped), dropped_ids=[str(pool[i]["id"]) for i in dropped[:20]])
+        pool, pool_lengths = [pool[i] for i in kept], pool_lengths[kept]
+        if dropped:
+            print(f"[select] pool: {len(dropped)} exact duplicate records dropped (select.dedup='exact')", flush=True)
+    elif dedup["policy"] != "none":
+        raise ValueError(f"unknown select.dedup {dedup['policy']!r}; choose one of ('none', 'exact')")
     layouts = {"domain": layout_counts(domain), "pool": layout_counts(pool)}
     rendered = {"domain": renderings(context.tokenizer, domain), "pool": renderings(context.tokenizer, pool)}
     if rendered["domain"] != rendered["pool"]:
@@ -420,7 +430,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     job = SelectionJob(context=context, cfg=cfg, domain=domain, pool=pool, domain_arrays=domain_arrays,
                        out_dir=out_dir, seed=int(seed), process_index=process_index, process_count=process_count,
                        barrier=barrier, stop_after_shards=stop_after_shards, on_shard=on_shard, encoding=encoding,
-                       pool_lengths=pool_check.lengths)
+                       pool_lengths=pool_lengths)
     job.timings["validate"] = time.time() - t - t_lengths
     job.timings["lengths"] = t_lengths  # the length pass over every domain and pool record
 
@@ -445,7 +455,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     job.sync("select")  # on return, selected.jsonl exists for every process
     return {"method": job.method, "seed": int(seed), "config": to_jsonable(cfg), "timings_s": job.timings,
             "counts": {"domain": len(domain), "pool": len(pool), "selected": len(selected)},
-            "data": {"lengths": lengths, "layouts": layouts},
+            "data": {"lengths": lengths, "layouts": layouts, "dedup": dedup},
             "processes": int(process_count),
             "selected_ids": [r["id"] for r in selected], **precision_report(selected, pool),
             "diagnostics": diag, **job.extra}

@@ -92,3 +92,15 @@ def test_ntk_speed_quick():
                 assert r["backward_floor_s"] > 0 and r["best_nt_over_floor"] > 0
     assert comp["structured_plan_summary"]["mlp/traced"].get("factored", 0) >= 1
     assert "| mlp | traced | cross |" in comp["table_markdown"]
+
+
+@pytest.mark.benchmark
+def test_linear_head_ntk_quick():
+    """benchmarks/linear_head_ntk.py runs (``--quick``) and its two kernels agree."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "linear_head_ntk.py"), "--quick"],
+                          cwd=ROOT, env={**os.environ, "NTK_JAX_NO_PROGRESS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads(proc.stdout)["rows"]
+    assert row["vocab"] == 128 and row["hidden"] == 32 and set(row["seconds"]) == {"logits", "linear_head"}
+    assert row["max_rel_diff"] < 1e-4

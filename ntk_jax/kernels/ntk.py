@@ -12,6 +12,9 @@ parameters passed in (θ_train; take a subset with :func:`ntk_jax.models.subset.
   :mod:`ntk_jax.kernels.structured`, docs/theory.md §2.5) and ``"auto"`` (the default of
   :func:`empirical_ntk`: the cheapest by :func:`~ntk_jax.kernels.structured.structured_plan`'s
   cost model; docs/kernels.md).
+* :func:`linear_head_ntk` — the exact kernel of ``f = u(θ, x) · W`` with a fixed head ``W``
+  (``d × O``, e.g. a language model's output matrix over the final hidden states) from ``u``'s
+  Jacobian: ``min(d, O)`` backward passes per example instead of ``O`` (docs/theory.md §2.7).
 * :func:`jacobian_free_ntk` — ``Θ̃(x, x') = ⟨∇θ Σ_k f_k(x), ∇θ Σ_k f_k(x')⟩`` (NTK-Selector
   Def. 2), exact or through a seeded JL projection.
 * :func:`loss_gradient_kernel` — ``⟨∇θ L(x), ∇θ L(x')⟩`` (LESS/TracIn style).
@@ -340,6 +343,67 @@ def feature_kernel(F1: np.ndarray, F2: np.ndarray | None = None, *, normalize: b
         F1 = normalize_rows(F1)
         F2 = F1 if same else normalize_rows(F2)
     return F1 @ F2.T
+
+
+@functools.lru_cache(maxsize=8)
+def _through_factor(u: Callable, shape: tuple[int, int], data: bytes) -> Callable:
+    """``x ↦ u(θ, x) @ L`` for the float32 factor ``L`` given by ``shape`` and its bytes; the same
+    function for the same ``(u, L)``, so the kernel programs compiled for it are reused."""
+    factor = np.frombuffer(data, dtype=np.float32).reshape(shape)
+
+    def f(params, x):
+        out = u(params, x)
+        return jnp.einsum("...d,dr->...r", out, jnp.asarray(factor, out.dtype))
+
+    return f
+
+
+def linear_head_ntk(u: Callable, head, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
+                    trace: bool = True, **kwargs):
+    """The exact eNTK of ``f(θ, x) = u(θ, x) · W`` for a fixed head ``W`` (not in ``params``).
+
+    Args:
+      u: ``u(params, x) -> (n, *lead, d)``: the features the head reads (e.g. an LM's final
+        hidden states averaged over the scored positions, :func:`ntk_jax.kernels.outputs.lm_hidden_output_fn`).
+      head: ``(d, O)`` array ``W``, applied to ``u``'s last axis (e.g. the LM's output matrix,
+        :func:`ntk_jax.kernels.outputs.lm_output_head`).
+      params, x1, x2, block_size, method, ...: as :func:`empirical_ntk` (``kwargs`` are passed on).
+      trace: ``True`` → ``(n1, n2)`` traced over every output of ``f`` (``lead`` axes and ``O``);
+        ``False`` → ``(n1, n2, O_f, O_f)`` with ``O_f = prod(lead) · O``, ordered as ``f``'s
+        outputs flattened.
+
+    Since ``J_f = J_u W`` (per lead position), ``Θ_f(x, x') = Wᵀ Θ_u(x, x') W``. Traced, with
+    ``W Wᵀ = L Lᵀ`` (``L`` ``d × r``, ``r = rank W ≤ min(d, O)``, from a float64 eigendecomposition),
+    ``tr Θ_f = tr Θ_ũ`` for ``ũ = u · L``: the traced kernel of ``r`` outputs, i.e. ``r``
+    backward passes per example instead of ``O`` — for a language model's logits ``O`` is the
+    vocabulary (32k–150k) and ``d`` the hidden size. The full form computes ``Θ_u`` (``d``
+    outputs) and applies ``W`` on both sides. Returns numpy arrays like :func:`empirical_ntk`.
+    """
+    W = np.asarray(head, dtype=np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"head must be a (d, O) matrix, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("head has non-finite entries")
+    d = int(W.shape[0])
+    if trace:
+        evals, evecs = np.linalg.eigh(W @ W.T)
+        keep = evals > max(float(evals.max()), 0.0) * d * np.finfo(np.float64).eps
+        if not keep.any():
+            return np.zeros((batch_size_of(x1, "x1"), batch_size_of(x1 if x2 is None else x2, "x2")))
+        L = np.ascontiguousarray((evecs[:, keep] * np.sqrt(evals[keep])).astype(np.float32))
+        return empirical_ntk(_through_factor(u, L.shape, L.tobytes()), params, x1, x2, trace=True, **kwargs)
+    out = kwargs.pop("return_info", False)
+    theta_u = empirical_ntk(u, params, x1, x2, trace=False, return_info=out, **kwargs)
+    theta_u, info = theta_u if out else (theta_u, None)
+    n1, n2, Ou, _ = theta_u.shape
+    if Ou % d:
+        raise ValueError(f"u has {Ou} outputs per example, not a multiple of the head's d = {d}")
+    lead = Ou // d
+    t = theta_u.reshape(n1, n2, lead, d, lead, d)
+    theta_f = np.einsum("ijadbe,do,ep->ijaobp", t, W, W, optimize=True).reshape(
+        n1, n2, lead * W.shape[1], lead * W.shape[1]).astype(theta_u.dtype)
+    theta_f = check_finite(theta_f, "linear-head kernel")
+    return (theta_f, info) if out else theta_f
 
 
 def gradient_kernel(scalar_fn: ScalarFn, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,

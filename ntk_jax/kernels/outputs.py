@@ -68,6 +68,65 @@ def lm_output_fn(subset: "ParamSubset", *, reduce: str = "mean", mask_key: str =
     return f
 
 
+def lm_hidden_output_fn(subset: "ParamSubset", *, reduce: str = "mean", mask_key: str = "loss_mask") -> Callable:
+    """``u(params, batch)``: what :func:`lm_output_fn` computes before the output matrix — the
+    model's final hidden states (``model.hidden_states``, float32) averaged over the positions
+    of ``mask_key`` (``reduce="mean"``, ``(n, d)``) or scaled by ``m_t / |M|`` (``"none"``,
+    ``(n, T, d)``). With ``W = lm_output_head(model)``, ``lm_output_fn(subset, reduce=r)(p, b)
+    == u(p, b) @ W``, so :func:`ntk_jax.kernels.ntk.linear_head_ntk` gives the logits' exact
+    eNTK from ``min(d, V)`` backward passes per example instead of ``V``.
+
+    ValueError if ``subset``'s parameters include the output matrix (then it is not fixed).
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown reduce {reduce!r}; use one of {REDUCTIONS}")
+    model = subset.merge(subset.params)
+    if not hasattr(model, "hidden_states"):
+        raise TypeError(f"{type(model).__name__} has no hidden_states(input_ids, attention_mask) method")
+    _head_module(model)  # TypeError for a model without a linear output head
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(subset.params)]
+    tied = getattr(model, "lm_head", None) is None
+    held = [n for n in names if n.startswith("lm_head") or (tied and n.startswith(("embed_tokens", "wte")))]
+    if held:
+        raise ValueError(f"the output matrix is among the kernel's parameters ({held[:3]}): the head is not fixed, "
+                         "so the logits are not u · W with W constant; use lm_output_fn")
+    pool = masked_mean_logits if reduce == "mean" else masked_scaled_logits
+
+    def u(params, batch):
+        if mask_key not in batch:
+            raise KeyError(f"batch has no {mask_key!r} entry (keys: {sorted(batch)})")
+        h = subset.merge(params).hidden_states(batch["input_ids"], batch.get("attention_mask"))
+        return pool(h.astype(jnp.promote_types(h.dtype, jnp.float32)), batch[mask_key])
+
+    return u
+
+
+def _head_module(model):
+    """``(module, kind)``: the output head of a causal LM port, ``kind`` ``"linear"`` (an
+    ``lm_head`` layer, ``kernel`` ``(d, V)``) or ``"tied"`` (the input embedding, ``(V, d)``)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        if getattr(head, "lora", None) is not None or getattr(head, "bias", None) is not None:
+            raise ValueError("lm_head has a bias or LoRA factors: the logits are not a fixed matrix times the "
+                             "hidden states")
+        return head, "linear"
+    for name in ("embed_tokens", "wte"):
+        if hasattr(model, name):
+            return getattr(model, name), "tied"
+    raise TypeError(f"{type(model).__name__} has no lm_head and no tied input embedding (embed_tokens / wte)")
+
+
+def lm_output_head(model) -> jax.Array:
+    """The ``(d, V)`` float32 matrix a causal LM port maps its final hidden states to logits
+    with: ``lm_head``'s kernel, or the transposed input embedding when the two are tied."""
+    module, kind = _head_module(model)
+    if kind == "linear":
+        return jnp.asarray(module.kernel.get_value() if hasattr(module.kernel, "get_value") else module.kernel.value,
+                           jnp.float32)
+    emb = module.embedding
+    return jnp.asarray(emb.get_value() if hasattr(emb, "get_value") else emb.value, jnp.float32).T
+
+
 def default_classifier_call(model, batch: dict) -> jax.Array:
     """``model(input_ids, attention_mask=..., token_type_ids=...)`` → logits ``(n, C)``
     (``token_type_ids`` only when the batch has them)."""

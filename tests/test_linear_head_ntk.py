@@ -1,0 +1,105 @@
+"""The eNTK of ``u(θ, x) · W`` with a fixed head from ``u``'s Jacobian
+(ntk_jax.kernels.ntk.linear_head_ntk) and its language-model form
+(ntk_jax.kernels.outputs.lm_hidden_output_fn / lm_output_head).
+
+Oracle: the kernel of the composed function itself by per-example Jacobians (``method="jacobian"``)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ntk_jax.kernels.ntk import empirical_ntk, linear_head_ntk
+from ntk_jax.kernels.outputs import lm_hidden_output_fn, lm_output_fn, lm_output_head
+from ntk_jax.models.lora import LoRAConfig, apply_lora
+from ntk_jax.models.subset import param_subset
+from ntk_jax.models.transformer import DecoderConfig, DecoderLM
+
+RTOL = 2e-5
+
+
+def _close(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * np.abs(b).max())
+
+
+@pytest.mark.parametrize("O, lead", [(7, ()), (2, ()), (5, (3,))])  # O > d, O < d (rank-2 head), lead axes
+def test_matches_the_composed_function(O, lead):
+    rng = np.random.default_rng(O)
+    d, n1, n2 = 4, 5, 3
+    params = {"A": jnp.asarray(rng.normal(size=(6, 8)) / 2, jnp.float32),
+              "B": jnp.asarray(rng.normal(size=(8, d * int(np.prod(lead, dtype=int)))) / 2, jnp.float32)}
+    W = jnp.asarray(rng.normal(size=(d, O)), jnp.float32)
+
+    def u(p, x):
+        return (jnp.tanh(x @ p["A"]) @ p["B"]).reshape(x.shape[0], *lead, d)
+
+    def f(p, x):
+        return u(p, x) @ W
+
+    x1 = jnp.asarray(rng.normal(size=(n1, 6)), jnp.float32)
+    x2 = jnp.asarray(rng.normal(size=(n2, 6)), jnp.float32)
+    for trace in (True, False):
+        for b in (None, x2):
+            _close(linear_head_ntk(u, W, params, x1, b, trace=trace),
+                   empirical_ntk(f, params, x1, b, trace=trace, method="jacobian"))
+    # a second call reuses the composed function (and so its compiled programs)
+    _close(linear_head_ntk(u, W, params, x1, trace=True, method="jacobian"),
+           empirical_ntk(f, params, x1, trace=True, method="jacobian"))
+
+
+def test_bad_heads_are_named():
+    u = lambda p, x: x @ p  # noqa: E731
+    p, x = jnp.ones((3, 2)), jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"head must be a \(d, O\) matrix"):
+        linear_head_ntk(u, np.ones(3), p, x)
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_head_ntk(u, np.full((2, 2), np.nan), p, x)
+    with pytest.raises(ValueError, match="not a multiple of the head's d = 3"):
+        linear_head_ntk(u, np.ones((3, 5)), p, x, trace=False)
+    assert np.all(linear_head_ntk(u, np.zeros((2, 5)), p, x) == 0)
+
+
+def _lm(tied: bool):
+    model = DecoderLM(DecoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                                    tie_word_embeddings=tied), rngs=nnx.Rngs(0))
+    apply_lora(model, LoRAConfig(rank=2, targets=("q_proj", "v_proj"), b_init_std=0.1), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 40, size=(5, 9)).astype(np.int32)
+    mask = np.ones((5, 9), np.int32)
+    mask[1, 7:] = 0
+    loss_mask = np.zeros((5, 9), np.float32)
+    loss_mask[:, 3:7] = 1.0
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(loss_mask)}
+    return model, batch
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_language_model_logits_kernel(tied):
+    """V = 40 logits from d = 16 hidden states: the same kernel as lm_output_fn's, both reductions."""
+    model, batch = _lm(tied)
+    subset = param_subset(model)
+    W = lm_output_head(model)
+    assert W.shape == (16, 40)
+    for reduce in ("mean", "none"):
+        u, f = lm_hidden_output_fn(subset, reduce=reduce), lm_output_fn(subset, reduce=reduce)
+        np.testing.assert_allclose(np.asarray(u(subset.params, batch) @ W), np.asarray(f(subset.params, batch)),
+                                   rtol=1e-5, atol=1e-5)
+        _close(linear_head_ntk(u, W, subset.params, batch, trace=True),
+               empirical_ntk(f, subset.params, batch, trace=True, method="jacobian"))
+    first, second = ({k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()})
+    u, f = lm_hidden_output_fn(subset), lm_output_fn(subset)
+    _close(linear_head_ntk(u, W, subset.params, first, second, trace=False),
+           empirical_ntk(f, subset.params, first, second, trace=False, method="jacobian"))
+
+
+def test_a_head_in_the_parameters_is_refused():
+    model, _ = _lm(tied=False)
+    with pytest.raises(ValueError, match="output matrix is among the kernel's parameters"):
+        lm_hidden_output_fn(param_subset(model, nnx.Param))
+    tied, _ = _lm(tied=True)
+    with pytest.raises(ValueError, match="embed_tokens"):
+        lm_hidden_output_fn(param_subset(tied, nnx.Param))
+    with pytest.raises(ValueError, match="unknown reduce"):
+        lm_hidden_output_fn(param_subset(model), reduce="max")

@@ -103,3 +103,24 @@ def test_a_head_in_the_parameters_is_refused():
         lm_hidden_output_fn(param_subset(tied, nnx.Param))
     with pytest.raises(ValueError, match="unknown reduce"):
         lm_hidden_output_fn(param_subset(model), reduce="max")
+
+
+def test_the_default_call_goes_through_the_head_when_it_is_narrower():
+    """``empirical_ntk(lm_output_fn(subset), ...)`` with ``method="auto"`` takes the head route
+    when d < V (and says so), and not when d ≥ V or the model is called another way."""
+    model, batch = _lm(tied=False)  # d 16 < V 40
+    subset = param_subset(model)
+    f = lm_output_fn(subset)
+    for trace in (True, False):
+        K, info = empirical_ntk(f, subset.params, batch, trace=trace, return_info=True)
+        assert info["method"].startswith("linear_head+"), info
+        _close(K, empirical_ntk(f, subset.params, batch, trace=trace, method="jacobian"))
+    wide = DecoderLM(DecoderConfig(vocab_size=12, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+                     rngs=nnx.Rngs(0))
+    apply_lora(wide, LoRAConfig(rank=2, targets=("q_proj",), b_init_std=0.1), rngs=nnx.Rngs(1))
+    small = {**batch, "input_ids": batch["input_ids"] % 12}
+    _, info = empirical_ntk(lm_output_fn(param_subset(wide)), param_subset(wide).params, small, return_info=True)
+    assert not info["method"].startswith("linear_head")  # d 16 ≥ V 12: the plain plan
+    custom = lm_output_fn(subset, call=lambda m, b: m(b["input_ids"], attention_mask=b["attention_mask"]))
+    assert not hasattr(custom, "linear_head")
+    assert lm_output_fn(param_subset(model, nnx.Param)).linear_head() is None  # the head is a parameter

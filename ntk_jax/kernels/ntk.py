@@ -277,7 +277,10 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
         layers contracted through their input / output-cotangent factors, every other leaf
         as ``jacobian``; :mod:`ntk_jax.kernels.structured`) or ``"auto"`` (the default: the
         cheapest of ``structured`` / ``jacobian`` / ``ntk_vp`` by :func:`structured_plan`'s
-        cost model for the block shape; docs/kernels.md). Every method gives the same kernel
+        cost model for the block shape; docs/kernels.md). With ``"auto"``, an ``f`` that
+        carries ``f.linear_head``, a callable returning ``(u, W)`` with ``f = u · W`` and ``W``
+        ``(d, O)`` fixed (or ``None``; :func:`ntk_jax.kernels.outputs.lm_output_fn` sets it), and
+        ``d < O`` goes through :func:`linear_head_ntk` (``d`` passes per example instead of ``O``). Every method gives the same kernel
         up to float rounding; ``return_info`` says which one ran.
       block_size: examples per row/column block (bounds device memory); ``None`` = one block.
       nt_implementation: neural-tangents mode, ``"jacobian_contraction"`` or
@@ -301,6 +304,15 @@ def empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = N
             raise ValueError(f"x1 and x2 must have the same pytree structure; got {t1} and {jax.tree.structure(x2)}")
     if not jax.tree.leaves(params):
         raise ValueError("params is empty: the kernel needs at least one parameter")
+    head_of = getattr(f, "linear_head", None)  # () -> (u, W) with f = u · W, W fixed (outputs.lm_output_fn)
+    head = head_of() if method == "auto" and callable(head_of) else None
+    if head is not None and head[1].shape[0] < head[1].shape[1]:
+        out = linear_head_ntk(head[0], head[1], params, x1, x2, trace=trace, method="auto", block_size=block_size,
+                              nt_implementation=nt_implementation, basis_batch=basis_batch, check=check,
+                              return_info=return_info)
+        if return_info:
+            out[1]["method"] = f"linear_head+{out[1]['method']}"
+        return out
     O = output_size(f, params, x1)
     plan: StructuredPlan | None = None
     if method in ("structured", "auto"):

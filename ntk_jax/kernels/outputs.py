@@ -16,6 +16,7 @@ them as they are (O = C; for a binary head the kernel is over the 2 logits).
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
@@ -65,7 +66,23 @@ def lm_output_fn(subset: "ParamSubset", *, reduce: str = "mean", mask_key: str =
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 → f32
         return head(logits, batch[mask_key])
 
+    if call is default_lm_call:  # f = u · W with W fixed: empirical_ntk's "auto" may go through the head
+        f.linear_head = functools.partial(_linear_head, subset, reduce, mask_key)
     return f
+
+
+def _linear_head(subset: "ParamSubset", reduce: str, mask_key: str):
+    """``(u, W)`` with ``lm_output_fn(subset, reduce, mask_key) = u · W`` and ``W`` fixed, or
+    ``None`` where that does not hold or cannot be read on the host (no ``hidden_states`` or
+    head, the head among the parameters, a subset inside a trace)."""
+    leaves = jax.tree.leaves((subset.params, subset.frozen))
+    if subset.params is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return None
+    try:
+        return (lm_hidden_output_fn(subset, reduce=reduce, mask_key=mask_key),
+                lm_output_head(subset.merge(subset.params)))
+    except (TypeError, ValueError):
+        return None
 
 
 def lm_hidden_output_fn(subset: "ParamSubset", *, reduce: str = "mean", mask_key: str = "loss_mask") -> Callable:
@@ -118,13 +135,14 @@ def _head_module(model):
 
 def lm_output_head(model) -> jax.Array:
     """The ``(d, V)`` float32 matrix a causal LM port maps its final hidden states to logits
-    with: ``lm_head``'s kernel, or the transposed input embedding when the two are tied."""
+    with: ``lm_head``'s kernel, or the transposed input embedding when the two are tied (as the
+    logits' matmul reads it: rounded to the compute dtype)."""
     module, kind = _head_module(model)
-    if kind == "linear":
-        return jnp.asarray(module.kernel.get_value() if hasattr(module.kernel, "get_value") else module.kernel.value,
-                           jnp.float32)
-    emb = module.embedding
-    return jnp.asarray(emb.get_value() if hasattr(emb, "get_value") else emb.value, jnp.float32).T
+    var = module.kernel if kind == "linear" else module.embedding
+    w = var.get_value() if hasattr(var, "get_value") else var.value
+    compute = getattr(module, "dtype", None) or w.dtype  # the logits' matmul reads W in the compute dtype
+    w = jnp.asarray(w).astype(compute).astype(jnp.float32)
+    return w if kind == "linear" else w.T
 
 
 def default_classifier_call(model, batch: dict) -> jax.Array:

@@ -124,3 +124,26 @@ def test_the_default_call_goes_through_the_head_when_it_is_narrower():
     custom = lm_output_fn(subset, call=lambda m, b: m(b["input_ids"], attention_mask=b["attention_mask"]))
     assert not hasattr(custom, "linear_head")
     assert lm_output_fn(param_subset(model, nnx.Param)).linear_head() is None  # the head is a parameter
+
+
+def test_sharded_driver_takes_the_head_route_for_traced_kernels(tmp_path, monkeypatch):
+    """``sharded_empirical_ntk`` (a one-device mesh) on an LM's logits: the traced kernel goes
+    through the head (and equals the plain one), the full kernel does not."""
+    import jax
+
+    import ntk_jax.kernels.ntk as ntk_module
+    from ntk_jax.kernels.sharded import sharded_empirical_ntk
+
+    calls = []
+    real = ntk_module.traced_head_output
+    monkeypatch.setattr(ntk_module, "traced_head_output", lambda *a: calls.append(1) or real(*a))
+
+    model, batch = _lm(tied=True)
+    subset = param_subset(model)
+    f = lm_output_fn(subset)
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("data", "model"))
+    for trace, routed in ((True, [1]), (False, [])):
+        calls.clear()
+        _close(sharded_empirical_ntk(f, subset.params, batch, mesh=mesh, block_size=2, trace=trace),
+               empirical_ntk(f, subset.params, batch, trace=trace, method="jacobian"))
+        assert calls == routed

@@ -370,6 +370,28 @@ def _through_factor(u: Callable, shape: tuple[int, int], data: bytes) -> Callabl
     return f
 
 
+def _checked_head(head) -> np.ndarray:
+    W = np.asarray(head, dtype=np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"head must be a (d, O) matrix, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("head has non-finite entries")
+    return W
+
+
+def traced_head_output(u: Callable, head) -> Callable | None:
+    """``ũ(θ, x) = u(θ, x) · L`` with ``L Lᵀ = W Wᵀ`` (``L`` ``(d, r)``, ``r = rank W``): a
+    function of ``r ≤ min(d, O)`` outputs whose *traced* eNTK equals that of ``u · W``
+    (docs/theory.md §2.7); the same function for the same ``(u, W)``. ``None`` when ``W = 0``."""
+    W = _checked_head(head)
+    evals, evecs = np.linalg.eigh(W @ W.T)
+    keep = evals > max(float(evals.max()), 0.0) * W.shape[0] * np.finfo(np.float64).eps
+    if not keep.any():
+        return None
+    L = np.ascontiguousarray((evecs[:, keep] * np.sqrt(evals[keep])).astype(np.float32))
+    return _through_factor(u, L.shape, L.tobytes())
+
+
 def linear_head_ntk(u: Callable, head, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
                     trace: bool = True, **kwargs):
     """The exact eNTK of ``f(θ, x) = u(θ, x) · W`` for a fixed head ``W`` (not in ``params``).
@@ -391,19 +413,13 @@ def linear_head_ntk(u: Callable, head, params: PyTree, x1: PyTree, x2: PyTree | 
     vocabulary (32k–150k) and ``d`` the hidden size. The full form computes ``Θ_u`` (``d``
     outputs) and applies ``W`` on both sides. Returns numpy arrays like :func:`empirical_ntk`.
     """
-    W = np.asarray(head, dtype=np.float64)
-    if W.ndim != 2:
-        raise ValueError(f"head must be a (d, O) matrix, got shape {W.shape}")
-    if not np.all(np.isfinite(W)):
-        raise ValueError("head has non-finite entries")
+    W = _checked_head(head)
     d = int(W.shape[0])
     if trace:
-        evals, evecs = np.linalg.eigh(W @ W.T)
-        keep = evals > max(float(evals.max()), 0.0) * d * np.finfo(np.float64).eps
-        if not keep.any():
+        u_tilde = traced_head_output(u, W)
+        if u_tilde is None:  # W = 0
             return np.zeros((batch_size_of(x1, "x1"), batch_size_of(x1 if x2 is None else x2, "x2")))
-        L = np.ascontiguousarray((evecs[:, keep] * np.sqrt(evals[keep])).astype(np.float32))
-        return empirical_ntk(_through_factor(u, L.shape, L.tobytes()), params, x1, x2, trace=True, **kwargs)
+        return empirical_ntk(u_tilde, params, x1, x2, trace=True, **kwargs)
     out = kwargs.pop("return_info", False)
     theta_u = empirical_ntk(u, params, x1, x2, trace=False, return_info=out, **kwargs)
     theta_u, info = theta_u if out else (theta_u, None)

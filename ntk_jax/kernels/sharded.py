@@ -200,12 +200,18 @@ def sharded_empirical_ntk(f: Callable, params: PyTree, x1: PyTree, x2: PyTree | 
     """:func:`ntk_jax.kernels.ntk.empirical_ntk` computed by :func:`sharded_kernel`
     (rows sharded over ``mesh``'s ``axis``; stripes across processes via ``out_dir``). ``method``
     as for ``empirical_ntk`` (default ``"auto"``, resolved for the whole kernel by
-    :func:`~ntk_jax.kernels.structured.structured_plan`, as ``empirical_ntk`` resolves it)."""
+    :func:`~ntk_jax.kernels.structured.structured_plan`, as ``empirical_ntk`` resolves it; the
+    traced kernel of an ``f`` with a narrower fixed head, ``f.linear_head``, goes through it as
+    ``empirical_ntk`` does)."""
     from ntk_jax.kernels.contract import output_size
-    from ntk_jax.kernels.ntk import ntk_fn, ntk_method
+    from ntk_jax.kernels.ntk import ntk_fn, ntk_method, traced_head_output
     from ntk_jax.kernels.structured import structured_plan
 
     method = ntk_method(method).value
+    head_of = getattr(f, "linear_head", None)  # f = u · W with W fixed (outputs.lm_output_fn)
+    head = head_of() if method == "auto" and trace and callable(head_of) else None
+    if head is not None and head[1].shape[0] < head[1].shape[1]:
+        f = traced_head_output(*head) or f  # the traced kernel from min(d, O) passes (empirical_ntk's route)
     if method == "auto":
         method = structured_plan(f, params, x1, x2, trace=trace).auto
     O = output_size(f, params, x1)

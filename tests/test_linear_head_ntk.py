@@ -147,3 +147,52 @@ def test_sharded_driver_takes_the_head_route_for_traced_kernels(tmp_path, monkey
         _close(sharded_empirical_ntk(f, subset.params, batch, mesh=mesh, block_size=2, trace=trace),
                empirical_ntk(f, subset.params, batch, trace=trace, method="jacobian"))
         assert calls == routed
+
+
+def test_sum_of_logits_through_the_head_never_forms_the_logits():
+    """``sum_of_outputs(lm_output_fn(subset))`` (NTK-Selector's score, ``ntk_scalar_fn``) equals
+    the summed logits, and its program holds no ``(n, T, V)`` array; the Jacobian-free kernel
+    is unchanged."""
+    import jax
+
+    from ntk_jax.kernels.features import sum_of_outputs
+    from ntk_jax.kernels.ntk import jacobian_free_ntk
+
+    model, batch = _lm(tied=False)  # V = 40
+    subset = param_subset(model)
+    f = lm_output_fn(subset)
+    s = sum_of_outputs(f)
+    np.testing.assert_allclose(np.asarray(s(subset.params, batch)), np.asarray(f(subset.params, batch)).sum(axis=1),
+                               rtol=1e-5, atol=1e-5)
+    shapes = [v.aval.shape for e in jax.make_jaxpr(s)(subset.params, batch).eqns for v in e.outvars]
+    assert (5, 9, 40) not in shapes and all(not (len(sh) == 3 and sh[-1] == 40) for sh in shapes)
+    plain = lambda p, b: f(p, b)  # noqa: E731  (no head attribute: the logits route)
+    assert (5, 9, 40) in [v.aval.shape for e in jax.make_jaxpr(sum_of_outputs(plain))(subset.params, batch).eqns
+                          for v in e.outvars]
+    _close(jacobian_free_ntk(f, subset.params, batch), jacobian_free_ntk(plain, subset.params, batch))
+
+
+def test_the_head_route_inside_a_trace_leaks_nothing():
+    """A score built inside ``jax.jit`` from a concrete model (the head read as a constant) and
+    one built from traced state (the plain route) both give the summed logits."""
+    import jax
+
+    from ntk_jax.kernels.features import sum_of_outputs
+    from ntk_jax.models.subset import ParamSubset
+
+    model, batch = _lm(tied=True)
+    subset = param_subset(model)
+    want = np.asarray(lm_output_fn(subset)(subset.params, batch)).sum(axis=1)
+
+    @jax.jit
+    def inside(params, b):
+        return sum_of_outputs(lm_output_fn(subset))(params, b)
+
+    @jax.jit
+    def traced_state(params, frozen, b):
+        sub = ParamSubset(subset.graphdef, params, frozen, subset._template)
+        return sum_of_outputs(lm_output_fn(sub))(params, b)
+
+    for got in (inside(subset.params, batch), inside(subset.params, batch),
+                traced_state(subset.params, subset.frozen, batch)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

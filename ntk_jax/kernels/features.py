@@ -75,7 +75,10 @@ def sum_of_outputs(f: Callable) -> ScalarFn:
     """``s(params, x) = Σ_k f_k(params, x)``, summing every output axis: ``(n,)``. The same
     ``f`` (by identity; the last 8) gives the same ``s``, so the programs memoised on ``s``
     (features, scores) are compiled once across calls such as repeated
-    :func:`~ntk_jax.kernels.ntk.jacobian_free_ntk` calls."""
+    :func:`~ntk_jax.kernels.ntk.jacobian_free_ntk` calls. For an ``f`` read through a fixed
+    head narrower than its outputs (``f.linear_head``, set by
+    :func:`ntk_jax.kernels.outputs.lm_output_fn`), ``s = u · (W 1)``: an LM's sum of logits
+    without the ``(n, T, V)`` logits or the output matmul."""
     try:
         return _sum_of_outputs(f)
     except TypeError:  # an unhashable callable
@@ -84,6 +87,20 @@ def sum_of_outputs(f: Callable) -> ScalarFn:
 
 @functools.lru_cache(maxsize=8)
 def _sum_of_outputs(f: Callable) -> ScalarFn:
+    head_of = getattr(f, "linear_head", None)  # f = u · W with W fixed (outputs.lm_output_fn)
+    head = head_of() if callable(head_of) else None
+    if head is not None and head[1].shape[0] < head[1].shape[1]:
+        # Σ_k f_k = u · (W 1): the (n, T, V) logits are never formed (for an LLM, V = 128k)
+        with jax.ensure_compile_time_eval():  # a constant even when first asked for inside a trace
+            w_sum = jnp.sum(head[1], axis=1, dtype=jnp.float32)  # (d,), accumulated in float32
+        u = head[0]
+
+        def s(params, x):
+            out = u(params, x)
+            return (out @ w_sum.astype(out.dtype)).reshape(out.shape[0], -1).sum(axis=1)
+
+        return s
+
     def s(params, x):
         out = f(params, x)
         return out.reshape(out.shape[0], -1).sum(axis=1)

@@ -383,9 +383,15 @@ def traced_head_output(u: Callable, head) -> Callable | None:
     """``ũ(θ, x) = u(θ, x) · L`` with ``L Lᵀ = W Wᵀ`` (``L`` ``(d, r)``, ``r = rank W``): a
     function of ``r ≤ min(d, O)`` outputs whose *traced* eNTK equals that of ``u · W``
     (docs/theory.md §2.7); the same function for the same ``(u, W)``. ``None`` when ``W = 0``."""
-    W = _checked_head(head)
-    evals, evecs = np.linalg.eigh(W @ W.T)
-    keep = evals > max(float(evals.max()), 0.0) * W.shape[0] * np.finfo(np.float64).eps
+    if getattr(head, "ndim", None) != 2:
+        raise ValueError(f"head must be a (d, O) matrix, got shape {getattr(head, 'shape', None)}")
+    # W Wᵀ on the device, accumulated in float32 (an LLM's head is d × 128k); eigh in float64
+    G = np.asarray(jnp.einsum("do,eo->de", jnp.asarray(head), jnp.asarray(head),
+                              preferred_element_type=jnp.float32), np.float64)
+    if not np.all(np.isfinite(G)):
+        raise ValueError("head has non-finite entries")
+    evals, evecs = np.linalg.eigh((G + G.T) / 2)
+    keep = evals > max(float(evals.max()), 0.0) * G.shape[0] * np.finfo(np.float32).eps
     if not keep.any():
         return None
     L = np.ascontiguousarray((evecs[:, keep] * np.sqrt(evals[keep])).astype(np.float32))
@@ -413,13 +419,13 @@ def linear_head_ntk(u: Callable, head, params: PyTree, x1: PyTree, x2: PyTree | 
     vocabulary (32k–150k) and ``d`` the hidden size. The full form computes ``Θ_u`` (``d``
     outputs) and applies ``W`` on both sides. Returns numpy arrays like :func:`empirical_ntk`.
     """
-    W = _checked_head(head)
-    d = int(W.shape[0])
     if trace:
-        u_tilde = traced_head_output(u, W)
+        u_tilde = traced_head_output(u, head)
         if u_tilde is None:  # W = 0
             return np.zeros((batch_size_of(x1, "x1"), batch_size_of(x1 if x2 is None else x2, "x2")))
         return empirical_ntk(u_tilde, params, x1, x2, trace=True, **kwargs)
+    W = _checked_head(head)
+    d = int(W.shape[0])
     out = kwargs.pop("return_info", False)
     theta_u = empirical_ntk(u, params, x1, x2, trace=False, return_info=out, **kwargs)
     theta_u, info = theta_u if out else (theta_u, None)

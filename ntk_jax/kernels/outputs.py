@@ -79,8 +79,9 @@ def _linear_head(subset: "ParamSubset", reduce: str, mask_key: str):
     if subset.params is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
         return None
     try:
-        return (lm_hidden_output_fn(subset, reduce=reduce, mask_key=mask_key),
-                lm_output_head(subset.merge(subset.params)))
+        with jax.ensure_compile_time_eval():  # concrete values even when asked for inside a trace
+            return (lm_hidden_output_fn(subset, reduce=reduce, mask_key=mask_key),
+                    lm_output_head(subset.merge(subset.params)))
     except (TypeError, ValueError):
         return None
 
@@ -134,14 +135,15 @@ def _head_module(model):
 
 
 def lm_output_head(model) -> jax.Array:
-    """The ``(d, V)`` float32 matrix a causal LM port maps its final hidden states to logits
-    with: ``lm_head``'s kernel, or the transposed input embedding when the two are tied (as the
-    logits' matmul reads it: rounded to the compute dtype)."""
+    """The ``(d, V)`` matrix a causal LM port maps its final hidden states to logits with:
+    ``lm_head``'s kernel, or the transposed input embedding when the two are tied — in the
+    compute dtype, as the logits' matmul reads it (a bf16 model's head stays bf16: no float32
+    copy of a 128k-row matrix)."""
     module, kind = _head_module(model)
     var = module.kernel if kind == "linear" else module.embedding
     w = var.get_value() if hasattr(var, "get_value") else var.value
-    compute = getattr(module, "dtype", None) or w.dtype  # the logits' matmul reads W in the compute dtype
-    w = jnp.asarray(w).astype(compute).astype(jnp.float32)
+    compute = getattr(module, "dtype", None) or w.dtype
+    w = jnp.asarray(w).astype(compute)
     return w if kind == "linear" else w.T
 
 

@@ -102,5 +102,6 @@ def test_linear_head_ntk_quick():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = json.loads(proc.stdout)["rows"]
-    assert row["vocab"] == 128 and row["hidden"] == 32 and set(row["seconds"]) == {"logits", "linear_head"}
-    assert row["max_rel_diff"] < 1e-4
+    assert row["vocab"] == 128 and row["hidden"] == 32
+    assert set(row["seconds"]) == {"logits", "linear_head", "sum_of_logits_kernel_logits", "sum_of_logits_kernel_head"}
+    assert row["max_rel_diff"] < 1e-4 and row["sum_of_logits_max_rel_diff"] < 1e-4

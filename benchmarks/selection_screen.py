@@ -52,6 +52,10 @@ ARMS = {
     # ... the same over the scored positions only (select.knn_pooling="response")
     "knn0_resp": ("embedding", {"warmup.total_steps": 0, "knn_pooling": "response"}),
     "knnw_resp": ("embedding", {"knn_pooling": "response"}),
+    # the recommended pipeline as the job runs it, and with LoRA on every projection of the blocks
+    # (q/k/v/o and the MLP's) for its warm-up instead of q/v
+    "rec": ("ntk", {}),
+    "rec_all_linear": ("ntk", {"lora.targets": "all-linear"}),
 }
 # Arms computed from the jobs' saved scores, exactly as the staged pipeline combines them
 # (ntk_jax.selection.methods.ntk.select): "gradient" is the mean of the two points' scores

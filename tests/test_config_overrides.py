@@ -113,6 +113,12 @@ def test_overridden_lora_fields_reach_the_experiments():
     assert LoRAConfig.from_dict(load("spectrum.py").spectrum.lora).layers is None  # default: every layer
 
 
+@pytest.mark.parametrize("value", ["all-linear", "('all-linear',)"])
+def test_all_linear_lora_target_from_the_command_line(value):
+    lora = LoRAConfig.from_dict(load("select_ntk.py", f"--config.select.lora.targets={value}").select.lora)
+    assert lora.targets == ("all-linear",)
+
+
 def test_job_configs_state_what_the_main_job_runs():
     """``configs/<experiment>.py`` restates its section's values; the main job runs the same."""
     main = load("default.py")

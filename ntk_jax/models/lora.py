@@ -26,6 +26,15 @@ from flax import nnx
 
 Array = jax.Array
 
+# The LoRA target that names every projection of the blocks (PEFT's ``target_modules="all-linear"``).
+ALL_LINEAR = "all-linear"
+
+
+def as_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """LoRA targets as a tuple of names; a single string is one name (``"all-linear"`` stays
+    whole instead of splitting into characters)."""
+    return (targets,) if isinstance(targets, str) else tuple(targets)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
@@ -35,7 +44,10 @@ class LoRAConfig:
       rank: adapter rank r.
       alpha: scaling numerator; the update is scaled by ``alpha / rank``.
       dropout: dropout rate on the adapter's input (training mode only).
-      targets: projection names, e.g. ``("q_proj", "v_proj")``.
+      targets: projection names, e.g. ``("q_proj", "v_proj")``, or :data:`ALL_LINEAR`
+        (``"all-linear"``, PEFT's name, alone): every projection inside the model's blocks —
+        attention and MLP — and not the output head, a pooler or a classifier. A single
+        string is one target.
       layers: layer indices to adapt; ``None`` adapts every layer.
       b_init_std: std of the normal init of ``B``. 0 (default) is the usual LoRA init,
         which makes the gradient w.r.t. ``A`` zero at step 0; NTK experiments that need a
@@ -54,9 +66,13 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
+        targets = as_targets(self.targets)
+        if not targets:
             raise ValueError("LoRA targets is empty: name at least one projection, e.g. ('q_proj',)")
-        object.__setattr__(self, "targets", tuple(self.targets))
+        if ALL_LINEAR in targets and len(targets) > 1:
+            raise ValueError(f"LoRA targets {list(targets)}: {ALL_LINEAR!r} adapts every projection of the "
+                             f"blocks; give it alone")
+        object.__setattr__(self, "targets", targets)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
 
@@ -75,7 +91,7 @@ class LoRAConfig:
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
         if "targets" in d:
-            d["targets"] = tuple(d["targets"])
+            d["targets"] = as_targets(d["targets"])
         return cls(**d)
 
 
@@ -152,6 +168,26 @@ def linear_names(model: nnx.Module) -> list[str]:
     return sorted({path[-1] for path, _ in iter_linears(model)})
 
 
+def block_linear_names(model: nnx.Module) -> list[str]:
+    """Sorted names of the projections inside the model's blocks (paths with a layer index):
+    what :data:`ALL_LINEAR` adapts. The output head, a pooler or a classifier are not in it."""
+    return sorted({path[-1] for path, _ in iter_linears(model) if _layer_index(path) is not None})
+
+
+def resolve_targets(model: nnx.Module, targets: str | Iterable[str]) -> tuple[str, ...]:
+    """The projection names ``targets`` selects in ``model``: :data:`ALL_LINEAR` becomes
+    :func:`block_linear_names`, other names are returned as given (checked by
+    :func:`apply_lora`)."""
+    targets = as_targets(targets)
+    if targets == (ALL_LINEAR,):
+        names = block_linear_names(model)
+        if not names:
+            raise ValueError(f"LoRA target {ALL_LINEAR!r}: {type(model).__name__} has no projections inside "
+                             f"numbered blocks")
+        return tuple(names)
+    return targets
+
+
 def num_layers(model: nnx.Module) -> int:
     idx = [_layer_index(p) for p, _ in iter_linears(model)]
     idx = [i for i in idx if i is not None]
@@ -171,16 +207,19 @@ def _check_targets(model: nnx.Module, targets: Iterable[str], layers: Iterable[i
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[tuple]:
-    """Attaches a fresh adapter to every targeted projection, in place.
+    """Attaches a fresh adapter to every targeted projection, in place (``config.targets`` of
+    :data:`ALL_LINEAR`: every projection inside the blocks, :func:`resolve_targets`).
 
     Returns the paths of the adapted projections. Raises ``ValueError`` for a target name the
     model does not have or a layer index out of range.
     """
-    _check_targets(model, config.targets, config.layers)
+    targets = resolve_targets(model, config.targets)
+    _check_targets(model, targets, config.layers)
+    every_block_linear = config.targets == (ALL_LINEAR,)
     adapted = []
     for path, lin in iter_linears(model):
         layer = _layer_index(path)
-        if path[-1] not in config.targets:
+        if path[-1] not in targets or (every_block_linear and layer is None):
             continue
         if config.layers is not None and layer not in config.layers:
             continue
@@ -232,7 +271,7 @@ def lora_config(**overrides):
     :class:`LoRAConfig` fields): r=8, α=16 on q_proj and v_proj of every layer, B = 0 at init;
     ``overrides`` on top.
 
-    ``targets`` and ``layers`` are tuples, so both can be set from the command line
+    ``targets`` (projection names, or ``("all-linear",)``) and ``layers`` are tuples, so both can be set from the command line
     (``--config.<job>.lora.layers='(0,2)'``); ``layers=None`` (every layer) is kept as an
     ``ml_collections`` tuple placeholder, which the flag parser can set but not reset to
     ``None`` (omit the flag for every layer)."""
@@ -240,6 +279,6 @@ def lora_config(**overrides):
 
     d = dict(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"), layers=None, b_init_std=0.0)
     d.update(overrides)
-    d["targets"] = tuple(d["targets"])
+    d["targets"] = as_targets(d["targets"])
     d["layers"] = ml_collections.config_dict.placeholder(tuple) if d["layers"] is None else tuple(d["layers"])
     return ml_collections.ConfigDict(d, type_safe=False)

@@ -116,3 +116,62 @@ def test_errors():
         dot_product_attention(q, k[:, :3], v[:, :3], None, 1.0, causal=True)
     with pytest.raises(ValueError, match="query_block"):
         dot_product_attention(q, k, v, None, 1.0, causal=True, query_block=0)
+
+
+def _both_rules(monkeypatch, fn):
+    """``fn()`` with the attention's written-out derivative and with JAX's op-by-op one."""
+    monkeypatch.setattr(layers, "ATTENTION_JVP_RULE", True)
+    rule = fn()
+    monkeypatch.setattr(layers, "ATTENTION_JVP_RULE", False)
+    plain = fn()
+    monkeypatch.setattr(layers, "ATTENTION_JVP_RULE", True)
+    return rule, plain
+
+
+@pytest.mark.parametrize("H,KV,left_pad,window,causal,block", [
+    (4, 2, True, None, True, 4), (4, 4, False, 3, True, 2), (4, 1, False, None, False, None),
+    (2, 2, True, None, False, None)])
+def test_written_out_derivative_equals_op_by_op(monkeypatch, H, KV, left_pad, window, causal, block):
+    """Reverse, forward and second-order derivatives of the attention with the rule of
+    ``layers._attention_block`` equal JAX's differentiation of the same ops, padding rows (no
+    visible key) included."""
+    T = 11
+    q, k, v = draw(T, H, KV, seed=H + KV + T)
+    mask = jnp.asarray(causal_mask(T, [T, 7, 3], left_pad, window)[0])
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=(3, T, H * 4)), jnp.float32)
+    tq, tk, tv = (jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (q, k, v))
+    f = lambda q, k, v: dot_product_attention(q, k, v, mask, 0.5, causal=causal, query_block=block)
+    loss = lambda q, k, v: jnp.sum(w * f(q, k, v))
+
+    def derivatives():
+        out, tangent = jax.jvp(f, (q, k, v), (tq, tk, tv))
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        # forward over reverse (NTK-vector products) and reverse over forward
+        fwd_rev = jax.jvp(lambda q, k, v: jax.grad(loss, argnums=(0, 1, 2))(q, k, v), (q, k, v), (tq, tk, tv))[1]
+        rev_fwd = jax.grad(lambda q, k, v: jnp.sum(w * jax.jvp(f, (q, k, v), (tq, tk, tv))[1]),
+                           argnums=(0, 1, 2))(q, k, v)
+        return [out, tangent, *grads, *fwd_rev, *rev_fwd]
+
+    rule, plain = _both_rules(monkeypatch, derivatives)
+    for a, b in zip(rule, plain):
+        scale = float(np.abs(np.asarray(b)).max()) + 1e-30
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5)
+
+
+def test_written_out_derivative_in_bfloat16(monkeypatch):
+    """bfloat16 inputs: the tangent has the output's dtype and the gradients agree with the
+    op-by-op ones to bfloat16 precision."""
+    T, H = 9, 4
+    q, k, v = (a.astype(jnp.bfloat16) for a in draw(T, H, 2, seed=7))
+    mask = jnp.asarray(causal_mask(T, [T, 5, 2], True)[0])
+    f = lambda q, k, v: dot_product_attention(q, k, v, mask, 0.5, causal=True, query_block=4)
+    out, tangent = jax.jvp(f, (q, k, v), (q, k, v))
+    assert out.dtype == tangent.dtype == jnp.bfloat16
+    grads = lambda: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2),
+                             argnums=(0, 1, 2))(q, k, v)
+    rule, plain = _both_rules(monkeypatch, grads)
+    for a, b in zip(rule, plain):
+        assert a.dtype == jnp.bfloat16 and np.isfinite(np.asarray(a, np.float32)).all()
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=0.05 * float(np.abs(np.asarray(b, np.float32)).max()))

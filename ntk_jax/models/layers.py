@@ -8,6 +8,7 @@ Imports only jax / flax, so every model module can import it without cycles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -56,6 +57,62 @@ def mask_value(dtype) -> float:
 CAUSAL_QUERY_BLOCK = 64
 
 
+def _attention_probs(rows: Array, keys: Array, mask: Array | None, rep: int, scale: float) -> Array:
+    """Softmax probabilities ``(B, KV, rep·n, K)`` (float32 or wider) of one block of query rows
+    ``rows (B, KV, rep·n, D)`` against ``keys (B, KV, K, D)``; ``mask (B, n | 1, K)`` or None."""
+    B, KV, R, _ = rows.shape
+    K = keys.shape[2]
+    scores = attention_scores("bgqd,bgkd->bgqk", rows, keys, scale)
+    if mask is not None:
+        scores = scores.reshape(B, KV, rep, R // rep, K)
+        scores = jnp.where(mask[:, None, None], scores, mask_value(scores.dtype)).reshape(B, KV, R, K)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _attention_block_plain(rows, keys, values, mask, rep, scale):
+    """``softmax(rows·keysᵀ·scale, masked) @ values`` for one block: ``(B, KV, rep·n, D)`` in
+    ``values``' dtype (differentiated by JAX op by op)."""
+    probs = _attention_probs(rows, keys, mask, rep, scale)
+    return jnp.einsum("bgqk,bgkd->bgqd", probs.astype(values.dtype), values)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _attention_block(rows, keys, values, mask, rep, scale):
+    """:func:`_attention_block_plain` with its derivative written out (below)."""
+    return _attention_block_plain(rows, keys, values, mask, rep, scale)
+
+
+@_attention_block.defjvp
+def _attention_block_jvp(rep, scale, primals, tangents):
+    """``dO = (P ⊙ dS) V − rowsum(P ⊙ dS) ⊙ O + P dV`` with ``dS = (dQ Kᵀ + Q dKᵀ) · scale``
+    (zero on masked pairs): the derivative of ``O = softmax(S) V`` with the softmax's row term
+    taken through the output. Its transpose, which reverse mode runs, is the FlashAttention
+    backward ``dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))``: a row sum over the head dimension instead of
+    over the keys, and no gradient through the mask's select. Exact (not an approximation);
+    forward mode and higher derivatives differentiate this rule."""
+    rows, keys, values, mask = primals
+    d_rows, d_keys, d_values = tangents[:3]
+    probs = _attention_probs(rows, keys, mask, rep, scale)
+    out = jnp.einsum("bgqk,bgkd->bgqd", probs.astype(values.dtype), values)
+    acc = probs.dtype
+    d_scores = (jnp.einsum("bgqd,bgkd->bgqk", d_rows, keys, preferred_element_type=acc)
+                + jnp.einsum("bgqd,bgkd->bgqk", rows, d_keys, preferred_element_type=acc)).astype(acc) * scale
+    if mask is not None:
+        B, KV, R, K = d_scores.shape
+        d_scores = jnp.where(mask[:, None, None], d_scores.reshape(B, KV, rep, R // rep, K), 0.0).reshape(B, KV, R, K)
+    pds = probs * d_scores
+    row = pds.sum(-1, keepdims=True)
+    d_out = (jnp.einsum("bgqk,bgkd->bgqd", pds.astype(values.dtype), values, preferred_element_type=acc)
+             - row * out.astype(acc)
+             + jnp.einsum("bgqk,bgkd->bgqd", probs.astype(values.dtype), d_values, preferred_element_type=acc))
+    return out, d_out.astype(out.dtype)
+
+
+# Whether :func:`dot_product_attention` differentiates through :func:`_attention_block`'s
+# written-out rule (True) or op by op (False; kept for A/B timing, docs/kernels.md).
+ATTENTION_JVP_RULE = True
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, *,
                           causal: bool = False, query_block: int | None = None) -> Array:
     """Softmax attention with grouped-query heads, computed head-major.
@@ -101,12 +158,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scal
         keys = end if causal else S
         n = end - start
         rows = qh[:, :, :, start:end].reshape(B, KV, rep * n, D)
-        scores = attention_scores("bgqd,bgkd->bgqk", rows, kh[:, :, :keys], scale).reshape(B, KV, rep, n, keys)
+        m = None
         if mask is not None:
             m = mask[:, start:end, :keys] if mask.shape[1] != 1 else mask[:, :, :keys]
-            scores = jnp.where(m[:, None, None], scores, mask_value(scores.dtype))
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, KV, rep * n, keys)
-        outs.append(jnp.einsum("bgqk,bgkd->bgqd", probs, vh[:, :, :keys]).reshape(B, KV, rep, n, D))
+        block = _attention_block if ATTENTION_JVP_RULE else _attention_block_plain
+        outs.append(block(rows, kh[:, :, :keys], vh[:, :, :keys], m, rep, float(scale)).reshape(B, KV, rep, n, D))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
 

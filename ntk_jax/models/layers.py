@@ -135,6 +135,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scal
     same as the unblocked computation up to float rounding; a row with none (a padding query)
     averages the values of its block's keys instead of all keys — finite and meaningless either
     way.
+
+    Each block is differentiated by a written-out rule (:func:`_attention_block`), whose
+    transpose is the FlashAttention backward; forward mode and higher derivatives work as for
+    any JAX function.
     """
     B, T, H, D = q.shape
     S, KV = k.shape[1], k.shape[2]

@@ -112,8 +112,11 @@ def interleaved_times(fns: dict, warmup: int, rounds: int, per_round: int) -> di
     return out
 
 
-def flax_functions(model, ids: np.ndarray):
-    """(forward, forward_backward) for the Flax model: jitted, results blocked on."""
+def flax_programs(model, ids: np.ndarray) -> dict:
+    """``{"forward": (jitted fn, args), "forward_backward": (jitted fn, args)}`` for the Flax
+    model: logits, and the mean next-token cross-entropy with its gradient w.r.t. the LoRA
+    factors (``jax.value_and_grad`` over the ``nnx.LoRAParam`` subset; the rest of the model
+    is closed over). ``benchmarks/model_profile.py`` profiles the same programs."""
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     sub = param_subset(model, nnx.LoRAParam)
@@ -122,11 +125,18 @@ def flax_functions(model, ids: np.ndarray):
         logits = sub.merge(params)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean()
 
-    vg = jax.jit(jax.value_and_grad(loss))
     x = jnp.asarray(ids)
-    return (lambda: jax.block_until_ready(fwd(state, x)),
-            lambda: jax.block_until_ready(vg(sub.params, x)),
-            lambda: vg(sub.params, x))
+    return {"forward": (fwd, (state, x)),
+            "forward_backward": (jax.jit(jax.value_and_grad(loss)), (sub.params, x))}
+
+
+def flax_functions(model, ids: np.ndarray):
+    """(forward, forward_backward, forward_backward without blocking) for the Flax model, as
+    zero-argument calls of :func:`flax_programs`' jitted functions; results blocked on."""
+    (fwd, fa), (vg, va) = flax_programs(model, ids).values()
+    return (lambda: jax.block_until_ready(fwd(*fa)),
+            lambda: jax.block_until_ready(vg(*va)),
+            lambda: vg(*va))
 
 
 def torch_functions(model, ids: np.ndarray):

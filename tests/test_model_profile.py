@@ -1,0 +1,87 @@
+"""``benchmarks/model_profile.py``: its HLO parsing against closed-form FLOP counts, its trace
+arithmetic on hand-made events, and one profiled program end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import model_profile as MP  # noqa: E402
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 32, 16), (7, 5, 3)])
+def test_dot_flops_matmul(m, k, n):
+    x, w = jnp.ones((m, k)), jnp.ones((k, n))
+    ops = MP.entry_ops(_hlo(lambda x, w: jnp.tanh(x @ w) + 1.0, x, w))
+    assert sum(o["flops"] for o in ops.values()) == 2 * m * k * n
+    assert {o["kind"] for o in ops.values() if o["flops"]} <= {"gemm", "dot"}
+
+
+def test_dot_flops_batched_and_transposed():
+    a, b = jnp.ones((3, 8, 5)), jnp.ones((3, 6, 5))
+    # contraction over the minor axis of both operands, one batch axis
+    ops = MP.entry_ops(_hlo(lambda a, b: jnp.einsum("bik,bjk->bij", a, b), a, b))
+    assert sum(o["flops"] for o in ops.values()) == 2 * 3 * 8 * 6 * 5
+    # a gradient: x^T g has the same FLOPs as the forward product
+    x, w = jnp.ones((16, 4)), jnp.ones((4, 8))
+    ops = MP.entry_ops(_hlo(jax.grad(lambda w, x: jnp.sum(jnp.sin(x @ w))), w, x))
+    assert sum(o["flops"] for o in ops.values()) == 2 * 2 * 16 * 4 * 8
+
+
+def test_array_dims_and_errors():
+    assert MP.array_dims("f32[8,128]{1,0}") == (8, 128)
+    assert MP.array_dims("f32[]") == ()
+    with pytest.raises(ValueError, match="not an array shape"):
+        MP.array_dims("(f32[2], f32[3])")
+    with pytest.raises(ValueError, match="no ENTRY"):
+        MP.parse_hlo("HloModule m\n")
+
+
+def test_occupancy():
+    events = [{"ts": 0, "dur": 10}, {"ts": 5, "dur": 10}, {"ts": 20, "dur": 2}]
+    assert MP.occupancy(events) == {1: 12, 2: 5, 0: 5}
+    assert MP.occupancy([]) == {}
+
+
+def test_duplicated_fusions():
+    ops = {"f1": {"kind": "elementwise", "operands": ["a", "b"], "shape": "f32[4]"},
+           "f2": {"kind": "elementwise", "operands": ["a", "b"], "shape": "f32[4]"},
+           "f3": {"kind": "elementwise", "operands": ["a"], "shape": "f32[4]"},
+           "g": {"kind": "gemm", "operands": ["a", "b"], "shape": "f32[4]"}}
+    groups = MP.duplicated_fusions(ops, {"f1": 3.0, "f2": 5.0, "f3": 1.0, "g": 9.0})
+    assert len(groups) == 1
+    assert sorted(groups[0]["fusions"]) == ["f1", "f2"]
+    assert groups[0]["op_us"] == 8.0 and groups[0]["extra_us"] == 3.0
+
+
+def test_profile_program_end_to_end():
+    x, w = jnp.ones((256, 128)), jnp.ones((128, 64))
+    fn = jax.jit(lambda x, w: jax.nn.relu(x @ w) @ w.T)
+    out = MP.profile_program(fn, (x, w), calls=2)
+    assert out["dots"]["gflop_per_call"] == pytest.approx(2 * 2 * 256 * 128 * 64 / 1e9)
+    assert out["ops_traced"] >= 1 and out["ops_traced"] <= out["ops_in_program"]
+    assert out["wall_ms"]["untraced_median"] > 0 and out["dots"]["ms_per_call"] > 0
+    assert out["op_ms_per_call"]["total"] == pytest.approx(
+        sum(v for k, v in out["op_ms_per_call"].items() if k != "total"))
+    assert out["top_ops"] and all(t["ms"] >= 0 for t in out["top_ops"])
+
+
+def test_model_profile_quick():
+    env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "model_profile.py"), "--quick"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert out["settings"]["size"] == "tiny" and out["settings"]["what"] == "forward_backward"
+    assert out["ops_traced"] == out["ops_in_program"]  # every op of the program ran and was seen
+    assert out["dots"]["gflop_per_call"] > 0 and len(out["top_ops"]) <= 20

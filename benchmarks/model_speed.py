@@ -30,6 +30,10 @@ the number of threads XLA's CPU backend uses by default; ``--threads 1`` pins th
 process to one CPU (``sched_setaffinity`` before JAX starts: XLA's CPU runtime ignores the
 intra-op thread flags for its YNNPACK fusions, so only the affinity makes it single-threaded).
 
+``--processes K`` runs all of it K times, each in a fresh process, and adds every Flax / PyTorch
+ratio's median, min and max over the processes (``across_processes``): on a shared host the
+same cell's ratio moves between processes by more than within one.
+
 Prints one JSON object on stdout (progress and notes go to stderr).
 """
 from __future__ import annotations
@@ -248,6 +252,10 @@ def parse_args(argv=None):
                    help="CPU threads of both frameworks: PyTorch set_num_threads; 1 also pins the "
                         "process to one CPU, the only way to make XLA single-threaded (default: the "
                         "available cores, XLA's default)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole benchmark this many times, each in a fresh process, one after "
+                        "the other, and report every ratio's median and range over the processes "
+                        "(the host's speed and the processes' thread placement differ between runs)")
     p.add_argument("--quick", action="store_true",
                    help="batch 2, seq-len 16, 2 rounds of 1 call, warm-up 1 (for tests)")
     args = p.parse_args(argv)
@@ -255,7 +263,7 @@ def parse_args(argv=None):
         args.batch, args.rounds, args.per_round, args.warmup = 2, 2, 1, 1
     if args.seq_len is None:
         args.seq_len = [16] if args.quick else [64]
-    for k in ("batch", "rounds", "per_round", "warmup"):
+    for k in ("batch", "rounds", "per_round", "warmup", "processes"):
         if getattr(args, k) < (0 if k == "warmup" else 1):
             p.error(f"--{k.replace('_', '-')} must be positive")
     if min(args.seq_len) < 2:
@@ -263,8 +271,63 @@ def parse_args(argv=None):
     return args
 
 
+def ratio_cells(result: dict) -> dict[str, dict]:
+    """``{"<size> T<len>": one length's result}`` of a benchmark result, whatever the number
+    of ``--seq-len`` values (one length: the size's entry is the result itself)."""
+    cells = {}
+    for name, entry in result["sizes"].items():
+        if "ratio_flax_over_torch" in entry:
+            cells[f"{name} T{result['settings']['seq_len'][0]}"] = entry
+        else:
+            cells.update({f"{name} T{T}": r for T, r in entry.items()})
+    return cells
+
+
+def across_processes(results: list[dict]) -> dict:
+    """Per cell and kind, the Flax / PyTorch ratio of every process (ratio of its medians)
+    with their median, min and max."""
+    out = {}
+    for cell in ratio_cells(results[0]):
+        out[cell] = {}
+        for kind in ("forward", "forward_backward"):
+            vals = [ratio_cells(r)[cell]["ratio_flax_over_torch"][kind] for r in results]
+            out[cell][kind] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+    return out
+
+
+def run_processes(argv: list[str], k: int) -> dict:
+    """The benchmark run ``k`` times in fresh processes (``argv`` without ``--processes``);
+    the first run's result plus ``processes`` (every run's result) and ``across_processes``."""
+    import subprocess
+
+    results = []
+    for i in range(k):
+        log(f"[process {i + 1}/{k}]")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"model_speed process {i + 1}/{k} failed:\n{proc.stderr[-4000:]}")
+        results.append(json.loads(proc.stdout))
+    return {**results[0], "processes": results, "across_processes": across_processes(results)}
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.processes > 1:
+        result = run_processes(_without_processes(sys.argv[1:] if argv is None else list(argv)), args.processes)
+        print(json.dumps(result, indent=2))
+        return result
     import peft
     import torch
     import transformers

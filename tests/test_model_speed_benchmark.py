@@ -72,3 +72,46 @@ def test_model_speed_several_lengths():
     for T, r in by_len.items():
         assert r["tokens_per_s"]["flax"]["forward"] == pytest.approx(2 * int(T) / r["median_s"]["flax_forward"])
         assert r["max_abs_logit_diff"] < 1e-4
+
+
+def _fake_result(ratios: dict, seq_len: list[int]) -> dict:
+    """A benchmark result with only what the across-process summary reads."""
+    sizes = {}
+    for name, by_len in ratios.items():
+        cells = {str(T): {"ratio_flax_over_torch": {"forward": r[0], "forward_backward": r[1]}}
+                 for T, r in by_len.items()}
+        sizes[name] = cells[str(seq_len[0])] if len(seq_len) == 1 else cells
+    return {"settings": {"seq_len": seq_len}, "sizes": sizes}
+
+
+def test_across_processes_summary():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import model_speed
+
+    one = [_fake_result({"tiny": {16: r}}, [16]) for r in ((1.0, 0.8), (1.2, 0.9), (1.1, 1.3))]
+    out = model_speed.across_processes(one)
+    assert set(out) == {"tiny T16"}
+    assert out["tiny T16"]["forward"] == {"median": 1.1, "min": 1.0, "max": 1.2, "values": [1.0, 1.2, 1.1]}
+    assert out["tiny T16"]["forward_backward"]["median"] == 0.9
+    several = [_fake_result({"tiny": {8: (1.0, 2.0), 12: (3.0, 4.0)}, "larger": {8: (5.0, 6.0), 12: (7.0, 8.0)}}, [8, 12])] * 2
+    out = model_speed.across_processes(several)
+    assert set(out) == {"tiny T8", "tiny T12", "larger T8", "larger T12"}
+    assert out["larger T12"]["forward_backward"]["values"] == [8.0, 8.0]
+    assert model_speed._without_processes(["--quick", "--processes", "3", "--sizes", "tiny", "--processes=2"]) == \
+        ["--quick", "--sizes", "tiny"]
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark
+def test_model_speed_processes():
+    """``--processes 2``: two fresh runs, each ratio summarised over them."""
+    env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--sizes", "tiny", "--processes", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout)
+    assert len(out["processes"]) == 2 and out["sizes"] == out["processes"][0]["sizes"]
+    s = out["across_processes"]["tiny T16"]
+    for kind in KINDS:
+        vals = [p["sizes"]["tiny"]["ratio_flax_over_torch"][kind] for p in out["processes"]]
+        assert s[kind]["values"] == vals and s[kind]["min"] <= s[kind]["median"] <= s[kind]["max"]

@@ -2,7 +2,7 @@
 
     python benchmarks/model_profile.py [--size larger] [--seq-len 128] [--batch 8]
                                        [--what forward_backward] [--calls 5] [--top 20]
-                                       [--hlo-out FILE] [--threads 1] [--quick]
+                                       [--hlo-out FILE] [--threads 1] [--torch] [--quick]
 
 Builds the ``--size`` model of ``benchmarks/model_speed.py`` (Llama architecture, GQA, SwiGLU;
 LoRA r = 8 on q/v, the same programs: :func:`model_speed.flax_programs`; random weights, no
@@ -23,6 +23,12 @@ with the optimised HLO and prints one JSON object:
 * ``duplicated_fusions``: loop fusions computed more than once from the same operands (XLA
   duplicates a cheap producer into each consumer), with the op time beyond the first copy;
 * ``top_ops``: the slowest ops with their shapes, operand shapes and GFLOP/s.
+
+``--torch`` also profiles the same program in ``transformers`` + PEFT, on ONE checkpoint loaded by
+both sides (``model_speed.build_models``), with ``torch.profiler`` (:func:`torch_profile`):
+its wall time, each op's own (self) time by kind, the matrix products' GFLOP and rate, the
+slowest ops. PyTorch runs its ops one after the other, each on every core, so its op times
+add up to about the wall time.
 
 ``--threads 1`` pins the process to one CPU before XLA starts its CPU client (as ``model_speed.py``).
 On GPU the trace's kernel names are not HLO instruction names, so only ``wall_ms`` is
@@ -256,6 +262,60 @@ def profile_program(fn, args, calls: int, hlo_out: str | None = None) -> dict:
     }
 
 
+# --- the PyTorch side -------------------------------------------------------------------------
+
+TORCH_MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def torch_op_kind(name: str) -> str:
+    """``"matmul"`` (the GEMM kernels), ``"attention"`` (SDPA kernels), ``"aten"`` (every other
+    ATen op: elementwise, reductions, copies) or ``"other"`` (autograd and Python frames)."""
+    if name in TORCH_MATMULS:
+        return "matmul"
+    if "attention" in name:
+        return "attention"
+    return "aten" if name.startswith("aten::") else "other"
+
+
+def torch_profile(fn, calls: int) -> dict:
+    """Runs the zero-argument PyTorch call ``fn`` ``calls`` times untraced and ``calls`` times
+    under ``torch.profiler`` (CPU, FLOP counting); per call: wall time, self time by
+    :func:`torch_op_kind`, the matrix products' GFLOP and rate, the slowest ops."""
+    import torch
+
+    for _ in range(2):
+        fn()
+    untraced, traced = [], []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        untraced.append(time.perf_counter() - t)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn()
+            traced.append(time.perf_counter() - t)
+    events = prof.key_averages()
+    kinds = collections.defaultdict(float)
+    for e in events:
+        kinds[torch_op_kind(e.key)] += e.self_cpu_time_total / calls
+    mm = [e for e in events if e.key in TORCH_MATMULS]
+    mm_us = sum(e.self_cpu_time_total for e in mm) / calls
+    mm_flops = sum(e.flops for e in mm) / calls
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    return {
+        "wall_ms": {"untraced_median": 1e3 * statistics.median(untraced),
+                    "traced_median": 1e3 * statistics.median(traced)},
+        "self_ms_per_call": {**{k: v / 1e3 for k, v in sorted(kinds.items())}, "total": sum(kinds.values()) / 1e3},
+        "matmul": {"gflop_per_call": mm_flops / 1e9, "ms_per_call": mm_us / 1e3,
+                   "gflop_per_s": mm_flops / 1e3 / mm_us if mm_us else None},
+        "top_ops": [{"name": e.key, "kind": torch_op_kind(e.key), "calls_per_call": e.count / calls,
+                     "ms": e.self_cpu_time_total / calls / 1e3,
+                     "gflop_per_s": e.flops / e.self_cpu_time_total / 1e3 if e.flops and e.self_cpu_time_total else None}
+                    for e in top],
+    }
+
+
 # --- the model ------------------------------------------------------------------------------
 
 
@@ -290,6 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="1 pins the process to one CPU (before XLA starts); default: all")
+    p.add_argument("--torch", action="store_true",
+                   help="also profile the same program in transformers + PEFT (one checkpoint for both)")
     p.add_argument("--quick", action="store_true", help="tiny model, batch 2, seq-len 16, 2 calls (tests)")
     args = p.parse_args(argv)
     if args.quick:
@@ -303,18 +365,33 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     arch = model_speed.SIZES[args.size]
-    model = build_model(arch, args.seed)
     ids = np.random.default_rng(args.seed).integers(0, arch["vocab_size"], (args.batch, args.seq_len)).astype(np.int32)
-    fn, fn_args = model_speed.flax_programs(model, ids)[args.what]
-    print(f"[model_profile] {args.size} T={args.seq_len} B={args.batch} {args.what}: compiling, "
-          f"{args.calls} calls untraced and {args.calls} traced", file=sys.stderr, flush=True)
-    summary = profile_program(fn, fn_args, args.calls, args.hlo_out)
-    summary["top_ops"] = summary["top_ops"][:args.top]
-    result = {"device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
-              "jax_version": jax.__version__, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-              "settings": {"size": args.size, "model": arch, "seq_len": args.seq_len, "batch": args.batch,
-                           "what": args.what, "calls": args.calls, "dtype": "float32"},
-              **summary}
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.torch:
+            import torch
+
+            model, tmodel = model_speed.build_models(arch, args.seed, args.seq_len, workdir)
+        else:
+            model, tmodel = build_model(arch, args.seed), None
+        fn, fn_args = model_speed.flax_programs(model, ids)[args.what]
+        print(f"[model_profile] {args.size} T={args.seq_len} B={args.batch} {args.what}: compiling, "
+              f"{args.calls} calls untraced and {args.calls} traced", file=sys.stderr, flush=True)
+        summary = profile_program(fn, fn_args, args.calls, args.hlo_out)
+        summary["top_ops"] = summary["top_ops"][:args.top]
+        result = {"device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
+                  "jax_version": jax.__version__,
+                  "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                  "settings": {"size": args.size, "model": arch, "seq_len": args.seq_len, "batch": args.batch,
+                               "what": args.what, "calls": args.calls, "dtype": "float32",
+                               "weights": "one transformers checkpoint" if args.torch else "random (Flax init)"},
+                  **summary}
+        if tmodel is not None:
+            print("[model_profile] the same program in PyTorch", file=sys.stderr, flush=True)
+            t_fwd, t_vg = model_speed.torch_functions(tmodel, ids)
+            torch_summary = torch_profile(t_fwd if args.what == "forward" else t_vg, args.calls)
+            torch_summary["top_ops"] = torch_summary["top_ops"][:args.top]
+            result["torch_version"] = torch.__version__
+            result["torch"] = torch_summary
     print(json.dumps(result, indent=2))
     return result
 

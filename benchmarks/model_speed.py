@@ -185,22 +185,31 @@ def max_grad_rel_diff(model, flax_grads, torch_model) -> float:
     return worst
 
 
-def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
+def build_models(arch: dict, seed: int, seq_len: int, workdir: str):
+    """``(flax model, torch model)``: ONE random ``transformers`` Llama checkpoint of ``arch``
+    (HF ``LlamaConfig`` names) written to ``workdir``, loaded by the Flax port with
+    :data:`LORA` adapters, and by ``transformers`` with those adapters exported and opened by
+    PEFT (trainable), both in eval mode."""
     import peft
     import torch
     import transformers
 
-    log(f"[{name}] writing checkpoint {arch}")
-    torch.manual_seed(args.seed)
-    cfg = transformers.LlamaConfig(max_position_embeddings=max(128, args.seq_len), **arch)
-    ckpt = os.path.join(workdir, name, "ckpt")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(max_position_embeddings=max(128, seq_len), **arch)
+    ckpt = os.path.join(workdir, "ckpt")
     transformers.LlamaForCausalLM(cfg).save_pretrained(ckpt)
-    model = from_pretrained(ckpt, lora=LORA, rngs=nnx.Rngs(args.seed))
+    model = from_pretrained(ckpt, lora=LORA, rngs=nnx.Rngs(seed))
     model.eval()
-    adapter = os.path.join(workdir, name, "adapter")
+    adapter = os.path.join(workdir, "adapter")
     save_peft_adapter(model, adapter, base_model_name_or_path=ckpt)
     tmodel = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(ckpt), adapter,
                                             is_trainable=True).eval()
+    return model, tmodel
+
+
+def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
+    log(f"[{name}] writing checkpoint {arch}")
+    model, tmodel = build_models(arch, args.seed, args.seq_len, os.path.join(workdir, name))
     ids = np.random.default_rng(args.seed).integers(0, arch["vocab_size"], (args.batch, args.seq_len)).astype(np.int32)
     f_fwd, f_vg, f_vg_raw = flax_functions(model, ids)
     t_fwd, t_vg = torch_functions(tmodel, ids)

@@ -85,3 +85,34 @@ def test_model_profile_quick():
     assert out["settings"]["size"] == "tiny" and out["settings"]["what"] == "forward_backward"
     assert out["ops_traced"] == out["ops_in_program"]  # every op of the program ran and was seen
     assert out["dots"]["gflop_per_call"] > 0 and len(out["top_ops"]) <= 20
+
+
+def test_torch_op_kinds():
+    assert MP.torch_op_kind("aten::mm") == "matmul" and MP.torch_op_kind("aten::bmm") == "matmul"
+    assert MP.torch_op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert MP.torch_op_kind("aten::mul") == "aten"
+    assert MP.torch_op_kind("autograd::engine::evaluate_function: MmBackward0") == "other"
+
+
+def test_model_profile_quick_with_torch():
+    """``--torch``: both sides profiled on one checkpoint; PyTorch's matrix products count the
+    same linear-layer FLOPs as the Flax program's dots, less the attention's (fused on its side)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "model_profile.py"), "--quick", "--torch",
+                           "--what", "forward"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert out["settings"]["weights"] == "one transformers checkpoint" and "torch_version" in out
+    t = out["torch"]
+    assert t["wall_ms"]["untraced_median"] > 0 and t["self_ms_per_call"]["matmul"] > 0
+    # tiny model, B 2, T 16, forward: the projections and the head (no attention products on
+    # the torch side); the Flax count adds the attention's two batched products per layer.
+    s = out["settings"]["model"]
+    h, i, v, L = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["num_hidden_layers"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    tokens = 2 * 16
+    linear = 2 * tokens * (L * (h * h + 2 * h * kv + h * h + 3 * h * i + 8 * (h + h) + 8 * (h + kv)) + h * v)
+    assert t["matmul"]["gflop_per_call"] == pytest.approx(linear / 1e9)
+    assert out["dots"]["gflop_per_call"] > t["matmul"]["gflop_per_call"]

@@ -10,7 +10,10 @@ Llama with GQA, SwiGLU, untied head) ONE checkpoint is written by ``transformers
   b_init_std=0.02))``, functions ``jax.jit``-ed over the model state;
 * PyTorch: ``LlamaForCausalLM.from_pretrained(dir)`` with the Flax adapters exported by
   ``ntk_jax.models.peft_export.save_peft_adapter`` and opened with ``peft.PeftModel`` (so
-  both run the same function: the logit and gradient differences are reported).
+  both run the same function: the logit and gradient differences are reported). On a GPU
+  run PyTorch uses CUDA when its build has it (each call then waits for its kernels); a CPU-only
+  PyTorch build beside a GPU JAX is reported as ``"like_for_like": false`` (the ratio compares
+  across devices).
 
 Timed, on the same random ``(batch, seq_len)`` token batch:
 
@@ -143,15 +146,34 @@ def flax_functions(model, ids: np.ndarray):
             lambda: vg(*va))
 
 
-def torch_functions(model, ids: np.ndarray):
+def torch_device() -> str:
+    """Where the PyTorch side runs: ``"cuda"`` when JAX runs on a GPU and this PyTorch build
+    sees one, else ``"cpu"`` (then a GPU run compares across devices: :func:`like_for_like`)."""
     import torch
 
-    x = torch.tensor(ids, dtype=torch.long)
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def like_for_like() -> bool:
+    """Whether both frameworks run on the same kind of device (CPU / CPU or GPU / CUDA)."""
+    return {"cpu": "cpu", "gpu": "cuda"}.get(jax.default_backend()) == torch_device()
+
+
+def torch_functions(model, ids: np.ndarray):
+    """(forward, forward_backward) for the PyTorch model, on the model's device; a CUDA call
+    waits for its kernels, as the Flax calls block on their results."""
+    import torch
+
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.tensor(ids, dtype=torch.long, device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def fwd():
         with torch.inference_mode():
-            return model(x).logits
+            logits = model(x).logits
+        sync()
+        return logits
 
     def fwd_bwd():
         for p in trainable:
@@ -160,6 +182,7 @@ def torch_functions(model, ids: np.ndarray):
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  x[:, 1:].reshape(-1))
         loss.backward()
+        sync()
         return loss
 
     return fwd, fwd_bwd
@@ -180,7 +203,7 @@ def max_grad_rel_diff(model, flax_grads, torch_model) -> float:
         tm = tmods[names[path].name]
         for ours, theirs in (("lora_a", tm.lora_A["default"].weight), ("lora_b", tm.lora_B["default"].weight)):
             g = next(v for k, v in by_path.items() if k[: len(path)] == path and ours in k)
-            t = theirs.grad.detach().numpy().T
+            t = theirs.grad.detach().cpu().numpy().T
             worst = max(worst, float(np.linalg.norm(g - t) / max(np.linalg.norm(t), 1e-30)))
     return worst
 
@@ -189,7 +212,7 @@ def build_models(arch: dict, seed: int, seq_len: int, workdir: str):
     """``(flax model, torch model)``: ONE random ``transformers`` Llama checkpoint of ``arch``
     (HF ``LlamaConfig`` names) written to ``workdir``, loaded by the Flax port with
     :data:`LORA` adapters, and by ``transformers`` with those adapters exported and opened by
-    PEFT (trainable), both in eval mode."""
+    PEFT (trainable) on :func:`torch_device`, both in eval mode."""
     import peft
     import torch
     import transformers
@@ -203,7 +226,7 @@ def build_models(arch: dict, seed: int, seq_len: int, workdir: str):
     adapter = os.path.join(workdir, "adapter")
     save_peft_adapter(model, adapter, base_model_name_or_path=ckpt)
     tmodel = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(ckpt), adapter,
-                                            is_trainable=True).eval()
+                                            is_trainable=True).eval().to(torch_device())
     return model, tmodel
 
 
@@ -215,7 +238,7 @@ def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
     t_fwd, t_vg = torch_functions(tmodel, ids)
 
     # Same function on both sides: logits, loss and LoRA gradients.
-    logit_diff = float(np.max(np.abs(np.asarray(f_fwd()) - t_fwd().numpy())))
+    logit_diff = float(np.max(np.abs(np.asarray(f_fwd()) - t_fwd().cpu().numpy())))
     f_loss, f_grads = f_vg_raw()
     t_loss = float(t_vg())
     grad_diff = max_grad_rel_diff(model, f_grads, tmodel)
@@ -348,12 +371,18 @@ def main(argv=None) -> dict:
         log(f"note: --threads {n} sets PyTorch only; XLA uses every CPU the process may run on "
             f"({cores()}) unless n == 1")
     torch.set_num_threads(n)
+    if not like_for_like():
+        log(f"note: JAX runs on {jax.default_backend()} but this PyTorch build on {torch_device()}: the ratios "
+            f"compare across devices (\"like_for_like\": false in the JSON)")
     result = {
         "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
         "jax_version": jax.__version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch_device": torch_device(),
+        "like_for_like": like_for_like(),
         "threads": {"cores": cores(), "requested": n, "torch": torch.get_num_threads(),
                     "xla_cpu": f"the CPUs of the process ({cores()})"},
         "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,

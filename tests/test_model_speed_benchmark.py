@@ -30,6 +30,7 @@ def test_model_speed_quick():
     for key in ("device", "jax_version", "torch_version", "transformers_version", "peft_version",
                 "threads", "settings", "sizes"):
         assert key in out, key
+    assert out["jax_backend"] == "cpu" and out["torch_device"] == "cpu" and out["like_for_like"] is True
     # --threads 1 pins the process to one CPU (XLA's only single-threaded mode)
     assert out["threads"]["torch"] == 1 and out["threads"]["cores"] == 1
     s = out["settings"]
@@ -115,3 +116,21 @@ def test_model_speed_processes():
     for kind in KINDS:
         vals = [p["sizes"]["tiny"]["ratio_flax_over_torch"][kind] for p in out["processes"]]
         assert s[kind]["values"] == vals and s[kind]["min"] <= s[kind]["median"] <= s[kind]["max"]
+
+
+def test_torch_device_follows_jax(monkeypatch):
+    """PyTorch goes to CUDA only beside a GPU JAX and a CUDA build; otherwise a GPU run is
+    flagged as comparing across devices."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import model_speed
+
+    assert model_speed.torch_device() == "cpu" and model_speed.like_for_like()
+    monkeypatch.setattr(model_speed.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_speed.torch_device() == "cpu" and not model_speed.like_for_like()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_speed.torch_device() == "cuda" and model_speed.like_for_like()
+    monkeypatch.setattr(model_speed.jax, "default_backend", lambda: "tpu")
+    assert model_speed.torch_device() == "cpu" and not model_speed.like_for_like()

@@ -75,6 +75,7 @@ from ntk_jax.models.hf_loading import from_pretrained  # noqa: E402
 from ntk_jax.models.lora import LoRAConfig, iter_linears  # noqa: E402
 from ntk_jax.models.peft_export import peft_module_names, save_peft_adapter  # noqa: E402
 from ntk_jax.models.subset import param_subset  # noqa: E402
+from peers import like_for_like, torch_device  # noqa: E402
 
 SIZES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -144,19 +145,6 @@ def flax_functions(model, ids: np.ndarray):
     return (lambda: jax.block_until_ready(fwd(*fa)),
             lambda: jax.block_until_ready(vg(*va)),
             lambda: vg(*va))
-
-
-def torch_device() -> str:
-    """Where the PyTorch side runs: ``"cuda"`` when JAX runs on a GPU and this PyTorch build
-    sees one, else ``"cpu"`` (then a GPU run compares across devices: :func:`like_for_like`)."""
-    import torch
-
-    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-
-
-def like_for_like() -> bool:
-    """Whether both frameworks run on the same kind of device (CPU / CPU or GPU / CUDA)."""
-    return {"cpu": "cpu", "gpu": "cuda"}.get(jax.default_backend()) == torch_device()
 
 
 def torch_functions(model, ids: np.ndarray):

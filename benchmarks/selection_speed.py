@@ -82,6 +82,10 @@ extrapolated to 1.8M records (read + pre-pass + encode, one core), next to the a
 scoring rate *estimated* in docs/cost_model.md (1.8M records of 1024 tokens in 41 H100-hours at
 40 % MFU: no accelerator has run it).
 
+The ``torch.func`` peer runs on CUDA beside a GPU JAX when this PyTorch build has it
+(``benchmarks/peers.py``); the report says where (``torch_device``) and whether the comparison is
+like for like (``like_for_like``).
+
 Prints one JSON object on stdout (progress and notes go to stderr).
 """
 from __future__ import annotations
@@ -113,6 +117,7 @@ from ntk_jax.models.lora import LoRAConfig, lora_filter
 from ntk_jax.models.subset import param_subset
 from ntk_jax.selection.ntk_selector import mean_hidden_states, ntk_scalar_fn, selection_scalar_fn
 from ntk_jax.training.losses import masked_lm_loss
+from peers import like_for_like, torch_device
 
 LORA = LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), b_init_std=0.02)
 
@@ -365,6 +370,7 @@ def attach_torch_lora(hf, subset) -> dict:
             leaves = subset.params["layers"][i]["self_attn"][proj]["lora"]
             setattr(layer.self_attn, proj, LoRALinear(getattr(layer.self_attn, proj),
                                                        leaves["lora_a"], leaves["lora_b"]))
+    hf.to(torch_device())  # after the adapters exist, so they move too
     named = dict(hf.named_parameters())
     names = [n for n, _ in lora_param_names(subset)]
     for p in hf.parameters():
@@ -379,7 +385,8 @@ def make_torch_runner(hf, lora_params: dict, matrix: np.ndarray | None, batch_si
     from torch.func import functional_call, grad, vmap
 
     names = list(lora_params)
-    M = None if matrix is None else torch.tensor(np.asarray(matrix, np.float32))
+    device = next(hf.parameters()).device
+    M = None if matrix is None else torch.tensor(np.asarray(matrix, np.float32), device=device)
 
     def scalar(params, ids, loss_mask):
         logits = functional_call(hf, params, (ids[None],)).logits[0]  # (T, V)
@@ -396,12 +403,12 @@ def make_torch_runner(hf, lora_params: dict, matrix: np.ndarray | None, batch_si
         return flat if M is None else flat @ M
 
     def run(pool: dict) -> np.ndarray:
-        ids = torch.from_numpy(np.asarray(pool["input_ids"], np.int64))
-        mask = torch.from_numpy(np.asarray(pool["loss_mask"], np.float32))
+        ids = torch.from_numpy(np.asarray(pool["input_ids"], np.int64)).to(device)
+        mask = torch.from_numpy(np.asarray(pool["loss_mask"], np.float32)).to(device)
         out = []
         for start in range(0, len(ids), batch_size):
             stop = min(start + batch_size, len(ids))
-            out.append(block(ids[start:stop], mask[start:stop]).numpy())
+            out.append(block(ids[start:stop], mask[start:stop]).cpu().numpy())  # waits for CUDA
         return np.concatenate(out, axis=0)
 
     return run
@@ -666,7 +673,8 @@ def main(argv=None) -> dict:
     }
     if args.factored_only:
         warm_up({k: runners[k] for k in ("train_step_floor", "ours_features", "torch_func_features")}, warm_pool)
-        report = dict(device=str(jax.devices()[0].platform), model=dict(P=subset.num_params, T=T, **arch),
+        report = dict(device=str(jax.devices()[0].platform), torch_device=torch_device(), like_for_like=like_for_like(),
+                      model=dict(P=subset.num_params, T=T, **arch),
                       factored_projection=factored_section(subset, runners, ours_runner, pool, warm_pool, args))
         print(json.dumps(report, indent=2))
         return report
@@ -728,7 +736,8 @@ def main(argv=None) -> dict:
     dev = jax.devices()[0]
     report = dict(
         device=f"{dev.platform}:{dev.device_kind} ({threads} cores for JAX and torch, {platform.machine()})",
-        jax_version=jax.__version__, torch_version=torch.__version__,
+        jax_version=jax.__version__, torch_version=torch.__version__, torch_device=torch_device(),
+        like_for_like=like_for_like(),
         model=dict(arch=arch, vocab_size=tokenizer.vocab_size,
                    lora=dict(rank=LORA.rank, alpha=LORA.alpha, targets=list(LORA.targets), layers="all",
                              b_init_std=LORA.b_init_std),

@@ -124,13 +124,13 @@ def test_torch_device_follows_jax(monkeypatch):
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import model_speed
+    import peers
 
-    assert model_speed.torch_device() == "cpu" and model_speed.like_for_like()
-    monkeypatch.setattr(model_speed.jax, "default_backend", lambda: "gpu")
+    assert peers.torch_device() == "cpu" and peers.like_for_like()
+    monkeypatch.setattr(peers.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert model_speed.torch_device() == "cpu" and not model_speed.like_for_like()
+    assert peers.torch_device() == "cpu" and not peers.like_for_like()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model_speed.torch_device() == "cuda" and model_speed.like_for_like()
-    monkeypatch.setattr(model_speed.jax, "default_backend", lambda: "tpu")
-    assert model_speed.torch_device() == "cpu" and not model_speed.like_for_like()
+    assert peers.torch_device() == "cuda" and peers.like_for_like()
+    monkeypatch.setattr(peers.jax, "default_backend", lambda: "tpu")
+    assert peers.torch_device() == "cpu" and not peers.like_for_like()

@@ -34,6 +34,7 @@ def test_selection_speed_factored_only():
     assert f["score_spearman_vs_exact"]["factored"] == pytest.approx(1.0, abs=1e-9)
     assert f["score_spearman_vs_exact"]["kronecker_only"] > 0.9
     assert out["model"]["P"] == 5376 and "pipelines" not in out
+    assert out["torch_device"] == "cpu" and out["like_for_like"] is True
 
 
 @pytest.mark.slow
@@ -43,6 +44,7 @@ def test_selection_speed_quick():
     runners = {"train_step_floor", "ours_features", "torch_func_features", "ours_unprojected_grads",
                "ours_scores_jvp", "ours_scores_label_aware_jvp", "ours_scores_label_aware_normalised",
                "ours_loss_change", "ours_knn_embeddings"}
+    assert out["torch_device"] == "cpu" and out["like_for_like"] is True
     for key in ("warmup_s", "seconds", "candidates_per_s"):
         assert set(out[key]) == runners, key
         assert all(v > 0 for v in out[key].values()), key

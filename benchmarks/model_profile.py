@@ -31,8 +31,9 @@ slowest ops. PyTorch runs its ops one after the other, each on every core, so it
 add up to about the wall time.
 
 ``--threads 1`` pins the process to one CPU before XLA starts its CPU client (as ``model_speed.py``).
-On GPU the trace's kernel names are not HLO instruction names, so only ``wall_ms`` is
-meaningful there. Progress goes to stderr; stdout is exactly one JSON object.
+On GPU the kernels' events are joined through the instruction named in their ``hlo_op``
+argument (:func:`op_events`); that path has not been run on a GPU here, and ``ops_traced``
+says how many ops it found. Progress goes to stderr; stdout is exactly one JSON object.
 """
 from __future__ import annotations
 
@@ -169,6 +170,19 @@ def trace_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X"]
 
 
+def op_events(events: list[dict], ops: dict[str, dict]) -> list[dict]:
+    """The events of executed ops, each with ``"op"``: its instruction in ``ops``. An event is
+    an op's when its name is the instruction's (XLA:CPU's thunks) or when it carries the
+    instruction in ``args["hlo_op"]`` (the profiler's device events on GPU; not checked on a
+    GPU here)."""
+    out = []
+    for e in events:
+        op = e["name"] if e["name"] in ops else (e.get("args") or {}).get("hlo_op")
+        if op in ops:
+            out.append({**e, "op": op})
+    return out
+
+
 def occupancy(events: list[dict]) -> dict[int, float]:
     """``{n: µs}``: time during which exactly ``n`` of ``events`` (``ts``/``dur`` in µs)
     overlapped, from the first event's start to the last one's end."""
@@ -222,10 +236,10 @@ def profile_program(fn, args, calls: int, hlo_out: str | None = None) -> dict:
                 t = time.perf_counter()
                 jax.block_until_ready(fn(*args))
                 traced.append(time.perf_counter() - t)
-        events = [e for e in trace_events(tdir) if e["name"] in ops]
+        events = op_events(trace_events(tdir), ops)
     op_us = collections.defaultdict(float)
     for e in events:
-        op_us[e["name"]] += e["dur"] / calls
+        op_us[e["op"]] += e["dur"] / calls
     kinds = collections.defaultdict(float)
     for name, us in op_us.items():
         kinds[ops[name]["kind"]] += us

@@ -53,6 +53,15 @@ def test_occupancy():
     assert MP.occupancy([]) == {}
 
 
+def test_op_events_join_by_name_or_hlo_op():
+    ops = {"fusion.1": {}, "dot.2": {}}
+    events = [{"name": "fusion.1", "ts": 0, "dur": 1},                               # a CPU thunk
+              {"name": "loop_kernel_7", "ts": 1, "dur": 2, "args": {"hlo_op": "dot.2"}},  # a GPU kernel
+              {"name": "$python frame", "ts": 0, "dur": 9},
+              {"name": "other_kernel", "ts": 3, "dur": 1, "args": {"hlo_op": "not.in.module"}}]
+    assert [e["op"] for e in MP.op_events(events, ops)] == ["fusion.1", "dot.2"]
+
+
 def test_duplicated_fusions():
     ops = {"f1": {"kind": "elementwise", "operands": ["a", "b"], "shape": "f32[4]"},
            "f2": {"kind": "elementwise", "operands": ["a", "b"], "shape": "f32[4]"},

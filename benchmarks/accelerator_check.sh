@@ -6,13 +6,14 @@
 #   benchmarks/accelerator_check.sh --quick OUT_DIR    # toy sizes (CPU; what the test runs)
 #
 # Writes OUT_DIR/accelerator_check.json (and each step's stdout/stderr, memory.md). Every step
-# runs under its own time limit (STEP_LIMITS below, 7 min 40 s in all), so the whole check ends
-# within 8 minutes whatever the machine; a step that fails or runs out of time is recorded
+# runs under its own time limit (STEP_LIMITS below, 8 min 20 s in all), so the whole check ends
+# within 9 minutes whatever the machine; a step that fails or runs out of time is recorded
 # ("rc", "stderr_tail") and the next one runs. Steps:
 #   ntk_speed        exact eNTK, ours vs neural-tangents (every form), blocked, Jacobian-free
 #   selection_speed  projected features / JVP scores vs a LoRA train step and the torch.func peer
 #   model_speed      forward / forward+backward vs PyTorch transformers (+ peft)
 #   memory_table     per-device memory of the 8B-shaped programs (compiled at 1 and 2 layers)
+#   model_profile    the Flax forward + LoRA backward op by op (jax.profiler joined with the HLO)
 set -uo pipefail
 
 QUICK=0
@@ -28,23 +29,26 @@ if [[ $QUICK == 1 ]]; then
   SEL_ARGS="--quick"
   MODEL_ARGS="--quick"
   MEM_ARGS="--quick --out $OUT/memory.md"
-  STEP_LIMITS=(300 300 300 300)
+  PROF_ARGS="--quick"
+  STEP_LIMITS=(300 300 300 300 300)
 else
   NTK_ARGS="--n 64 --repeats 5 --big-n 4096 --block-size 512 --seq-len 64"
   SEL_ARGS="--n 4096 --sizes 4096,16384 --batch-size 256 --repeats 3"
   MODEL_ARGS="--batch 16 --seq-len 512 --rounds 5"
   MEM_ARGS="--meshes 1x1 --ranks 8,128 --seq-len 1024 --cache $OUT/memory_rows.json --out $OUT/memory.md"
-  STEP_LIMITS=(150 150 90 70)
+  PROF_ARGS="--size larger --seq-len 512 --batch 16 --top 30"
+  STEP_LIMITS=(150 150 90 70 40)
 fi
 
 # ACCELERATOR_CHECK_LIMIT_S: one limit for every step instead (tests use it to check that a
 # step out of time is recorded and the check goes on).
 if [[ -n "${ACCELERATOR_CHECK_LIMIT_S:-}" ]]; then
-  STEP_LIMITS=("$ACCELERATOR_CHECK_LIMIT_S" "$ACCELERATOR_CHECK_LIMIT_S" "$ACCELERATOR_CHECK_LIMIT_S" "$ACCELERATOR_CHECK_LIMIT_S")
+  STEP_LIMITS=("$ACCELERATOR_CHECK_LIMIT_S" "$ACCELERATOR_CHECK_LIMIT_S" "$ACCELERATOR_CHECK_LIMIT_S" "$ACCELERATOR_CHECK_LIMIT_S"
+               "$ACCELERATOR_CHECK_LIMIT_S")
 fi
 
-STEPS=(ntk_speed selection_speed model_speed memory_table)
-ARGS=("$NTK_ARGS" "$SEL_ARGS" "$MODEL_ARGS" "$MEM_ARGS")
+STEPS=(ntk_speed selection_speed model_speed memory_table model_profile)
+ARGS=("$NTK_ARGS" "$SEL_ARGS" "$MODEL_ARGS" "$MEM_ARGS" "$PROF_ARGS")
 for i in "${!STEPS[@]}"; do
   name=${STEPS[$i]}
   start=$(date +%s.%N)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "accelerator_check.sh")
-STEPS = ("ntk_speed", "selection_speed", "model_speed", "memory_table")
+STEPS = ("ntk_speed", "selection_speed", "model_speed", "memory_table", "model_profile")
 
 
 def _run(out, *args, **env):
@@ -39,6 +39,7 @@ def test_quick_check_runs_every_benchmark(tmp_path):
     assert "speedup_best_exact_vs_best_nt" in r["steps"]["ntk_speed"]["result"]
     assert r["steps"]["memory_table"]["result"]["rows"]
     assert (tmp_path / "memory.md").is_file()
+    assert r["steps"]["model_profile"]["result"]["ops_traced"] > 0
 
 
 def test_usage_error_without_an_output_directory():
@@ -46,7 +47,7 @@ def test_usage_error_without_an_output_directory():
     assert proc.returncode != 0 and "usage: benchmarks/accelerator_check.sh" in proc.stderr
 
 
-@pytest.mark.parametrize("step", ["ntk_speed", "selection_speed", "model_speed"])
+@pytest.mark.parametrize("step", ["ntk_speed", "selection_speed", "model_speed", "model_profile"])
 def test_full_size_arguments_parse(step, tmp_path):
     """The full-size (accelerator) arguments the script passes each benchmark are ones that
     benchmark accepts (they run only on a lent GPU, so nothing else would notice a rename)."""
@@ -57,7 +58,8 @@ def test_full_size_arguments_parse(step, tmp_path):
 
     text = open(SCRIPT).read()
     full = text[text.index("else\n"):text.index("fi\n", text.index("else\n"))]
-    names = {"ntk_speed": "NTK_ARGS", "selection_speed": "SEL_ARGS", "model_speed": "MODEL_ARGS"}
+    names = {"ntk_speed": "NTK_ARGS", "selection_speed": "SEL_ARGS", "model_speed": "MODEL_ARGS",
+             "model_profile": "PROF_ARGS"}
     args = re.search(names[step] + r'="([^"]*)"', full).group(1)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:

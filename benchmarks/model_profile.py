@@ -291,12 +291,26 @@ def torch_op_kind(name: str) -> str:
     return "aten" if name.startswith("aten::") else "other"
 
 
-def torch_profile(fn, calls: int) -> dict:
+def _self_us(event, clock: str) -> float:
+    """An averaged ``torch.profiler`` event's own time in µs on ``clock`` ("cpu" or "device")."""
+    if clock == "cpu":
+        return float(event.self_cpu_time_total)
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+
+def torch_profile(fn, calls: int, device: str = "cpu") -> dict:
     """Runs the zero-argument PyTorch call ``fn`` ``calls`` times untraced and ``calls`` times
-    under ``torch.profiler`` (CPU, FLOP counting); per call: wall time, self time by
-    :func:`torch_op_kind`, the matrix products' GFLOP and rate, the slowest ops."""
+    under ``torch.profiler`` (FLOP counting); per call: wall time, self time by
+    :func:`torch_op_kind`, the matrix products' GFLOP and rate, the slowest ops. On
+    ``device="cuda"`` the kernels' device time is read (``clock: "device"``; not run on a GPU
+    here), else each op's CPU time (``clock: "cpu"``)."""
     import torch
 
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    clock = "cpu"
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        clock = "device"
     for _ in range(2):
         fn()
     untraced, traced = [], []
@@ -304,7 +318,7 @@ def torch_profile(fn, calls: int) -> dict:
         t = time.perf_counter()
         fn()
         untraced.append(time.perf_counter() - t)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+    with torch.profiler.profile(activities=activities, with_flops=True) as prof:
         for _ in range(calls):
             t = time.perf_counter()
             fn()
@@ -312,20 +326,21 @@ def torch_profile(fn, calls: int) -> dict:
     events = prof.key_averages()
     kinds = collections.defaultdict(float)
     for e in events:
-        kinds[torch_op_kind(e.key)] += e.self_cpu_time_total / calls
+        kinds[torch_op_kind(e.key)] += _self_us(e, clock) / calls
     mm = [e for e in events if e.key in TORCH_MATMULS]
-    mm_us = sum(e.self_cpu_time_total for e in mm) / calls
+    mm_us = sum(_self_us(e, clock) for e in mm) / calls
     mm_flops = sum(e.flops for e in mm) / calls
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    top = sorted(events, key=lambda e: -_self_us(e, clock))
     return {
+        "clock": clock,
         "wall_ms": {"untraced_median": 1e3 * statistics.median(untraced),
                     "traced_median": 1e3 * statistics.median(traced)},
         "self_ms_per_call": {**{k: v / 1e3 for k, v in sorted(kinds.items())}, "total": sum(kinds.values()) / 1e3},
         "matmul": {"gflop_per_call": mm_flops / 1e9, "ms_per_call": mm_us / 1e3,
                    "gflop_per_s": mm_flops / 1e3 / mm_us if mm_us else None},
         "top_ops": [{"name": e.key, "kind": torch_op_kind(e.key), "calls_per_call": e.count / calls,
-                     "ms": e.self_cpu_time_total / calls / 1e3,
-                     "gflop_per_s": e.flops / e.self_cpu_time_total / 1e3 if e.flops and e.self_cpu_time_total else None}
+                     "ms": _self_us(e, clock) / calls / 1e3,
+                     "gflop_per_s": e.flops / _self_us(e, clock) / 1e3 if e.flops and _self_us(e, clock) else None}
                     for e in top],
     }
 
@@ -402,7 +417,8 @@ def main(argv=None) -> dict:
         if tmodel is not None:
             print("[model_profile] the same program in PyTorch", file=sys.stderr, flush=True)
             t_fwd, t_vg = model_speed.torch_functions(tmodel, ids)
-            torch_summary = torch_profile(t_fwd if args.what == "forward" else t_vg, args.calls)
+            torch_summary = torch_profile(t_fwd if args.what == "forward" else t_vg, args.calls,
+                                          next(tmodel.parameters()).device.type)
             torch_summary["top_ops"] = torch_summary["top_ops"][:args.top]
             result["torch_version"] = torch.__version__
             result["torch"] = torch_summary

@@ -115,6 +115,7 @@ def test_model_profile_quick_with_torch():
     out = json.loads(proc.stdout)
     assert out["settings"]["weights"] == "one transformers checkpoint" and "torch_version" in out
     t = out["torch"]
+    assert t["clock"] == "cpu"
     assert t["wall_ms"]["untraced_median"] > 0 and t["self_ms_per_call"]["matmul"] > 0
     # tiny model, B 2, T 16, forward: the projections and the head (no attention products on
     # the torch side); the Flax count adds the attention's two batched products per layer.

@@ -131,7 +131,23 @@ def initialize(cfg) -> ProcessInfo:
     else:
         logging.info("jax.distributed: %s environment detected", cluster)
         jax.distributed.initialize(heartbeat_timeout_seconds=timeout)
+    logging.warning(resume_notice(jax.process_index(), jax.process_count(), timeout))
     return ProcessInfo(jax.process_index(), jax.process_count(), True)
+
+
+def resume_notice(process_index: int, process_count: int, heartbeat_timeout_s: int) -> str:
+    """What every process logs when ``jax.distributed`` starts: how a dead process shows
+    and how to resume.
+
+    When a process dies, JAX's runtime usually terminates the survivors itself (an abort with
+    its own message, "the JAX distributed service detected fatal errors") as soon as the
+    coordination service notices, which can be before any of them reaches a
+    :func:`barrier` and so before this library can say anything; the advice is therefore
+    logged up front, where it is in every process's log whatever ends the job."""
+    return (f"jax.distributed: process {process_index} of {process_count}. If a process dies, the others stop "
+            f"within the heartbeat timeout ({heartbeat_timeout_s} s: config.distributed.heartbeat_timeout_s), "
+            "often by JAX's own abort ('the JAX distributed service detected fatal errors'). Every finished "
+            "shard is on disk: Rerun the same command, with any number of processes, to resume.")
 
 
 def barrier(name: str) -> None:
@@ -140,9 +156,11 @@ def barrier(name: str) -> None:
 
     A process that died or stopped answering is noticed after the heartbeat timeout
     (``config.distributed.heartbeat_timeout_s``, JAX's default 100 s), a barrier that is never
-    reached after ``config.distributed.barrier_timeout_s``; the survivors then stop with a
-    ``RuntimeError`` naming the barrier, both settings and how to resume (rerunning the same
-    command recomputes only what is missing)."""
+    reached after ``config.distributed.barrier_timeout_s``. When the barrier's error reaches
+    Python first, the survivors stop with a ``RuntimeError`` naming the barrier, both settings
+    and how to resume (rerunning the same command recomputes only what is missing); JAX's
+    runtime may instead abort them with its own message (:func:`resume_notice`, logged at the
+    start, gives the same advice then)."""
     if jax.process_count() > 1:
         try:
             mesh_lib.process_barrier(name)

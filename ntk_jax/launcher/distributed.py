@@ -135,6 +135,12 @@ def initialize(cfg) -> ProcessInfo:
     return ProcessInfo(jax.process_index(), jax.process_count(), True)
 
 
+def heartbeat_timeout_s() -> int:
+    """The heartbeat timeout :func:`initialize` gave ``jax.distributed`` (JAX's default, 100 s,
+    before it ran)."""
+    return _HEARTBEAT_TIMEOUT_S
+
+
 def resume_notice(process_index: int, process_count: int, heartbeat_timeout_s: int) -> str:
     """What every process logs when ``jax.distributed`` starts: how a dead process shows
     and how to resume.

@@ -86,6 +86,8 @@ def run(config, workdir: str) -> dict:
     logs.log_per_process(workdir, process.process_index)
     if process.is_primary and logs.log_path():
         _say(f"log: {logs.log_path()} (--alsologtostderr to show it here)")
+    if process.is_primary and process.process_count > 1:  # on the console too: JAX may abort the job before we can
+        _say(distributed.resume_notice(0, process.process_count, distributed.heartbeat_timeout_s()))
     if process.is_primary:
         with open(os.path.join(workdir, "config.json"), "w") as fh:
             fh.write(config.to_json_best_effort(indent=2))

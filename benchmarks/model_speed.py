@@ -71,7 +71,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from ntk_jax.launcher.devices import cores, use_cpu_devices  # noqa: E402
+from ntk_jax.mesh import onto_mesh, shard_batch  # noqa: E402
 from ntk_jax.models.hf_loading import from_pretrained  # noqa: E402
+from ntk_jax.models.sharding import make_mesh  # noqa: E402
 from ntk_jax.models.lora import LoRAConfig, iter_linears  # noqa: E402
 from ntk_jax.models.peft_export import peft_module_names, save_peft_adapter  # noqa: E402
 from ntk_jax.models.subset import param_subset  # noqa: E402
@@ -84,17 +87,11 @@ SIZES = {
                    num_attention_heads=8, num_key_value_heads=4),
 }
 LORA = LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), b_init_std=0.02)
+KINDS = ("forward", "forward_backward")
 
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def interleaved_times(fns: dict, warmup: int, rounds: int, per_round: int) -> dict[str, list[float]]:
@@ -138,10 +135,18 @@ def flax_programs(model, ids: np.ndarray) -> dict:
             "forward_backward": (jax.jit(jax.value_and_grad(loss)), (sub.params, x))}
 
 
-def flax_functions(model, ids: np.ndarray):
+def flax_functions(model, ids: np.ndarray, cpu_devices: int = 1):
     """(forward, forward_backward, forward_backward without blocking) for the Flax model, as
-    zero-argument calls of :func:`flax_programs`' jitted functions; results blocked on."""
+    zero-argument calls of :func:`flax_programs`' jitted functions; results blocked on.
+
+    ``cpu_devices > 1``: the same programs data-parallel over that many CPU devices (a
+    ``data`` mesh, :mod:`ntk_jax.launcher.devices`): the batch split over them, the model
+    state replicated, as a job with ``config.cpu_devices`` runs them."""
     (fwd, fa), (vg, va) = flax_programs(model, ids).values()
+    if cpu_devices > 1:
+        mesh = make_mesh(cpu_devices, 1, devices=jax.devices("cpu")[:cpu_devices])
+        fa = (onto_mesh(fa[0], mesh), shard_batch(fa[1], mesh))
+        va = (onto_mesh(va[0], mesh), shard_batch(va[1], mesh))
     return (lambda: jax.block_until_ready(fwd(*fa)),
             lambda: jax.block_until_ready(vg(*va)),
             lambda: vg(*va))
@@ -230,31 +235,50 @@ def bench_size(name: str, arch: dict, args, workdir: str) -> dict:
     f_loss, f_grads = f_vg_raw()
     t_loss = float(t_vg())
     grad_diff = max_grad_rel_diff(model, f_grads, tmodel)
+    fns = {"flax_forward": f_fwd, "flax_forward_backward": f_vg,
+           "torch_forward": t_fwd, "torch_forward_backward": t_vg}
+    sides = ["flax", "torch"]
+    dp = {}
+    if args.cpu_devices > 1:  # the same Flax programs over a data mesh of CPU devices, timed beside
+        d_fwd, d_vg, d_vg_raw = flax_functions(model, ids, args.cpu_devices)
+        d_loss, d_grads = d_vg_raw()
+        dp = {"cpu_devices": args.cpu_devices,
+              "max_abs_logit_diff_vs_one_device": float(np.max(np.abs(np.asarray(d_fwd()) - np.asarray(f_fwd())))),
+              "loss_diff_vs_one_device": abs(float(d_loss) - float(f_loss)),
+              "max_lora_grad_rel_diff": max_grad_rel_diff(model, d_grads, tmodel)}
+        fns.update({"flax_dp_forward": d_fwd, "flax_dp_forward_backward": d_vg})
+        sides.append("flax_dp")
 
     log(f"[{name}] T={args.seq_len} timing: warm-up {args.warmup}, {args.rounds} rounds x {args.per_round}")
-    times = interleaved_times({"flax_forward": f_fwd, "flax_forward_backward": f_vg,
-                               "torch_forward": t_fwd, "torch_forward_backward": t_vg},
-                              args.warmup, args.rounds, args.per_round)
+    times = interleaved_times(fns, args.warmup, args.rounds, args.per_round)
     med = {k: statistics.median([t for r in v for t in r]) for k, v in times.items()}
     tokens = args.batch * args.seq_len
-    tps = {side: {kind: tokens / med[f"{side}_{kind}"] for kind in ("forward", "forward_backward")}
-           for side in ("flax", "torch")}
-    per_round = {kind: [statistics.median(t) / statistics.median(f) for f, t in
-                        zip(times[f"flax_{kind}"], times[f"torch_{kind}"])]
-                 for kind in ("forward", "forward_backward")}
+    tps = {side: {kind: tokens / med[f"{side}_{kind}"] for kind in KINDS} for side in sides}
+
+    def per_round(side):
+        return {kind: [statistics.median(t) / statistics.median(f) for f, t in
+                       zip(times[f"{side}_{kind}"], times[f"torch_{kind}"])] for kind in KINDS}
+
+    def summary(rounds):
+        return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in rounds.items()}
+
     n_params = sum(int(np.prod(p.shape)) for p in tmodel.base_model.model.parameters())
     n_lora = sum(int(np.prod(p.shape)) for p in tmodel.parameters() if p.requires_grad)
-    return {
+    out = {
         "model": {**arch, "n_params": n_params, "n_lora_params": n_lora},
         "median_s": med,
         "tokens_per_s": tps,
-        "ratio_flax_over_torch": {k: tps["flax"][k] / tps["torch"][k] for k in ("forward", "forward_backward")},
-        "ratio_per_round": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-                            for k, v in per_round.items()},
+        "ratio_flax_over_torch": {k: tps["flax"][k] / tps["torch"][k] for k in KINDS},
+        "ratio_per_round": summary(per_round("flax")),
         "max_abs_logit_diff": logit_diff,
         "loss": {"flax": float(f_loss), "torch": t_loss},
         "max_lora_grad_rel_diff": grad_diff,
     }
+    if dp:
+        out["flax_dp"] = {**dp, "ratio_over_torch": {k: tps["flax_dp"][k] / tps["torch"][k] for k in KINDS},
+                          "ratio_per_round": summary(per_round("flax_dp")),
+                          "speedup_over_one_device": {k: tps["flax_dp"][k] / tps["flax"][k] for k in KINDS}}
+    return out
 
 
 def parse_args(argv=None):
@@ -276,6 +300,10 @@ def parse_args(argv=None):
                    help="run the whole benchmark this many times, each in a fresh process, one after "
                         "the other, and report every ratio's median and range over the processes "
                         "(the host's speed and the processes' thread placement differ between runs)")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="also time the Flax programs data-parallel over this many CPU devices (the batch "
+                        "split over a data mesh, as config.cpu_devices runs a job), beside the one-device "
+                        "Flax and PyTorch in the same rounds; CPU backend only; the batch must divide")
     p.add_argument("--quick", action="store_true",
                    help="batch 2, seq-len 16, 2 rounds of 1 call, warm-up 1 (for tests)")
     args = p.parse_args(argv)
@@ -288,6 +316,8 @@ def parse_args(argv=None):
             p.error(f"--{k.replace('_', '-')} must be positive")
     if min(args.seq_len) < 2:
         p.error("--seq-len must be at least 2 (next-token loss)")
+    if args.cpu_devices < 1 or args.batch % args.cpu_devices:
+        p.error(f"--cpu-devices must be positive and divide --batch ({args.batch}), got {args.cpu_devices}")
     return args
 
 
@@ -309,9 +339,13 @@ def across_processes(results: list[dict]) -> dict:
     out = {}
     for cell in ratio_cells(results[0]):
         out[cell] = {}
-        for kind in ("forward", "forward_backward"):
+        for kind in KINDS:
             vals = [ratio_cells(r)[cell]["ratio_flax_over_torch"][kind] for r in results]
             out[cell][kind] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+            if "flax_dp" in ratio_cells(results[0])[cell]:
+                vals = [ratio_cells(r)[cell]["flax_dp"]["ratio_over_torch"][kind] for r in results]
+                out[cell][f"{kind}_dp"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                           "values": vals}
     return out
 
 
@@ -352,6 +386,10 @@ def main(argv=None) -> dict:
     import torch
     import transformers
 
+    if args.cpu_devices > 1:
+        use_cpu_devices(args.cpu_devices)  # before anything starts JAX's backends
+        if jax.default_backend() != "cpu":
+            raise SystemExit(f"--cpu-devices is for the CPU backend; JAX runs on {jax.default_backend()}")
     n = cores() if args.threads is None else args.threads
     if n < 1:
         raise SystemExit("--threads must be positive")
@@ -374,6 +412,7 @@ def main(argv=None) -> dict:
         "threads": {"cores": cores(), "requested": n, "torch": torch.get_num_threads(),
                     "xla_cpu": f"the CPUs of the process ({cores()})"},
         "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,
+                     "cpu_devices": args.cpu_devices,
                      "per_round": args.per_round, "warmup": args.warmup, "dtype": "float32",
                      "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets)}},
         "sizes": {},

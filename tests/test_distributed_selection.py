@@ -16,7 +16,7 @@ STORES = ("embeddings", "scores")  # the stores of ntk@paper
 
 
 def run_job(workdir, model_dir, n, *, method="ntk@paper", die_after=None, log="computed", timeout=300,
-            experiment="select", heartbeat_timeout_s=None, small=False):
+            experiment="select", heartbeat_timeout_s=None, small=False, extra=()):
     """Runs one selection job as ``n`` worker processes; returns ``[(rc, output)]`` per
     process. With ``die_after``, process ``n-1`` exits with 3 after that many score shards and
     the survivors (waiting at a barrier for it) are then killed — unless
@@ -25,6 +25,7 @@ def run_job(workdir, model_dir, n, *, method="ntk@paper", die_after=None, log="c
     args = []
     for pid in range(n):
         a = [workdir, model_dir, "--log", log, "--method", method, "--experiment", experiment] + ["--small"] * small
+        a += list(extra)
         if heartbeat_timeout_s is not None:
             a += ["--heartbeat_timeout_s", str(heartbeat_timeout_s)]
         if n > 1:

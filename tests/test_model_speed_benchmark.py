@@ -118,6 +118,39 @@ def test_model_speed_processes():
         assert s[kind]["values"] == vals and s[kind]["min"] <= s[kind]["median"] <= s[kind]["max"]
 
 
+@pytest.mark.slow
+@pytest.mark.benchmark
+def test_model_speed_cpu_devices():
+    """``--cpu-devices 2``: the Flax programs also run data-parallel over two CPU devices in
+    the same rounds; they compute the same function (logits, loss, gradients) and their
+    ratios are reported beside the one-device ones, per process and across processes."""
+    env = {**os.environ, "NTK_JAX_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--sizes", "tiny", "--cpu-devices", "2",
+                           "--processes", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout)
+    assert out["settings"]["cpu_devices"] == 2
+    r = out["sizes"]["tiny"]
+    dp = r["flax_dp"]
+    assert dp["cpu_devices"] == 2
+    assert dp["max_abs_logit_diff_vs_one_device"] < 1e-5 and dp["loss_diff_vs_one_device"] < 1e-6
+    assert dp["max_lora_grad_rel_diff"] < 1e-4  # against PyTorch, as the one-device side
+    for kind in KINDS:
+        assert dp["ratio_over_torch"][kind] == pytest.approx(r["tokens_per_s"]["flax_dp"][kind]
+                                                             / r["tokens_per_s"]["torch"][kind], rel=1e-9)
+        assert dp["speedup_over_one_device"][kind] == pytest.approx(r["tokens_per_s"]["flax_dp"][kind]
+                                                                    / r["tokens_per_s"]["flax"][kind], rel=1e-9)
+        assert r["tokens_per_s"]["flax_dp"][kind] == pytest.approx(32 / r["median_s"][f"flax_dp_{kind}"])
+        s = out["across_processes"]["tiny T16"][f"{kind}_dp"]
+        assert s["values"] == [p["sizes"]["tiny"]["flax_dp"]["ratio_over_torch"][kind] for p in out["processes"]]
+
+
+def test_model_speed_cpu_devices_must_divide_the_batch():
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--cpu-devices", "3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--cpu-devices must be positive and divide --batch (2), got 3" in proc.stderr
+
+
 def test_torch_device_follows_jax(monkeypatch):
     """PyTorch goes to CUDA only beside a GPU JAX and a CUDA build; otherwise a GPU run is
     flagged as comparing across devices."""

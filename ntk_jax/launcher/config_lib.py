@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.experiments = EXPERIMENTS
     c.seed = 0
     c.enable_x64 = False
+    # CPU devices JAX exposes (ntk_jax.launcher.devices): 0 = JAX's own count, -1 = one per core;
+    # the data mesh spans them, so batches run data-parallel over the cores
+    c.cpu_devices = 0
     c.model = model_config()
     c.pretrain = pretrain_config()
     c.lexicon = lexicon_config()

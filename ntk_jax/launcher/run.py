@@ -9,7 +9,7 @@ import time
 
 import jax
 
-from ntk_jax.launcher import discovery, distributed, logs, preflight
+from ntk_jax.launcher import devices, discovery, distributed, logs, preflight
 from ntk_jax.launcher.config_lib import sections
 from ntk_jax.launcher.context import prepare_context
 from ntk_jax.utils import read_json, write_json
@@ -80,6 +80,7 @@ def run(config, workdir: str) -> dict:
     check_config(config)
     if config.enable_x64:
         jax.config.update("jax_enable_x64", True)
+    devices.use_cpu_devices(config.get("cpu_devices", 0))
     process = distributed.initialize(config.distributed)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

@@ -456,7 +456,7 @@ def run_selection(context, cfg, domain: list[dict], pool: list[dict], out_dir: s
     return {"method": job.method, "seed": int(seed), "config": to_jsonable(cfg), "timings_s": job.timings,
             "counts": {"domain": len(domain), "pool": len(pool), "selected": len(selected)},
             "data": {"lengths": lengths, "layouts": layouts, "dedup": dedup},
-            "processes": int(process_count),
+            "processes": int(process_count), "mesh": (context.info or {}).get("mesh"),
             "selected_ids": [r["id"] for r in selected], **precision_report(selected, pool),
             "diagnostics": diag, **job.extra}
 

@@ -30,6 +30,7 @@ ap.add_argument("--log", default="computed")
 ap.add_argument("--experiment", default="select", choices=("select", "select_compare"))
 ap.add_argument("--heartbeat_timeout_s", type=int, default=100)
 ap.add_argument("--small", action="store_true", help="a smaller job (26 candidates, 4 shards)")
+ap.add_argument("--cpu_devices", type=int, default=0, help="config.cpu_devices")
 args = ap.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
@@ -46,6 +47,7 @@ c = base_config()
 c.experiments = (args.experiment,)
 c.model.path = args.model_dir
 c.pretrain.max_len = 32
+c.cpu_devices = args.cpu_devices
 if args.num_processes > 1:
     c.distributed.coordinator_address = f"localhost:{args.port}"
     c.distributed.num_processes = args.num_processes

@@ -6,8 +6,10 @@ attention of one block, a per-example gradient) do not fill a multi-core CPU tha
 ``config.cpu_devices = K`` the CPU backend exposes K devices; the job's ``data`` mesh
 (``config.mesh``) then spans them and every batch — training steps, features, scores,
 hidden states, kernels — is split over them as over GPUs, so K programs run side by side.
-Measured on a 2-core machine (docs/kernels.md, "Data parallelism over CPU devices"): the
-forward + LoRA-gradient pass of the small benchmark decoder 1.3–1.8× faster with 2 devices.
+Measured on a 2-core machine (docs/kernels.md, "Data-parallel over CPU devices"): the
+forward + LoRA-gradient pass of the benchmark decoders 1.1–1.9× faster with 2 devices, but
+the jobs themselves no faster at those sizes (weights FSDP-sharded over ``data``, stages that
+are more than the pass, compilation), so it is off by default.
 
 * ``0`` (default): JAX's own count, untouched (one CPU device, or what
   ``XLA_FLAGS=--xla_force_host_platform_device_count=K`` says);

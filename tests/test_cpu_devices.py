@@ -79,8 +79,14 @@ def test_selection_job_on_two_cpu_devices_equals_one(tiny_model_dir, tmp_path):
             runs[k] = report, {key: z[key] for key in z.files}
     (r0, s0), (r2, s2) = runs[0], runs[2]
     assert r0["mesh"] == {"data": 1, "model": 1} and r2["mesh"] == {"data": 2, "model": 1}
-    assert r2["selected_ids"] == r0["selected_ids"]
     assert sorted(s0) == sorted(s2)
+    # the same selection, up to a swap of candidates tied to float rounding at the cut-off
+    score = dict(zip(s0["ids"].tolist(), s0["scores"].tolist()))
+    cut = min(score[i] for i in r0["selected_ids"])
+    scale = max(abs(v) for v in score.values())
+    for i in set(r0["selected_ids"]) ^ set(r2["selected_ids"]):
+        assert abs(score[i] - cut) <= 1e-4 * scale, (i, score[i], cut)
+    assert len(r2["selected_ids"]) == len(r0["selected_ids"])
     for key in s0:
         if s0[key].dtype.kind == "f":
             np.testing.assert_allclose(s2[key], s0[key], rtol=1e-4, atol=1e-6, err_msg=key)
